@@ -1,0 +1,119 @@
+"""Pure-PyTorch reference of the grouped language-specific LoRA op.
+
+Written for clarity, not speed: a Python loop over languages. It is the truth every other
+backend is tested against, the fallback when no compiled backend is available, and the
+"reference" provider of the benchmarks.
+
+Notation (shared by every backend):
+    x:            (T, k)   input rows
+    base_out:     (T, d)   output of the frozen base layer for those rows
+    lora_a:       (R, k)   A factors of all languages stacked along the rank, R = sum_l r_l
+    lora_b:       (d, R)   B factors, language l owns columns rank_offsets[l]:rank_offsets[l+1]
+    prune_mask:   (d, R)   bool, 0 = pruned entry of B
+    scales:       (L,)     float32, scale s_l of each language
+    rank_offsets: (L + 1,) int64, cumulative ranks
+    routing:      lang (T,), sorted_token_idx (T,), lang_offsets (L + 1,)  (see routing.py)
+    max_rank:     int, max_l r_l: width of the saved intermediate h
+
+    h_t = A_l x_t                      (r_l,)  kept in fp32 (fp64 for fp64 inputs)
+    y_t = base_out_t + s_l (B_l * M_l) h_t
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["accum_dtype", "lora_forward_reference", "lora_backward_reference"]
+
+
+def accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the rank-r intermediate and of accumulations: fp32, or fp64 for fp64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _segments(rank_offsets: torch.Tensor, lang_offsets: torch.Tensor):
+    # The reference may synchronise: it is the slow, obvious path.
+    ro = rank_offsets.tolist()
+    lo = lang_offsets.tolist()
+    for lang_id in range(len(ro) - 1):
+        yield lang_id, ro[lang_id], ro[lang_id + 1], lo[lang_id], lo[lang_id + 1]
+
+
+def lora_forward_reference(
+    x: torch.Tensor,
+    base_out: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    prune_mask: torch.Tensor,
+    scales: torch.Tensor,
+    rank_offsets: torch.Tensor,
+    lang: torch.Tensor,
+    sorted_token_idx: torch.Tensor,
+    lang_offsets: torch.Tensor,
+    max_rank: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward of the grouped op.
+
+    Returns:
+        y: (T, d), dtype of x: ``base_out`` plus each token's language LoRA term.
+        h: (T, max_rank), fp32 (fp64 for fp64 x): ``A_l x_t`` in the first ``r_l`` columns,
+            zero elsewhere and for tokens with id -1. Saved for the backward (dB).
+    """
+    acc = accum_dtype(x.dtype)
+    y = base_out.to(acc).clone()
+    h = x.new_zeros((x.shape[0], max_rank), dtype=acc)
+    for lang_id, r0, r1, t0, t1 in _segments(rank_offsets, lang_offsets):
+        if t1 == t0:
+            continue  # a language absent from the batch costs nothing
+        tokens = sorted_token_idx[t0:t1]
+        a = lora_a[r0:r1].to(acc)  # (r, k)
+        b = (lora_b[:, r0:r1] * prune_mask[:, r0:r1]).to(acc)  # (d, r)
+        h_l = x[tokens].to(acc) @ a.t()  # (n, r)
+        h[tokens, : r1 - r0] = h_l
+        y[tokens] += scales[lang_id].to(acc) * (h_l @ b.t())
+    return y.to(x.dtype), h
+
+
+def lora_backward_reference(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    h: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    prune_mask: torch.Tensor,
+    scales: torch.Tensor,
+    rank_offsets: torch.Tensor,
+    lang: torch.Tensor,
+    sorted_token_idx: torch.Tensor,
+    lang_offsets: torch.Tensor,
+    max_rank: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of the LoRA term of the grouped op.
+
+    Args:
+        grad_out: (T, d) gradient of y.
+        h: (T, max_rank) the intermediate saved by the forward.
+
+    Returns:
+        grad_x: (T, k) LoRA part of dL/dx (the base layer's part comes from its own autograd).
+        grad_a: (R, k) dL/dA.
+        grad_b: (d, R) dL/dB, zero where ``prune_mask`` is 0.
+    """
+    acc = accum_dtype(x.dtype)
+    grad_x = torch.zeros(x.shape, dtype=acc, device=x.device)
+    grad_a = torch.zeros(lora_a.shape, dtype=acc, device=x.device)
+    grad_b = torch.zeros(lora_b.shape, dtype=acc, device=x.device)
+    for lang_id, r0, r1, t0, t1 in _segments(rank_offsets, lang_offsets):
+        if t1 == t0:
+            continue
+        tokens = sorted_token_idx[t0:t1]
+        s = scales[lang_id].to(acc)
+        a = lora_a[r0:r1].to(acc)
+        m = prune_mask[:, r0:r1].to(acc)
+        b = lora_b[:, r0:r1].to(acc) * m
+        dy = grad_out[tokens].to(acc)  # (n, d)
+        g = s * (dy @ b)  # (n, r): gradient of h
+        grad_x[tokens] = g @ a
+        grad_a[r0:r1] = g.t() @ x[tokens].to(acc)
+        grad_b[:, r0:r1] = s * (dy.t() @ h[tokens, : r1 - r0].to(acc)) * m
+    return grad_x.to(x.dtype), grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype)
