@@ -1,0 +1,285 @@
+"""``LSLoLinear``: a drop-in ``nn.Linear`` with one LoRA pair per language.
+
+    y = base(x) + s_l * (B_l * M_l) @ A_l @ x,   l = language of x's sentence (source or target)
+
+Factors of all languages live packed in one A of (sum r_l, in) and one B of (out, sum r_l),
+without padding to the largest rank, so the whole mixed batch goes to one grouped kernel call.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+import lslo_kernels
+from lslo_kernels import build_routing, check_lang_ids, grouped_lora
+
+from .context import current_route, expand_lang_ids
+
+__all__ = ["LSLoLinear"]
+
+_INITS = ("lora", "reference")
+_INDEXES = ("src", "tgt")
+
+
+class LSLoLinear(nn.Module):
+    """Language-specific LoRA around a frozen ``nn.Linear``.
+
+    Args:
+        base: the ``nn.Linear`` to adapt; wrapped, never copied. Its parameters are frozen
+            unless ``freeze_base=False``.
+        ranks: rank r_l of each language, all >= 1; ``len(ranks)`` is the number of languages L.
+        index: ``"src"`` or ``"tgt"``: which ids of :func:`lslo.route` this layer follows.
+        scale: s_l, one float for all languages or one per language.
+        init: ``"lora"`` (A Kaiming-uniform with fan_in = in_features, B = 0) or ``"reference"``
+            (the paper authors' code: A ~ U(-1/sqrt(r_l), 1/sqrt(r_l)), B = 0).
+        backend: ``"auto"``, ``"reference"``, ``"cpp"`` or ``"triton"``.
+        validate: check language ids (a host sync) on every call; turn off for CUDA graphs.
+
+    Shapes:
+        x: (..., in_features); lang: (x.shape[0],) per sequence, x.shape[:-1] per token, or
+        (n,) with x.shape[0] a multiple of n (beam search); -1 = no adapter for that row.
+        output: (..., out_features).
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        ranks: Sequence[int],
+        *,
+        index: str = "tgt",
+        scale: float | Sequence[float] = 1.0,
+        init: str = "lora",
+        backend: str = "auto",
+        freeze_base: bool = True,
+        validate: bool = True,
+    ):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
+        ranks = _check_ranks(ranks)
+        if index not in _INDEXES:
+            raise ValueError(f"index must be one of {_INDEXES}, got {index!r}")
+        if init not in _INITS:
+            raise ValueError(f"init must be one of {_INITS}, got {init!r}")
+        if backend != "auto":
+            lslo_kernels.get_backend(backend)  # unknown name -> ValueError now, not at first call
+        num_languages = len(ranks)
+        if isinstance(scale, (int, float)):
+            scales = [float(scale)] * num_languages
+        else:
+            scales = [float(s) for s in scale]
+            if len(scales) != num_languages:
+                raise ValueError(f"scale has {len(scales)} entries for {num_languages} languages")
+
+        self.base_layer = base
+        if freeze_base:
+            for p in base.parameters():
+                p.requires_grad_(False)
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.ranks = tuple(ranks)
+        self.index = index
+        self.init = init
+        self.backend = backend
+        self.validate = validate
+        self.max_rank = max(ranks)
+        self.merged_language: int | None = None
+
+        total = sum(ranks)
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(total, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, total, **factory))
+        offsets = [0]
+        for r in ranks:
+            offsets.append(offsets[-1] + r)
+        self.register_buffer("rank_offsets", torch.tensor(offsets, dtype=torch.int64, device=factory["device"]))
+        self.register_buffer("prune_mask", torch.ones(self.out_features, total, dtype=torch.bool, device=factory["device"]))
+        self.register_buffer("scales", torch.tensor(scales, dtype=torch.float32, device=factory["device"]))
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ set-up
+    @property
+    def num_languages(self) -> int:
+        return len(self.ranks)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Re-initialise A (per ``init``), zero B, clear the pruning mask."""
+        if self.init == "lora":
+            # Same bound as nn.Linear's default (kaiming_uniform_ with a=sqrt(5)) on fan_in = in_features.
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        else:
+            for lang_id, r in enumerate(self.ranks):
+                r0 = int(self.rank_offsets[lang_id])
+                self.lora_A[r0 : r0 + r].uniform_(-1 / math.sqrt(r), 1 / math.sqrt(r))
+        self.lora_B.zero_()
+        self.prune_mask.fill_(True)
+
+    def _span(self, lang_id: int) -> tuple[int, int]:
+        if not isinstance(lang_id, int) or isinstance(lang_id, bool):
+            raise TypeError(f"language id must be an int, got {type(lang_id).__name__}")
+        if not 0 <= lang_id < self.num_languages:
+            raise ValueError(f"language id {lang_id} out of range for {self.num_languages} languages")
+        r0 = sum(self.ranks[:lang_id])
+        return r0, r0 + self.ranks[lang_id]
+
+    def language_factors(self, lang_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Views into the packed storage for one language.
+
+        Returns:
+            A_l: (r_l, in_features), B_l: (out_features, r_l), M_l: (out_features, r_l) bool.
+        """
+        r0, r1 = self._span(lang_id)
+        return self.lora_A[r0:r1], self.lora_B[:, r0:r1], self.prune_mask[:, r0:r1]
+
+    @torch.no_grad()
+    def set_prune_mask(self, mask: torch.Tensor) -> None:
+        """Install a pruning mask for B and zero the pruned entries.
+
+        Args:
+            mask: (out_features, sum r_l) bool (or 0/1), False = pruned.
+        """
+        if mask.shape != self.prune_mask.shape:
+            raise ValueError(f"mask shape {tuple(mask.shape)} != B shape {tuple(self.prune_mask.shape)}")
+        self.prune_mask.copy_(mask.to(torch.bool))
+        self.lora_B.mul_(self.prune_mask)
+
+    def mask_density(self) -> float:
+        return float(self.prune_mask.float().mean()) if self.prune_mask.numel() else 1.0
+
+    def delta_weight(self, lang_id: int) -> torch.Tensor:
+        """s_l (B_l * M_l) A_l: (out_features, in_features), the update this language adds to W."""
+        a, b, m = self.language_factors(lang_id)
+        acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+        return (self.scales[lang_id].to(acc) * ((b * m).to(acc) @ a.to(acc))).to(self.base_layer.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self, lang_id: int) -> None:
+        """Fold language ``lang_id`` into the base weight; forward then runs the base alone.
+
+        For deployment of one direction. ``unmerge()`` restores the base weight.
+        """
+        if self.merged_language is not None:
+            raise RuntimeError(f"language {self.merged_language} is already merged; call unmerge() first")
+        self.base_layer.weight.add_(self.delta_weight(lang_id))
+        self.merged_language = lang_id
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge`."""
+        if self.merged_language is None:
+            return
+        self.base_layer.weight.sub_(self.delta_weight(self.merged_language))
+        self.merged_language = None
+
+    # ------------------------------------------------------------ adapter i/o
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter alone (no base weight): factors, mask, ranks and scales, all tensors."""
+        return {
+            "lora_A": self.lora_A.detach(),
+            "lora_B": self.lora_B.detach(),
+            "prune_mask": self.prune_mask,
+            "ranks": torch.tensor(self.ranks, dtype=torch.int64),
+            "scales": self.scales,
+        }
+
+    @torch.no_grad()
+    def load_adapter_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load what :meth:`adapter_state_dict` saved; the ranks must match this layer's."""
+        missing = {"lora_A", "lora_B", "prune_mask", "ranks", "scales"} - set(state)
+        if missing:
+            raise ValueError(f"adapter state is missing {sorted(missing)}")
+        ranks = tuple(int(r) for r in state["ranks"].tolist())
+        if ranks != self.ranks:
+            raise ValueError(f"adapter ranks {ranks} != layer ranks {self.ranks}")
+        for name in ("lora_A", "lora_B", "prune_mask"):
+            if tuple(state[name].shape) != tuple(getattr(self, name).shape):
+                raise ValueError(f"adapter {name} shape {tuple(state[name].shape)} != {tuple(getattr(self, name).shape)}")
+        self.lora_A.copy_(state["lora_A"])
+        self.lora_B.copy_(state["lora_B"])
+        self.prune_mask.copy_(state["prune_mask"].to(torch.bool))
+        self.scales.copy_(state["scales"])
+
+    # ---------------------------------------------------------------- forward
+    def _resolve_lang(self, x: torch.Tensor, lang: torch.Tensor | None):
+        lead = tuple(x.shape[:-1])
+        if lang is not None:
+            per_token = expand_lang_ids(lang.to(x.device) if isinstance(lang, torch.Tensor) else lang, lead, "lang")
+            if self.validate:
+                check_lang_ids(per_token, self.num_languages, "lang")
+            return build_routing(per_token, self.num_languages)
+        ctx = current_route()
+        if ctx is None:
+            raise ValueError(
+                "LSLoLinear called without language ids: pass lang=... or call it inside "
+                "`with lslo.route(src=..., tgt=...)`"
+            )
+        return ctx.routing_for(self.index, lead, self.num_languages, x.device, self.validate)[1]
+
+    def forward(self, x: torch.Tensor, lang: torch.Tensor | None = None) -> torch.Tensor:
+        """Args: x: (..., in_features); lang: see the class docstring. Returns (..., out_features)."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+        if x.shape[-1:] != (self.in_features,):
+            raise ValueError(f"x has last dimension {tuple(x.shape[-1:])}, expected in_features={self.in_features}")
+        if self.merged_language is not None:
+            return self.base_layer(x)
+        if x.dtype != self.lora_A.dtype:
+            raise TypeError(f"x dtype {x.dtype} != adapter dtype {self.lora_A.dtype}; cast the module or the input")
+        if x.device != self.lora_A.device:
+            raise ValueError(f"x is on {x.device} but the adapter is on {self.lora_A.device}")
+        routing = self._resolve_lang(x, lang)
+        base_out = self.base_layer(x)
+        lead = x.shape[:-1]
+        y = grouped_lora(
+            x.reshape(-1, self.in_features),
+            base_out.reshape(-1, self.out_features),
+            self.lora_A,
+            self.lora_B,
+            self.prune_mask,
+            self.scales.float(),
+            self.rank_offsets,
+            routing,
+            self.max_rank,
+            backend=self.backend,
+        )
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        ranks = _summarise_ranks(self.ranks)
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"languages={self.num_languages}, ranks={ranks}, index={self.index!r}, "
+            f"mask_density={self.mask_density():.3f}, backend={self.backend!r}"
+        )
+
+
+def _check_ranks(ranks) -> list[int]:
+    if isinstance(ranks, (str, bytes)) or not hasattr(ranks, "__len__"):
+        raise TypeError(f"ranks must be a sequence of ints, got {type(ranks).__name__}")
+    ranks = list(ranks)
+    if not ranks:
+        raise ValueError("ranks must name at least one language")
+    for i, r in enumerate(ranks):
+        if isinstance(r, bool) or not isinstance(r, int):
+            raise TypeError(f"ranks[{i}] must be an int, got {r!r}")
+        if r <= 0:
+            raise ValueError(f"ranks[{i}] = {r}: every rank must be >= 1")
+    return ranks
+
+
+def _summarise_ranks(ranks: Sequence[int]) -> str:
+    # "[2, 2, 2, 8]" for a few languages, "2x16 8x14" style for many.
+    if len(ranks) <= 8:
+        return str(list(ranks))
+    runs: list[list[int]] = []
+    for r in ranks:
+        if runs and runs[-1][0] == r:
+            runs[-1][1] += 1
+        else:
+            runs.append([r, 1])
+    return " ".join(f"{r}x{n}" for r, n in runs)
