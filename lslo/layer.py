@@ -38,11 +38,17 @@ class LSLoLinear(nn.Module):
             (the paper authors' code: A ~ U(-1/sqrt(r_l), 1/sqrt(r_l)), B = 0).
         backend: ``"auto"``, ``"reference"``, ``"cpp"`` or ``"triton"``.
         validate: check language ids (a host sync) on every call; turn off for CUDA graphs.
+        lora_in_features: adapt only the first ``lora_in_features`` input features (default: all).
+        lora_out_features: adapt only the first ``lora_out_features`` output features (default: all).
+            With either set, A is (sum r_l, lora_in_features), B is (lora_out_features, sum r_l):
+            the authors' code adapts fc1's first d_model outputs and fc2's first d_model inputs.
 
     Shapes:
         x: (..., in_features); lang: (x.shape[0],) per sequence, x.shape[:-1] per token, or
         (n,) with x.shape[0] a multiple of n (beam search); -1 = no adapter for that row.
-        output: (..., out_features).
+        output: (..., out_features); with reduced LoRA widths,
+        ``output[..., :lora_out] = base(x)[..., :lora_out] + LoRA(x[..., :lora_in])`` and the
+        other output features are ``base(x)``'s.
     """
 
     def __init__(
@@ -56,6 +62,8 @@ class LSLoLinear(nn.Module):
         backend: str = "auto",
         freeze_base: bool = True,
         validate: bool = True,
+        lora_in_features: int | None = None,
+        lora_out_features: int | None = None,
     ):
         super().__init__()
         if not isinstance(base, nn.Linear):
@@ -81,6 +89,8 @@ class LSLoLinear(nn.Module):
                 p.requires_grad_(False)
         self.in_features = base.in_features
         self.out_features = base.out_features
+        self.lora_in_features = _check_width(lora_in_features, base.in_features, "lora_in_features")
+        self.lora_out_features = _check_width(lora_out_features, base.out_features, "lora_out_features")
         self.ranks = tuple(ranks)
         self.index = index
         self.init = init
@@ -91,13 +101,13 @@ class LSLoLinear(nn.Module):
 
         total = sum(ranks)
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(total, self.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, total, **factory))
+        self.lora_A = nn.Parameter(torch.empty(total, self.lora_in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(self.lora_out_features, total, **factory))
         offsets = [0]
         for r in ranks:
             offsets.append(offsets[-1] + r)
         self.register_buffer("rank_offsets", torch.tensor(offsets, dtype=torch.int64, device=factory["device"]))
-        self.register_buffer("prune_mask", torch.ones(self.out_features, total, dtype=torch.bool, device=factory["device"]))
+        self.register_buffer("prune_mask", torch.ones(self.lora_out_features, total, dtype=torch.bool, device=factory["device"]))
         self.register_buffer("scales", torch.tensor(scales, dtype=torch.float32, device=factory["device"]))
         self.reset_parameters()
 
@@ -110,12 +120,16 @@ class LSLoLinear(nn.Module):
     def reset_parameters(self) -> None:
         """Re-initialise A (per ``init``), zero B, clear the pruning mask."""
         if self.init == "lora":
-            # Same bound as nn.Linear's default (kaiming_uniform_ with a=sqrt(5)) on fan_in = in_features.
+            # Same bound as nn.Linear's default (kaiming_uniform_ with a=sqrt(5)) on
+            # fan_in = lora_in_features (= in_features unless reduced).
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         else:
-            for lang_id, r in enumerate(self.ranks):
-                r0 = int(self.rank_offsets[lang_id])
+            # Offsets from the Python ranks, not the rank_offsets buffer: reading a buffer value
+            # fails on the meta device, where full-size models are built to count parameters.
+            r0 = 0
+            for r in self.ranks:
                 self.lora_A[r0 : r0 + r].uniform_(-1 / math.sqrt(r), 1 / math.sqrt(r))
+                r0 += r
         self.lora_B.zero_()
         self.prune_mask.fill_(True)
 
@@ -131,7 +145,8 @@ class LSLoLinear(nn.Module):
         """Views into the packed storage for one language.
 
         Returns:
-            A_l: (r_l, in_features), B_l: (out_features, r_l), M_l: (out_features, r_l) bool.
+            A_l: (r_l, lora_in_features), B_l: (lora_out_features, r_l),
+            M_l: (lora_out_features, r_l) bool.
         """
         r0, r1 = self._span(lang_id)
         return self.lora_A[r0:r1], self.lora_B[:, r0:r1], self.prune_mask[:, r0:r1]
@@ -141,7 +156,7 @@ class LSLoLinear(nn.Module):
         """Install a pruning mask for B and zero the pruned entries.
 
         Args:
-            mask: (out_features, sum r_l) bool (or 0/1), False = pruned.
+            mask: (lora_out_features, sum r_l) bool (or 0/1), False = pruned.
         """
         if mask.shape != self.prune_mask.shape:
             raise ValueError(f"mask shape {tuple(mask.shape)} != B shape {tuple(self.prune_mask.shape)}")
@@ -152,10 +167,18 @@ class LSLoLinear(nn.Module):
         return float(self.prune_mask.float().mean()) if self.prune_mask.numel() else 1.0
 
     def delta_weight(self, lang_id: int) -> torch.Tensor:
-        """s_l (B_l * M_l) A_l: (out_features, in_features), the update this language adds to W."""
+        """s_l (B_l * M_l) A_l: (out_features, in_features), the update this language adds to W.
+
+        With reduced LoRA widths the update fills the top-left (lora_out, lora_in) block; the rest is 0.
+        """
         a, b, m = self.language_factors(lang_id)
         acc = torch.float64 if a.dtype == torch.float64 else torch.float32
-        return (self.scales[lang_id].to(acc) * ((b * m).to(acc) @ a.to(acc))).to(self.base_layer.weight.dtype)
+        delta = self.scales[lang_id].to(acc) * ((b * m).to(acc) @ a.to(acc))
+        if delta.shape != (self.out_features, self.in_features):
+            full = delta.new_zeros(self.out_features, self.in_features)
+            full[: self.lora_out_features, : self.lora_in_features] = delta
+            delta = full
+        return delta.to(self.base_layer.weight.dtype)
 
     @torch.no_grad()
     def merge(self, lang_id: int) -> None:
@@ -233,11 +256,15 @@ class LSLoLinear(nn.Module):
         if x.device != self.lora_A.device:
             raise ValueError(f"x is on {x.device} but the adapter is on {self.lora_A.device}")
         routing = self._resolve_lang(x, lang)
-        base_out = self.base_layer(x)
+        base_out = self.base_layer(x).reshape(-1, self.out_features)
         lead = x.shape[:-1]
+        # Reduced widths: the op sees only the adapted slices (same kernel, narrower factors);
+        # the un-adapted output features pass through from the base.
+        x_rows = x.reshape(-1, self.in_features)[:, : self.lora_in_features]
+        adapted = base_out[:, : self.lora_out_features]
         y = grouped_lora(
-            x.reshape(-1, self.in_features),
-            base_out.reshape(-1, self.out_features),
+            x_rows,
+            adapted,
             self.lora_A,
             self.lora_B,
             self.prune_mask,
@@ -247,15 +274,32 @@ class LSLoLinear(nn.Module):
             self.max_rank,
             backend=self.backend,
         )
+        if self.lora_out_features < self.out_features:
+            y = torch.cat([y, base_out[:, self.lora_out_features :]], dim=1)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         ranks = _summarise_ranks(self.ranks)
+        # A meta tensor has no values: printing a model built on the meta device must not read them.
+        density = "n/a" if self.prune_mask.is_meta else f"{self.mask_density():.3f}"
+        widths = ""
+        if (self.lora_in_features, self.lora_out_features) != (self.in_features, self.out_features):
+            widths = f"lora_in_features={self.lora_in_features}, lora_out_features={self.lora_out_features}, "
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"in_features={self.in_features}, out_features={self.out_features}, {widths}"
             f"languages={self.num_languages}, ranks={ranks}, index={self.index!r}, "
-            f"mask_density={self.mask_density():.3f}, backend={self.backend!r}"
+            f"mask_density={density}, backend={self.backend!r}"
         )
+
+
+def _check_width(width, full: int, name: str) -> int:
+    if width is None:
+        return full
+    if isinstance(width, bool) or not isinstance(width, int):
+        raise TypeError(f"{name} must be an int or None, got {width!r}")
+    if not 1 <= width <= full:
+        raise ValueError(f"{name} = {width} must be in [1, {full}] (the base layer's width)")
+    return width
 
 
 def _check_ranks(ranks) -> list[int]:

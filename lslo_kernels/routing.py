@@ -52,6 +52,14 @@ def check_lang_ids(lang: torch.Tensor, num_languages: int, name: str = "lang") -
         raise TypeError(f"{name} must be an integer tensor of language ids, got dtype {lang.dtype}")
     if lang.numel() == 0:
         return
+    if torch.compiler.is_compiling():
+        # A host read would break the graph; an async device-side assert keeps the guarantee
+        # (no out-of-bounds read) without a sync, at the cost of a less specific message.
+        torch._assert_async(
+            torch.all((lang >= -1) & (lang < num_languages)),
+            f"{name}: language id outside [-1, {num_languages})",
+        )
+        return
     lo, hi = int(lang.min()), int(lang.max())
     if lo < -1:
         raise ValueError(f"{name} contains language id {lo} < -1 (-1 means 'no adapter')")

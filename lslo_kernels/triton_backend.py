@@ -1,7 +1,65 @@
-"""Registers the Triton backend when triton is importable."""
+"""Registers the Triton backend when triton is importable and can run here.
+
+It runs on CUDA devices, and on CPU tensors when ``TRITON_INTERPRET=1`` (Triton's interpreter,
+slow, for tests). :func:`register` can be called again, e.g. by a test that sets
+``TRITON_INTERPRET=1`` after ``lslo_kernels`` was first imported.
+"""
 
 from __future__ import annotations
 
-from .backends import mark_unavailable
+import importlib
+import os
+import sys
 
-mark_unavailable("triton", "not implemented yet")
+import torch
+
+from .backends import Backend, mark_unavailable, register_backend
+
+__all__ = ["register"]
+
+_KERNELS_MODULE = f"{__package__}.triton_kernels"
+
+
+def _interpret_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def register() -> bool:
+    """Register backend ``triton`` if it can run here, else record why not.
+
+    Returns:
+        True when the backend is registered.
+    """
+    if not (torch.cuda.is_available() or _interpret_requested()):
+        mark_unavailable("triton", "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU)")
+        return False
+    try:
+        import triton  # noqa: F401
+
+        kernels = importlib.import_module(_KERNELS_MODULE)
+        # Triton picks compiled vs interpreted kernels when @triton.jit runs; rebuild them if
+        # the interpreter was requested after the module was first imported.
+        if kernels.INTERPRETED != _interpret_requested():
+            kernels = importlib.reload(sys.modules[_KERNELS_MODULE])
+    except Exception as exc:  # ImportError, or a triton install broken in another way
+        mark_unavailable("triton", f"triton could not be imported ({type(exc).__name__}: {exc})")
+        return False
+
+    interpreted = kernels.INTERPRETED
+
+    def supports_device(device: torch.device) -> bool:
+        return device.type == "cuda" or (device.type == "cpu" and interpreted)
+
+    register_backend(
+        Backend(
+            name="triton",
+            forward=kernels.lora_forward_triton,
+            backward=kernels.lora_backward_triton,
+            supports_device=supports_device,
+            dtypes=(torch.float32, torch.float16, torch.bfloat16),
+        )
+    )
+    return True
+
+
+register()

@@ -1,0 +1,572 @@
+"""Triton kernels of the grouped language-specific LoRA op, and their host launchers.
+
+Three kernels cover forward and backward (see ``reference.py`` for the notation):
+
+``_shrink_kernel``   out_t = s? * W_l x_t, reduction over a wide feature dim, r-wide fp32 result.
+                     Forward: h = A_l x_t.  Backward: g_t = s_l (B_l * M_l)^T dy_t (the same
+                     kernel with B's strides swapped in; "expand-transpose").
+``_expand_kernel``   out_t = base_t? + s? * W_l h_t, r-wide input, one feature tile per program.
+                     Forward: y = base + s_l (B_l * M_l) h_t, the add fused into the only write
+                     of y.  Backward: grad_x_t = A_l^T g_t ("shrink-transpose", A's strides
+                     swapped in, no base, no scale).
+``_weight_grad_kernel``  out_l = sum_t p_t q_t^T over the tokens of language l.
+                     dA_l = sum_t g_t x_t^T and dB_l^T = s_l sum_t h_t dy_t^T (* M_l^T), with the
+                     output strides choosing whether the rank is the row or the column.
+
+Grouping: tokens are read through ``sorted_token_idx`` (rows of x / dy are gathered, never
+moved). The token-parallel kernels run over "tiles" of ``BLOCK_T`` consecutive positions of
+the sorted order that never straddle a language: segment 0 is the id -1 tokens (no adapter),
+segment s >= 1 is language s - 1. A program finds its segment itself from ``lang_offsets``
+(cumsum of per-segment tile counts, a vector op over L + 1 values), so the grid is static,
+``cdiv(T, BLOCK_T) + L`` tiles (an upper bound on sum_s cdiv(n_s, BLOCK_T)); programs past the
+last tile return at once, and an empty language owns no tile. Nothing here reads a device
+value on the host, so the launches are CUDA-graph safe.
+
+Ranks: factors stay packed and unpadded (``rank_offsets``). Each program loads its language's
+rank at run time and masks a ``BLOCK_R`` tile, ``BLOCK_R = max(16, next_pow2(max_rank))``
+(16 is the smallest ``tl.dot`` operand); the padding costs registers and tensor-core cycles,
+never memory traffic.
+
+Precision: products accumulate in fp32. fp32 inputs use ``input_precision="ieee"`` (no TF32).
+For fp16/bf16 inputs the fp32 intermediates (h, g) are rounded to the input dtype right before
+entering a dot, so every dot runs on 16-bit tensor cores; that is the rounding a plain 16-bit
+PyTorch LoRA applies to its intermediate too.
+
+Performance notes: block sizes below are picked from shapes by rules of thumb, not tuned: this
+file was written and tested without a GPU (under ``TRITON_INTERPRET=1``). Measure with
+``benchmarks/bench_triton_gpu.py`` before trusting them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["INTERPRETED", "LAUNCH_COUNTS", "lora_forward_triton", "lora_backward_triton"]
+
+# Whether the kernels below were built for the CPU interpreter: triton decides that when the
+# @triton.jit decorator runs, i.e. when this module is imported.
+INTERPRETED: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Kernel launches per kernel name; tests read it to prove the Triton path ran.
+LAUNCH_COUNTS: Counter = Counter()
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _find_tile(lang_offsets_ptr, num_langs, pid, BLOCK_T: tl.constexpr, BLOCK_SEG: tl.constexpr):
+    """Map a tile index to (segment, first sorted position, end of the segment).
+
+    Segment 0 holds the id -1 tokens, positions [0, lang_offsets[0]); segment s >= 1 is language
+    s - 1, positions [lang_offsets[s - 1], lang_offsets[s]). Returns segment > num_langs when
+    ``pid`` is past the last tile.
+    """
+    seg = tl.arange(0, BLOCK_SEG)
+    valid = seg <= num_langs
+    seg_end = tl.load(lang_offsets_ptr + seg, mask=valid, other=0)
+    seg_start = tl.load(lang_offsets_ptr + seg - 1, mask=valid & (seg > 0), other=0)
+    seg_tiles = tl.where(valid, (seg_end - seg_start + BLOCK_T - 1) // BLOCK_T, 0)
+    tiles_end = tl.cumsum(seg_tiles, 0)
+    # Segments whose tiles all end at or before pid come before ours (empty ones included).
+    my_seg = tl.sum((tiles_end <= pid).to(tl.int32), 0)
+    is_mine = seg == my_seg
+    first_tile = tl.sum(tl.where(is_mine, tiles_end - seg_tiles, 0), 0)
+    start = tl.sum(tl.where(is_mine, seg_start, 0), 0)
+    end = tl.sum(tl.where(is_mine, seg_end, 0), 0)
+    return my_seg, start + (pid - first_tile) * BLOCK_T, end
+
+
+@triton.jit
+def _dot(a, b, acc, INPUT_PRECISION: tl.constexpr, BF16_AS_FP32: tl.constexpr):
+    """acc + a @ b with fp32 accumulation; a and b already in the input dtype (rounded)."""
+    if BF16_AS_FP32:
+        # Triton's interpreter multiplies bf16 operands as their raw uint16 bit patterns
+        # (triton-lang/triton#11584, unsupported upstream); fp32 holds every bf16 exactly, so the
+        # products are the same ones the GPU's bf16 dot makes.
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _shrink_kernel(
+    src_ptr,  # (T, F) rows read through sorted_token_idx
+    w_ptr,  # weight: rank j of language l, feature f at w_ptr + (r0 + j) * stride_wr + f * stride_wf
+    keep_ptr,  # uint8 prune mask addressed like w (read only when HAS_MASK)
+    scales_ptr,
+    rank_offsets_ptr,
+    sorted_token_idx_ptr,
+    lang_offsets_ptr,
+    out_ptr,  # (T, out_cols) fp32
+    num_langs,
+    num_features,
+    out_cols,
+    stride_src_t,
+    stride_wr,
+    stride_wf,
+    stride_out_t,
+    HAS_MASK: tl.constexpr,
+    APPLY_SCALE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BF16_AS_FP32: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_SEG: tl.constexpr,
+):
+    seg, row0, row_end = _find_tile(lang_offsets_ptr, num_langs, tl.program_id(0), BLOCK_T, BLOCK_SEG)
+    if seg > num_langs:
+        return
+    lang_id = seg - 1
+    has_adapter = lang_id >= 0
+    rows = row0 + tl.arange(0, BLOCK_T)
+    row_ok = rows < row_end
+    tokens = tl.load(sorted_token_idx_ptr + rows, mask=row_ok, other=0)
+    r0 = tl.load(rank_offsets_ptr + lang_id, mask=has_adapter, other=0)
+    rank = tl.load(rank_offsets_ptr + lang_id + 1, mask=has_adapter, other=0) - r0
+    cols = tl.arange(0, BLOCK_R)
+    col_ok = cols < rank
+
+    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    # Tokens without an adapter skip the reduction and get zero rows.
+    num_f = tl.where(has_adapter, num_features, 0)
+    for f0 in range(0, num_f, BLOCK_F):
+        feats = f0 + tl.arange(0, BLOCK_F)
+        f_ok = feats < num_features
+        src = tl.load(
+            src_ptr + tokens[:, None] * stride_src_t + feats[None, :],
+            mask=row_ok[:, None] & f_ok[None, :],
+            other=0.0,
+        )
+        w_off = (r0 + cols)[None, :] * stride_wr + feats[:, None] * stride_wf  # (BLOCK_F, BLOCK_R)
+        w_ok = f_ok[:, None] & col_ok[None, :]
+        w = tl.load(w_ptr + w_off, mask=w_ok, other=0.0)
+        if HAS_MASK:
+            keep = tl.load(keep_ptr + w_off, mask=w_ok, other=0)
+            w = tl.where(keep != 0, w, tl.zeros_like(w))
+        acc = _dot(src, w, acc, INPUT_PRECISION, BF16_AS_FP32)
+    if APPLY_SCALE:
+        acc = acc * tl.load(scales_ptr + lang_id, mask=has_adapter, other=0.0)
+    # Columns rank..out_cols are written as zeros (w was masked), as the reference's h has.
+    tl.store(
+        out_ptr + tokens[:, None] * stride_out_t + cols[None, :],
+        acc,
+        mask=row_ok[:, None] & (cols < out_cols)[None, :],
+    )
+
+
+@triton.jit
+def _expand_kernel(
+    h_ptr,  # (T, >= rank) fp32 rows read through sorted_token_idx
+    w_ptr,  # weight: feature f, rank j of language l at w_ptr + f * stride_wf + (r0 + j) * stride_wr
+    keep_ptr,  # uint8 prune mask addressed like w (read only when HAS_MASK)
+    base_ptr,  # (T, F) added to the result (read only when HAS_BASE)
+    scales_ptr,
+    rank_offsets_ptr,
+    sorted_token_idx_ptr,
+    lang_offsets_ptr,
+    out_ptr,  # (T, F)
+    num_langs,
+    num_features,
+    stride_h_t,
+    stride_wf,
+    stride_wr,
+    stride_base_t,
+    stride_out_t,
+    HAS_MASK: tl.constexpr,
+    HAS_BASE: tl.constexpr,
+    APPLY_SCALE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BF16_AS_FP32: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_SEG: tl.constexpr,
+):
+    seg, row0, row_end = _find_tile(lang_offsets_ptr, num_langs, tl.program_id(0), BLOCK_T, BLOCK_SEG)
+    if seg > num_langs:
+        return
+    lang_id = seg - 1
+    has_adapter = lang_id >= 0
+    rows = row0 + tl.arange(0, BLOCK_T)
+    row_ok = rows < row_end
+    tokens = tl.load(sorted_token_idx_ptr + rows, mask=row_ok, other=0)
+    feats = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    f_ok = feats < num_features
+    io_ok = row_ok[:, None] & f_ok[None, :]
+
+    acc = tl.zeros((BLOCK_T, BLOCK_F), dtype=tl.float32)
+    if has_adapter:
+        r0 = tl.load(rank_offsets_ptr + lang_id)
+        rank = tl.load(rank_offsets_ptr + lang_id + 1) - r0
+        cols = tl.arange(0, BLOCK_R)
+        col_ok = cols < rank
+        w_off = feats[None, :] * stride_wf + (r0 + cols)[:, None] * stride_wr  # (BLOCK_R, BLOCK_F)
+        w_ok = col_ok[:, None] & f_ok[None, :]
+        w = tl.load(w_ptr + w_off, mask=w_ok, other=0.0)
+        if HAS_MASK:
+            keep = tl.load(keep_ptr + w_off, mask=w_ok, other=0)
+            w = tl.where(keep != 0, w, tl.zeros_like(w))
+        h = tl.load(
+            h_ptr + tokens[:, None] * stride_h_t + cols[None, :],
+            mask=row_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )
+        acc = _dot(h.to(w.dtype), w, acc, INPUT_PRECISION, BF16_AS_FP32)
+        if APPLY_SCALE:
+            acc = acc * tl.load(scales_ptr + lang_id)
+    if HAS_BASE:
+        base = tl.load(base_ptr + tokens[:, None] * stride_base_t + feats[None, :], mask=io_ok, other=0.0)
+        acc = acc + base.to(tl.float32)
+    tl.store(
+        out_ptr + tokens[:, None] * stride_out_t + feats[None, :],
+        acc.to(out_ptr.dtype.element_ty),
+        mask=io_ok,
+    )
+
+
+@triton.jit
+def _weight_grad_kernel(
+    rank_src_ptr,  # (T, >= rank) fp32 rows: g (for dA) or h (for dB)
+    feat_src_ptr,  # (T, F) rows: x (for dA) or dy (for dB)
+    keep_ptr,  # uint8 prune mask addressed like out (read only when HAS_MASK)
+    scales_ptr,
+    rank_offsets_ptr,
+    sorted_token_idx_ptr,
+    lang_offsets_ptr,
+    out_ptr,  # rank j of language l, feature f at out_ptr + (r0 + j) * stride_or + f * stride_of
+    num_features,
+    stride_rank_src_t,
+    stride_feat_src_t,
+    stride_or,
+    stride_of,
+    HAS_MASK: tl.constexpr,
+    APPLY_SCALE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BF16_AS_FP32: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    lang_id = tl.program_id(0)
+    feats = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    f_ok = feats < num_features
+    t_start = tl.load(lang_offsets_ptr + lang_id)
+    t_end = tl.load(lang_offsets_ptr + lang_id + 1)
+    r0 = tl.load(rank_offsets_ptr + lang_id)
+    rank = tl.load(rank_offsets_ptr + lang_id + 1) - r0
+    cols = tl.arange(0, BLOCK_R)
+    col_ok = cols < rank
+
+    acc = tl.zeros((BLOCK_R, BLOCK_F), dtype=tl.float32)
+    # An absent language runs no iteration and stores its (required) zero gradient.
+    for t0 in range(t_start, t_end, BLOCK_T):
+        rows = t0 + tl.arange(0, BLOCK_T)
+        row_ok = rows < t_end
+        tokens = tl.load(sorted_token_idx_ptr + rows, mask=row_ok, other=0)
+        q = tl.load(
+            feat_src_ptr + tokens[:, None] * stride_feat_src_t + feats[None, :],
+            mask=row_ok[:, None] & f_ok[None, :],
+            other=0.0,
+        )
+        p = tl.load(
+            rank_src_ptr + tokens[:, None] * stride_rank_src_t + cols[None, :],
+            mask=row_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )
+        acc = _dot(tl.trans(p.to(q.dtype)), q, acc, INPUT_PRECISION, BF16_AS_FP32)
+    if APPLY_SCALE:
+        acc = acc * tl.load(scales_ptr + lang_id)
+    out_off = (r0 + cols)[:, None] * stride_or + feats[None, :] * stride_of
+    out_ok = col_ok[:, None] & f_ok[None, :]
+    if HAS_MASK:
+        keep = tl.load(keep_ptr + out_off, mask=out_ok, other=0)
+        acc = tl.where(keep != 0, acc, 0.0)
+    tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=out_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------------
+
+
+def _rank_block(max_rank: int) -> int:
+    # tl.dot needs every operand dim >= 16; lang30's ranks (2 and 8) share the 16 bucket.
+    return max(16, triton.next_power_of_2(max(int(max_rank), 1)))
+
+
+def _token_block(num_tokens: int, num_langs: int) -> int:
+    # Tiles never straddle a language, so a tile much larger than a language's share of the
+    # batch is mostly masked rows; at decoding sizes (T=160, 30 languages: ~5 tokens each)
+    # 16 rows waste least, while big batches want 64 rows for reuse of each weight tile.
+    # Rule of thumb, not measured (no GPU when written).
+    per_lang = max(1, num_tokens // max(1, num_langs))
+    return min(64, max(16, triton.next_power_of_2(per_lang)))
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    # "ieee" keeps fp32 dots in true fp32 (TF32 off, as the reference computes);
+    # for 16-bit operands the setting has no effect.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _num_tiles(num_tokens: int, num_langs: int, block_t: int) -> int:
+    # sum over the L + 1 segments of cdiv(n_s, BLOCK_T) <= cdiv(T, BLOCK_T) + L.
+    return triton.cdiv(num_tokens, block_t) + num_langs
+
+
+def _check_common(
+    name: str,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    prune_mask: torch.Tensor,
+    scales: torch.Tensor,
+    rank_offsets: torch.Tensor,
+    lang: torch.Tensor,
+    sorted_token_idx: torch.Tensor,
+    lang_offsets: torch.Tensor,
+    max_rank: int,
+) -> None:
+    """Shape/dtype/device checks that read metadata only (no host synchronisation)."""
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"{name}: triton backend supports {_SUPPORTED_DTYPES}, x has dtype {x.dtype}")
+    if x.dim() != 2 or lora_a.dim() != 2 or lora_b.dim() != 2:
+        raise ValueError(
+            f"{name}: x must be (T, k), lora_a (R, k), lora_b (d, R); got {tuple(x.shape)}, "
+            f"{tuple(lora_a.shape)}, {tuple(lora_b.shape)}"
+        )
+    if lora_a.shape[1] != x.shape[1] or lora_b.shape[1] != lora_a.shape[0]:
+        raise ValueError(
+            f"{name}: lora_a {tuple(lora_a.shape)} / lora_b {tuple(lora_b.shape)} do not match "
+            f"x {tuple(x.shape)}"
+        )
+    if lora_a.dtype != x.dtype or lora_b.dtype != x.dtype:
+        raise TypeError(f"{name}: lora_a {lora_a.dtype} / lora_b {lora_b.dtype} must have x's dtype {x.dtype}")
+    if prune_mask.shape != lora_b.shape or prune_mask.dtype != torch.bool:
+        raise ValueError(
+            f"{name}: prune_mask must be bool of shape {tuple(lora_b.shape)}, "
+            f"got {prune_mask.dtype} {tuple(prune_mask.shape)}"
+        )
+    num_langs = scales.shape[0]
+    if scales.dim() != 1 or scales.dtype != torch.float32:
+        raise TypeError(f"{name}: scales must be (L,) float32, got {scales.dtype} {tuple(scales.shape)}")
+    for arg, t, n in (
+        ("rank_offsets", rank_offsets, num_langs + 1),
+        ("lang_offsets", lang_offsets, num_langs + 1),
+        ("sorted_token_idx", sorted_token_idx, x.shape[0]),
+        ("lang", lang, x.shape[0]),
+    ):
+        if t.dtype != torch.int64 or t.shape != (n,):
+            raise ValueError(f"{name}: {arg} must be ({n},) int64, got {t.dtype} {tuple(t.shape)}")
+    for arg, t in (
+        ("lora_a", lora_a), ("lora_b", lora_b), ("prune_mask", prune_mask), ("scales", scales),
+        ("rank_offsets", rank_offsets), ("sorted_token_idx", sorted_token_idx),
+        ("lang_offsets", lang_offsets),
+    ):
+        if t.device != x.device:
+            raise ValueError(f"{name}: {arg} is on {t.device}, x on {x.device}")
+    if x.device.type != "cuda" and not INTERPRETED:
+        raise ValueError(f"{name}: tensors are on {x.device}; triton kernels need CUDA or TRITON_INTERPRET=1")
+    if max_rank < 0:
+        raise ValueError(f"{name}: max_rank must be >= 0, got {max_rank}")
+    # Ranks above max_rank would be silently cut; check only when it costs no device sync.
+    if rank_offsets.device.type == "cpu" and num_langs > 0:
+        widest = int((rank_offsets[1:] - rank_offsets[:-1]).max())
+        if widest > max_rank:
+            raise ValueError(f"{name}: a language has rank {widest} > max_rank={max_rank}")
+
+
+def lora_forward_triton(
+    x: torch.Tensor,
+    base_out: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    prune_mask: torch.Tensor,
+    scales: torch.Tensor,
+    rank_offsets: torch.Tensor,
+    lang: torch.Tensor,
+    sorted_token_idx: torch.Tensor,
+    lang_offsets: torch.Tensor,
+    max_rank: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward of the grouped op with Triton kernels (same contract as the reference).
+
+    Args:
+        x: (T, k) fp32/fp16/bf16 input rows.
+        base_out: (T, d) dtype of x, frozen base layer output.
+        lora_a: (R, k) packed A factors; lora_b: (d, R) packed B factors; dtype of x.
+        prune_mask: (d, R) bool. scales: (L,) float32. rank_offsets: (L + 1,) int64.
+        lang: (T,) int64 (-1 = no adapter); sorted_token_idx: (T,) int64;
+            lang_offsets: (L + 1,) int64 (see ``routing.py``).
+        max_rank: int >= every language's rank.
+
+    Returns:
+        y: (T, d) dtype of x, ``base_out`` plus each token's LoRA term.
+        h: (T, max_rank) float32, ``A_l x_t`` in the first ``r_l`` columns, zero elsewhere.
+    """
+    _check_common("lora_forward_triton", x, lora_a, lora_b, prune_mask, scales, rank_offsets, lang,
+                  sorted_token_idx, lang_offsets, max_rank)
+    if base_out.shape != (x.shape[0], lora_b.shape[0]) or base_out.dtype != x.dtype:
+        raise ValueError(
+            f"lora_forward_triton: base_out must be {x.dtype} {(x.shape[0], lora_b.shape[0])}, "
+            f"got {base_out.dtype} {tuple(base_out.shape)}"
+        )
+    x, base_out, lora_a, lora_b = x.contiguous(), base_out.contiguous(), lora_a.contiguous(), lora_b.contiguous()
+    keep = prune_mask.contiguous().view(torch.uint8)
+    num_tokens, in_features = x.shape
+    out_features = base_out.shape[1]
+    num_langs = scales.shape[0]
+    total_rank = lora_a.shape[0]
+
+    if num_tokens == 0 or out_features == 0 or in_features == 0 or total_rank == 0 or max_rank == 0:
+        # The LoRA term is identically zero: nothing to launch.
+        return base_out.clone(), x.new_zeros((num_tokens, max_rank), dtype=torch.float32)
+
+    h = torch.empty((num_tokens, max_rank), dtype=torch.float32, device=x.device)
+    y = torch.empty((num_tokens, out_features), dtype=x.dtype, device=x.device)
+    block_t = _token_block(num_tokens, num_langs)
+    block_r = _rank_block(max_rank)
+    block_seg = triton.next_power_of_2(num_langs + 1)
+    precision = _input_precision(x.dtype)
+    bf16_as_fp32 = INTERPRETED and x.dtype == torch.bfloat16
+    num_tiles = _num_tiles(num_tokens, num_langs, block_t)
+
+    # h_t = A_l x_t: A's rank j, feature f at lora_a[r0 + j, f].
+    _shrink_kernel[(num_tiles,)](
+        x, lora_a, keep, scales, rank_offsets, sorted_token_idx, lang_offsets, h,
+        num_langs, in_features, max_rank,
+        x.stride(0), lora_a.stride(0), lora_a.stride(1), h.stride(0),
+        HAS_MASK=False, APPLY_SCALE=False, INPUT_PRECISION=precision, BF16_AS_FP32=bf16_as_fp32,
+        BLOCK_T=block_t, BLOCK_F=64, BLOCK_R=block_r, BLOCK_SEG=block_seg,
+        num_warps=4,
+    )
+    LAUNCH_COUNTS["shrink"] += 1
+    # y_t = base_t + s_l (B_l * M_l) h_t: B's feature f, rank j at lora_b[f, r0 + j].
+    block_d = 64
+    _expand_kernel[(num_tiles, triton.cdiv(out_features, block_d))](
+        h, lora_b, keep, base_out, scales, rank_offsets, sorted_token_idx, lang_offsets, y,
+        num_langs, out_features,
+        h.stride(0), lora_b.stride(0), lora_b.stride(1), base_out.stride(0), y.stride(0),
+        HAS_MASK=True, HAS_BASE=True, APPLY_SCALE=True, INPUT_PRECISION=precision, BF16_AS_FP32=bf16_as_fp32,
+        BLOCK_T=block_t, BLOCK_F=block_d, BLOCK_R=block_r, BLOCK_SEG=block_seg,
+        num_warps=4,
+    )
+    LAUNCH_COUNTS["expand"] += 1
+    return y, h
+
+
+def lora_backward_triton(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    h: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    prune_mask: torch.Tensor,
+    scales: torch.Tensor,
+    rank_offsets: torch.Tensor,
+    lang: torch.Tensor,
+    sorted_token_idx: torch.Tensor,
+    lang_offsets: torch.Tensor,
+    max_rank: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of the LoRA term with Triton kernels (same contract as the reference).
+
+    Args:
+        grad_out: (T, d) dtype of x, gradient of y.
+        h: (T, max_rank) float32, saved by :func:`lora_forward_triton`.
+        Other arguments as :func:`lora_forward_triton`.
+
+    Returns:
+        grad_x: (T, k) dtype of x, the LoRA part of dL/dx (zero rows for id -1 tokens).
+        grad_a: (R, k) dtype of lora_a.
+        grad_b: (d, R) dtype of lora_b, zero where ``prune_mask`` is False.
+    """
+    _check_common("lora_backward_triton", x, lora_a, lora_b, prune_mask, scales, rank_offsets, lang,
+                  sorted_token_idx, lang_offsets, max_rank)
+    if grad_out.shape != (x.shape[0], lora_b.shape[0]) or grad_out.dtype != x.dtype:
+        raise ValueError(
+            f"lora_backward_triton: grad_out must be {x.dtype} {(x.shape[0], lora_b.shape[0])}, "
+            f"got {grad_out.dtype} {tuple(grad_out.shape)}"
+        )
+    if h.shape != (x.shape[0], max_rank) or h.dtype != torch.float32:
+        raise ValueError(
+            f"lora_backward_triton: h must be float32 {(x.shape[0], max_rank)}, got {h.dtype} {tuple(h.shape)}"
+        )
+    grad_out, x, h = grad_out.contiguous(), x.contiguous(), h.contiguous()
+    lora_a, lora_b = lora_a.contiguous(), lora_b.contiguous()
+    keep = prune_mask.contiguous().view(torch.uint8)
+    num_tokens, in_features = x.shape
+    out_features = grad_out.shape[1]
+    num_langs = scales.shape[0]
+    total_rank = lora_a.shape[0]
+
+    if num_tokens == 0 or out_features == 0 or in_features == 0 or total_rank == 0 or max_rank == 0:
+        return torch.zeros_like(x), torch.zeros_like(lora_a), torch.zeros_like(lora_b)
+
+    block_t = _token_block(num_tokens, num_langs)
+    block_r = _rank_block(max_rank)
+    block_seg = triton.next_power_of_2(num_langs + 1)
+    precision = _input_precision(x.dtype)
+    bf16_as_fp32 = INTERPRETED and x.dtype == torch.bfloat16
+    num_tiles = _num_tiles(num_tokens, num_langs, block_t)
+
+    # g_t = s_l (B_l * M_l)^T dy_t: the forward shrink kernel with B read transposed
+    # (rank j, feature f at lora_b[f, r0 + j]).
+    grad_h = torch.empty((num_tokens, max_rank), dtype=torch.float32, device=x.device)
+    _shrink_kernel[(num_tiles,)](
+        grad_out, lora_b, keep, scales, rank_offsets, sorted_token_idx, lang_offsets, grad_h,
+        num_langs, out_features, max_rank,
+        grad_out.stride(0), lora_b.stride(1), lora_b.stride(0), grad_h.stride(0),
+        HAS_MASK=True, APPLY_SCALE=True, INPUT_PRECISION=precision, BF16_AS_FP32=bf16_as_fp32,
+        BLOCK_T=block_t, BLOCK_F=64, BLOCK_R=block_r, BLOCK_SEG=block_seg,
+        num_warps=4,
+    )
+    LAUNCH_COUNTS["shrink"] += 1
+
+    # grad_x_t = A_l^T g_t: the forward expand kernel with A read transposed
+    # (feature f, rank j at lora_a[r0 + j, f]); every row is written (zeros for id -1).
+    grad_x = torch.empty_like(x)
+    block_k = 64
+    _expand_kernel[(num_tiles, triton.cdiv(in_features, block_k))](
+        grad_h, lora_a, keep, grad_x, scales, rank_offsets, sorted_token_idx, lang_offsets, grad_x,
+        num_langs, in_features,
+        grad_h.stride(0), lora_a.stride(1), lora_a.stride(0), grad_x.stride(0), grad_x.stride(0),
+        HAS_MASK=False, HAS_BASE=False, APPLY_SCALE=False, INPUT_PRECISION=precision, BF16_AS_FP32=bf16_as_fp32,
+        BLOCK_T=block_t, BLOCK_F=block_k, BLOCK_R=block_r, BLOCK_SEG=block_seg,
+        num_warps=4,
+    )
+    LAUNCH_COUNTS["expand"] += 1
+
+    # Every language writes all of its rank rows/columns (zeros when absent), and the
+    # languages' ranges tile [0, R), so the outputs need no zero fill.
+    grad_a = torch.empty_like(lora_a)
+    grad_b = torch.empty_like(lora_b)
+    # One program per (language, feature block) loops over that language's tokens. Narrow
+    # feature blocks give more programs when few languages are present (no split over tokens:
+    # that would need atomics and lose determinism).
+    block_wf = 32
+    # dA_l = sum_t g_t x_t^T: rank j, feature f at grad_a[r0 + j, f].
+    _weight_grad_kernel[(num_langs, triton.cdiv(in_features, block_wf))](
+        grad_h, x, keep, scales, rank_offsets, sorted_token_idx, lang_offsets, grad_a,
+        in_features, grad_h.stride(0), x.stride(0), grad_a.stride(0), grad_a.stride(1),
+        HAS_MASK=False, APPLY_SCALE=False, INPUT_PRECISION=precision, BF16_AS_FP32=bf16_as_fp32,
+        BLOCK_T=32, BLOCK_F=block_wf, BLOCK_R=block_r,
+        num_warps=4,
+    )
+    LAUNCH_COUNTS["weight_grad"] += 1
+    # dB_l^T = s_l sum_t h_t dy_t^T (* M_l^T): rank j, feature f at grad_b[f, r0 + j].
+    _weight_grad_kernel[(num_langs, triton.cdiv(out_features, block_wf))](
+        h, grad_out, keep, scales, rank_offsets, sorted_token_idx, lang_offsets, grad_b,
+        out_features, h.stride(0), grad_out.stride(0), grad_b.stride(1), grad_b.stride(0),
+        HAS_MASK=True, APPLY_SCALE=True, INPUT_PRECISION=precision, BF16_AS_FP32=bf16_as_fp32,
+        BLOCK_T=32, BLOCK_F=block_wf, BLOCK_R=block_r,
+        num_warps=4,
+    )
+    LAUNCH_COUNTS["weight_grad"] += 1
+    return grad_x, grad_a, grad_b

@@ -1,0 +1,254 @@
+"""LSLoLinear: drop-in behaviour, id layouts, lslo.route, bad input, merge, adapter i/o, pruning."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lslo
+from lslo_kernels import lora_forward_reference, build_routing
+
+
+def _layer(in_f=16, out_f=12, ranks=(2, 8, 3), seed=0, **kw):
+    torch.manual_seed(seed)
+    layer = lslo.LSLoLinear(nn.Linear(in_f, out_f), list(ranks), **kw)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    return layer
+
+
+def _expected(layer, x2d, lang):
+    """Per-token truth from the per-language deltas: base(x) + x (s_l B_l M_l A_l)^T."""
+    out = layer.base_layer(x2d).clone()
+    for t, l in enumerate(lang.tolist()):
+        if l >= 0:
+            out[t] += layer.delta_weight(l) @ x2d[t]
+    return out
+
+
+def test_zero_adapters_equal_base_linear():
+    base = nn.Linear(10, 6)
+    layer = lslo.LSLoLinear(base, [2, 4])
+    x = torch.randn(3, 5, 10)
+    torch.testing.assert_close(layer(x, lang=torch.tensor([0, 1, 0])), base(x))
+
+
+def test_wraps_base_without_copying_and_freezes_it():
+    base = nn.Linear(10, 6)
+    layer = lslo.LSLoLinear(base, [2, 4])
+    assert layer.base_layer is base
+    assert not base.weight.requires_grad and not base.bias.requires_grad
+    trainable = lslo.LSLoLinear(nn.Linear(10, 6), [2], freeze_base=False)
+    assert trainable.base_layer.weight.requires_grad
+
+
+def test_per_sequence_and_per_token_ids_agree_with_truth():
+    layer = _layer()
+    x = torch.randn(4, 5, 16)
+    seq_ids = torch.tensor([0, 2, -1, 1])
+    y_seq = layer(x, lang=seq_ids)
+    y_tok = layer(x, lang=seq_ids[:, None].expand(4, 5))
+    torch.testing.assert_close(y_seq, y_tok)
+    truth = _expected(layer, x.reshape(-1, 16), seq_ids.repeat_interleave(5))
+    torch.testing.assert_close(y_seq.reshape(-1, 12), truth, atol=1e-5, rtol=1e-5)
+
+
+def test_beam_expansion_repeats_each_id_for_its_rows():
+    layer = _layer()
+    num_beams = 5
+    x = torch.randn(3 * num_beams, 4, 16)
+    ids = torch.tensor([2, 0, 1])
+    y = layer(x, lang=ids)
+    y_expanded = layer(x, lang=ids.repeat_interleave(num_beams))
+    torch.testing.assert_close(y, y_expanded)
+    # row 0..4 belong to sentence 0 (language 2): differs from language 0's output
+    assert not torch.allclose(y[:5], layer(x[:5], lang=torch.tensor([0])))
+
+
+def test_route_context_selects_src_or_tgt_and_layers_share_routing():
+    src_layer = _layer(index="src")
+    tgt_layer = _layer(index="tgt", seed=1)
+    x = torch.randn(2, 3, 16)
+    src, tgt = torch.tensor([0, 1]), torch.tensor([2, 2])
+    with lslo.route(src=src, tgt=tgt) as ctx:
+        y_src = src_layer(x)
+        y_tgt = tgt_layer(x)
+        src_layer(x)
+        assert len(ctx._routings) == 2  # one per (index, layout), reused on the second call
+    torch.testing.assert_close(y_src, src_layer(x, lang=src))
+    torch.testing.assert_close(y_tgt, tgt_layer(x, lang=tgt))
+    assert lslo.current_route() is None
+
+
+def test_route_missing_index_is_a_clear_error():
+    layer = _layer(index="src")
+    with lslo.route(tgt=torch.tensor([0])), pytest.raises(ValueError, match="no 'src' ids"):
+        layer(torch.randn(1, 16))
+
+
+def test_no_ids_and_no_route_is_a_clear_error():
+    with pytest.raises(ValueError, match="without language ids"):
+        _layer()(torch.randn(2, 16))
+
+
+@pytest.mark.parametrize(
+    "ids, exc, msg",
+    [
+        (torch.tensor([0, 3]), ValueError, "out of range"),
+        (torch.tensor([0, -2]), ValueError, "< -1"),
+        (torch.tensor([0, 1, 2]), ValueError, "fits neither"),
+        (torch.tensor([0.0, 1.0]), TypeError, "integer"),
+        ([0, 1], TypeError, "tensor"),
+    ],
+)
+def test_bad_ids_raise_before_any_kernel(ids, exc, msg):
+    with pytest.raises(exc, match=msg):
+        _layer()(torch.randn(2, 5, 16), lang=ids)
+
+
+@pytest.mark.parametrize(
+    "ranks, exc, msg",
+    [([2, 0], ValueError, r"ranks\[1\] = 0"), ([], ValueError, "at least one"), ([2, 1.5], TypeError, "int"),
+     (3, TypeError, "sequence")],
+)
+def test_bad_ranks(ranks, exc, msg):
+    with pytest.raises(exc, match=msg):
+        lslo.LSLoLinear(nn.Linear(4, 4), ranks)
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(ValueError, match="scale has 3 entries"):
+        lslo.LSLoLinear(nn.Linear(4, 4), [1, 2], scale=[1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="index"):
+        lslo.LSLoLinear(nn.Linear(4, 4), [1], index="both")
+    with pytest.raises(TypeError, match="nn.Linear"):
+        lslo.LSLoLinear(nn.Conv1d(4, 4, 1), [1])
+    with pytest.raises(ValueError, match="backend"):
+        lslo.LSLoLinear(nn.Linear(4, 4), [1], backend="fortran")
+
+
+def test_dtype_and_shape_mismatch():
+    layer = _layer()
+    with pytest.raises(TypeError, match="dtype"):
+        layer(torch.randn(2, 16, dtype=torch.float64), lang=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="in_features=16"):
+        layer(torch.randn(2, 15), lang=torch.tensor([0, 1]))
+
+
+def test_empty_batch_and_nan_propagation():
+    layer = _layer()
+    y = layer(torch.randn(0, 7, 16), lang=torch.empty(0, dtype=torch.int64))
+    assert y.shape == (0, 7, 12)
+    x = torch.randn(3, 16)
+    x[1, 4] = float("nan")
+    y = layer(x, lang=torch.tensor([0, 1, 2]))
+    assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2]]).all()
+
+
+def test_non_contiguous_input():
+    layer = _layer()
+    x = torch.randn(16, 6).t()  # (6, 16), stride (1, 6)
+    ids = torch.tensor([0, 1, 2, -1, 0, 1])
+    torch.testing.assert_close(layer(x, lang=ids), layer(x.contiguous(), lang=ids))
+
+
+def test_backward_gives_lora_grads_only_and_masks_b():
+    layer = _layer()
+    mask = torch.rand_like(layer.lora_B) > 0.7
+    layer.set_prune_mask(mask)
+    assert torch.all(layer.lora_B[~mask] == 0)
+    x = torch.randn(6, 16, requires_grad=True)
+    layer(x, lang=torch.tensor([0, 1, 2, -1, 0, 1])).pow(2).sum().backward()
+    assert layer.base_layer.weight.grad is None
+    assert x.grad is not None and layer.lora_A.grad.abs().sum() > 0
+    assert torch.all(layer.lora_B.grad[~mask] == 0) and layer.lora_B.grad[mask].abs().sum() > 0
+
+
+@pytest.mark.parametrize("opt_cls", [torch.optim.SGD, torch.optim.AdamW])
+def test_masked_b_entries_stay_zero_through_optimizer_steps(opt_cls):
+    layer = _layer()
+    layer.set_prune_mask(torch.rand_like(layer.lora_B) > 0.5)
+    opt = opt_cls([layer.lora_A, layer.lora_B], lr=0.1, weight_decay=0.01)
+    for _ in range(3):
+        opt.zero_grad()
+        layer(torch.randn(8, 16), lang=torch.randint(0, 3, (8,))).sum().backward()
+        opt.step()
+    assert torch.all(layer.lora_B[~layer.prune_mask] == 0)
+
+
+def test_language_factors_are_views_into_packed_storage():
+    layer = _layer(ranks=(2, 8, 3))
+    a, b, m = layer.language_factors(1)
+    assert a.shape == (8, 16) and b.shape == (12, 8) and m.shape == (12, 8) and m.dtype == torch.bool
+    assert a.data_ptr() == layer.lora_A[2].data_ptr()
+    with torch.no_grad():
+        b.zero_()
+    assert torch.all(layer.lora_B[:, 2:10] == 0) and layer.lora_B[:, :2].abs().sum() > 0
+    with pytest.raises(ValueError, match="out of range"):
+        layer.language_factors(3)
+
+
+def test_merge_and_unmerge():
+    layer = _layer()
+    w0 = layer.base_layer.weight.clone()
+    x = torch.randn(4, 16)
+    y_adapted = layer(x, lang=torch.full((4,), 2))
+    layer.merge(2)
+    torch.testing.assert_close(layer(x, lang=torch.full((4,), 2)), y_adapted, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.base_layer(x), y_adapted, atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="already merged"):
+        layer.merge(0)
+    layer.unmerge()
+    torch.testing.assert_close(layer.base_layer.weight, w0, atol=1e-6, rtol=1e-6)
+
+
+def test_adapter_state_dict_roundtrip_through_safetensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    layer = _layer()
+    layer.set_prune_mask(torch.rand_like(layer.lora_B) > 0.3)
+    save_file({k: v.contiguous() for k, v in layer.adapter_state_dict().items()}, tmp_path / "a.safetensors")
+    assert "base_layer.weight" not in layer.adapter_state_dict()
+    fresh = lslo.LSLoLinear(layer.base_layer, [2, 8, 3])
+    fresh.load_adapter_state_dict(load_file(tmp_path / "a.safetensors"))
+    x, ids = torch.randn(5, 16), torch.tensor([0, 1, 2, 1, 0])
+    torch.testing.assert_close(fresh(x, lang=ids), layer(x, lang=ids))
+    with pytest.raises(ValueError, match="ranks"):
+        lslo.LSLoLinear(layer.base_layer, [2, 8, 4]).load_adapter_state_dict(layer.adapter_state_dict())
+
+
+def test_init_schemes():
+    torch.manual_seed(0)
+    lora = lslo.LSLoLinear(nn.Linear(256, 8), [4, 64])
+    bound = 1 / math.sqrt(256)  # kaiming_uniform(a=sqrt(5)) bound = 1/sqrt(fan_in)
+    assert lora.lora_A.abs().max() <= bound and lora.lora_A.abs().max() > 0.9 * bound
+    assert torch.all(lora.lora_B == 0)
+    ref = lslo.LSLoLinear(nn.Linear(256, 8), [4, 64], init="reference")
+    a4, _, _ = ref.language_factors(0)
+    a64, _, _ = ref.language_factors(1)
+    assert 0.4 < a4.abs().max() <= 0.5  # U(-1/sqrt(4), 1/sqrt(4))
+    assert 0.1 < a64.abs().max() <= 0.125
+    assert torch.all(ref.lora_B == 0)
+
+
+def test_scale_per_language_and_extra_repr():
+    layer = _layer(ranks=[2] * 16 + [8] * 14, scale=2.0)
+    text = repr(layer)
+    assert "languages=30" in text and "2x16 8x14" in text and "mask_density=1.000" in text
+    layer2 = _layer(scale=[1.0, 0.0, 2.0])
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(layer2(x, lang=torch.tensor([1, 1, 1])), layer2.base_layer(x))
+
+
+def test_matches_reference_function_directly():
+    layer = _layer()
+    x = torch.randn(9, 16)
+    ids = torch.tensor([0, 1, 2, -1, 0, 2, 2, 1, -1])
+    r = build_routing(ids, 3)
+    y_ref, _ = lora_forward_reference(x, layer.base_layer(x), layer.lora_A, layer.lora_B, layer.prune_mask,
+                                      layer.scales, layer.rank_offsets, r.lang, r.sorted_token_idx,
+                                      r.lang_offsets, layer.max_rank)
+    torch.testing.assert_close(layer(x, lang=ids), y_ref)
