@@ -1,13 +1,14 @@
 // Portable short vectors for the grouped-LoRA CPU kernels.
 //
-// GCC/Clang vector extensions instead of intrinsics: one source that the compiler lowers to
-// whatever the build targets (SSE2 on a plain x86-64 build, NEON on aarch64), so setup.py needs
-// no -march flag. Inner loops are written over independent lanes, never as a scalar reduction,
-// because float reductions only vectorise under -ffast-math, which we do not use.
+// GCC/Clang vector extensions instead of intrinsics: one source that the compiler lowers to the
+// instruction set of the function it is inlined into. grouped_lora.cpp instantiates the kernels
+// twice, for the build's baseline ISA (SSE2 on x86-64, NEON on aarch64) and inside functions
+// marked target("avx2,fma"), picked at run time; so setup.py needs no -march flag. Every helper
+// here and in kernels.h is always_inline for that reason: a helper left out of line would be
+// compiled once, for the baseline ISA.
 //
-// Activations (x, base_out, y, grad_out, grad_x) stay in their storage dtype and are widened to
-// the accumulation type on load; weights are handed to the kernels already in the accumulation
-// type (fp32, or fp64 for fp64 inputs).
+// Inner loops run over independent lanes, never as a scalar reduction, because float reductions
+// only vectorise under -ffast-math, which we do not use.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -16,6 +17,8 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+
+#define LSLO_INLINE inline __attribute__((always_inline))
 
 namespace lslo {
 
@@ -41,9 +44,14 @@ struct Simd<double> {
 template <typename acc_t>
 using vec_t = typename Simd<acc_t>::vec;
 
+template <typename acc_t>
+LSLO_INLINE vec_t<acc_t> broadcast(acc_t value) {
+  return vec_t<acc_t>{} + value;
+}
+
 // ------------------------------------------------------------------ loads
 template <typename acc_t, typename scalar_t>
-inline vec_t<acc_t> load(const scalar_t* src) {
+LSLO_INLINE vec_t<acc_t> load(const scalar_t* src) {
   constexpr int W = Simd<acc_t>::width;
   vec_t<acc_t> v;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
@@ -65,7 +73,7 @@ inline vec_t<acc_t> load(const scalar_t* src) {
 
 // First n (< width) lanes from src, the others zero: the tail of a row without reading past it.
 template <typename acc_t, typename scalar_t>
-inline vec_t<acc_t> load_partial(const scalar_t* src, int64_t n) {
+LSLO_INLINE vec_t<acc_t> load_partial(const scalar_t* src, int64_t n) {
   constexpr int W = Simd<acc_t>::width;
   acc_t tmp[W] = {};
   for (int64_t i = 0; i < n; ++i) tmp[i] = static_cast<acc_t>(src[i]);
@@ -76,7 +84,7 @@ inline vec_t<acc_t> load_partial(const scalar_t* src, int64_t n) {
 
 // ----------------------------------------------------------------- stores
 template <typename acc_t, typename scalar_t>
-inline void store(scalar_t* dst, vec_t<acc_t> v) {
+LSLO_INLINE void store(scalar_t* dst, vec_t<acc_t> v) {
   constexpr int W = Simd<acc_t>::width;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     std::memcpy(dst, &v, sizeof(v));
@@ -99,7 +107,7 @@ inline void store(scalar_t* dst, vec_t<acc_t> v) {
 }
 
 template <typename acc_t, typename scalar_t>
-inline void store_partial(scalar_t* dst, vec_t<acc_t> v, int64_t n) {
+LSLO_INLINE void store_partial(scalar_t* dst, vec_t<acc_t> v, int64_t n) {
   constexpr int W = Simd<acc_t>::width;
   acc_t tmp[W];
   std::memcpy(tmp, &v, sizeof(v));
@@ -107,7 +115,7 @@ inline void store_partial(scalar_t* dst, vec_t<acc_t> v, int64_t n) {
 }
 
 template <typename acc_t>
-inline acc_t sum_lanes(vec_t<acc_t> v) {
+LSLO_INLINE acc_t sum_lanes(vec_t<acc_t> v) {
   constexpr int W = Simd<acc_t>::width;
   acc_t s = 0;
   for (int i = 0; i < W; ++i) s += v[i];

@@ -32,21 +32,23 @@ For fp16/bf16 inputs the fp32 intermediates (h, g) are rounded to the input dtyp
 entering a dot, so every dot runs on 16-bit tensor cores; that is the rounding a plain 16-bit
 PyTorch LoRA applies to its intermediate too.
 
-Performance notes: block sizes below are picked from shapes by rules of thumb, not tuned: this
-file was written and tested without a GPU (under ``TRITON_INTERPRET=1``). Measure with
-``benchmarks/bench_triton_gpu.py`` before trusting them.
+Performance notes: block sizes (``_launch_config``) are picked from shapes by rules of thumb,
+checked only for register spills by compiling offline for sm_90; this file was written and
+tested without a GPU (under ``TRITON_INTERPRET=1``). Time with ``benchmarks/bench_triton_gpu.py``
+before trusting them.
 """
 
 from __future__ import annotations
 
 import os
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["INTERPRETED", "LAUNCH_COUNTS", "lora_forward_triton", "lora_backward_triton"]
+__all__ = ["INTERPRETED", "LAUNCH_COUNTS", "lora_backward_triton", "lora_forward_triton"]
 
 # Whether the kernels below were built for the CPU interpreter: triton decides that when the
 # @triton.jit decorator runs, i.e. when this module is imported.
@@ -295,29 +297,62 @@ def _weight_grad_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def _rank_block(max_rank: int) -> int:
-    # tl.dot needs every operand dim >= 16; lang30's ranks (2 and 8) share the 16 bucket.
-    return max(16, triton.next_power_of_2(max(int(max_rank), 1)))
+@dataclass(frozen=True)
+class _LaunchConfig:
+    """Tile sizes and compile flags of one call, derived from shapes only (no device reads)."""
+
+    block_t: int  # token rows per tile (shrink/expand)
+    block_r: int  # rank bucket
+    block_seg: int  # next_pow2(L + 1): the segment vector of _find_tile
+    shrink_f: int  # reduction chunk of _shrink_kernel
+    expand_f: int  # output features per _expand_kernel program
+    tile_warps: int  # num_warps of shrink/expand
+    num_tiles: int  # grid size over token tiles: cdiv(T, block_t) + L bounds sum_s cdiv(n_s, block_t)
+    precision: str
+    bf16_as_fp32: bool
+    # _weight_grad_kernel: (L, cdiv(F, wgrad_f)) programs; each loops over its language's
+    # tokens wgrad_t at a time. Narrow feature blocks give more programs when few languages
+    # are present; splitting a language's tokens over programs would need atomics and cost
+    # determinism.
+    wgrad_t: int
+    wgrad_f: int
+    wgrad_warps: int
 
 
-def _token_block(num_tokens: int, num_langs: int) -> int:
+def _launch_config(num_tokens: int, num_langs: int, max_rank: int, dtype: torch.dtype) -> _LaunchConfig:
+    # tl.dot needs every operand dim >= 16, so lang30's ranks (2 and 8) share the 16 bucket;
+    # the masked padding costs registers and MMA cycles, never memory traffic.
+    block_r = max(16, triton.next_power_of_2(max(int(max_rank), 1)))
     # Tiles never straddle a language, so a tile much larger than a language's share of the
-    # batch is mostly masked rows; at decoding sizes (T=160, 30 languages: ~5 tokens each)
-    # 16 rows waste least, while big batches want 64 rows for reuse of each weight tile.
-    # Rule of thumb, not measured (no GPU when written).
+    # batch is mostly masked rows: at decoding sizes (T=160, 30 languages: ~5 tokens each) 16
+    # rows waste least, big batches want 64 rows to reuse each weight tile. Wide rank buckets
+    # shrink the tile so the (block_t, block_r) fp32 accumulator stays in registers.
     per_lang = max(1, num_tokens // max(1, num_langs))
-    return min(64, max(16, triton.next_power_of_2(per_lang)))
-
-
-def _input_precision(dtype: torch.dtype) -> str:
-    # "ieee" keeps fp32 dots in true fp32 (TF32 off, as the reference computes);
-    # for 16-bit operands the setting has no effect.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _num_tiles(num_tokens: int, num_langs: int, block_t: int) -> int:
-    # sum over the L + 1 segments of cdiv(n_s, BLOCK_T) <= cdiv(T, BLOCK_T) + L.
-    return triton.cdiv(num_tokens, block_t) + num_langs
+    block_t = min(64, max(16, triton.next_power_of_2(per_lang)), max(16, 2048 // block_r))
+    # Register counts below come from compiling for sm_90 with triton 3.9 offline (ptxas
+    # -res-usage, no GPU to time on): with 4 warps the bf16 shrink at 64 x 64 spilled 200 B of
+    # stack, fp32 (FMA dots under "ieee") at 64 x 64 with a 64-wide chunk spilled 6 KB; the
+    # choices here compile without spills. Untimed: rerun benchmarks/bench_triton_gpu.py.
+    # Rank buckets of 256 and up also halve the feature blocks: with them every config of
+    # ranks <= 256 compiles without spills on sm_90 but one fp32 variant (8 B).
+    is_fp32 = dtype == torch.float32
+    wide = 2 if block_r >= 256 else 1
+    return _LaunchConfig(
+        block_t=block_t,
+        block_r=block_r,
+        block_seg=triton.next_power_of_2(num_langs + 1),
+        shrink_f=(16 if is_fp32 else 64) // wide,
+        expand_f=64 // wide,
+        tile_warps=8 if block_t * block_r >= 1024 else 4,
+        num_tiles=triton.cdiv(num_tokens, block_t) + num_langs,
+        # "ieee" keeps fp32 dots in true fp32 (TF32 off, as the reference computes); for 16-bit
+        # operands the setting has no effect.
+        precision="ieee" if is_fp32 else "tf32",
+        bf16_as_fp32=INTERPRETED and dtype == torch.bfloat16,
+        wgrad_t=32,
+        wgrad_f=32 // wide,
+        wgrad_warps=8 if block_r >= 128 else 4,
+    )
 
 
 def _check_common(
@@ -430,32 +465,28 @@ def lora_forward_triton(
 
     h = torch.empty((num_tokens, max_rank), dtype=torch.float32, device=x.device)
     y = torch.empty((num_tokens, out_features), dtype=x.dtype, device=x.device)
-    block_t = _token_block(num_tokens, num_langs)
-    block_r = _rank_block(max_rank)
-    block_seg = triton.next_power_of_2(num_langs + 1)
-    precision = _input_precision(x.dtype)
-    bf16_as_fp32 = INTERPRETED and x.dtype == torch.bfloat16
-    num_tiles = _num_tiles(num_tokens, num_langs, block_t)
-
-    # h_t = A_l x_t: A's rank j, feature f at lora_a[r0 + j, f].
-    _shrink_kernel[(num_tiles,)](
+    cfg = _launch_config(num_tokens, num_langs, max_rank, x.dtype)
+    # h_t = A_l x_t: A's rank j, feature f at lora_a[r0 + j, f]. Every row of h is written
+    # (zeros for id -1 rows and past r_l), so it needs no zero fill.
+    _shrink_kernel[(cfg.num_tiles,)](
         x, lora_a, keep, scales, rank_offsets, sorted_token_idx, lang_offsets, h,
         num_langs, in_features, max_rank,
         x.stride(0), lora_a.stride(0), lora_a.stride(1), h.stride(0),
-        HAS_MASK=False, APPLY_SCALE=False, INPUT_PRECISION=precision, BF16_AS_FP32=bf16_as_fp32,
-        BLOCK_T=block_t, BLOCK_F=64, BLOCK_R=block_r, BLOCK_SEG=block_seg,
-        num_warps=4,
+        HAS_MASK=False, APPLY_SCALE=False, INPUT_PRECISION=cfg.precision, BF16_AS_FP32=cfg.bf16_as_fp32,
+        BLOCK_T=cfg.block_t, BLOCK_F=cfg.shrink_f, BLOCK_R=cfg.block_r, BLOCK_SEG=cfg.block_seg,
+        num_warps=cfg.tile_warps,
     )
     LAUNCH_COUNTS["shrink"] += 1
-    # y_t = base_t + s_l (B_l * M_l) h_t: B's feature f, rank j at lora_b[f, r0 + j].
-    block_d = 64
-    _expand_kernel[(num_tiles, triton.cdiv(out_features, block_d))](
+    # y_t = base_t + s_l (B_l * M_l) h_t: B's feature f, rank j at lora_b[f, r0 + j]; id -1
+    # rows are copied from base_out by the same pass.
+    _expand_kernel[(cfg.num_tiles, triton.cdiv(out_features, cfg.expand_f))](
         h, lora_b, keep, base_out, scales, rank_offsets, sorted_token_idx, lang_offsets, y,
         num_langs, out_features,
         h.stride(0), lora_b.stride(0), lora_b.stride(1), base_out.stride(0), y.stride(0),
-        HAS_MASK=True, HAS_BASE=True, APPLY_SCALE=True, INPUT_PRECISION=precision, BF16_AS_FP32=bf16_as_fp32,
-        BLOCK_T=block_t, BLOCK_F=block_d, BLOCK_R=block_r, BLOCK_SEG=block_seg,
-        num_warps=4,
+        HAS_MASK=True, HAS_BASE=True, APPLY_SCALE=True, INPUT_PRECISION=cfg.precision,
+        BF16_AS_FP32=cfg.bf16_as_fp32,
+        BLOCK_T=cfg.block_t, BLOCK_F=cfg.expand_f, BLOCK_R=cfg.block_r, BLOCK_SEG=cfg.block_seg,
+        num_warps=cfg.tile_warps,
     )
     LAUNCH_COUNTS["expand"] += 1
     return y, h
@@ -509,64 +540,55 @@ def lora_backward_triton(
     if num_tokens == 0 or out_features == 0 or in_features == 0 or total_rank == 0 or max_rank == 0:
         return torch.zeros_like(x), torch.zeros_like(lora_a), torch.zeros_like(lora_b)
 
-    block_t = _token_block(num_tokens, num_langs)
-    block_r = _rank_block(max_rank)
-    block_seg = triton.next_power_of_2(num_langs + 1)
-    precision = _input_precision(x.dtype)
-    bf16_as_fp32 = INTERPRETED and x.dtype == torch.bfloat16
-    num_tiles = _num_tiles(num_tokens, num_langs, block_t)
+    cfg = _launch_config(num_tokens, num_langs, max_rank, x.dtype)
 
-    # g_t = s_l (B_l * M_l)^T dy_t: the forward shrink kernel with B read transposed
+    # g_t = s_l (B_l * M_l)^T dy_t: the forward's shrink kernel with B read transposed
     # (rank j, feature f at lora_b[f, r0 + j]).
     grad_h = torch.empty((num_tokens, max_rank), dtype=torch.float32, device=x.device)
-    _shrink_kernel[(num_tiles,)](
+    _shrink_kernel[(cfg.num_tiles,)](
         grad_out, lora_b, keep, scales, rank_offsets, sorted_token_idx, lang_offsets, grad_h,
         num_langs, out_features, max_rank,
         grad_out.stride(0), lora_b.stride(1), lora_b.stride(0), grad_h.stride(0),
-        HAS_MASK=True, APPLY_SCALE=True, INPUT_PRECISION=precision, BF16_AS_FP32=bf16_as_fp32,
-        BLOCK_T=block_t, BLOCK_F=64, BLOCK_R=block_r, BLOCK_SEG=block_seg,
-        num_warps=4,
+        HAS_MASK=True, APPLY_SCALE=True, INPUT_PRECISION=cfg.precision, BF16_AS_FP32=cfg.bf16_as_fp32,
+        BLOCK_T=cfg.block_t, BLOCK_F=cfg.shrink_f, BLOCK_R=cfg.block_r, BLOCK_SEG=cfg.block_seg,
+        num_warps=cfg.tile_warps,
     )
     LAUNCH_COUNTS["shrink"] += 1
 
-    # grad_x_t = A_l^T g_t: the forward expand kernel with A read transposed
+    # grad_x_t = A_l^T g_t: the forward's expand kernel with A read transposed
     # (feature f, rank j at lora_a[r0 + j, f]); every row is written (zeros for id -1).
     grad_x = torch.empty_like(x)
-    block_k = 64
-    _expand_kernel[(num_tiles, triton.cdiv(in_features, block_k))](
+    _expand_kernel[(cfg.num_tiles, triton.cdiv(in_features, cfg.expand_f))](
         grad_h, lora_a, keep, grad_x, scales, rank_offsets, sorted_token_idx, lang_offsets, grad_x,
         num_langs, in_features,
         grad_h.stride(0), lora_a.stride(1), lora_a.stride(0), grad_x.stride(0), grad_x.stride(0),
-        HAS_MASK=False, HAS_BASE=False, APPLY_SCALE=False, INPUT_PRECISION=precision, BF16_AS_FP32=bf16_as_fp32,
-        BLOCK_T=block_t, BLOCK_F=block_k, BLOCK_R=block_r, BLOCK_SEG=block_seg,
-        num_warps=4,
+        HAS_MASK=False, HAS_BASE=False, APPLY_SCALE=False, INPUT_PRECISION=cfg.precision,
+        BF16_AS_FP32=cfg.bf16_as_fp32,
+        BLOCK_T=cfg.block_t, BLOCK_F=cfg.expand_f, BLOCK_R=cfg.block_r, BLOCK_SEG=cfg.block_seg,
+        num_warps=cfg.tile_warps,
     )
     LAUNCH_COUNTS["expand"] += 1
 
-    # Every language writes all of its rank rows/columns (zeros when absent), and the
-    # languages' ranges tile [0, R), so the outputs need no zero fill.
+    # Every language writes all of its rank rows/columns (zeros when absent from the batch),
+    # and the languages' ranges tile [0, R), so the outputs need no zero fill.
     grad_a = torch.empty_like(lora_a)
     grad_b = torch.empty_like(lora_b)
-    # One program per (language, feature block) loops over that language's tokens. Narrow
-    # feature blocks give more programs when few languages are present (no split over tokens:
-    # that would need atomics and lose determinism).
-    block_wf = 32
     # dA_l = sum_t g_t x_t^T: rank j, feature f at grad_a[r0 + j, f].
-    _weight_grad_kernel[(num_langs, triton.cdiv(in_features, block_wf))](
+    _weight_grad_kernel[(num_langs, triton.cdiv(in_features, cfg.wgrad_f))](
         grad_h, x, keep, scales, rank_offsets, sorted_token_idx, lang_offsets, grad_a,
         in_features, grad_h.stride(0), x.stride(0), grad_a.stride(0), grad_a.stride(1),
-        HAS_MASK=False, APPLY_SCALE=False, INPUT_PRECISION=precision, BF16_AS_FP32=bf16_as_fp32,
-        BLOCK_T=32, BLOCK_F=block_wf, BLOCK_R=block_r,
-        num_warps=4,
+        HAS_MASK=False, APPLY_SCALE=False, INPUT_PRECISION=cfg.precision, BF16_AS_FP32=cfg.bf16_as_fp32,
+        BLOCK_T=cfg.wgrad_t, BLOCK_F=cfg.wgrad_f, BLOCK_R=cfg.block_r,
+        num_warps=cfg.wgrad_warps,
     )
     LAUNCH_COUNTS["weight_grad"] += 1
     # dB_l^T = s_l sum_t h_t dy_t^T (* M_l^T): rank j, feature f at grad_b[f, r0 + j].
-    _weight_grad_kernel[(num_langs, triton.cdiv(out_features, block_wf))](
+    _weight_grad_kernel[(num_langs, triton.cdiv(out_features, cfg.wgrad_f))](
         h, grad_out, keep, scales, rank_offsets, sorted_token_idx, lang_offsets, grad_b,
         out_features, h.stride(0), grad_out.stride(0), grad_b.stride(1), grad_b.stride(0),
-        HAS_MASK=True, APPLY_SCALE=True, INPUT_PRECISION=precision, BF16_AS_FP32=bf16_as_fp32,
-        BLOCK_T=32, BLOCK_F=block_wf, BLOCK_R=block_r,
-        num_warps=4,
+        HAS_MASK=True, APPLY_SCALE=True, INPUT_PRECISION=cfg.precision, BF16_AS_FP32=cfg.bf16_as_fp32,
+        BLOCK_T=cfg.wgrad_t, BLOCK_F=cfg.wgrad_f, BLOCK_R=cfg.block_r,
+        num_warps=cfg.wgrad_warps,
     )
     LAUNCH_COUNTS["weight_grad"] += 1
     return grad_x, grad_a, grad_b

@@ -1,0 +1,223 @@
+"""Plots of the benchmark results, drawn only from the results CSV.
+
+``python -m benchmarks.plots [results.csv] [out_dir] [--run RUN_ID]`` redraws them without
+measuring anything. Figures (PNG, git-ignored):
+
+``ratio_vs_base.png``   per headline setting (mode, T), each provider's time / base time at the
+                        three M2M-124 shapes (median, p20-p80 bars).
+``time_vs_T.png``       time per call against T (lang30, uniform, 30 languages), per shape and mode.
+``time_vs_L.png``       time per call against the number of languages.
+``ratio_<sweep>.png``   ratio to base for the categorical sweeps (spread, ranks, density).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import OrderedDict, defaultdict
+from pathlib import Path
+
+from .report import PROVIDER_ORDER, latest_run
+from .suite import read_rows
+
+__all__ = ["plot_all"]
+
+_MARKERS = "os^vD<>Pp*h"
+
+
+def _num(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _providers(rows):
+    present = {r["provider"] for r in rows}
+    return [p for p in PROVIDER_ORDER if p in present] + sorted(present - set(PROVIDER_ORDER))
+
+
+def _style(provider, providers):
+    i = providers.index(provider)
+    lslo = provider in ("reference", "cpp", "triton")
+    if provider == "base":
+        return {"marker": ".", "linestyle": ":", "linewidth": 1.5, "color": "black", "label": "base (floor)"}
+    return {"marker": _MARKERS[i % len(_MARKERS)], "linestyle": "-" if lslo else "--",
+            "linewidth": 2.2 if lslo else 1.2, "label": f"lslo {provider}" if lslo else provider}
+
+
+def _metric(rows, metric):
+    return [r for r in rows if r["metric"] == metric and _num(r["p50"]) is not None]
+
+
+def _legend(ax):
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+
+
+def _grid(n):
+    import math
+
+    cols = min(3, n)
+    return math.ceil(n / cols), cols
+
+
+def _bars(ax, groups, providers, title):
+    """groups: OrderedDict label -> {provider: row}."""
+    import numpy as np
+
+    shown = [p for p in providers if p != "base" and any(p in g for g in groups.values())]
+    width = 0.8 / max(1, len(shown))
+    xs = np.arange(len(groups))
+    for i, p in enumerate(shown):
+        med, lo, hi = [], [], []
+        for g in groups.values():
+            r = g.get(p)
+            m = _num(r["p50"]) if r else float("nan")
+            med.append(m)
+            lo.append(m - _num(r["p20"]) if r else 0)
+            hi.append(_num(r["p80"]) - m if r else 0)
+        style = {k: v for k, v in _style(p, providers).items() if k != "color"}
+        ax.bar(xs + (i - (len(shown) - 1) / 2) * width, med, width, yerr=[lo, hi], capsize=2,
+               label=style["label"], hatch=None if style["linestyle"] == "-" else "//", alpha=0.85)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    values = [v for c in ax.containers for v in getattr(c, "datavalues", []) if v == v and v > 0]
+    if values and max(values) / min(values) > 20:  # slow baselines would flatten the interesting ones
+        ax.set_yscale("log")
+    ax.set_xticks(xs)
+    ax.set_xticklabels(list(groups), fontsize=8)
+    ax.set_ylabel("time / base")
+    ax.set_title(title, fontsize=9)
+
+
+def _lines(ax, series, providers, xlabel, title, logx=True):
+    """series: {provider: [(x, row)]}."""
+    for p in providers:
+        pts = sorted(series.get(p, []), key=lambda t: t[0])
+        if len(pts) < 2:
+            continue
+        xs = [x for x, _ in pts]
+        med = [_num(r["p50"]) for _, r in pts]
+        lo = [_num(r["p20"]) for _, r in pts]
+        hi = [_num(r["p80"]) for _, r in pts]
+        style = _style(p, providers)
+        ax.plot(xs, med, **style)
+        ax.fill_between(xs, lo, hi, alpha=0.15)
+    if logx:
+        ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("ms per call")
+    ax.set_title(title, fontsize=9)
+
+
+def plot_all(csv_path: Path, out_dir: Path, run_id: str | None = None) -> list[Path]:
+    """Draw every figure the chosen run (default: the latest) has data for; return their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_rows(csv_path)
+    run_id = run_id or latest_run(rows)
+    rows = [r for r in rows if r["run_id"] == run_id and r["op"] == "lslo_linear"]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not rows:
+        return []
+    providers = _providers(rows)
+    device = f"{rows[0]['device_name']}, {rows[0]['threads']} threads, torch {rows[0]['torch_version']}"
+    written = []
+
+    def save(fig, name, title):
+        fig.suptitle(f"{title}\n{device}, run {run_id}", fontsize=9)
+        fig.tight_layout()
+        path = out_dir / name
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    # 1. headline: ratio vs base per shape, one panel per (mode, T)
+    ratios = _metric(rows, "ratio_vs_base")
+    panels: OrderedDict = OrderedDict()
+    for r in (r for r in ratios if r["sweep"] == "headline"):
+        panels.setdefault((r["mode"], r["tokens"]), OrderedDict()).setdefault(
+            f"{r['in_features']}->{r['out_features']}", {})[r["provider"]] = r
+    if panels:
+        nrows, ncols = _grid(len(panels))
+        fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 3.8 * nrows), squeeze=False)
+        for ax, ((mode, tokens), groups) in zip(axes.flat, panels.items()):
+            _bars(ax, groups, providers, f"{mode}, T={tokens}, lang30")
+        for ax in list(axes.flat)[len(panels):]:
+            ax.axis("off")
+        _legend(axes.flat[0])
+        save(fig, "ratio_vs_base.png", "Layer time / frozen base nn.Linear time (lower is better, 1 = free)")
+
+    times = _metric(rows, "time_ms")
+    # 2. time vs T at the lang30 / uniform / 30-language point
+    t_series: OrderedDict = OrderedDict()
+    for r in times:
+        if r["ranks"] == "lang30" and r["spread"] == "uniform" and r["languages"] == "30":
+            key = (r["mode"], f"{r['in_features']}->{r['out_features']}")
+            t_series.setdefault(key, defaultdict(list))[r["provider"]].append((int(r["tokens"]), r))
+    t_series = OrderedDict((k, v) for k, v in t_series.items()
+                           if any(len({x for x, _ in pts}) > 1 for pts in v.values()))
+    if t_series:
+        nrows, ncols = _grid(len(t_series))
+        fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.8 * nrows), squeeze=False)
+        for ax, ((mode, shape), series) in zip(axes.flat, t_series.items()):
+            _lines(ax, series, providers, "tokens T", f"{mode}, {shape}, lang30")
+        for ax in list(axes.flat)[len(t_series):]:
+            ax.axis("off")
+        _legend(axes.flat[0])
+        save(fig, "time_vs_T.png", "Time per layer call against batch size")
+
+    # 3. time vs L
+    l_series: OrderedDict = OrderedDict()
+    for r in (r for r in times if r["sweep"] == "L"):
+        key = (r["mode"], r["tokens"], r["ranks"], f"{r['in_features']}->{r['out_features']}")
+        l_series.setdefault(key, defaultdict(list))[r["provider"]].append((int(r["languages"]), r))
+    l_series = OrderedDict((k, v) for k, v in l_series.items()
+                           if any(len({x for x, _ in pts}) > 1 for pts in v.values()))
+    if l_series:
+        nrows, ncols = _grid(len(l_series))
+        fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.8 * nrows), squeeze=False)
+        for ax, ((mode, tokens, ranks, shape), series) in zip(axes.flat, l_series.items()):
+            _lines(ax, series, providers, "languages L", f"{mode}, T={tokens}, {shape}, ranks {ranks}")
+        for ax in list(axes.flat)[len(l_series):]:
+            ax.axis("off")
+        _legend(axes.flat[0])
+        save(fig, "time_vs_L.png", "Time per layer call against the number of languages")
+
+    # 4. categorical sweeps: ratio vs base
+    for sweep in ("spread", "spread_L100", "ranks", "density"):
+        panels = OrderedDict()
+        for r in (r for r in ratios if r["sweep"] == sweep):
+            key = (r["mode"], r["tokens"], f"{r['in_features']}->{r['out_features']}")
+            panels.setdefault(key, OrderedDict()).setdefault(r["x_value"], {})[r["provider"]] = r
+        if not panels:
+            continue
+        nrows, ncols = _grid(len(panels))
+        fig, axes = plt.subplots(nrows, ncols, figsize=(6 * ncols, 3.8 * nrows), squeeze=False)
+        for ax, ((mode, tokens, shape), groups) in zip(axes.flat, panels.items()):
+            _bars(ax, groups, providers, f"{mode}, T={tokens}, {shape}")
+        for ax in list(axes.flat)[len(panels):]:
+            ax.axis("off")
+        _legend(axes.flat[0])
+        save(fig, f"ratio_{sweep}.png", f"Layer time / base time across {sweep}")
+    return written
+
+
+def main(argv=None) -> int:
+    here = Path(__file__).resolve().parent / "results"
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.plots", description=__doc__.splitlines()[0])
+    parser.add_argument("csv", nargs="?", type=Path, default=here / "results.csv")
+    parser.add_argument("out_dir", nargs="?", type=Path, default=here)
+    parser.add_argument("--run", default=None, help="run_id to plot (default: the latest)")
+    args = parser.parse_args(argv)
+    for path in plot_all(args.csv, args.out_dir, args.run):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

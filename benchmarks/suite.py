@@ -1,0 +1,611 @@
+"""The benchmark suite: cases, the timing and memory harness, and the CSV it appends to.
+
+Every case is one linear layer of an M2M-124 shape with per-language LoRA factors and one mixed
+batch. All providers (see :mod:`benchmarks.providers`) run on the same inputs in the same process,
+their repetitions interleaved (provider order rotated each round) so that a drift of the machine
+hits them all alike.
+
+What is timed, per mode (``time.perf_counter``; CUDA synchronised around the timed part):
+
+``fwd``      one layer forward under ``torch.no_grad()``: inference, e.g. decoding. The only mode
+             PEFT's mixed batch supports.
+``bwd``      ``y.backward(g)`` alone, after an untimed forward with autograd.
+``fwd+bwd``  forward with autograd + ``y.backward(g)``: a training step of the layer. x requires
+             grad, the base weight is frozen, the LoRA factors require grad.
+
+Per-batch metadata (lslo's routing, the padded providers' indices, the block mask, PEFT's
+``adapter_names``) is built once per batch and shared by every layer of a model, so it is not in
+``time_ms``; it is timed on its own and reported as ``prep_ms``.
+
+Metrics written for each (case, mode, provider):
+
+``time_ms``           p20/p50/p80 over the repetitions (after warm-up).
+``ratio_vs_base``     quantiles of the per-round ratio provider / base (same round, paired).
+``speedup_vs_naive``  quantiles of the per-round ratio naive / provider.
+``peak_mb``           peak of the bytes held by torch's allocator during one timed step, above
+                      what was allocated before it (inputs and weights excluded): the output,
+                      what autograd saves, gradients and every transient. CPU: summed from the
+                      allocation events of ``torch.profiler(profile_memory=True)`` (allocations
+                      made outside torch's allocator, e.g. ``std::vector`` scratch in a C++
+                      kernel, are not seen); CUDA: ``torch.cuda.max_memory_allocated`` delta.
+``saved_mb``          training modes: bytes of the tensors autograd keeps for the backward
+                      (``saved_tensors_hooks``; inputs, weights and factors, which exist anyway,
+                      are not counted).
+``prep_ms``           the per-batch metadata build described above.
+``max_abs_err``       max |y - y_ref| of the provider's forward against lslo's reference backend
+                      on the case's inputs (a provider computing the wrong thing shows here).
+``skipped``           the provider could not run the case; ``note`` says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime as _dt
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import providers as P
+
+__all__ = [
+    "CSV_FIELDS",
+    "Case",
+    "Options",
+    "append_rows",
+    "full_cases",
+    "make_lang",
+    "measure_case",
+    "quick_cases",
+    "ranks_for",
+    "read_rows",
+    "run_info",
+    "run_suite",
+]
+
+SHAPES = ((1024, 1024), (1024, 4096), (4096, 1024))  # M2M-124 615M: attention, fc1, fc2
+LANG30 = "lang30"  # the paper's lang30: 16 languages r=2 with 90% of B pruned, 14 languages r=8
+SPREADS = ("uniform", "zipf", "single", "tiny")
+TINY_GROUP = 2  # tokens per language in the "tiny" spread
+
+CSV_FIELDS = [
+    "run_id", "timestamp", "op", "provider", "mode", "metric", "unit", "sweep", "case",
+    "x_name", "x_value", "in_features", "out_features", "tokens", "languages", "ranks", "spread",
+    "density", "dtype", "p20", "p50", "p80", "reps", "device", "device_name", "threads",
+    "torch_version", "lslo_version", "git_rev", "note",
+]
+
+UNITS = {
+    "time_ms": "ms", "ratio_vs_base": "x", "speedup_vs_naive": "x", "peak_mb": "MiB",
+    "saved_mb": "MiB", "prep_ms": "ms", "max_abs_err": "abs", "skipped": "",
+}
+
+
+# ------------------------------------------------------------------------------------- cases
+def ranks_for(label: str, num_languages: int) -> tuple[list[int], list[float] | None]:
+    """Ranks (and per-language mask density, when the label fixes it) for a rank label.
+
+    ``lang30``: 16 x r=2 (B 90% pruned) + 14 x r=8 (unpruned), L must be 30; ``r8``: r=8 for
+    every language; ``mix2/8/64``: 2, 8, 64, 2, 8, 64, ...
+    """
+    if label == LANG30:
+        if num_languages != 30:
+            raise ValueError(f"ranks {LANG30!r} need 30 languages, got {num_languages}")
+        return [2] * 16 + [8] * 14, [0.1] * 16 + [1.0] * 14
+    if label.startswith("mix"):
+        cycle = [int(r) for r in label[3:].split("/")]
+        return [cycle[i % len(cycle)] for i in range(num_languages)], None
+    if label.startswith("r") and label[1:].isdigit():
+        return [int(label[1:])] * num_languages, None
+    raise ValueError(f"unknown ranks label {label!r}; use {LANG30!r}, 'r<N>' or 'mix<a>/<b>/...'")
+
+
+def make_lang(num_tokens: int, ranks: Sequence[int], spread: str, seed: int = 0) -> torch.Tensor:
+    """Language id per token, positions shuffled (a real batch is not sorted by language).
+
+    Spreads: ``uniform`` (iid uniform over languages); ``zipf`` (P(l) ~ 1/rank_l, over a random
+    order of the languages); ``single`` (every token in the language of largest rank, so a padded
+    provider is not favoured); ``tiny`` (every language but one gets ``TINY_GROUP`` tokens, the
+    rest go to language 0: many tiny groups next to one big one).
+
+    Returns:
+        (num_tokens,) int64.
+    """
+    gen = torch.Generator().manual_seed(seed + 1)
+    num_languages = len(ranks)
+    if spread == "uniform":
+        lang = torch.randint(0, num_languages, (num_tokens,), generator=gen)
+    elif spread == "zipf":
+        order = torch.randperm(num_languages, generator=gen)
+        probs = 1.0 / torch.arange(1, num_languages + 1, dtype=torch.float64)
+        lang = order[torch.multinomial(probs, num_tokens, replacement=True, generator=gen)]
+    elif spread == "single":
+        lang = torch.full((num_tokens,), max(range(num_languages), key=lambda i: ranks[i]))
+    elif spread == "tiny":
+        small = [lang_id for lang_id in range(1, num_languages) for _ in range(TINY_GROUP)][:num_tokens]
+        lang = torch.tensor(small + [0] * (num_tokens - len(small)), dtype=torch.int64)
+    else:
+        raise ValueError(f"unknown spread {spread!r}; known: {SPREADS}")
+    return lang[torch.randperm(num_tokens, generator=gen)].to(torch.int64)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One layer + batch configuration, measured in each of ``modes``."""
+
+    sweep: str
+    x_name: str
+    in_features: int
+    out_features: int
+    tokens: int
+    languages: int = 30
+    ranks: str = LANG30
+    spread: str = "uniform"
+    density: float = 1.0  # ignored when the ranks label fixes the mask (lang30)
+    modes: tuple[str, ...] = ("fwd+bwd",)
+
+    @property
+    def x_value(self):
+        return {
+            "T": self.tokens, "L": self.languages, "ranks": self.ranks, "spread": self.spread,
+            "density": self.density_label, "shape": f"{self.in_features}->{self.out_features}",
+        }[self.x_name]
+
+    @property
+    def density_label(self) -> str:
+        return "lang30" if self.ranks == LANG30 else f"{self.density:g}"
+
+    @property
+    def name(self) -> str:
+        return (f"{self.in_features}->{self.out_features} T={self.tokens} L={self.languages} "
+                f"{self.ranks} {self.spread}" + ("" if self.ranks == LANG30 else f" d={self.density:g}"))
+
+
+def quick_cases() -> list[Case]:
+    """A small meaningful subset: lang30 at the three shapes (T=2048 fwd+bwd, T=160 fwd), a few
+    decoding sizes, languages, spreads and heterogeneous ranks. ~5 min on 2 CPU cores."""
+    cases = [Case("headline", "shape", k, d, 2048, modes=("fwd+bwd",) if (k, d) != (1024, 1024)
+                  else ("fwd+bwd", "bwd")) for k, d in SHAPES]
+    cases += [Case("headline", "shape", k, d, 160, modes=("fwd",)) for k, d in SHAPES]
+    cases += [Case("T_decode", "T", 1024, 1024, t, modes=("fwd",)) for t in (5, 40, 640)]
+    cases += [Case("L", "L", 1024, 1024, 160, languages=n, ranks="r8", modes=("fwd",)) for n in (1, 12, 30, 100)]
+    cases += [Case("L", "L", 1024, 1024, 2048, languages=n, ranks="r8") for n in (1, 100)]
+    cases += [Case("spread", "spread", 1024, 1024, 2048, spread=s) for s in ("zipf", "single", "tiny")]
+    cases += [Case("ranks", "ranks", 1024, 1024, 2048, ranks="mix2/8/64")]
+    return cases
+
+
+def full_cases() -> list[Case]:
+    """Every axis of the study, one at a time around the lang30 / uniform / 30-language point."""
+    both = ("fwd+bwd", "fwd")
+    cases = [Case("headline", "shape", k, d, 2048, modes=("fwd+bwd", "bwd", "fwd")) for k, d in SHAPES]
+    cases += [Case("headline", "shape", k, d, 160, modes=("fwd", "fwd+bwd")) for k, d in SHAPES]
+    cases += [Case("T_train", "T", k, d, t, modes=both) for k, d in SHAPES for t in (4096, 8192, 16384)]
+    cases += [Case("T_decode", "T", k, d, t, modes=("fwd",)) for k, d in SHAPES for t in (5, 20, 80, 320, 640)]
+    for ranks in ("r8", "mix2/8/64"):
+        cases += [Case("L", "L", 1024, 1024, t, languages=n, ranks=ranks, modes=(m,))
+                  for n in (1, 12, 30, 100) for t, m in ((2048, "fwd+bwd"), (160, "fwd"))]
+    cases += [Case("ranks", "ranks", 1024, 4096, t, ranks=r, modes=(m,))
+              for r in ("r2", "r8", "r64", "mix2/8/64") for t, m in ((2048, "fwd+bwd"), (160, "fwd"))]
+    cases += [Case("spread", "spread", 1024, 1024, t, spread=s, modes=(m,))
+              for s in ("zipf", "single", "tiny") for t, m in ((2048, "fwd+bwd"), (160, "fwd"))]
+    cases += [Case("spread_L100", "spread", 1024, 1024, t, languages=100, ranks="r8", spread=s, modes=(m,))
+              for s in SPREADS for t, m in ((2048, "fwd+bwd"), (160, "fwd"))]
+    cases += [Case("density", "density", 1024, 1024, t, ranks="r8", density=dens, modes=(m,))
+              for dens in (1.0, 0.1) for t, m in ((2048, "fwd+bwd"), (160, "fwd"))]
+    return cases
+
+
+# ----------------------------------------------------------------------------------- harness
+@dataclass
+class Options:
+    """How to measure. ``budget_s`` is the time one (case, mode) may take; the number of
+    repetitions is fitted into it, between ``min_reps`` and ``max_reps``."""
+
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    threads: int = 2
+    warmup: int = 1
+    min_reps: int = 3
+    max_reps: int = 7
+    budget_s: float = 8.0
+    min_measure_s: float = 0.005  # a fast call is repeated inside one measurement up to this
+    seed: int = 0
+    measure_memory: bool = True
+    providers: Sequence[str] | None = None  # None = every available one
+    log: Callable[[str], None] = field(default=lambda msg: print(msg, flush=True))
+
+
+@dataclass
+class _Timed:
+    provider: P.PreparedProvider
+    meta: object
+    inner: int = 1
+    times: list[float] = field(default_factory=list)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _clear_grads(x: torch.Tensor, params: Iterable[torch.Tensor]) -> None:
+    x.grad = None
+    for p in params:
+        p.grad = None
+
+
+def _timed_step(entry: _Timed, x: torch.Tensor, grad: torch.Tensor, mode: str, device) -> float:
+    """Seconds of the timed part of one step of ``mode`` (the untimed part is excluded)."""
+    pp, meta = entry.provider, entry.meta
+    if mode == "fwd":
+        with torch.no_grad():
+            _sync(device)
+            t0 = time.perf_counter()
+            pp.run(x, meta)
+            _sync(device)
+            return time.perf_counter() - t0
+    _clear_grads(x, pp.params)
+    if mode == "bwd":
+        y = pp.run(x, meta)
+        _sync(device)
+        t0 = time.perf_counter()
+        y.backward(grad)
+        _sync(device)
+        return time.perf_counter() - t0
+    _sync(device)
+    t0 = time.perf_counter()
+    pp.run(x, meta).backward(grad)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _measure(entry: _Timed, x, grad, mode, device) -> float:
+    return sum(_timed_step(entry, x, grad, mode, device) for _ in range(entry.inner)) / entry.inner
+
+
+@contextlib.contextmanager
+def _quiet_fd2():
+    """Silence the profiler's native start/stop lines on stderr (fd 2) while it runs."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _storage_key(t: torch.Tensor):
+    try:
+        storage = t.untyped_storage()
+        return storage.data_ptr(), storage.nbytes()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def _memory(entry: _Timed, x, grad, mode, device, existing: set) -> tuple[float, float | None]:
+    """(peak MiB of one step above the bytes live before it, MiB saved for backward or None)."""
+    pp, meta = entry.provider, entry.meta
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        key = _storage_key(t)
+        if key is not None and key[0] not in existing:
+            saved[key[0]] = key[1]
+        return t
+
+    def step():
+        if mode == "fwd":
+            with torch.no_grad():
+                pp.run(x, meta)
+            return
+        y = pp.run(x, meta)
+        y.backward(grad)
+
+    _clear_grads(x, pp.params)
+    y_pre = None
+    if mode == "bwd":  # forward outside the measured window
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y_pre = pp.run(x, meta)
+    if device.type == "cuda":
+        _sync(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y_pre.backward(grad) if y_pre is not None else step()
+        _sync(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+    else:
+        from torch.profiler import ProfilerActivity, profile
+
+        with (_quiet_fd2(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+              torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)):
+            y_pre.backward(grad) if y_pre is not None else step()
+        events = [e for e in prof.profiler.kineto_results.events()
+                  if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")]
+        live = peak = 0
+        for e in sorted(events, key=lambda e: e.start_ns()):
+            live += e.nbytes()
+            peak = max(peak, live)
+    saved_mb = sum(saved.values()) / 2**20 if mode != "fwd" else None
+    return peak / 2**20, saved_mb
+
+
+def _quantiles(values: Sequence[float]) -> tuple[float, float, float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    q = torch.quantile(t, torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64))
+    return float(q[0]), float(q[1]), float(q[2])
+
+
+def measure_case(case: Case, mode: str, opts: Options) -> list[dict]:
+    """Time every provider on one case in one mode; returns CSV rows (without run metadata)."""
+    device = torch.device(opts.device)
+    torch.manual_seed(opts.seed)
+    ranks, densities = ranks_for(case.ranks, case.languages)
+    lang = make_lang(case.tokens, ranks, case.spread, seed=opts.seed)
+    problem = P.make_problem(case.in_features, case.out_features, ranks, lang,
+                             mask_density=densities if densities is not None else case.density,
+                             device=device, dtype=opts.dtype, seed=opts.seed)
+    names = list(opts.providers) if opts.providers else P.available_providers(device)
+    for required in ("base",):  # every ratio is against it
+        if required not in names:
+            names.insert(0, required)
+    training = mode != "fwd"
+    rows: list[dict] = []
+
+    def row(provider, metric, values=(None, None, None), reps=None, note=""):
+        p20, p50, p80 = values
+        rows.append({"op": "lslo_linear", "provider": provider, "mode": mode, "metric": metric,
+                     "unit": UNITS.get(metric, ""), "p20": p20, "p50": p50, "p80": p80,
+                     "reps": reps, "note": note})
+
+    expected = None
+    with torch.no_grad():
+        ref = P.prepare_provider("reference", problem)
+        expected = ref.run(problem.x, ref.prepare(problem.lang))
+
+    x = problem.x.detach().clone().requires_grad_(training)
+    grad = torch.randn(case.tokens, case.out_features, device=device, dtype=opts.dtype) if training else None
+    entries: dict[str, _Timed] = {}
+    for name in names:
+        try:
+            pp = P.prepare_provider(name, problem)
+            if training and not pp.training:
+                raise P.Skip(pp.skip_training_reason)
+            for t in pp.params:
+                t.requires_grad_(training)
+            prep_times = []
+            for _ in range(3):
+                _sync(device)
+                t0 = time.perf_counter()
+                meta = pp.prepare(problem.lang)
+                _sync(device)
+                prep_times.append(time.perf_counter() - t0)
+            if any(prep_times) and name != "base":
+                row(name, "prep_ms", tuple(1e3 * v for v in _quantiles(prep_times)), reps=3)
+            with torch.no_grad():
+                y = pp.run(problem.x, meta)  # also the first warm-up call
+            if name != "base":
+                err = float((y.float() - expected.float()).abs().max())
+                row(name, "max_abs_err", (err, err, err), reps=1,
+                    note="" if err <= 1e-3 * max(1.0, float(expected.abs().max())) else "WRONG OUTPUT")
+            entries[name] = _Timed(pp, meta)
+        except P.Skip as exc:
+            row(name, "skipped", note=str(exc))
+            opts.log(f"    {name:16s} skipped: {exc}")
+        except Exception as exc:  # noqa: BLE001 - a provider that crashes is recorded, not fatal
+            row(name, "skipped", note=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            opts.log(f"    {name:16s} FAILED: {type(exc).__name__}: {exc}")
+
+    # Warm-up, and the cost estimate that fits the repetitions into the budget.
+    per_round = 0.0
+    for name, entry in list(entries.items()):
+        try:
+            est = min(_timed_step(entry, x, grad, mode, device) for _ in range(max(1, opts.warmup)))
+        except Exception as exc:  # noqa: BLE001
+            row(name, "skipped", note=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            opts.log(f"    {name:16s} FAILED: {type(exc).__name__}: {exc}")
+            del entries[name]
+            continue
+        entry.inner = max(1, min(1000, math.ceil(opts.min_measure_s / max(est, 1e-7))))
+        per_round += est * entry.inner * (2 if mode == "bwd" else 1)
+    reps = int(max(opts.min_reps, min(opts.max_reps, opts.budget_s // max(per_round, 1e-9))))
+
+    order = list(entries)
+    for rep in range(reps):
+        shift = rep % len(order)
+        for name in order[shift:] + order[:shift]:
+            entries[name].times.append(_measure(entries[name], x, grad, mode, device))
+
+    base_times = entries["base"].times if "base" in entries else None
+    naive_times = entries["naive"].times if "naive" in entries else None
+    existing = {k[0] for k in map(_storage_key, [x, problem.x, *problem.base.parameters(), problem.lora_a,
+                                                   problem.lora_b, problem.prune_mask, problem.scales,
+                                                   problem.rank_offsets, problem.lang]) if k}
+    for name, entry in entries.items():
+        ms = [1e3 * t for t in entry.times]
+        row(name, "time_ms", _quantiles(ms), reps=reps)
+        if base_times and name != "base":
+            row(name, "ratio_vs_base", _quantiles([t / b for t, b in zip(entry.times, base_times)]), reps=reps)
+        if naive_times and name not in ("naive", "base"):
+            row(name, "speedup_vs_naive", _quantiles([n / t for t, n in zip(entry.times, naive_times)]), reps=reps)
+        if opts.measure_memory:
+            meta_keys = {k[0] for k in map(_storage_key, _tensors_in(entry.meta)) if k}
+            param_keys = {k[0] for k in map(_storage_key, entry.provider.params) if k}
+            peak_mb, saved_mb = _memory(entry, x, grad, mode, device, existing | meta_keys | param_keys)
+            row(name, "peak_mb", (peak_mb, peak_mb, peak_mb), reps=1)
+            if saved_mb is not None:
+                row(name, "saved_mb", (saved_mb, saved_mb, saved_mb), reps=1)
+        _clear_grads(x, entry.provider.params)
+    summary = "  ".join(
+        f"{n}={_p50(rows, n, 'time_ms'):.2f}ms" + (f"({_p50(rows, n, 'ratio_vs_base'):.2f}x)" if n != "base" else "")
+        for n in entries
+    )
+    opts.log(f"    reps={reps}  {summary}")
+    return rows
+
+
+def _p50(rows, provider, metric) -> float:
+    for r in rows:
+        if r["provider"] == provider and r["metric"] == metric:
+            return r["p50"]
+    return float("nan")
+
+
+def _tensors_in(obj) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for o in obj for t in _tensors_in(o)]
+    if hasattr(obj, "__dataclass_fields__"):
+        return [t for f in obj.__dataclass_fields__ for t in _tensors_in(getattr(obj, f))]
+    return []
+
+
+# ------------------------------------------------------------------------------- run metadata
+def _git_rev() -> str:
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}  # read-only: never refresh the index
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, env=env,
+                             capture_output=True, text=True, timeout=10, check=False).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               env=env, capture_output=True, text=True, timeout=10, check=False).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (rev or "unknown") + ("-dirty" if dirty else "")
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def run_info(opts: Options) -> dict:
+    """Columns shared by every row of one run."""
+    try:
+        import lslo
+
+        lslo_version = lslo.__version__
+    except Exception:  # noqa: BLE001 - the suite measures lslo_kernels even if lslo is broken
+        lslo_version = "unknown"
+    now = _dt.datetime.now(_dt.timezone.utc)
+    device = torch.device(opts.device)
+    return {
+        "run_id": now.strftime("%Y%m%dT%H%M%SZ"),
+        "timestamp": now.isoformat(timespec="seconds"),
+        "device": device.type,
+        "device_name": _device_name(device),
+        "threads": opts.threads,
+        "torch_version": torch.__version__,
+        "lslo_version": lslo_version,
+        "git_rev": _git_rev(),
+        "dtype": str(opts.dtype).replace("torch.", ""),
+    }
+
+
+def case_columns(case: Case) -> dict:
+    return {
+        "sweep": case.sweep, "case": case.name, "x_name": case.x_name, "x_value": case.x_value,
+        "in_features": case.in_features, "out_features": case.out_features, "tokens": case.tokens,
+        "languages": case.languages, "ranks": case.ranks, "spread": case.spread,
+        "density": case.density_label,
+    }
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return "" if v is None else v
+
+
+def append_rows(csv_path: Path, rows: Iterable[dict]) -> None:
+    """Append rows to the results CSV, writing the header when the file is new."""
+    csv_path = Path(csv_path)
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    new = not csv_path.exists() or csv_path.stat().st_size == 0
+    with csv_path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        for r in rows:
+            writer.writerow({k: _fmt(r.get(k)) for k in CSV_FIELDS})
+
+
+def read_rows(csv_path: Path) -> list[dict]:
+    with Path(csv_path).open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def run_suite(cases: Sequence[Case], opts: Options, out_dir: Path, readme: Path, *, mode_name: str = "quick",
+              plots: bool = True, e2e: bool = False) -> str:
+    """Measure ``cases``, append to ``out_dir/results.csv``, redraw plots and the README block.
+
+    Rows are appended case by case, so an interrupted run keeps what it measured.
+
+    Returns:
+        The run id of this run (the ``run_id`` column of its rows).
+    """
+    from . import plots as plotting
+    from . import report
+
+    out_dir = Path(out_dir)
+    csv_path = out_dir / "results.csv"
+    info = run_info(opts)
+    names = list(opts.providers) if opts.providers else P.available_providers(opts.device)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    log = opts.log
+    log(f"lslo benchmarks ({mode_name}): {len(cases)} cases on {info['device_name']}, {opts.threads} threads, "
+        f"torch {info['torch_version']}, git {info['git_rev']}; providers: {', '.join(names)}")
+    if load > 0.5 * (os.cpu_count() or 1):
+        log(f"WARNING: load average {load:.1f} at start: other processes share the CPU, timings will be noisy")
+    started = time.perf_counter()
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(opts.threads)
+    try:
+        for i, case in enumerate(cases, 1):
+            for mode in case.modes:
+                log(f"[{i}/{len(cases)}] {case.sweep}: {case.name} {mode}")
+                rows = measure_case(case, mode, opts)
+                append_rows(csv_path, [{**info, **case_columns(case), **r} for r in rows])
+    finally:
+        torch.set_num_threads(threads_before)
+    if e2e:
+        from .e2e import run_e2e
+
+        log("end to end (M2M-124 615M configuration, random weights)")
+        append_rows(csv_path, [{**info, **r} for r in run_e2e(quick=mode_name == "quick", seed=opts.seed, log=log)])
+    wall = time.perf_counter() - started
+    append_rows(csv_path, [{**info, "op": "suite", "provider": "-", "mode": mode_name, "metric": "wall_s",
+                            "unit": "s", "p20": wall, "p50": wall, "p80": wall,
+                            "note": f"load average at start {load:.2f}; providers " + " ".join(names)}])
+    log(f"done in {wall / 60:.1f} min; results appended to {csv_path}")
+    if plots:
+        for path in plotting.plot_all(csv_path, out_dir, info["run_id"]):
+            log(f"plot: {path}")
+    report.update_readme(readme, report.render(read_rows(csv_path), info["run_id"]))
+    log(f"table: {readme}")
+    return info["run_id"]

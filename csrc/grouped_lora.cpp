@@ -1,0 +1,714 @@
+// CPU backend of the grouped language-specific LoRA op (ops lslo_cpp::forward / lslo_cpp::backward).
+//
+// Same math, signatures and output dtypes as lslo_kernels/reference.py:
+//   h_t = A_l x_t  (fp32, fp64 for fp64 inputs)        y_t = base_out_t + s_l (B_l * M_l) h_t
+//
+// Plan of one call:
+//   1. Validate and copy the small routing metadata to the host (rank_offsets, lang_offsets).
+//   2. Build BmT = (s_l * B * M)^T, (R, d) in the accumulation type, for the languages present in
+//      the batch only: B's columns become contiguous rows that the row kernels stream through.
+//   3. Split the tokens, in routing order, into one contiguous range per thread, balanced by an
+//      estimated cost per token (its language's rank and the row widths). A language lies entirely
+//      inside one range except at the range ends, so dA/dB of all but at most 2 languages per thread
+//      are written directly, and only those split across threads go through a per-range scratch
+//      buffer that is summed afterwards: no atomics, no per-thread copy of all of dA/dB, and a
+//      result that does not depend on scheduling.
+//   4. Walk each range token by token (forward) or in chunks of tokens of one language (backward),
+//      reading every activation row once and writing y / dx once.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+namespace lslo {
+namespace {
+
+// Tokens of one language handled together in the backward: the dA/dB^T rows of the language are
+// loaded and stored once per chunk, and the chunk's grad_out rows (8 x 16 KiB at d = 4096, fp32)
+// are still in L2 when the dB pass reads them a second time.
+constexpr int kTokensPerChunk = 8;
+// Rows of B (or of dB) transposed per task: a 32 x R block of B (18 KiB at R = 144) stays in L1.
+constexpr int64_t kTransposeRows = 32;
+// Below this many streamed elements the fork/join of a parallel region costs more than it saves.
+constexpr int64_t kMinParallelWork = 1 << 15;
+
+// ------------------------------------------------------------------------------------------ checks
+void check_activation(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
+  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D, got shape ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous (call .contiguous()), got strides ",
+              t.strides());
+}
+
+void check_index(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kLong, op, ": ", name, " must be int64, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1, op, ": ", name, " must be 1-D, got shape ", t.sizes());
+}
+
+// Host view of the validated problem.
+struct Problem {
+  int64_t T = 0, k = 0, d = 0, R = 0, L = 0, max_rank = 0;
+  std::vector<int64_t> rank_offsets;  // L + 1
+  std::vector<int64_t> lang_of_rank;  // R: language owning each rank row of A / column of B
+  // Groups in routing order: group 0 = tokens with id -1, group l + 1 = language l.
+  // Group g owns sorted positions [group_bounds[g], group_bounds[g + 1]).
+  std::vector<int64_t> group_bounds;  // L + 2
+  std::vector<double> scales;         // L
+  const int64_t* sorted_token_idx = nullptr;
+  at::Tensor sorted_token_idx_holder, scales_holder;
+};
+
+Problem check_problem(const char* op, const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                      const at::Tensor& prune_mask, const at::Tensor& scales, const at::Tensor& rank_offsets,
+                      const at::Tensor& lang, const at::Tensor& sorted_token_idx, const at::Tensor& lang_offsets,
+                      int64_t max_rank) {
+  check_activation(x, op, "x");
+  check_activation(lora_a, op, "lora_a");
+  check_activation(lora_b, op, "lora_b");
+  check_activation(prune_mask, op, "prune_mask");
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(at::isFloatingType(dtype), op, ": x must be floating point, got ", dtype);
+  TORCH_CHECK(lora_a.scalar_type() == dtype && lora_b.scalar_type() == dtype, op,
+              ": lora_a and lora_b must have x's dtype ", dtype, ", got ", lora_a.scalar_type(), " and ",
+              lora_b.scalar_type());
+  TORCH_CHECK(prune_mask.scalar_type() == at::kBool, op, ": prune_mask must be bool, got ",
+              prune_mask.scalar_type());
+
+  Problem p;
+  p.T = x.size(0);
+  p.k = x.size(1);
+  p.R = lora_a.size(0);
+  p.d = lora_b.size(0);
+  p.max_rank = max_rank;
+  TORCH_CHECK(lora_a.size(1) == p.k, op, ": lora_a must be (R, k) = (", p.R, ", ", p.k, ") to match x, got ",
+              lora_a.sizes());
+  TORCH_CHECK(lora_b.size(1) == p.R, op, ": lora_b must be (d, R) with R = ", p.R, " (rows of lora_a), got ",
+              lora_b.sizes());
+  TORCH_CHECK(prune_mask.sizes() == lora_b.sizes(), op, ": prune_mask shape ", prune_mask.sizes(),
+              " != lora_b shape ", lora_b.sizes());
+  TORCH_CHECK(max_rank >= 0, op, ": max_rank must be >= 0, got ", max_rank);
+
+  check_index(rank_offsets, op, "rank_offsets");
+  TORCH_CHECK(rank_offsets.numel() >= 2, op, ": rank_offsets must have L + 1 >= 2 entries, got ",
+              rank_offsets.numel());
+  p.L = rank_offsets.numel() - 1;
+  TORCH_CHECK(scales.device().is_cpu(), op, ": scales must be a CPU tensor, got device ", scales.device());
+  TORCH_CHECK(scales.dim() == 1 && scales.numel() == p.L, op, ": scales must be (L,) = (", p.L,
+              ",), one per language, got shape ", scales.sizes());
+  TORCH_CHECK(at::isFloatingType(scales.scalar_type()), op, ": scales must be floating point, got ",
+              scales.scalar_type());
+  check_index(lang, op, "lang");
+  check_index(sorted_token_idx, op, "sorted_token_idx");
+  check_index(lang_offsets, op, "lang_offsets");
+  TORCH_CHECK(lang.numel() == p.T, op, ": lang must have one id per token (", p.T, "), got ", lang.numel());
+  TORCH_CHECK(sorted_token_idx.numel() == p.T, op, ": sorted_token_idx must have ", p.T, " entries, got ",
+              sorted_token_idx.numel());
+  TORCH_CHECK(lang_offsets.numel() == p.L + 1, op, ": lang_offsets must have L + 1 = ", p.L + 1,
+              " entries, got ", lang_offsets.numel());
+
+  const auto ro = rank_offsets.contiguous();
+  p.rank_offsets.assign(ro.data_ptr<int64_t>(), ro.data_ptr<int64_t>() + p.L + 1);
+  TORCH_CHECK(p.rank_offsets[0] == 0 && p.rank_offsets[p.L] == p.R, op, ": rank_offsets must run from 0 to R = ",
+              p.R, ", got ", rank_offsets);
+  for (int64_t l = 0; l < p.L; ++l) {
+    const int64_t r = p.rank_offsets[l + 1] - p.rank_offsets[l];
+    TORCH_CHECK(r >= 0, op, ": rank_offsets must be non-decreasing, got ", rank_offsets);
+    TORCH_CHECK(r <= max_rank, op, ": language ", l, " has rank ", r, " > max_rank = ", max_rank);
+  }
+  p.lang_of_rank.resize(p.R);
+  for (int64_t l = 0; l < p.L; ++l)
+    for (int64_t c = p.rank_offsets[l]; c < p.rank_offsets[l + 1]; ++c) p.lang_of_rank[c] = l;
+
+  const auto lo = lang_offsets.contiguous();
+  const int64_t* lo_ptr = lo.data_ptr<int64_t>();
+  p.group_bounds.resize(p.L + 2);
+  p.group_bounds[0] = 0;
+  for (int64_t l = 0; l <= p.L; ++l) p.group_bounds[l + 1] = lo_ptr[l];
+  for (int64_t g = 0; g <= p.L; ++g)
+    TORCH_CHECK(p.group_bounds[g] <= p.group_bounds[g + 1], op,
+                ": lang_offsets must be non-decreasing and >= 0, got ", lang_offsets);
+  TORCH_CHECK(p.group_bounds[p.L + 1] == p.T, op, ": lang_offsets[L] must equal the number of tokens ", p.T,
+              ", got ", lang_offsets);
+
+  // The kernels write y / dx rows through sorted_token_idx from several threads: an index out of
+  // range would write outside the output and a repeated one would race, so the routing must be a
+  // permutation whose groups agree with lang. O(T), negligible next to the O(T * (k + d)) work.
+  p.sorted_token_idx_holder = sorted_token_idx.contiguous();
+  p.sorted_token_idx = p.sorted_token_idx_holder.data_ptr<int64_t>();
+  const auto lang_c = lang.contiguous();
+  const int64_t* lang_ptr = lang_c.data_ptr<int64_t>();
+  std::vector<char> seen(p.T, 0);
+  for (int64_t g = 0; g <= p.L; ++g) {
+    for (int64_t pos = p.group_bounds[g]; pos < p.group_bounds[g + 1]; ++pos) {
+      const int64_t tok = p.sorted_token_idx[pos];
+      TORCH_CHECK(tok >= 0 && tok < p.T, op, ": sorted_token_idx[", pos, "] = ", tok, " is out of range for ",
+                  p.T, " tokens");
+      TORCH_CHECK(!seen[tok], op, ": sorted_token_idx is not a permutation: token ", tok, " appears twice");
+      seen[tok] = 1;
+      TORCH_CHECK(lang_ptr[tok] == g - 1, op, ": routing does not match lang: token ", tok, " has id ",
+                  lang_ptr[tok], " but lang_offsets put it in group ", g - 1,
+                  " (rebuild the routing with build_routing)");
+    }
+  }
+
+  p.scales_holder = scales.to(at::kDouble).contiguous();
+  p.scales.assign(p.scales_holder.data_ptr<double>(), p.scales_holder.data_ptr<double>() + p.L);
+  return p;
+}
+
+// ---------------------------------------------------------------------------------- work split
+// A range of routing positions of one group, processed by one thread.
+struct Piece {
+  int64_t group;  // 0 = tokens with id -1, l + 1 = language l
+  int64_t begin, end;
+  int64_t scratch_offset;  // >= 0: the group is split across threads, accumulate dA/dB here
+};
+
+struct WorkSplit {
+  std::vector<std::vector<Piece>> pieces;          // per part
+  std::vector<std::vector<int64_t>> shared_pieces;  // per language: scratch offsets of its pieces
+  std::vector<int64_t> shared_langs;                // languages split across parts
+  int64_t scratch_size = 0;
+};
+
+int choose_parts(int64_t work) {
+  if (at::in_parallel_region() || work < kMinParallelWork) return 1;
+  return std::max(1, at::get_num_threads());
+}
+
+// cost[g] is the estimated cost of one token of group g; the split points fall at equal shares of
+// the total cost. scratch_per_lang[l] > 0 reserves dA/dB scratch for a language split across parts.
+WorkSplit split_work(const Problem& p, const std::vector<double>& cost, int parts,
+                     const std::vector<int64_t>& scratch_per_lang) {
+  const int64_t groups = p.L + 1;
+  double total = 0;
+  for (int64_t g = 0; g < groups; ++g) total += cost[g] * double(p.group_bounds[g + 1] - p.group_bounds[g]);
+
+  std::vector<int64_t> cuts(parts + 1, p.T);
+  cuts[0] = 0;
+  int64_t g = 0;
+  double before = 0;
+  for (int part = 1; part < parts; ++part) {
+    const double target = total * part / parts;
+    while (g < groups && before + cost[g] * double(p.group_bounds[g + 1] - p.group_bounds[g]) <= target) {
+      before += cost[g] * double(p.group_bounds[g + 1] - p.group_bounds[g]);
+      ++g;
+    }
+    int64_t cut = p.T;
+    if (g < groups) {
+      const int64_t n = p.group_bounds[g + 1] - p.group_bounds[g];
+      const int64_t into = cost[g] > 0 ? int64_t((target - before) / cost[g] + 0.5) : 0;
+      cut = p.group_bounds[g] + std::min(n, std::max<int64_t>(0, into));
+    }
+    cuts[part] = std::max(cut, cuts[part - 1]);
+  }
+
+  WorkSplit split;
+  split.pieces.resize(parts);
+  split.shared_pieces.resize(p.L);
+  for (int part = 0; part < parts; ++part) {
+    for (int64_t grp = 0; grp < groups; ++grp) {
+      const int64_t b = std::max(cuts[part], p.group_bounds[grp]);
+      const int64_t e = std::min(cuts[part + 1], p.group_bounds[grp + 1]);
+      if (b >= e) continue;
+      Piece piece{grp, b, e, -1};
+      const bool whole = b == p.group_bounds[grp] && e == p.group_bounds[grp + 1];
+      if (!whole && grp > 0 && scratch_per_lang[grp - 1] > 0) {
+        piece.scratch_offset = split.scratch_size;
+        split.scratch_size += scratch_per_lang[grp - 1];
+        if (split.shared_pieces[grp - 1].empty()) split.shared_langs.push_back(grp - 1);
+        split.shared_pieces[grp - 1].push_back(piece.scratch_offset);
+      }
+      split.pieces[part].push_back(piece);
+    }
+  }
+  return split;
+}
+
+// --------------------------------------------------------------------------- weight staging
+// Leading dimension of the staged weight buffers: rows a whole, odd number of cache lines apart.
+// With the natural stride (k or d elements, 4 KiB or 16 KiB at the paper's sizes) the r rows that a
+// kernel streams side by side map to one L1 set and evict each other; the odd stride spreads them.
+template <typename acc_t>
+int64_t padded_ld(int64_t n) {
+  constexpr int64_t per_line = 64 / sizeof(acc_t);
+  int64_t lines = (n + per_line - 1) / per_line;
+  if (lines % 2 == 0) lines += 1;
+  return lines * per_line;
+}
+
+// a_pad[c][0:k) = A[c][0:k) in the accumulation type, for rows c of languages with tokens.
+template <typename acc_t, typename scalar_t>
+void stage_a_row(acc_t* a_pad, int64_t lda, const scalar_t* a, int64_t k, int64_t c) {
+  for (int64_t i = 0; i < k; ++i) a_pad[c * lda + i] = static_cast<acc_t>(a[c * k + i]);
+}
+
+// bmt[c][i] = s_l * (B * M)[i][c] for the columns c of languages with tokens, rows [i0, i1).
+// A pruned entry is b * 0 rather than 0 so that inf/nan in B propagate exactly as in the reference.
+template <typename acc_t, typename scalar_t>
+void stage_bmt_rows(acc_t* bmt, int64_t ldb, const scalar_t* b, const bool* mask, const Problem& p,
+                    const std::vector<char>& present, int64_t i0, int64_t i1) {
+  for (int64_t l = 0; l < p.L; ++l) {
+    if (!present[l]) continue;
+    const acc_t s = static_cast<acc_t>(p.scales[l]);
+    for (int64_t c = p.rank_offsets[l]; c < p.rank_offsets[l + 1]; ++c) {
+      acc_t* dst = bmt + c * ldb;
+      for (int64_t i = i0; i < i1; ++i) {
+        const acc_t v = static_cast<acc_t>(b[i * p.R + c]);
+        dst[i] = s * (mask[i * p.R + c] ? v : v * acc_t(0));
+      }
+    }
+  }
+}
+
+std::vector<char> present_languages(const Problem& p) {
+  std::vector<char> present(p.L);
+  for (int64_t l = 0; l < p.L; ++l) present[l] = p.group_bounds[l + 2] > p.group_bounds[l + 1];
+  return present;
+}
+
+at::ScalarType accum_type(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
+
+// ------------------------------------------------------------------------------ ISA dispatch
+// The row kernels are instantiated for the baseline ISA and, on x86-64, for AVX2+FMA; measured
+// on an AMD EPYC (2 threads, fp32, T=2048, lang30 ranks) AVX2+FMA halves the op's time
+// (1024->1024: forward 8.1 -> 4.1 ms, backward 13.0 -> 5.6 ms, 1 thread).
+#if defined(__x86_64__) && defined(__GNUC__)
+#define LSLO_HAVE_AVX2 1
+#else
+#define LSLO_HAVE_AVX2 0
+#endif
+
+enum class Isa { kBaseline = 0, kAvx2 = 1 };
+
+bool cpu_has_avx2() {
+#if LSLO_HAVE_AVX2
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+std::atomic<int>& isa_setting() {
+  static std::atomic<int> isa{static_cast<int>(cpu_has_avx2() ? Isa::kAvx2 : Isa::kBaseline)};
+  return isa;
+}
+
+Isa current_isa() { return static_cast<Isa>(isa_setting().load(std::memory_order_relaxed)); }
+
+const char* isa_name(Isa isa) { return isa == Isa::kAvx2 ? "avx2" : "baseline"; }
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> isas{"baseline"};
+  if (cpu_has_avx2()) isas.emplace_back("avx2");
+  return isas;
+}
+
+std::string get_isa() { return isa_name(current_isa()); }
+
+std::string set_isa(const std::string& name) {
+  Isa isa;
+  if (name == "baseline") {
+    isa = Isa::kBaseline;
+  } else if (name == "avx2") {
+    TORCH_CHECK(cpu_has_avx2(), "lslo_kernels._C.set_isa: this CPU (or build) has no AVX2+FMA");
+    isa = Isa::kAvx2;
+  } else {
+    TORCH_CHECK(false, "lslo_kernels._C.set_isa: unknown ISA '", name, "'; expected 'baseline' or 'avx2'");
+  }
+  return isa_name(static_cast<Isa>(isa_setting().exchange(static_cast<int>(isa))));
+}
+
+// --------------------------------------------------------------------------- forward pieces
+template <typename scalar_t, typename acc_t>
+struct ForwardArgs {
+  const scalar_t* x;
+  const scalar_t* base;
+  scalar_t* y;
+  acc_t* h;
+  const acc_t* a;  // (R, lda), staged
+  const acc_t* bmt;  // (R, ldb), staged, scaled and masked
+  int64_t lda, ldb;
+  const int64_t* sorted_token_idx;
+  const int64_t* rank_offsets;
+  int64_t k, d, max_rank;
+};
+
+template <typename scalar_t, typename acc_t>
+LSLO_INLINE void forward_piece(const ForwardArgs<scalar_t, acc_t>& a, const Piece& piece) {
+  const int64_t k = a.k, d = a.d, max_rank = a.max_rank;
+  const int64_t* sti = a.sorted_token_idx;
+  if (piece.group == 0) {  // no adapter: y = base_out, h = 0
+    for (int64_t pos = piece.begin; pos < piece.end; ++pos) {
+      const int64_t tok = sti[pos];
+      std::memcpy(static_cast<void*>(a.y + tok * d), a.base + tok * d, sizeof(scalar_t) * d);
+      for (int64_t j = 0; j < max_rank; ++j) a.h[tok * max_rank + j] = acc_t(0);
+    }
+    return;
+  }
+  const int64_t l = piece.group - 1;
+  const int64_t r0 = a.rank_offsets[l], r = a.rank_offsets[l + 1] - r0;
+  const acc_t* a_l = a.a + r0 * a.lda;
+  const acc_t* bmt_l = a.bmt + r0 * a.ldb;
+  for (int64_t pos = piece.begin; pos < piece.end; ++pos) {
+    const int64_t tok = sti[pos];
+    const bool has_next = pos + 1 < piece.end;
+    const int64_t next = has_next ? sti[pos + 1] : 0;
+    acc_t* h_t = a.h + tok * max_rank;
+    dot_rows<acc_t>(a.x + tok * k, a_l, a.lda, k, r, h_t, has_next ? a.x + next * k : nullptr);
+    for (int64_t j = r; j < max_rank; ++j) h_t[j] = acc_t(0);
+    combine_rows<true, acc_t>(a.y + tok * d, a.base + tok * d, h_t, bmt_l, a.ldb, d, r,
+                              has_next ? a.base + next * d : nullptr);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void forward_piece_baseline(const ForwardArgs<scalar_t, acc_t>& a, const Piece& piece) {
+  forward_piece(a, piece);
+}
+
+#if LSLO_HAVE_AVX2
+template <typename scalar_t, typename acc_t>
+__attribute__((target("avx2,fma"))) void forward_piece_avx2(const ForwardArgs<scalar_t, acc_t>& a,
+                                                             const Piece& piece) {
+  forward_piece(a, piece);
+}
+#endif
+
+// -------------------------------------------------------------------------- backward pieces
+template <typename scalar_t, typename acc_t>
+struct BackwardArgs {
+  const scalar_t* grad_out;
+  const scalar_t* x;
+  const acc_t* h;
+  scalar_t* grad_x;
+  const acc_t* a;    // (R, lda), staged
+  const acc_t* bmt;  // (R, ldb), staged, scaled and masked
+  acc_t* grad_a;     // (R, lda), accumulated here
+  acc_t* grad_bt;    // (R, ldb), dB transposed, accumulated here
+  acc_t* scratch;    // split languages' dA / dB^T rows
+  int64_t lda, ldb;
+  const int64_t* sorted_token_idx;
+  const int64_t* rank_offsets;
+  const double* scales;
+  int64_t k, d, max_rank;
+};
+
+// Per-part buffers: the chunk's coefficient rows g (gradient of h) and s * h.
+template <typename acc_t>
+struct ChunkBuffers {
+  explicit ChunkBuffers(int64_t max_rank) : g(kTokensPerChunk * max_rank), hs(kTokensPerChunk * max_rank) {}
+  std::vector<acc_t> g, hs;
+};
+
+template <typename scalar_t, typename acc_t>
+LSLO_INLINE void backward_piece(const BackwardArgs<scalar_t, acc_t>& a, const Piece& piece,
+                                ChunkBuffers<acc_t>& buf) {
+  const int64_t k = a.k, d = a.d, max_rank = a.max_rank;
+  const int64_t* sti = a.sorted_token_idx;
+  if (piece.group == 0) {  // no adapter: zero dx
+    for (int64_t pos = piece.begin; pos < piece.end; ++pos)
+      std::memset(static_cast<void*>(a.grad_x + sti[pos] * k), 0, sizeof(scalar_t) * k);
+    return;
+  }
+  const int64_t l = piece.group - 1;
+  const int64_t r0 = a.rank_offsets[l], r = a.rank_offsets[l + 1] - r0;
+  const acc_t s = static_cast<acc_t>(a.scales[l]);
+  const acc_t* a_l = a.a + r0 * a.lda;
+  const acc_t* bmt_l = a.bmt + r0 * a.ldb;
+  const bool split = piece.scratch_offset >= 0;
+  acc_t* ga_l = split ? a.scratch + piece.scratch_offset : a.grad_a + r0 * a.lda;
+  acc_t* gbt_l = split ? a.scratch + piece.scratch_offset + r * a.lda : a.grad_bt + r0 * a.ldb;
+  acc_t* g = buf.g.data();
+  acc_t* hs = buf.hs.data();
+  const scalar_t* dy_rows[kTokensPerChunk];
+  const scalar_t* x_rows[kTokensPerChunk];
+  for (int64_t pos = piece.begin; pos < piece.end; pos += kTokensPerChunk) {
+    const int nt = static_cast<int>(std::min<int64_t>(kTokensPerChunk, piece.end - pos));
+    for (int t = 0; t < nt; ++t) {
+      const int64_t tok = sti[pos + t];
+      const bool has_next = pos + t + 1 < piece.end;
+      dy_rows[t] = a.grad_out + tok * d;
+      x_rows[t] = a.x + tok * k;
+      for (int64_t j = 0; j < r; ++j) hs[t * r + j] = s * a.h[tok * max_rank + j];
+      // g_t = s (B_l * M_l)^T dy_t, the gradient of h_t (s is folded into bmt)
+      dot_rows<acc_t>(dy_rows[t], bmt_l, a.ldb, d, r, g + t * r,
+                      has_next ? a.grad_out + sti[pos + t + 1] * d : nullptr);
+      // dx_t = A_l^T g_t; meanwhile bring x_t in for the dA update below
+      combine_rows<false, acc_t>(a.grad_x + tok * k, static_cast<const scalar_t*>(nullptr), g + t * r, a_l, a.lda,
+                                 k, r, x_rows[t]);
+    }
+    rank_update<acc_t>(ga_l, a.lda, x_rows, g, r, nt, k, r);
+    rank_update<acc_t>(gbt_l, a.ldb, dy_rows, hs, r, nt, d, r);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void backward_piece_baseline(const BackwardArgs<scalar_t, acc_t>& a, const Piece& piece, ChunkBuffers<acc_t>& buf) {
+  backward_piece(a, piece, buf);
+}
+
+#if LSLO_HAVE_AVX2
+template <typename scalar_t, typename acc_t>
+__attribute__((target("avx2,fma"))) void backward_piece_avx2(const BackwardArgs<scalar_t, acc_t>& a,
+                                                              const Piece& piece, ChunkBuffers<acc_t>& buf) {
+  backward_piece(a, piece, buf);
+}
+#endif
+
+// ------------------------------------------------------------------------------------- forward
+template <typename scalar_t>
+void forward_impl(const Problem& p, const at::Tensor& x, const at::Tensor& base_out, const at::Tensor& lora_a,
+                  const at::Tensor& lora_b, const at::Tensor& prune_mask, at::Tensor& y, at::Tensor& h) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const int64_t T = p.T, k = p.k, d = p.d;
+  const int64_t lda = padded_ld<acc_t>(k), ldb = padded_ld<acc_t>(d);
+  const auto acc_options = x.options().dtype(accum_type(x.scalar_type()));
+  at::Tensor a_pad = at::empty({p.R, lda}, acc_options);
+  at::Tensor bmt = at::empty({p.R, ldb}, acc_options);
+  const auto present = present_languages(p);
+
+  ForwardArgs<scalar_t, acc_t> args{x.data_ptr<scalar_t>(), base_out.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                                    h.data_ptr<acc_t>(), a_pad.data_ptr<acc_t>(), bmt.data_ptr<acc_t>(), lda, ldb,
+                                    p.sorted_token_idx, p.rank_offsets.data(), k, d, p.max_rank};
+  auto piece_fn = &forward_piece_baseline<scalar_t, acc_t>;
+#if LSLO_HAVE_AVX2
+  if (current_isa() == Isa::kAvx2) piece_fn = &forward_piece_avx2<scalar_t, acc_t>;
+#endif
+  const scalar_t* a_src = lora_a.data_ptr<scalar_t>();
+  const scalar_t* b_src = lora_b.data_ptr<scalar_t>();
+  const bool* mask = prune_mask.data_ptr<bool>();
+  acc_t* a_dst = a_pad.data_ptr<acc_t>();
+  acc_t* bmt_dst = bmt.data_ptr<acc_t>();
+
+  // Streamed elements per token: read x and base_out, write y; the rank-r products run from cache
+  // at roughly a quarter of the cost per element.
+  std::vector<double> cost(p.L + 1);
+  cost[0] = double(2 * d);
+  for (int64_t l = 0; l < p.L; ++l) {
+    const double r = double(p.rank_offsets[l + 1] - p.rank_offsets[l]);
+    cost[l + 1] = double(k + 2 * d) + 0.25 * r * double(k + d);
+  }
+  const int parts = choose_parts(T * (k + 2 * d) + p.R * (k + d));
+  const WorkSplit split = split_work(p, cost, parts, std::vector<int64_t>(p.L, 0));
+  const int64_t b_tasks = (d + kTransposeRows - 1) / kTransposeRows;
+
+#pragma omp parallel num_threads(parts) if (parts > 1)
+  {
+#pragma omp for schedule(static) nowait
+    for (int64_t c = 0; c < p.R; ++c)
+      if (present[p.lang_of_rank[c]]) stage_a_row(a_dst, lda, a_src, k, c);
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < b_tasks; ++task) {
+      const int64_t i0 = task * kTransposeRows;
+      stage_bmt_rows(bmt_dst, ldb, b_src, mask, p, present, i0, std::min(d, i0 + kTransposeRows));
+    }
+#pragma omp for schedule(static, 1)
+    for (int part = 0; part < parts; ++part)
+      for (const Piece& piece : split.pieces[part]) piece_fn(args, piece);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x, const at::Tensor& base_out,
+                                               const at::Tensor& lora_a, const at::Tensor& lora_b,
+                                               const at::Tensor& prune_mask, const at::Tensor& scales,
+                                               const at::Tensor& rank_offsets, const at::Tensor& lang,
+                                               const at::Tensor& sorted_token_idx, const at::Tensor& lang_offsets,
+                                               int64_t max_rank) {
+  constexpr const char* op = "lslo_cpp::forward";
+  const Problem p = check_problem(op, x, lora_a, lora_b, prune_mask, scales, rank_offsets, lang, sorted_token_idx,
+                                  lang_offsets, max_rank);
+  check_activation(base_out, op, "base_out");
+  TORCH_CHECK(base_out.scalar_type() == x.scalar_type(), op, ": base_out dtype ", base_out.scalar_type(),
+              " != x dtype ", x.scalar_type());
+  TORCH_CHECK(base_out.size(0) == p.T && base_out.size(1) == p.d, op, ": base_out must be (T, d) = (", p.T, ", ",
+              p.d, "), got ", base_out.sizes());
+
+  at::Tensor y = at::empty({p.T, p.d}, x.options());
+  at::Tensor h = at::empty({p.T, p.max_rank}, x.options().dtype(accum_type(x.scalar_type())));
+  if (p.T == 0) return {y, h};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lslo_cpp_forward", [&] {
+    forward_impl<scalar_t>(p, x, base_out, lora_a, lora_b, prune_mask, y, h);
+  });
+  return {y, h};
+}
+
+// ------------------------------------------------------------------------------------ backward
+template <typename scalar_t>
+void backward_impl(const Problem& p, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& h,
+                   const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& prune_mask,
+                   at::Tensor& grad_x, at::Tensor& grad_a, at::Tensor& grad_b) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const int64_t k = p.k, d = p.d, R = p.R;
+  const int64_t lda = padded_ld<acc_t>(k), ldb = padded_ld<acc_t>(d);
+  const auto acc_options = x.options().dtype(accum_type(x.scalar_type()));
+  at::Tensor a_pad = at::empty({R, lda}, acc_options);
+  at::Tensor bmt = at::empty({R, ldb}, acc_options);
+  // dA and dB^T accumulate in the accumulation type with the staged strides; dB transposed so that
+  // each language's rows are contiguous, like dA's.
+  at::Tensor ga = at::empty({R, lda}, acc_options);
+  at::Tensor gbt = at::empty({R, ldb}, acc_options);
+  const auto present = present_languages(p);
+
+  // Languages split across parts accumulate their dA and dB^T rows in scratch: r * (lda + ldb) each.
+  std::vector<int64_t> scratch_per_lang(p.L);
+  std::vector<double> cost(p.L + 1);
+  cost[0] = double(k);  // zero dx rows
+  for (int64_t l = 0; l < p.L; ++l) {
+    const int64_t r = p.rank_offsets[l + 1] - p.rank_offsets[l];
+    scratch_per_lang[l] = r * (lda + ldb);
+    // read grad_out and x, write dx; four rank-r products per token from cache
+    cost[l + 1] = double(d + 2 * k) + 0.5 * double(r) * double(k + d);
+  }
+  const int parts = choose_parts(p.T * (d + 2 * k) + R * (k + d));
+  const WorkSplit split = split_work(p, cost, parts, scratch_per_lang);
+  at::Tensor scratch = at::zeros({split.scratch_size}, acc_options);
+
+  BackwardArgs<scalar_t, acc_t> args{grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), h.data_ptr<acc_t>(),
+                                     grad_x.data_ptr<scalar_t>(), a_pad.data_ptr<acc_t>(), bmt.data_ptr<acc_t>(),
+                                     ga.data_ptr<acc_t>(), gbt.data_ptr<acc_t>(), scratch.data_ptr<acc_t>(), lda, ldb,
+                                     p.sorted_token_idx, p.rank_offsets.data(), p.scales.data(), k, d, p.max_rank};
+  auto piece_fn = &backward_piece_baseline<scalar_t, acc_t>;
+#if LSLO_HAVE_AVX2
+  if (current_isa() == Isa::kAvx2) piece_fn = &backward_piece_avx2<scalar_t, acc_t>;
+#endif
+  const scalar_t* a_src = lora_a.data_ptr<scalar_t>();
+  const scalar_t* b_src = lora_b.data_ptr<scalar_t>();
+  const bool* mask = prune_mask.data_ptr<bool>();
+  acc_t* a_dst = a_pad.data_ptr<acc_t>();
+  acc_t* bmt_dst = bmt.data_ptr<acc_t>();
+  acc_t* ga_ptr = ga.data_ptr<acc_t>();
+  acc_t* gbt_ptr = gbt.data_ptr<acc_t>();
+  const acc_t* scratch_ptr = scratch.data_ptr<acc_t>();
+  scalar_t* grad_a_ptr = grad_a.data_ptr<scalar_t>();
+  scalar_t* grad_b_ptr = grad_b.data_ptr<scalar_t>();
+  const int64_t b_tasks = (d + kTransposeRows - 1) / kTransposeRows;
+  const int64_t num_split = static_cast<int64_t>(split.shared_langs.size());
+
+#pragma omp parallel num_threads(parts) if (parts > 1)
+  {
+#pragma omp for schedule(static) nowait
+    for (int64_t c = 0; c < R; ++c) {
+      std::fill(ga_ptr + c * lda, ga_ptr + (c + 1) * lda, acc_t(0));
+      std::fill(gbt_ptr + c * ldb, gbt_ptr + (c + 1) * ldb, acc_t(0));
+      if (present[p.lang_of_rank[c]]) stage_a_row(a_dst, lda, a_src, k, c);
+    }
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < b_tasks; ++task) {
+      const int64_t i0 = task * kTransposeRows;
+      stage_bmt_rows(bmt_dst, ldb, b_src, mask, p, present, i0, std::min(d, i0 + kTransposeRows));
+    }
+
+#pragma omp for schedule(static, 1)
+    for (int part = 0; part < parts; ++part) {
+      ChunkBuffers<acc_t> buf(p.max_rank);
+      for (const Piece& piece : split.pieces[part]) piece_fn(args, piece, buf);
+    }
+
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < num_split; ++i) {
+      const int64_t l = split.shared_langs[i];
+      const int64_t r0 = p.rank_offsets[l], r = p.rank_offsets[l + 1] - r0;
+      for (const int64_t offset : split.shared_pieces[l]) {
+        const acc_t* src = scratch_ptr + offset;
+        for (int64_t e = 0; e < r * lda; ++e) ga_ptr[r0 * lda + e] += src[e];
+        for (int64_t e = 0; e < r * ldb; ++e) gbt_ptr[r0 * ldb + e] += src[r * lda + e];
+      }
+    }
+
+    // dA in A's dtype; dB = (dB^T)^T * M in B's dtype (b * 0 for pruned entries, as the reference).
+#pragma omp for schedule(static) nowait
+    for (int64_t c = 0; c < R; ++c)
+      for (int64_t i = 0; i < k; ++i) grad_a_ptr[c * k + i] = static_cast<scalar_t>(ga_ptr[c * lda + i]);
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < b_tasks; ++task) {
+      const int64_t i0 = task * kTransposeRows, i1 = std::min(d, i0 + kTransposeRows);
+      for (int64_t i = i0; i < i1; ++i)
+        for (int64_t c = 0; c < R; ++c) {
+          const acc_t v = gbt_ptr[c * ldb + i];
+          grad_b_ptr[i * R + c] = static_cast<scalar_t>(mask[i * R + c] ? v : v * acc_t(0));
+        }
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& h, const at::Tensor& lora_a,
+    const at::Tensor& lora_b, const at::Tensor& prune_mask, const at::Tensor& scales, const at::Tensor& rank_offsets,
+    const at::Tensor& lang, const at::Tensor& sorted_token_idx, const at::Tensor& lang_offsets, int64_t max_rank) {
+  constexpr const char* op = "lslo_cpp::backward";
+  const Problem p = check_problem(op, x, lora_a, lora_b, prune_mask, scales, rank_offsets, lang, sorted_token_idx,
+                                  lang_offsets, max_rank);
+  check_activation(grad_out, op, "grad_out");
+  check_activation(h, op, "h");
+  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), op, ": grad_out dtype ", grad_out.scalar_type(),
+              " != x dtype ", x.scalar_type());
+  TORCH_CHECK(grad_out.size(0) == p.T && grad_out.size(1) == p.d, op, ": grad_out must be (T, d) = (", p.T, ", ",
+              p.d, "), got ", grad_out.sizes());
+  const auto acc = accum_type(x.scalar_type());
+  TORCH_CHECK(h.scalar_type() == acc, op, ": h must be ", acc, " (the forward's intermediate), got ",
+              h.scalar_type());
+  TORCH_CHECK(h.size(0) == p.T && h.size(1) == p.max_rank, op, ": h must be (T, max_rank) = (", p.T, ", ",
+              p.max_rank, "), got ", h.sizes());
+
+  at::Tensor grad_x = at::empty({p.T, p.k}, x.options());
+  at::Tensor grad_a = at::empty({p.R, p.k}, lora_a.options());
+  at::Tensor grad_b = at::empty({p.d, p.R}, lora_b.options());
+  if (p.T == 0) {  // nothing routed: zero dA, dB
+    grad_a.zero_();
+    grad_b.zero_();
+    return {grad_x, grad_a, grad_b};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lslo_cpp_backward", [&] {
+    backward_impl<scalar_t>(p, grad_out, x, h, lora_a, lora_b, prune_mask, grad_x, grad_a, grad_b);
+  });
+  return {grad_x, grad_a, grad_b};
+}
+
+}  // namespace
+}  // namespace lslo
+
+TORCH_LIBRARY(lslo_cpp, m) {
+  m.def(
+      "forward(Tensor x, Tensor base_out, Tensor lora_a, Tensor lora_b, Tensor prune_mask, Tensor scales, "
+      "Tensor rank_offsets, Tensor lang, Tensor sorted_token_idx, Tensor lang_offsets, int max_rank) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "backward(Tensor grad_out, Tensor x, Tensor h, Tensor lora_a, Tensor lora_b, Tensor prune_mask, "
+      "Tensor scales, Tensor rank_offsets, Tensor lang, Tensor sorted_token_idx, Tensor lang_offsets, "
+      "int max_rank) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(lslo_cpp, CPU, m) {
+  m.impl("forward", &lslo::forward_cpu);
+  m.impl("backward", &lslo::backward_cpu);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "CPU kernels of the grouped language-specific LoRA op; registers torch.ops.lslo_cpp.*";
+  m.def("openmp_threads", []() {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 0;
+#endif
+  }, "omp_get_max_threads() as seen by the extension; 0 when it was built without OpenMP.");
+  m.def("supported_isas", &lslo::supported_isas, "Kernel variants this CPU can run, e.g. ['baseline', 'avx2'].");
+  m.def("get_isa", &lslo::get_isa, "Kernel variant in use: 'avx2' when the CPU has AVX2+FMA, else 'baseline'.");
+  m.def("set_isa", &lslo::set_isa, pybind11::arg("isa"),
+        "Pick the kernel variant ('baseline' or 'avx2'; for tests and benchmarks). Returns the previous one.");
+}

@@ -1,0 +1,195 @@
+"""``lslo`` command line.
+
+    lslo translate --model PATH_OR_HUB_ID [--adapters DIR] [--input FILE] [--output FILE] ...
+        reads lines ``src_lang<TAB>tgt_lang<TAB>sentence`` (stdin by default) and writes one
+        translation per line (stdout by default), in input order; mixed directions are batched.
+    lslo merge --model M --adapters DIR --src fr --tgt oc --output DIR
+        a plain transformers model (and its tokenizer) for one direction.
+    lslo params [--model M] [--languages lang12] [--ranks 2;2;8] [--targets all] [--ffn reference]
+        LSLo parameter counts, on the meta device (no weights loaded; default shape M2M-124 615M).
+    lslo bench [ARGS...]
+        runs ``benchmarks.__main__.main(ARGS)`` (the benchmark suite, when it is importable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main", "read_tsv"]
+
+_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "float64": "float64"}
+
+
+class CLIError(Exception):
+    """A user error: printed as ``lslo <command>: error: ...``, exit status 2."""
+
+
+def read_tsv(lines) -> tuple[list[str], list[str], list[str]]:
+    """Parse ``src_lang<TAB>tgt_lang<TAB>sentence`` lines -> (src_langs, tgt_langs, sentences).
+
+    The sentence may itself contain tabs (split at the first two only); blank lines are errors,
+    as they would shift every following output line against its input.
+    """
+    src_langs, tgt_langs, sentences = [], [], []
+    for number, line in enumerate(lines, start=1):
+        line = line.rstrip("\r\n")
+        parts = line.split("\t", 2)
+        if len(parts) != 3 or not parts[0] or not parts[1]:
+            raise CLIError(f"input line {number}: expected 'src_lang<TAB>tgt_lang<TAB>sentence', got {line[:80]!r}")
+        src_langs.append(parts[0].strip())
+        tgt_langs.append(parts[1].strip())
+        sentences.append(parts[2])
+    return src_langs, tgt_langs, sentences
+
+
+def _torch_dtype(name: str | None):
+    import torch
+
+    return None if name is None else getattr(torch, _DTYPES[name])
+
+
+def _load(args):
+    """(model, tokenizer) from --model/--tokenizer/--adapters/--dtype/--device."""
+    from transformers import AutoTokenizer
+
+    import lslo
+
+    model = lslo.load_base_model(args.model, dtype=_torch_dtype(args.dtype), device=args.device)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    if args.adapters:
+        lslo.load_adapters(model, args.adapters)
+    return model, tokenizer
+
+
+def _cmd_translate(args) -> int:
+    import lslo
+
+    if args.input == "-":
+        src_langs, tgt_langs, sentences = read_tsv(sys.stdin)
+    else:
+        with open(args.input, encoding="utf-8") as f:
+            src_langs, tgt_langs, sentences = read_tsv(f)
+    model, tokenizer = _load(args)
+    translations = lslo.translate(
+        model, tokenizer, sentences, src_langs, tgt_langs, num_beams=args.num_beams, batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens, progress=not args.quiet,
+    )
+    # One line per input line, whatever the model emits.
+    text = "".join(t.replace("\r", " ").replace("\n", " ") + "\n" for t in translations)
+    if args.output == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(text)
+    return 0
+
+
+def _cmd_merge(args) -> int:
+    import lslo
+
+    model, tokenizer = _load(args)
+    merged = lslo.merge_direction(model, args.src, args.tgt)
+    merged.save_pretrained(args.output)
+    tokenizer.save_pretrained(args.output)
+    print(f"merged {args.src}->{args.tgt} into {args.output}", file=sys.stderr)
+    return 0
+
+
+def _cmd_params(args) -> int:
+    import torch
+    from transformers import AutoConfig, M2M100Config, M2M100ForConditionalGeneration
+
+    import lslo
+
+    if args.model:
+        model_config = AutoConfig.from_pretrained(args.model)
+    else:  # M2M-124 615M (flores101_mm100_615M): d_model 1024, 12 + 12 layers, FFN 4096
+        model_config = M2M100Config(d_model=1024, encoder_layers=12, decoder_layers=12, encoder_ffn_dim=4096,
+                                    decoder_ffn_dim=4096, vocab_size=args.vocab_size)
+    extra = {} if args.ranks is None else {"ranks": int(args.ranks) if args.ranks.isdigit() else args.ranks}
+    config = lslo.LSLoConfig(languages=args.languages.split(",") if "," in args.languages else args.languages,
+                             target_modules=args.targets, index_plan=args.index_plan, ffn=args.ffn, **extra)
+    with torch.device("meta"):  # shapes only: no memory, no weights
+        model = M2M100ForConditionalGeneration(model_config)
+    lslo.apply_lslo(model, config)
+    print(config.describe())
+    print(lslo.format_parameter_report(lslo.parameter_report(model)))
+    return 0
+
+
+def _cmd_bench(argv: Sequence[str]) -> int:
+    try:
+        bench = importlib.import_module("benchmarks.__main__")
+    except ModuleNotFoundError as exc:
+        if exc.name in ("benchmarks", "benchmarks.__main__"):
+            raise CLIError("the benchmark suite (benchmarks/__main__.py) is not importable; run from the repository root") from None
+        raise
+    status = bench.main(list(argv))
+    return int(status or 0)
+
+
+def _add_model_args(parser: argparse.ArgumentParser, adapters_required: bool = False) -> None:
+    parser.add_argument("--model", required=True, help="base model: local folder or hub id (e.g. facebook/flores101_mm100_615M)")
+    parser.add_argument("--tokenizer", help="tokenizer folder or hub id (default: --model)")
+    parser.add_argument("--adapters", required=adapters_required, help="folder written by lslo.save_adapters")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), help="weights dtype (default: as stored)")
+    parser.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda:0 (default: cpu)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lslo", description="Language-specific LoRA for multilingual NMT.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    translate = commands.add_parser("translate", help="translate TSV lines 'src<TAB>tgt<TAB>sentence'",
+                                    description="Translate mixed-direction input, one generate call per batch.")
+    _add_model_args(translate)
+    translate.add_argument("--input", default="-", help="input TSV file (default: stdin)")
+    translate.add_argument("--output", default="-", help="output file, one translation per line (default: stdout)")
+    translate.add_argument("--num-beams", type=int, default=5, help="beam size (default: 5, as the paper)")
+    translate.add_argument("--batch-size", type=int, default=32, help="sentences per generate call (default: 32)")
+    translate.add_argument("--max-new-tokens", type=int, default=256, help="max generated tokens (default: 256)")
+    translate.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    merge = commands.add_parser("merge", help="write a plain model for one direction")
+    _add_model_args(merge, adapters_required=True)
+    merge.add_argument("--src", required=True, help="source language code")
+    merge.add_argument("--tgt", required=True, help="target language code")
+    merge.add_argument("--output", required=True, help="folder for save_pretrained")
+
+    params = commands.add_parser("params", help="count LSLo parameters (meta device, no weights)")
+    params.add_argument("--model", help="hub id or folder whose config to use (default: M2M-124 615M shape)")
+    params.add_argument("--vocab-size", type=int, default=128112, help="vocabulary without --model (default: 128112)")
+    params.add_argument("--languages", default="lang12", help="lang12, lang30 or comma-separated codes")
+    params.add_argument("--ranks", help="'2;2;8' (one per resource group present) or one int "
+                                         "(default: the paper's H;M;L;V = 2;2;8;8)")
+    params.add_argument("--targets", default="all", help="all, attn, fc, or a regex")
+    params.add_argument("--index-plan", default="learned", choices=["learned", "src", "tgt"])
+    params.add_argument("--ffn", default="reference", choices=["full", "reference"],
+                        help="reference (default) reproduces the paper's counts")
+
+    commands.add_parser("bench", help="run the benchmark suite (arguments go to benchmarks.__main__)", add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status (0 ok, 2 user error)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        if argv[:1] == ["bench"]:  # everything after 'bench' belongs to the benchmark's own parser
+            return _cmd_bench(argv[1:])
+        args = parser.parse_args(argv)
+        handler = {"translate": _cmd_translate, "merge": _cmd_merge, "params": _cmd_params}[args.command]
+        return handler(args)
+    except (CLIError, ValueError, OSError) as exc:
+        command = argv[0] if argv else ""
+        print(f"lslo {command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""Mixed-direction batched translation: one ``generate`` call per batch, whatever its directions.
+
+Per batch of B sentences:
+
+- sources are tokenized per source language (the tokenizer puts that language's token first) and
+  padded together;
+- ``lslo.route(src=(B,), tgt=(B,))`` routes every LSLo layer; beam search runs the encoder on B
+  rows and the decoder on B * num_beams rows, sentence i owning rows ``i*num_beams ..
+  (i+1)*num_beams - 1``. ``lslo.route`` repeats each id over its sentence's consecutive rows, and
+  beam reordering only permutes rows inside a sentence's group, so the ids stay right all along;
+- the first generated token is forced per row to the sentence's target-language token
+  (:class:`ForcedLanguageTokens`), exactly what ``forced_bos_token_id`` does for a one-direction
+  batch: the scores, lengths and length penalty of beam search are the same as translating each
+  direction in its own batch.
+
+Sentences are sorted by length before batching (less padding) and returned in input order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from .config import LSLoConfig
+from .context import route
+from .model import get_lslo_config
+
+__all__ = ["ForcedLanguageTokens", "lang_token_id", "translate"]
+
+
+class ForcedLanguageTokens(LogitsProcessor):
+    """Force each sentence's first generated token (its target-language token), per row.
+
+    Args:
+        token_ids: (B,) int64, the token to force for sentence i. The scores passed in have
+            B * k rows (k = num_beams), sentence i owning k consecutive rows.
+    """
+
+    def __init__(self, token_ids: torch.Tensor):
+        if token_ids.dim() != 1:
+            raise ValueError(f"token_ids must be (B,), got shape {tuple(token_ids.shape)}")
+        self.token_ids = token_ids.to(torch.int64)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        """input_ids: (B*k, cur_len); scores: (B*k, vocab). Acts only at cur_len == 1 (after decoder start)."""
+        if input_ids.shape[-1] != 1:
+            return scores
+        rows, sentences = scores.shape[0], self.token_ids.shape[0]
+        if rows % sentences:
+            raise ValueError(f"{rows} score rows do not split into {sentences} sentences")
+        per_row = self.token_ids.to(scores.device).repeat_interleave(rows // sentences)
+        # As ForcedBOSTokenLogitsProcessor: every other token -inf, the forced one log-prob 0.
+        forced = torch.full_like(scores, -math.inf)
+        forced.scatter_(1, per_row[:, None], 0.0)
+        return forced
+
+
+def lang_token_id(tokenizer, code: str) -> int:
+    """Id of the language token of ``code`` ("fr" -> ``__fr__`` for M2M-100, "fra_Latn" for NLLB).
+
+    Raises ValueError when the tokenizer has no token for that language.
+    """
+    table = getattr(tokenizer, "lang_code_to_id", None)
+    if isinstance(table, Mapping):
+        if code in table:
+            return int(table[code])
+        raise ValueError(f"the tokenizer has no language token for {code!r}; it knows {', '.join(sorted(table))}")
+    unk = tokenizer.unk_token_id
+    for token in (code, f"__{code}__"):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != unk:
+            return token_id
+    raise ValueError(f"the tokenizer has no language token for {code!r}")
+
+
+def _per_sentence(values, n: int, name: str) -> list[str]:
+    if isinstance(values, str):
+        return [values] * n
+    values = list(values)
+    if any(not isinstance(v, str) for v in values):
+        raise TypeError(f"{name} must be language codes (str), got {values!r}")
+    return values
+
+
+def _encode_by_source(tokenizer, sentences: Sequence[str], src_langs: Sequence[str]) -> list[list[int]]:
+    """Token ids of each sentence, tokenized with its own source language's special tokens."""
+    if not hasattr(tokenizer, "src_lang"):
+        raise TypeError(f"{type(tokenizer).__name__} has no src_lang: not a multilingual translation tokenizer")
+    encoded: list[list[int] | None] = [None] * len(sentences)
+    previous = tokenizer.src_lang
+    try:
+        for lang in dict.fromkeys(src_langs):  # one tokenizer call per source language
+            indices = [i for i, s in enumerate(src_langs) if s == lang]
+            tokenizer.src_lang = lang
+            ids = tokenizer([sentences[i] for i in indices], add_special_tokens=True)["input_ids"]
+            for i, row in zip(indices, ids):
+                encoded[i] = row
+    finally:
+        if previous is not None:
+            tokenizer.src_lang = previous
+    return encoded
+
+
+def translate(
+    model: nn.Module,
+    tokenizer,
+    sentences: Sequence[str],
+    src_langs: Sequence[str] | str,
+    tgt_langs: Sequence[str] | str,
+    *,
+    num_beams: int = 5,
+    batch_size: int = 32,
+    max_new_tokens: int = 256,
+    config: LSLoConfig | None = None,
+    progress: bool = True,
+    return_token_ids: bool = False,
+    **generate_kwargs,
+) -> list[str] | list[list[int]]:
+    """Translate sentences of any mix of directions, one ``generate`` call per batch.
+
+    Args:
+        model: an M2M-100-architecture model, with LSLo (routed by ``config``, default the one
+            :func:`lslo.apply_lslo` used) or without (plain multilingual translation).
+        tokenizer: its tokenizer (M2M100Tokenizer, NLLB tokenizers); its ``src_lang`` is
+            restored afterwards.
+        sentences: N source sentences.
+        src_langs, tgt_langs: N language codes each, or one code for all.
+        num_beams: beam size (the paper uses 5).
+        batch_size: sentences per ``generate`` call (after sorting by length).
+        max_new_tokens: generated tokens per sentence at most, the language token included.
+        progress: show a tqdm progress bar (sentences).
+        return_token_ids: return the generated ids (language token first, trailing padding
+            removed) instead of decoded text.
+        generate_kwargs: more ``generate`` options (length_penalty, no_repeat_ngram_size, ...).
+
+    Returns:
+        N translations (or id lists), in input order.
+    """
+    from tqdm.auto import tqdm
+
+    if isinstance(sentences, str):
+        raise TypeError("sentences must be a list of strings, not one string")
+    sentences = list(sentences)
+    n = len(sentences)
+    src_langs = _per_sentence(src_langs, n, "src_langs")
+    tgt_langs = _per_sentence(tgt_langs, n, "tgt_langs")
+    if not len(src_langs) == len(tgt_langs) == n:
+        raise ValueError(f"sentences ({n}), src_langs ({len(src_langs)}) and tgt_langs ({len(tgt_langs)}) "
+                         "must have the same length")
+    for name, value in (("num_beams", num_beams), ("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if generate_kwargs.get("num_return_sequences", 1) != 1:
+        raise ValueError("translate returns one translation per sentence: num_return_sequences must be 1")
+    if config is None:
+        config = get_lslo_config(model)
+    # Every check before any compute: a bad code in line 10,000 must not cost the first 9,999.
+    lang_tokens = {code: lang_token_id(tokenizer, code) for code in dict.fromkeys(src_langs + tgt_langs)}
+    if config is not None:
+        src_ids = config.lang_ids(src_langs)
+        tgt_ids = config.lang_ids(tgt_langs)
+    if n == 0:
+        return []
+
+    encoded = _encode_by_source(tokenizer, sentences, src_langs)
+    order = sorted(range(n), key=lambda i: -len(encoded[i]))  # longest first, stable
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id
+    outputs: list = [None] * n
+    was_training = model.training
+    model.eval()  # dropout off: a translation must not depend on the batch it was in
+    try:
+        with torch.no_grad(), tqdm(total=n, unit="sent", disable=not progress, desc="translate") as bar:
+            for start in range(0, n, batch_size):
+                chunk = order[start : start + batch_size]
+                inputs = tokenizer.pad({"input_ids": [encoded[i] for i in chunk]}, return_tensors="pt").to(device)
+                forced = torch.tensor([lang_tokens[tgt_langs[i]] for i in chunk], dtype=torch.int64)
+                routing = (
+                    route(src=src_ids[chunk].to(device), tgt=tgt_ids[chunk].to(device))
+                    if config is not None else contextlib.nullcontext()
+                )
+                with routing:
+                    generated = model.generate(
+                        input_ids=inputs["input_ids"],
+                        attention_mask=inputs["attention_mask"],
+                        num_beams=num_beams,
+                        max_new_tokens=max_new_tokens,
+                        logits_processor=LogitsProcessorList([ForcedLanguageTokens(forced)]),
+                        forced_bos_token_id=None,  # ours forces per row; a global one would fight it
+                        **generate_kwargs,
+                    )
+                for row, index in enumerate(chunk):
+                    ids = generated[row, 1:].tolist()  # drop the decoder start token
+                    while ids and ids[-1] == pad_id:
+                        ids.pop()
+                    # ids[0] is the forced language token: some tokenizers (M2M100Tokenizer in
+                    # transformers 5) don't count it as special, so skip_special_tokens keeps it.
+                    outputs[index] = ids if return_token_ids else tokenizer.decode(ids[1:], skip_special_tokens=True)
+                bar.update(len(chunk))
+    finally:
+        model.train(was_training)
+    return outputs

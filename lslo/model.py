@@ -1,0 +1,483 @@
+"""LSLo on a live Hugging Face M2M-100 / NLLB model: injection, removal, adapter files, reports, merging.
+
+Injection is explicit, idempotent and reversible (PEFT's pattern): :func:`apply_lslo` freezes the
+base and swaps each target ``nn.Linear`` for an :class:`~lslo.LSLoLinear` wrapping it (never a
+copy); :func:`remove_lslo` puts the original modules back and restores ``requires_grad``.
+
+Routing: every LSLo layer reads the ids of :func:`lslo.route`; encoder layer ``i`` follows the
+config's index plan, decoder layers the target language (unless the plan says otherwise). A
+forward, a loss and a backward all run inside one ``with lslo.route(src=..., tgt=...)`` block,
+or through :func:`forward_with_langs`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import GROUP_ORDER, LSLoConfig
+from .context import route
+from .layer import LSLoLinear
+
+__all__ = [
+    "ADAPTER_CONFIG_NAME",
+    "ADAPTER_WEIGHTS_NAME",
+    "apply_lslo",
+    "format_parameter_report",
+    "forward_with_langs",
+    "get_lslo_config",
+    "load_adapters",
+    "load_base_model",
+    "lslo_modules",
+    "merge_direction",
+    "model_fingerprint",
+    "parameter_report",
+    "read_adapter_config",
+    "remove_lslo",
+    "save_adapters",
+    "to_lang_ids",
+]
+
+ADAPTER_CONFIG_NAME = "lslo_config.json"
+ADAPTER_WEIGHTS_NAME = "lslo_adapters.safetensors"
+_FORMAT = "lslo-adapters"
+_FORMAT_VERSION = 1
+_STATE_ATTR = "_lslo_state"
+# Where a Linear sits: "<...>.encoder.layers.3.self_attn.q_proj" -> ("encoder", 3, "self_attn.q_proj").
+_LAYER_PATH = re.compile(r"(?:^|\.)(encoder|decoder)\.layers\.(\d+)\.(.+)$")
+# Keys of LSLoLinear.adapter_state_dict().
+_ADAPTER_KEYS = ("lora_A", "lora_B", "prune_mask", "ranks", "scales")
+# The fields of the base model an adapter file is bound to.
+_FINGERPRINT_KEYS = ("model_type", "d_model", "encoder_layers", "decoder_layers", "encoder_ffn_dim",
+                     "decoder_ffn_dim", "vocab_size")
+# Config fields that do not change what the saved tensors mean.
+_RUNTIME_FIELDS = ("backend", "init")
+
+
+@dataclass
+class _InjectionState:
+    """What :func:`apply_lslo` did, kept on the model so that it can be checked and undone."""
+
+    config: LSLoConfig
+    requires_grad: dict[str, bool]  # base parameter name -> requires_grad before injection
+
+
+# ------------------------------------------------------------------ helpers
+def get_lslo_config(model: nn.Module) -> LSLoConfig | None:
+    """The config :func:`apply_lslo` used on ``model``, or None if it carries no LSLo."""
+    state = getattr(model, _STATE_ATTR, None)
+    return None if state is None else state.config
+
+
+def _require_config(model: nn.Module, what: str) -> LSLoConfig:
+    config = get_lslo_config(model)
+    if config is None:
+        raise ValueError(f"{what}: the model carries no LSLo adapters; call lslo.apply_lslo(model, config) first")
+    return config
+
+
+def lslo_modules(model: nn.Module) -> dict[str, LSLoLinear]:
+    """Every :class:`LSLoLinear` of ``model`` by its module path, in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LSLoLinear)}
+
+
+def _module_type(name: str) -> str:
+    """"model.encoder.layers.3.self_attn.q_proj" -> "encoder.self_attn.q_proj"."""
+    match = _LAYER_PATH.search(name)
+    return f"{match.group(1)}.{match.group(3)}" if match else name
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _restore_requires_grad(model: nn.Module, state: _InjectionState) -> None:
+    for name, flag in state.requires_grad.items():
+        model.get_parameter(name).requires_grad_(flag)
+
+
+def _find_targets(model: nn.Module, config: LSLoConfig) -> list[tuple[str, nn.Linear, str, int, str]]:
+    """(path, linear, side, layer index, path inside the layer) of every Linear the config targets."""
+    found = []
+    for name, module in model.named_modules():
+        if type(module) is not nn.Linear:  # subclasses (quantised layers, ...) are not supported
+            continue
+        match = _LAYER_PATH.search(name)
+        if match is None:
+            continue  # embeddings, lm_head: outside the encoder/decoder layers, no index to follow
+        side, layer, layer_path = match.group(1), int(match.group(2)), match.group(3)
+        if config.is_target(name, layer_path):
+            found.append((name, module, side, layer, layer_path))
+    return found
+
+
+def _layer_counts(model: nn.Module) -> tuple[int, int]:
+    counts = {"encoder": 0, "decoder": 0}
+    model_config = getattr(model, "config", None)
+    for side in counts:
+        depth = getattr(model_config, f"{side}_layers", None)
+        if isinstance(depth, int):
+            counts[side] = depth
+    if not all(counts.values()):  # not an HF config: count the layers by their module paths
+        for name, _ in model.named_modules():
+            match = _LAYER_PATH.search(name)
+            if match:
+                counts[match.group(1)] = max(counts[match.group(1)], int(match.group(2)) + 1)
+    return counts["encoder"], counts["decoder"]
+
+
+# ------------------------------------------------------------- injection
+def apply_lslo(model: nn.Module, config: LSLoConfig) -> nn.Module:
+    """Freeze ``model`` and give each target Linear one LoRA pair per language, in place.
+
+    Idempotent: applying the same config again does nothing; a different config is refused
+    (call :func:`remove_lslo` first). With ``config.ffn == "reference"``, fc1 adapts only its
+    first d_model outputs and fc2 its first d_model inputs, as the authors' code.
+
+    Works on any device, ``meta`` included (to count parameters of a full-size model).
+
+    Args:
+        model: an ``M2M100ForConditionalGeneration`` (M2M-100, M2M-124, NLLB dense), an
+            ``M2M100Model``, or any module whose layers live at ``encoder.layers.<i>`` /
+            ``decoder.layers.<i>``.
+        config: the :class:`LSLoConfig`.
+
+    Returns:
+        ``model`` itself.
+    """
+    if not isinstance(config, LSLoConfig):
+        raise TypeError(f"config must be an LSLoConfig, got {type(config).__name__}")
+    current = get_lslo_config(model)
+    if current is not None:
+        if current.to_dict() == config.to_dict():
+            return model
+        raise ValueError("the model already carries LSLo adapters with a different config; call lslo.remove_lslo(model) first")
+    if lslo_modules(model):
+        raise ValueError("the model holds LSLoLinear modules that apply_lslo did not inject; remove them first")
+    targets = _find_targets(model, config)
+    if not targets:
+        raise ValueError(
+            f"LSLoConfig.target_modules={config.target_modules!r} matched no nn.Linear inside "
+            "encoder.layers.<i> / decoder.layers.<i> of this model"
+        )
+    plan = config.resolve_index_plan(*_layer_counts(model))
+
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, linear, side, layer, layer_path in targets:
+        widths = {}
+        if config.ffn == "reference" and layer_path == "fc1":
+            widths["lora_out_features"] = min(linear.in_features, linear.out_features)  # first d_model units
+        elif config.ffn == "reference" and layer_path == "fc2":
+            widths["lora_in_features"] = min(linear.in_features, linear.out_features)
+        wrapped = LSLoLinear(
+            linear, config.language_ranks, index=plan[side][layer], scale=config.scale, init=config.init,
+            backend=config.backend, **widths,
+        )
+        _set_module(model, name, wrapped)
+    setattr(model, _STATE_ATTR, _InjectionState(config=config, requires_grad=requires_grad))
+    return model
+
+
+def remove_lslo(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_lslo`: put every wrapped Linear back (unmerged) and restore ``requires_grad``.
+
+    A model without LSLo is returned unchanged. Returns ``model`` itself.
+    """
+    for name, module in lslo_modules(model).items():
+        module.unmerge()
+        _set_module(model, name, module.base_layer)
+    state = getattr(model, _STATE_ATTR, None)
+    if state is not None:
+        _restore_requires_grad(model, state)
+        delattr(model, _STATE_ATTR)
+    return model
+
+
+# --------------------------------------------------------------- routing
+def to_lang_ids(config: LSLoConfig, langs, name: str = "langs", device: torch.device | str | None = None) -> torch.Tensor:
+    """Language codes, ints or a tensor -> (n,) int64 ids on ``device``.
+
+    Unknown codes raise ValueError listing the config's languages; ints are range-checked.
+    """
+    if isinstance(langs, torch.Tensor):
+        if langs.dtype.is_floating_point or langs.dtype.is_complex or langs.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integer language ids, got dtype {langs.dtype}")
+        ids = langs.to(device=device, dtype=torch.int64)
+    elif isinstance(langs, str):
+        raise TypeError(f"{name} must be one code per sentence, not the single string {langs!r}")
+    else:
+        values = list(langs)
+        if all(isinstance(v, str) for v in values):
+            return config.lang_ids(values, device=device)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise TypeError(f"{name} must be language codes or int ids, got {values!r}")
+        ids = torch.tensor(values, dtype=torch.int64, device=device)
+    if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= config.num_languages):
+        raise ValueError(f"{name} holds ids outside [-1, {config.num_languages}) ({config.num_languages} languages)")
+    return ids
+
+
+def forward_with_langs(model: nn.Module, batch: Mapping[str, Any], src_lang_ids, tgt_lang_ids, **kwargs):
+    """``model(**batch, **kwargs)`` routed by per-sentence source and target languages.
+
+    Args:
+        batch: model inputs, e.g. input_ids (B, S), attention_mask (B, S), labels (B, T).
+        src_lang_ids: (B,) int64 tensor, or B codes / ints: source language of each sentence.
+        tgt_lang_ids: same for the target language.
+
+    Returns:
+        The model's output (loss and logits when ``labels`` are given); differentiable.
+
+    With gradient checkpointing the backward recomputes layer forwards, which read the ids of
+    the active route: call ``loss.backward()`` inside ``with lslo.route(...)`` in that case.
+    """
+    config = _require_config(model, "forward_with_langs")
+    device = next((v.device for v in batch.values() if isinstance(v, torch.Tensor)), None)
+    src = to_lang_ids(config, src_lang_ids, "src_lang_ids", device)
+    tgt = to_lang_ids(config, tgt_lang_ids, "tgt_lang_ids", device)
+    for key in ("input_ids", "inputs_embeds", "labels", "decoder_input_ids"):
+        value = batch.get(key)
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:  # noqa: SIM102 (one condition per line)
+            if src.shape[0] != value.shape[0] or tgt.shape[0] != value.shape[0]:
+                raise ValueError(
+                    f"batch[{key!r}] has {value.shape[0]} sentences but src_lang_ids has {src.shape[0]} and "
+                    f"tgt_lang_ids {tgt.shape[0]}"
+                )
+    with route(src=src, tgt=tgt):
+        return model(**batch, **kwargs)
+
+
+# ------------------------------------------------------------ adapter i/o
+def model_fingerprint(model: nn.Module) -> dict[str, Any]:
+    """The base-model fields an adapter file is bound to (from ``model.config``)."""
+    model_config = getattr(model, "config", None)
+    return {key: getattr(model_config, key, None) for key in _FINGERPRINT_KEYS}
+
+
+def _atomic_write(path: str, write: Callable[[str], None]) -> None:
+    # Readers see the old file or the new one, never half of one: write beside it, then rename.
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_adapters(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Write the adapters (not the base) to ``directory``.
+
+    Files: ``lslo_adapters.safetensors`` (per module: lora_A, lora_B, prune_mask, ranks, scales)
+    and ``lslo_config.json`` (config + base-model fingerprint), each written atomically; the
+    config goes last so a reader never finds it beside older tensors of another layout.
+    """
+    from safetensors.torch import save_file
+
+    config = _require_config(model, "save_adapters")
+    tensors = {}
+    for name, module in lslo_modules(model).items():
+        for key, tensor in module.adapter_state_dict().items():
+            tensors[f"{name}.{key}"] = tensor.detach().to("cpu").contiguous()
+    meta = {
+        "format": _FORMAT,
+        "version": _FORMAT_VERSION,
+        "config": config.to_dict(),
+        "base_model": model_fingerprint(model),
+    }
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    _atomic_write(os.path.join(directory, ADAPTER_WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp))
+
+    def write_json(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
+
+    _atomic_write(os.path.join(directory, ADAPTER_CONFIG_NAME), write_json)
+
+
+def read_adapter_config(directory: str | os.PathLike) -> tuple[LSLoConfig, dict[str, Any]]:
+    """(config, base-model fingerprint) stored in an adapter folder."""
+    path = os.path.join(os.fspath(directory), ADAPTER_CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise ValueError(f"{directory} holds no LSLo adapters ({ADAPTER_CONFIG_NAME} not found)")
+    with open(path, encoding="utf-8") as f:
+        meta = json.load(f)
+    if meta.get("format") != _FORMAT or meta.get("version") != _FORMAT_VERSION:
+        raise ValueError(f"{path}: not an LSLo adapter file of version {_FORMAT_VERSION} "
+                         f"(format={meta.get('format')!r}, version={meta.get('version')!r})")
+    return LSLoConfig.from_dict(meta["config"]), meta["base_model"]
+
+
+def load_adapters(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Load adapters saved by :func:`save_adapters` into ``model`` (injecting LSLo if it has none).
+
+    Refused with ValueError: adapters saved for another base model (type, width, depth, FFN,
+    vocabulary), for another language list or LSLo layout, or a tensor file that doesn't cover
+    exactly this model's LSLo modules. Returns ``model``.
+    """
+    from safetensors.torch import load_file
+
+    config, saved_fingerprint = read_adapter_config(directory)
+    fingerprint = model_fingerprint(model)
+    differences = [f"{k}: adapters {saved_fingerprint.get(k)!r}, model {fingerprint[k]!r}"
+                   for k in _FINGERPRINT_KEYS if saved_fingerprint.get(k) != fingerprint[k]]
+    if differences:
+        raise ValueError(f"adapters in {directory} were saved for a different base model ({'; '.join(differences)})")
+    current = get_lslo_config(model)
+    if current is None:
+        apply_lslo(model, config)
+    else:
+        if tuple(current.languages) != tuple(config.languages):
+            raise ValueError(
+                f"adapters in {directory} are for languages {list(config.languages)} but the model's LSLo has "
+                f"{list(current.languages)}"
+            )
+        saved, mine = config.to_dict(), current.to_dict()
+        differing = [k for k in saved if k not in _RUNTIME_FIELDS and saved[k] != mine[k]]
+        if differing:
+            raise ValueError(f"adapters in {directory} differ from the model's LSLo config in {differing}")
+    try:
+        tensors = load_file(os.path.join(os.fspath(directory), ADAPTER_WEIGHTS_NAME))
+        modules = lslo_modules(model)
+        expected = {f"{name}.{key}" for name in modules for key in _ADAPTER_KEYS}
+        missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        if missing or unexpected:
+            raise ValueError(f"adapters in {directory} do not match the model's LSLo modules: "
+                             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+        for name, module in modules.items():
+            module.load_adapter_state_dict({key: tensors[f"{name}.{key}"] for key in _ADAPTER_KEYS})
+    except BaseException:
+        if current is None:  # leave the model as it came: no half-loaded adapters
+            remove_lslo(model)
+        raise
+    return model
+
+
+# ------------------------------------------------------------------ report
+def parameter_report(model: nn.Module) -> dict[str, Any]:
+    """Count LSLo parameters (A and B; pruning not subtracted) of a model, meta device included.
+
+    Returns:
+        dict with ``languages`` {code: n}, ``groups`` {H/M/L/V: n}, ``module_types``
+        {"encoder.self_attn.q_proj": n, ...}, ``num_modules``, ``total``, ``base`` (parameters of
+        the model outside LSLo, tied weights once) and ``percent_of_base``.
+    """
+    config = _require_config(model, "parameter_report")
+    modules = lslo_modules(model)
+    per_language = dict.fromkeys(config.languages, 0)
+    per_type: dict[str, int] = {}
+    for name, module in modules.items():
+        width = module.lora_in_features + module.lora_out_features
+        for code, rank in zip(config.languages, module.ranks):
+            per_language[code] += rank * width
+        module_type = _module_type(name)
+        per_type[module_type] = per_type.get(module_type, 0) + module.lora_A.numel() + module.lora_B.numel()
+    per_group: dict[str, int] = {}
+    for code, count in per_language.items():
+        group = config.group_of(code) or "?"
+        per_group[group] = per_group.get(group, 0) + count
+    per_group = {g: per_group[g] for g in [*GROUP_ORDER, "?"] if g in per_group}
+    adapter_ids = {id(p) for m in modules.values() for p in (m.lora_A, m.lora_B)}
+    base = sum(p.numel() for p in model.parameters() if id(p) not in adapter_ids)
+    total = sum(per_language.values())
+    return {
+        "languages": per_language,
+        "groups": per_group,
+        "module_types": per_type,
+        "num_modules": len(modules),
+        "total": total,
+        "base": base,
+        "percent_of_base": 100.0 * total / base if base else float("nan"),
+    }
+
+
+def format_parameter_report(report: Mapping[str, Any]) -> str:
+    """A readable table of :func:`parameter_report`'s dict."""
+    def rows(title: str, entries: Mapping[str, int]) -> list[str]:
+        width = max(len(k) for k in entries) if entries else 0
+        return [title] + [f"  {k:<{width}}  {v:>14,}" for k, v in entries.items()]
+
+    headline = (f"LSLo parameters: {report['total']:,} in {report['num_modules']} modules "
+                f"= {report['percent_of_base']:.2f}% of the base model's {report['base']:,}")
+    lines = [
+        headline,
+        *rows("per resource group:", report["groups"]),
+        *rows("per module type:", report["module_types"]),
+        *rows("per language:", report["languages"]),
+    ]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ merging
+def merge_direction(model: nn.Module, src: str | int, tgt: str | int) -> nn.Module:
+    """A plain transformers model for one translation direction.
+
+    Deep-copies ``model`` (so it needs the model's memory once more), folds into each LSLo
+    layer the language its index follows (``src`` or ``tgt``), and puts the merged base Linear
+    back in its place. The copy has no LSLo left: it runs, ``save_pretrained``s and reloads as
+    the base architecture; ``requires_grad`` is as before :func:`apply_lslo`.
+
+    Args:
+        src, tgt: language codes (or ids) of the direction.
+    """
+    config = _require_config(model, "merge_direction")
+    src_id = src if isinstance(src, int) else config.lang_id(src)
+    tgt_id = tgt if isinstance(tgt, int) else config.lang_id(tgt)
+    merged = copy.deepcopy(model)
+    for name, module in lslo_modules(merged).items():
+        module.unmerge()
+        module.merge(src_id if module.index == "src" else tgt_id)
+        _set_module(merged, name, module.base_layer)
+    _restore_requires_grad(merged, getattr(merged, _STATE_ATTR))
+    delattr(merged, _STATE_ATTR)
+    return merged
+
+
+# ------------------------------------------------------------------ loading
+_HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token", "subfolder")
+
+
+def load_base_model(name_or_path: str, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                    **from_pretrained_kwargs) -> nn.Module:
+    """Load an M2M-100-architecture translation model (M2M-100, M2M-124, NLLB dense) in eval mode.
+
+    Args:
+        name_or_path: hub id (e.g. ``"facebook/flores101_mm100_615M"``) or a local folder.
+        dtype: weights dtype (default: as stored).
+        device: where to put the model (default: CPU).
+        from_pretrained_kwargs: passed to ``from_pretrained`` (revision, cache_dir, local_files_only, ...).
+    """
+    from transformers import AutoConfig, M2M100ForConditionalGeneration
+
+    hub_kwargs = {k: v for k, v in from_pretrained_kwargs.items() if k in _HUB_KWARGS}
+    model_config = AutoConfig.from_pretrained(name_or_path, **hub_kwargs)
+    if model_config.model_type != "m2m_100":
+        raise ValueError(f"{name_or_path} is a {model_config.model_type!r} model; LSLo supports the M2M-100 "
+                         "architecture (model_type 'm2m_100': M2M-100, M2M-124, NLLB dense)")
+    if dtype is not None:
+        from_pretrained_kwargs["dtype"] = dtype
+    model = M2M100ForConditionalGeneration.from_pretrained(name_or_path, config=model_config, **from_pretrained_kwargs)
+    if device is not None:
+        model = model.to(device)
+    return model.eval()
+

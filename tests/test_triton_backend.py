@@ -1,0 +1,285 @@
+"""Triton backend against the reference: forward, every gradient, odd sizes, mixed ranks, language
+layouts, all three dtypes; launch-grid edge cases; the registration; GPU-only sweeps.
+
+Without CUDA the kernels run in Triton's CPU interpreter (slow: sizes here stay small).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+import lslo_kernels
+from lslo_kernels import triton_backend
+from tests.utils import assert_close, make_case, run_op
+
+# Triton decides compiled vs interpreted when its @triton.jit decorators run. Importing
+# lslo_kernels without CUDA does not import the kernels module, and register() (re)builds it
+# under the interpreter when it was imported in the other mode first.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+triton_ready = triton_backend.register()
+pytestmark = pytest.mark.skipif(not triton_ready, reason="triton not importable")
+
+if triton_ready:
+    from lslo_kernels import triton_kernels
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+MIXED_RANKS = [1, 64, 2, 17, 8, 33, 3, 16, 5, 2, 8, 1]  # 12 languages, ranks 1..64 in one layer
+LANG30 = [2] * 16 + [8] * 14
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _to_device(case: dict) -> dict:
+    out = dict(case)
+    for name, value in case.items():
+        if isinstance(value, torch.Tensor):
+            out[name] = value.to(DEVICE)
+    r = case["routing"]
+    out["routing"] = lslo_kernels.build_routing(r.lang.to(DEVICE), r.num_languages)
+    return out
+
+
+def _launches() -> int:
+    return sum(triton_kernels.LAUNCH_COUNTS.values())
+
+
+def _compare(case: dict, dtype: torch.dtype) -> None:
+    """Public op (autograd included) with backend triton vs reference: y and all four gradients."""
+    y_ref, grads_ref = run_op(case, "reference")
+    before = _launches()
+    y, grads = run_op(case, "triton")
+    if case["x"].shape[0] and case["lora_a"].shape[0]:
+        assert _launches() == before + 6, "triton kernels did not run"  # 2 forward + 4 backward
+    assert y.dtype == dtype and y.shape == y_ref.shape
+    assert_close(y, y_ref, dtype, "triton y")
+    for name, g, g_ref in zip(("dx", "dbase", "dA", "dB"), grads, grads_ref):
+        assert g.dtype == g_ref.dtype and g.shape == g_ref.shape, name
+        assert_close(g, g_ref, dtype, f"triton {name}")
+    assert torch.all(grads[3][~case["prune_mask"]] == 0), "pruned entries of B got a gradient"
+
+
+def _direct_args(case: dict):
+    r = case["routing"]
+    return (case["lora_a"], case["lora_b"], case["prune_mask"], case["scales"], case["rank_offsets"],
+            r.lang, r.sorted_token_idx, r.lang_offsets, case["max_rank"])
+
+
+# ------------------------------------------------------------------ registration
+def test_backend_registered_for_this_device():
+    assert lslo_kernels.resolve_backend("triton", DEVICE) == "triton"
+    backend = lslo_kernels.get_backend("triton")
+    assert backend.dtypes == (torch.float32, torch.float16, torch.bfloat16)
+    assert backend.forward is triton_kernels.lora_forward_triton
+    with pytest.raises(TypeError, match="does not support dtype"):
+        lslo_kernels.resolve_backend("triton", DEVICE, torch.float64)
+
+
+def test_register_is_idempotent():
+    assert triton_backend.register()
+    assert triton_backend.register()
+    assert lslo_kernels.get_backend("triton").forward is triton_kernels.lora_forward_triton
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter path is for machines without CUDA")
+def test_register_rebuilds_kernels_imported_before_interpret_mode(monkeypatch):
+    # Another module imported the kernels (compiled mode) before TRITON_INTERPRET was set.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    importlib.reload(triton_kernels)
+    assert not triton_kernels.INTERPRETED
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert triton_backend.register()
+    assert triton_kernels.INTERPRETED
+    _compare(make_case(9, 5, 6, [2, 3], density=0.5, spread="with_none", seed=14), torch.float32)
+
+
+# ------------------------------------------------------------------ correctness
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("in_features, out_features", [(1, 123), (7, 64), (64, 7), (123, 1), (123, 123)])
+def test_matches_reference_odd_sizes(dtype, in_features, out_features):
+    case = make_case(29, in_features, out_features, MIXED_RANKS, density=0.5, spread="with_none",
+                     dtype=dtype, seed=in_features * 1000 + out_features)
+    _compare(_to_device(case), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ranks, spread", [
+    ([3], "uniform"),                 # L = 1
+    ([1, 64], "with_none"),           # L = 2, the extreme ranks
+    (MIXED_RANKS, "sparse"),          # L = 12, empty languages
+    (LANG30, "with_none"),            # L = 30
+    (LANG30, "single"),               # one language owns every tile, 29 empty
+])
+def test_matches_reference_language_layouts(dtype, ranks, spread):
+    case = make_case(70, 33, 40, ranks, density=1.0, spread=spread, dtype=dtype, seed=len(ranks))
+    _compare(_to_device(case), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("density", [1.0, 0.1, 0.0])
+def test_matches_reference_mask_densities(dtype, density):
+    case = make_case(40, 20, 24, [2, 8, 5], density=density, spread="with_none", dtype=dtype, seed=11)
+    _compare(_to_device(case), dtype)
+
+
+def test_many_tokens_per_language_span_several_tiles():
+    # 300 tokens in 2 languages: 64-row tiles, the last one of each language partial.
+    case = make_case(300, 16, 20, [4, 9], density=0.5, spread="with_none", dtype=torch.float32, seed=4)
+    _compare(_to_device(case), torch.float32)
+
+
+def test_256_languages():
+    ranks = [1 + (i * 7) % 16 for i in range(256)]
+    case = make_case(90, 8, 9, ranks, density=0.5, spread="with_none", dtype=torch.float32, seed=6)
+    _compare(_to_device(case), torch.float32)
+
+
+def test_only_no_adapter_tokens():
+    case = make_case(20, 5, 6, [2, 3], spread="uniform", dtype=torch.float32, seed=8)
+    case["routing"] = lslo_kernels.build_routing(torch.full((20,), -1, dtype=torch.int64), 2)
+    case = _to_device(case)
+    y, grads = run_op(case, "triton")
+    assert torch.equal(y, case["base_out"])
+    assert torch.count_nonzero(grads[0]) == 0
+    assert torch.count_nonzero(grads[2]) == 0 and torch.count_nonzero(grads[3]) == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_empty_batch(dtype):
+    case = _to_device(make_case(0, 7, 5, [2, 8], dtype=dtype))
+    y, grads = run_op(case, "triton")
+    assert y.shape == (0, 5) and y.dtype == dtype and grads[0].shape == (0, 7)
+    assert torch.count_nonzero(grads[2]) == 0 and torch.count_nonzero(grads[3]) == 0
+
+
+def test_h_and_untouched_rows_direct():
+    """The launchers themselves: h has zeros past r_l and for id -1 rows; y rows of id -1 tokens
+    are base_out bit for bit; the backward accepts the h it produced."""
+    case = _to_device(make_case(45, 19, 21, [1, 6, 3], density=0.5, spread="with_none", seed=9))
+    args = _direct_args(case)
+    y, h = triton_kernels.lora_forward_triton(case["x"], case["base_out"], *args)
+    y_ref, h_ref = lslo_kernels.lora_forward_reference(case["x"], case["base_out"], *args)
+    assert h.dtype == torch.float32 and h.shape == (45, 6)
+    assert_close(h, h_ref, torch.float32, "h")
+    assert_close(y, y_ref, torch.float32, "y")
+    none = case["routing"].lang < 0
+    assert none.any()
+    assert torch.equal(y[none], case["base_out"][none]) and torch.count_nonzero(h[none]) == 0
+    grads = triton_kernels.lora_backward_triton(case["grad_out"], case["x"], h, *args)
+    grads_ref = lslo_kernels.lora_backward_reference(case["grad_out"], case["x"], h_ref, *args)
+    for name, g, g_ref in zip(("dx", "dA", "dB"), grads, grads_ref):
+        assert_close(g, g_ref, torch.float32, name)
+    assert torch.count_nonzero(grads[0][none]) == 0
+
+
+def test_random_layouts_property():
+    """Tile bookkeeping under random language layouts (hypothesis, few examples: interpreter)."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    @hypothesis.settings(max_examples=12, deadline=None, derandomize=True)
+    @hypothesis.given(
+        num_tokens=st.integers(1, 90),
+        ranks=st.lists(st.integers(1, 20), min_size=1, max_size=9),
+        spread=st.sampled_from(["uniform", "single", "with_none", "sparse"]),
+        seed=st.integers(0, 2**16),
+    )
+    def check(num_tokens, ranks, spread, seed):
+        case = make_case(num_tokens, 5, 6, ranks, density=0.7, spread=spread, dtype=torch.float32, seed=seed)
+        _compare(_to_device(case), torch.float32)
+
+    check()
+
+
+def test_compile_fullgraph_traces_the_op():
+    case = _to_device(make_case(17, 6, 5, [2, 3], density=0.5, spread="with_none", seed=12))
+
+    def f(x, base_out, a, b):
+        return lslo_kernels.grouped_lora(x, base_out, a, b, case["prune_mask"], case["scales"],
+                                         case["rank_offsets"], case["routing"], case["max_rank"],
+                                         backend="triton")
+
+    leaves = [case[n].clone().requires_grad_(True) for n in ("x", "base_out", "lora_a", "lora_b")]
+    y = torch.compile(f, fullgraph=True, backend="aot_eager")(*leaves)
+    y.backward(case["grad_out"])
+    y_ref, grads_ref = run_op(case, "reference")
+    assert_close(y.detach(), y_ref, torch.float32, "compiled y")
+    for name, leaf, g_ref in zip(("dx", "dbase", "dA", "dB"), leaves, grads_ref):
+        assert_close(leaf.grad, g_ref, torch.float32, f"compiled {name}")
+
+
+# ------------------------------------------------------------------ input checks
+def test_launcher_rejects_bad_input():
+    case = _to_device(make_case(6, 4, 5, [2, 3], seed=13))
+    x, base = case["x"], case["base_out"]
+    args = list(_direct_args(case))
+    with pytest.raises(TypeError, match="float64"):
+        triton_kernels.lora_forward_triton(x.double(), base.double(), *_direct_args(
+            {**case, "lora_a": case["lora_a"].double(), "lora_b": case["lora_b"].double()}))
+    with pytest.raises(ValueError, match="max_rank=2"):
+        triton_kernels.lora_forward_triton(x, base, *args[:-1], 2)
+    with pytest.raises(ValueError, match="rank_offsets"):
+        triton_kernels.lora_forward_triton(x, base, *args[:4], args[4].int(), *args[5:])
+    with pytest.raises(ValueError, match="prune_mask"):
+        triton_kernels.lora_forward_triton(x, base, args[0], args[1], args[2].float(), *args[3:])
+    with pytest.raises(ValueError, match="base_out"):
+        triton_kernels.lora_forward_triton(x, base[:, :3], *args)
+
+
+# ------------------------------------------------------------------ GPU only
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tokens", [1, 160, 2048])
+@pytest.mark.parametrize("shape", [(1024, 1024), (1024, 4096), (4096, 1024), (123, 777)])
+@pytest.mark.parametrize("ranks_name", ["lang30", "mixed12"])
+def test_gpu_matches_reference_model_sizes(dtype, num_tokens, shape, ranks_name):
+    torch.backends.cuda.matmul.allow_tf32 = False  # the reference must be true fp32
+    ranks = LANG30 if ranks_name == "lang30" else MIXED_RANKS
+    case = make_case(num_tokens, shape[0], shape[1], ranks, density=0.1, spread="with_none", dtype=dtype,
+                     seed=num_tokens)
+    _compare(_to_device(case), dtype)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("spread", ["uniform", "single", "with_none", "sparse"])
+def test_gpu_256_languages(dtype, spread):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ranks = [1 + (i * 7) % 64 for i in range(256)]
+    case = make_case(4096, 256, 384, ranks, density=0.5, spread=spread, dtype=dtype, seed=3)
+    _compare(_to_device(case), dtype)
+
+
+@gpu
+def test_gpu_cuda_graph_replay_with_new_routing():
+    """No host sync in the launchers: capture once, replay with other language ids."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    case = _to_device(make_case(512, 256, 256, LANG30, density=0.1, spread="with_none", dtype=torch.bfloat16))
+    r = case["routing"]
+    static = {"lang": r.lang.clone(), "sorted": r.sorted_token_idx.clone(), "offsets": r.lang_offsets.clone()}
+
+    def args():
+        return (case["lora_a"], case["lora_b"], case["prune_mask"], case["scales"], case["rank_offsets"],
+                static["lang"], static["sorted"], static["offsets"], case["max_rank"])
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up compiles the kernels outside the capture
+        triton_kernels.lora_forward_triton(case["x"], case["base_out"], *args())
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y, h = triton_kernels.lora_forward_triton(case["x"], case["base_out"], *args())
+    new_lang = torch.randint(-1, 30, (512,), device=DEVICE)
+    new = lslo_kernels.build_routing(new_lang, 30)
+    static["lang"].copy_(new.lang)
+    static["sorted"].copy_(new.sorted_token_idx)
+    static["offsets"].copy_(new.lang_offsets)
+    graph.replay()
+    y_ref, h_ref = lslo_kernels.lora_forward_reference(case["x"], case["base_out"], *args())
+    assert_close(y, y_ref, torch.bfloat16, "graph y")
+    assert_close(h, h_ref, torch.bfloat16, "graph h")
