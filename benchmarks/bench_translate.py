@@ -32,6 +32,7 @@ import copy
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -127,13 +128,16 @@ def _build(case: _Case, tokenizer, log) -> tuple[torch.nn.Module, dict[str, Call
         from transformers import LogitsProcessorList
 
         peft_model = None
-        for code, rank in zip(config.languages, config.language_ranks):
-            lora = peft.LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0,
-                                   target_modules=["q_proj", "k_proj", "v_proj", "fc1", "fc2"])
-            if peft_model is None:
-                peft_model = peft.get_peft_model(_shared_weight_copy(base), lora, adapter_name=code)
-            else:
-                peft_model.add_adapter(code, lora)
+        with warnings.catch_warnings():
+            # PEFT warns that adapter "or" (Oriya) is a substring of its "lora_" prefix: harmless here.
+            warnings.filterwarnings("ignore", message="Adapter name")
+            for code, rank in zip(config.languages, config.language_ranks):
+                lora = peft.LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0,
+                                       target_modules=["q_proj", "k_proj", "v_proj", "fc1", "fc2"])
+                if peft_model is None:
+                    peft_model = peft.get_peft_model(_shared_weight_copy(base), lora, adapter_name=code)
+                else:
+                    peft_model.add_adapter(code, lora)
         peft_model.eval()
         encoded = _encode_by_source(tokenizer, sentences, src_langs)
         forced = torch.tensor([lang_token_id(tokenizer, t) for t in tgt_langs])

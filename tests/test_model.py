@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import lslo
-from lslo import LSLoConfig
+from lslo import LSLoConfig, LSLoLinear
 from tests.hf_fixtures import (
     encode_pairs,
     m2m124_config,
@@ -337,3 +337,41 @@ def test_merge_direction_gives_a_plain_model(base, batch, tmp_path, ffn):
     reloaded = M2M100ForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float64).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, plain, rtol=0, atol=0)
+
+
+# ------------------------------------------------- LSLoLinear reduced widths
+@pytest.mark.parametrize("widths", [{"lora_out_features": 5}, {"lora_in_features": 3}, {}])
+def test_reduced_width_layer_equals_its_padded_delta(widths):
+    """ffn="reference" relies on LoRA over a slice: y = base(x) + x @ delta_l^T with delta_l zero
+    outside the adapted (lora_out, lora_in) block; gradients only reach the factors."""
+    torch.manual_seed(0)
+    layer = LSLoLinear(nn.Linear(8, 12, dtype=torch.float64), [2, 3], **widths)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(3, 4, 8, dtype=torch.float64, requires_grad=True)
+    lang = torch.tensor([1, -1, 0])
+    y = layer(x, lang=lang)
+    for row, lang_id in enumerate(lang.tolist()):
+        delta = layer.delta_weight(lang_id) if lang_id >= 0 else torch.zeros(12, 8, dtype=torch.float64)
+        torch.testing.assert_close(y[row], layer.base_layer(x[row]) + x[row] @ delta.t())
+    lora_in, lora_out = widths.get("lora_in_features", 8), widths.get("lora_out_features", 12)
+    assert layer.delta_weight(0)[lora_out:].abs().sum() == 0 and layer.delta_weight(0)[:, lora_in:].abs().sum() == 0
+    y.sum().backward()
+    assert layer.lora_A.grad.shape == (5, lora_in) and layer.lora_B.grad.shape == (lora_out, 5)
+    assert layer.base_layer.weight.grad is None and x.grad is not None
+    weight = layer.base_layer.weight.clone()
+    layer.merge(1)
+    torch.testing.assert_close(layer(x[0:1]), y[0:1])
+    layer.unmerge()
+    torch.testing.assert_close(layer.base_layer.weight, weight)
+
+
+def test_reduced_widths_are_validated_and_meta_friendly():
+    with pytest.raises(ValueError, match="lora_out_features = 13 must be in \\[1, 12\\]"):
+        LSLoLinear(nn.Linear(8, 12), [2], lora_out_features=13)
+    with pytest.raises(TypeError, match="lora_in_features"):
+        LSLoLinear(nn.Linear(8, 12), [2], lora_in_features=2.0)
+    with torch.device("meta"):
+        base = nn.Linear(1024, 4096)
+    layer = LSLoLinear(base, [2, 8], lora_out_features=1024, init="reference")
+    assert layer.lora_B.shape == (1024, 10) and layer.lora_A.is_meta
+    assert "lora_out_features=1024" in repr(layer) and "mask_density=n/a" in repr(layer)

@@ -212,6 +212,18 @@ def test_compile_fullgraph_traces_the_op():
         assert_close(leaf.grad, g_ref, torch.float32, f"compiled {name}")
 
 
+def test_opcheck_registered_ops():
+    case = _to_device(make_case(13, 6, 5, [2, 1, 4], density=0.5, spread="with_none", seed=2))
+    r = case["routing"]
+    leaves = [case[n].clone().requires_grad_(True) for n in ("x", "base_out", "lora_a", "lora_b")]
+    fwd_args = (*leaves, case["prune_mask"], case["scales"], case["rank_offsets"], r.lang,
+                r.sorted_token_idx, r.lang_offsets, case["max_rank"], "triton")
+    torch.library.opcheck(torch.ops.lslo.grouped_lora_fwd.default, fwd_args)
+    _y, h = torch.ops.lslo.grouped_lora_fwd(*(a.detach() if isinstance(a, torch.Tensor) else a for a in fwd_args))
+    bwd_args = (case["grad_out"], case["x"], h, *_direct_args(case), "triton")
+    torch.library.opcheck(torch.ops.lslo.grouped_lora_bwd.default, bwd_args)
+
+
 # ------------------------------------------------------------------ input checks
 def test_launcher_rejects_bad_input():
     case = _to_device(make_case(6, 4, 5, [2, 3], seed=13))
