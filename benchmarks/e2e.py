@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import inspect
 import time
 from collections.abc import Callable
 
@@ -172,7 +173,8 @@ def _beam5(quick: bool, log) -> list[dict]:
         return [{"op": "e2e_beam5", "provider": "-", "mode": "fwd", "metric": "skipped",
                  "note": "benchmarks/bench_translate.py not there yet"}]
     try:
-        result = module.run(quick)
+        accepts_log = "log" in inspect.signature(module.run).parameters
+        result = module.run(quick, log=log) if accepts_log else module.run(quick)
     except Exception as exc:  # noqa: BLE001
         return [{"op": "e2e_beam5", "provider": "-", "mode": "fwd", "metric": "skipped",
                  "note": f"bench_translate.run failed: {type(exc).__name__}: {exc}"}]
