@@ -51,6 +51,7 @@ class _Case:
     max_new_tokens: int
     reps: int
     big: bool
+    warmup: bool = True
 
 
 def _directions(codes: list[str], count: int) -> list[tuple[str, str]]:
@@ -170,7 +171,8 @@ def _measure(case: _Case, tokenizer, log) -> list[dict]:
     _base, providers, n, note = _build(case, tokenizer, log)
     names = list(providers)
     seconds: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(case.reps + 1):  # round 0 warms up (allocator, caches, lazy imports)
+    first = 0 if case.warmup else 1  # round 0 warms up (allocator, caches, lazy imports)
+    for round_index in range(first, case.reps + 1):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             start = time.perf_counter()
@@ -178,8 +180,8 @@ def _measure(case: _Case, tokenizer, log) -> list[dict]:
             elapsed = time.perf_counter() - start
             if round_index:
                 seconds[name].append(elapsed)
-        log(f"  {case.name} round {round_index}: " + ", ".join(
-            f"{k} {seconds[k][-1]:.2f}s" for k in names if round_index and seconds[k]))
+        if round_index:
+            log(f"  {case.name} round {round_index}: " + ", ".join(f"{k} {seconds[k][-1]:.2f}s" for k in names))
     rows = []
     for name in names:
         rates = [n / s for s in seconds[name]]
@@ -196,13 +198,16 @@ def _measure(case: _Case, tokenizer, log) -> list[dict]:
 def run(quick: bool = True, log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr)) -> list[dict]:
     """Measure every provider; returns one row per (model, provider) with p20/p50/p80 sentences/s.
 
-    quick: the tiny model only (~1 min on 2 CPU cores); otherwise also M2M-124 615M (~10 min).
+    quick: the tiny model only (~1 min on 2 CPU cores); otherwise also M2M-124 615M, one round
+        without warm-up (~15 min on 2 busy CPU cores: one beam-5 decoding step of the 615M
+        model with its 256k-token LM head took ~2 s there, and per-direction runs 30 generate calls).
     """
     from tests.hf_fixtures import make_tokenizer, one_thread
 
     cases = [_Case("tiny d32 2+2 layers", sentences_per_direction=3, max_new_tokens=24, reps=3 if quick else 5, big=False)]
     if not quick:
-        cases.append(_Case("M2M-124 615M shape", sentences_per_direction=1, max_new_tokens=16, reps=2, big=True))
+        cases.append(_Case("M2M-124 615M shape", sentences_per_direction=1, max_new_tokens=4, reps=1, big=True,
+                           warmup=False))
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         tokenizer = make_tokenizer(folder)
