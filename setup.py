@@ -21,7 +21,7 @@ import traceback
 from setuptools import setup
 
 _SOURCES = ["csrc/grouped_lora.cpp"]
-_DEPENDS = ["csrc/kernels.h", "csrc/simd.h"]
+_DEPENDS = ["csrc/kernels.h", "csrc/simd.h", "csrc/transpose.h"]
 # No -march=native: the wheel/CI machine is not the machine that runs it. Plain -O3 vectorises the
 # kernels' lane loops for the baseline ISA (see csrc/simd.h).
 _CXX_FLAGS = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi"]

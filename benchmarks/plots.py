@@ -80,7 +80,7 @@ def _bars(ax, groups, providers, title):
         ax.bar(xs + (i - (len(shown) - 1) / 2) * width, med, width, yerr=[lo, hi], capsize=2,
                label=style["label"], hatch=None if style["linestyle"] == "-" else "//", alpha=0.85)
     ax.axhline(1.0, color="black", linewidth=0.8)
-    values = [v for c in ax.containers for v in getattr(c, "datavalues", []) if v == v and v > 0]
+    values = [v for c in ax.containers for v in getattr(c, "datavalues", []) if v > 0]
     if values and max(values) / min(values) > 20:  # slow baselines would flatten the interesting ones
         ax.set_yscale("log")
     ax.set_xticks(xs)

@@ -149,7 +149,8 @@ def render(rows: list[dict], run_id: str | None = None) -> str:
         (f"Run `{run_id}` ({mode} mode{f', {wall / 60:.1f} min' if wall else ''}): "
          f"{first['device_name']}, {first['threads']} threads, {first['dtype']}, "
          f"torch {first['torch_version']}, lslo {first['lslo_version']}, git `{first['git_rev']}`. "
-         f"lslo backends measured: {', '.join(p for p in LSLO if p in present) or 'none'}."),
+         f"lslo backends measured: {', '.join(p for p in LSLO if p in present) or 'none'}."
+         + (f" Machine: {suite[0]['note'].split(';')[0]}." if suite and "load" in suite[0]["note"] else "")),
         "",
         ("Cells: median time of one layer call, `(ratio to base)` in parentheses, the fastest "
          "provider other than `base` in bold. `fwd` = inference forward (`no_grad`); `fwd+bwd` = "

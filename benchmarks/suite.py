@@ -599,9 +599,11 @@ def run_suite(cases: Sequence[Case], opts: Options, out_dir: Path, readme: Path,
         log("end to end (M2M-124 615M configuration, random weights)")
         append_rows(csv_path, [{**info, **r} for r in run_e2e(quick=mode_name == "quick", seed=opts.seed, log=log)])
     wall = time.perf_counter() - started
+    load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     append_rows(csv_path, [{**info, "op": "suite", "provider": "-", "mode": mode_name, "metric": "wall_s",
                             "unit": "s", "p20": wall, "p50": wall, "p80": wall,
-                            "note": f"load average at start {load:.2f}; providers " + " ".join(names)}])
+                            "note": f"1-min load average {load:.2f} at start, {load_end:.2f} at end; "
+                                    f"providers {' '.join(names)}"}])
     log(f"done in {wall / 60:.1f} min; results appended to {csv_path}")
     if plots:
         for path in plotting.plot_all(csv_path, out_dir, info["run_id"]):

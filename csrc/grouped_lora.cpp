@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "transpose.h"
 
 namespace lslo {
 namespace {
@@ -39,9 +40,8 @@ namespace {
 // loaded and stored once per chunk, and the chunk's grad_out rows (8 x 16 KiB at d = 4096, fp32)
 // are still in L2 when the dB pass reads them a second time.
 constexpr int kTokensPerChunk = 8;
-// Rows of B (or of dB) transposed per task: the block's destination lines (2 per column at fp32,
-// 18 KiB at R = 144) stay in L1 while they fill.
-constexpr int64_t kTransposeRows = 32;
+// Rows of B (or of dB) transposed per parallel task.
+constexpr int64_t kTransposeRows = 64;
 // Below this many streamed elements the fork/join of a parallel region costs more than it saves.
 constexpr int64_t kMinParallelWork = 1 << 15;
 
@@ -257,45 +257,20 @@ void stage_a_row(acc_t* a_pad, int64_t lda, const scalar_t* a, int64_t k, int64_
   for (int64_t i = 0; i < k; ++i) a_pad[c * lda + i] = static_cast<acc_t>(a[c * k + i]);
 }
 
-// Columns of B to stage: those of languages with tokens (a decoding batch often has one target
-// language, and staging all R columns would then cost R / r times the useful work), merged into
-// contiguous ranges, with each column's scale.
-struct StagedColumns {
-  std::vector<std::pair<int64_t, int64_t>> ranges;
-  std::vector<double> scale;  // R
-};
-
-StagedColumns staged_columns(const Problem& p, const std::vector<char>& present) {
-  StagedColumns cols;
-  cols.scale.assign(p.R, 0.0);
+template <typename acc_t>
+StagedColumns<acc_t> staged_columns(const Problem& p, const std::vector<char>& present) {
+  StagedColumns<acc_t> cols;
+  cols.scale.assign(p.R, acc_t(0));
   for (int64_t l = 0; l < p.L; ++l) {
     const int64_t c0 = p.rank_offsets[l], c1 = p.rank_offsets[l + 1];
     if (!present[l] || c0 == c1) continue;
-    for (int64_t c = c0; c < c1; ++c) cols.scale[c] = p.scales[l];
+    for (int64_t c = c0; c < c1; ++c) cols.scale[c] = static_cast<acc_t>(p.scales[l]);
     if (!cols.ranges.empty() && cols.ranges.back().second == c0)
       cols.ranges.back().second = c1;
     else
       cols.ranges.emplace_back(c0, c1);
   }
   return cols;
-}
-
-// bmt[c][i] = s_l * (B * M)[i][c] for the staged columns c and rows [i0, i1).
-// Row by row, so B is read in address order and the prefetcher streams it; column by column
-// (strided reads, one cache line per element) took 2.4 ns per element, 13% of the backward at
-// 1024->4096. The mask multiplies (as in the reference, so inf/nan in B propagate alike) rather
-// than selects: a select compiled to a branch on a random mask, mispredicted half the time.
-template <typename acc_t, typename scalar_t>
-void stage_bmt_rows(acc_t* bmt, int64_t ldb, const scalar_t* b, const bool* mask, int64_t R,
-                    const StagedColumns& cols, int64_t i0, int64_t i1) {
-  for (int64_t i = i0; i < i1; ++i) {
-    const scalar_t* b_row = b + i * R;
-    const bool* m_row = mask + i * R;
-    for (const auto& range : cols.ranges)
-      for (int64_t c = range.first; c < range.second; ++c)
-        bmt[c * ldb + i] = static_cast<acc_t>(cols.scale[c]) *
-                           (static_cast<acc_t>(b_row[c]) * static_cast<acc_t>(m_row[c]));
-  }
 }
 
 std::vector<char> present_languages(const Problem& p) {
@@ -406,19 +381,6 @@ LSLO_INLINE void forward_piece(const ForwardArgs<scalar_t, acc_t>& a, const Piec
   }
 }
 
-template <typename scalar_t, typename acc_t>
-void forward_piece_baseline(const ForwardArgs<scalar_t, acc_t>& a, const Piece& piece) {
-  forward_piece(a, piece);
-}
-
-#if LSLO_HAVE_AVX2
-template <typename scalar_t, typename acc_t>
-__attribute__((target("avx2,fma"))) void forward_piece_avx2(const ForwardArgs<scalar_t, acc_t>& a,
-                                                             const Piece& piece) {
-  forward_piece(a, piece);
-}
-#endif
-
 // -------------------------------------------------------------------------- backward pieces
 template <typename scalar_t, typename acc_t>
 struct BackwardArgs {
@@ -487,18 +449,57 @@ LSLO_INLINE void backward_piece(const BackwardArgs<scalar_t, acc_t>& a, const Pi
   }
 }
 
+// ------------------------------------------------------------------------------ kernel table
+// Everything that streams tokens or B through the vector units, compiled once per ISA: each entry
+// inlines the always_inline kernels above, so the avx2 entries get AVX2+FMA code throughout.
 template <typename scalar_t, typename acc_t>
-void backward_piece_baseline(const BackwardArgs<scalar_t, acc_t>& a, const Piece& piece, ChunkBuffers<acc_t>& buf) {
-  backward_piece(a, piece, buf);
-}
+struct Kernels {
+  void (*forward_piece)(const ForwardArgs<scalar_t, acc_t>&, const Piece&);
+  void (*backward_piece)(const BackwardArgs<scalar_t, acc_t>&, const Piece&, ChunkBuffers<acc_t>&);
+  void (*stage_bmt)(acc_t*, int64_t, const scalar_t*, const bool*, int64_t, const StagedColumns<acc_t>&, int64_t,
+                    int64_t);
+  void (*unstage_grad_b)(scalar_t*, const acc_t*, int64_t, const bool*, int64_t, int64_t, int64_t);
+};
 
+#define LSLO_KERNEL_VARIANT(NAME, TARGET)                                                                         \
+  template <typename scalar_t, typename acc_t>                                                                     \
+  TARGET void forward_piece_##NAME(const ForwardArgs<scalar_t, acc_t>& a, const Piece& piece) {                   \
+    forward_piece(a, piece);                                                                                       \
+  }                                                                                                                \
+  template <typename scalar_t, typename acc_t>                                                                     \
+  TARGET void backward_piece_##NAME(const BackwardArgs<scalar_t, acc_t>& a, const Piece& piece,                   \
+                                    ChunkBuffers<acc_t>& buf) {                                                    \
+    backward_piece(a, piece, buf);                                                                                 \
+  }                                                                                                                \
+  template <typename scalar_t, typename acc_t>                                                                     \
+  TARGET void stage_bmt_##NAME(acc_t* bmt, int64_t ldb, const scalar_t* b, const bool* mask, int64_t R,            \
+                               const StagedColumns<acc_t>& cols, int64_t i0, int64_t i1) {                         \
+    stage_bmt_rows(bmt, ldb, b, mask, R, cols, i0, i1);                                                            \
+  }                                                                                                                \
+  template <typename scalar_t, typename acc_t>                                                                     \
+  TARGET void unstage_grad_b_##NAME(scalar_t* grad_b, const acc_t* gbt, int64_t ldb, const bool* mask, int64_t R,  \
+                                    int64_t i0, int64_t i1) {                                                      \
+    unstage_grad_b_rows(grad_b, gbt, ldb, mask, R, i0, i1);                                                        \
+  }
+
+LSLO_KERNEL_VARIANT(baseline, )
 #if LSLO_HAVE_AVX2
-template <typename scalar_t, typename acc_t>
-__attribute__((target("avx2,fma"))) void backward_piece_avx2(const BackwardArgs<scalar_t, acc_t>& a,
-                                                              const Piece& piece, ChunkBuffers<acc_t>& buf) {
-  backward_piece(a, piece, buf);
-}
+LSLO_KERNEL_VARIANT(avx2, __attribute__((target("avx2,fma"))))
 #endif
+#undef LSLO_KERNEL_VARIANT
+
+template <typename scalar_t, typename acc_t>
+Kernels<scalar_t, acc_t> select_kernels() {
+#if LSLO_HAVE_AVX2
+  if constexpr (kHasAvx2Variant<scalar_t>) {
+    if (current_isa() == Isa::kAvx2)
+      return {&forward_piece_avx2<scalar_t, acc_t>, &backward_piece_avx2<scalar_t, acc_t>,
+              &stage_bmt_avx2<scalar_t, acc_t>, &unstage_grad_b_avx2<scalar_t, acc_t>};
+  }
+#endif
+  return {&forward_piece_baseline<scalar_t, acc_t>, &backward_piece_baseline<scalar_t, acc_t>,
+          &stage_bmt_baseline<scalar_t, acc_t>, &unstage_grad_b_baseline<scalar_t, acc_t>};
+}
 
 // ------------------------------------------------------------------------------------- forward
 template <typename scalar_t>
@@ -511,16 +512,12 @@ void forward_impl(const Problem& p, const at::Tensor& x, const at::Tensor& base_
   at::Tensor a_pad = at::empty({p.R, lda}, acc_options);
   at::Tensor bmt = at::empty({p.R, ldb}, acc_options);
   const auto present = present_languages(p);
-  const StagedColumns cols = staged_columns(p, present);
+  const StagedColumns<acc_t> cols = staged_columns<acc_t>(p, present);
 
   ForwardArgs<scalar_t, acc_t> args{x.data_ptr<scalar_t>(), base_out.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
                                     h.data_ptr<acc_t>(), a_pad.data_ptr<acc_t>(), bmt.data_ptr<acc_t>(), lda, ldb,
                                     p.sorted_token_idx, p.rank_offsets.data(), k, d, p.max_rank};
-  auto piece_fn = &forward_piece_baseline<scalar_t, acc_t>;
-#if LSLO_HAVE_AVX2
-  if constexpr (kHasAvx2Variant<scalar_t>)
-    if (current_isa() == Isa::kAvx2) piece_fn = &forward_piece_avx2<scalar_t, acc_t>;
-#endif
+  const Kernels<scalar_t, acc_t> kernels = select_kernels<scalar_t, acc_t>();
   const scalar_t* a_src = lora_a.data_ptr<scalar_t>();
   const scalar_t* b_src = lora_b.data_ptr<scalar_t>();
   const bool* mask = prune_mask.data_ptr<bool>();
@@ -547,11 +544,11 @@ void forward_impl(const Problem& p, const at::Tensor& x, const at::Tensor& base_
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < b_tasks; ++task) {
       const int64_t i0 = task * kTransposeRows;
-      stage_bmt_rows(bmt_dst, ldb, b_src, mask, p.R, cols, i0, std::min(d, i0 + kTransposeRows));
+      kernels.stage_bmt(bmt_dst, ldb, b_src, mask, p.R, cols, i0, std::min(d, i0 + kTransposeRows));
     }
 #pragma omp for schedule(static, 1)
     for (int part = 0; part < parts; ++part)
-      for (const Piece& piece : split.pieces[part]) piece_fn(args, piece);
+      for (const Piece& piece : split.pieces[part]) kernels.forward_piece(args, piece);
   }
 }
 
@@ -595,7 +592,7 @@ void backward_impl(const Problem& p, const at::Tensor& grad_out, const at::Tenso
   at::Tensor ga = at::empty({R, lda}, acc_options);
   at::Tensor gbt = at::empty({R, ldb}, acc_options);
   const auto present = present_languages(p);
-  const StagedColumns cols = staged_columns(p, present);
+  const StagedColumns<acc_t> cols = staged_columns<acc_t>(p, present);
 
   // Languages split across parts accumulate their dA and dB^T rows in scratch: r * (lda + ldb) each.
   std::vector<int64_t> scratch_per_lang(p.L);
@@ -615,11 +612,7 @@ void backward_impl(const Problem& p, const at::Tensor& grad_out, const at::Tenso
                                      grad_x.data_ptr<scalar_t>(), a_pad.data_ptr<acc_t>(), bmt.data_ptr<acc_t>(),
                                      ga.data_ptr<acc_t>(), gbt.data_ptr<acc_t>(), scratch.data_ptr<acc_t>(), lda, ldb,
                                      p.sorted_token_idx, p.rank_offsets.data(), p.scales.data(), k, d, p.max_rank};
-  auto piece_fn = &backward_piece_baseline<scalar_t, acc_t>;
-#if LSLO_HAVE_AVX2
-  if constexpr (kHasAvx2Variant<scalar_t>)
-    if (current_isa() == Isa::kAvx2) piece_fn = &backward_piece_avx2<scalar_t, acc_t>;
-#endif
+  const Kernels<scalar_t, acc_t> kernels = select_kernels<scalar_t, acc_t>();
   const scalar_t* a_src = lora_a.data_ptr<scalar_t>();
   const scalar_t* b_src = lora_b.data_ptr<scalar_t>();
   const bool* mask = prune_mask.data_ptr<bool>();
@@ -644,13 +637,13 @@ void backward_impl(const Problem& p, const at::Tensor& grad_out, const at::Tenso
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < b_tasks; ++task) {
       const int64_t i0 = task * kTransposeRows;
-      stage_bmt_rows(bmt_dst, ldb, b_src, mask, p.R, cols, i0, std::min(d, i0 + kTransposeRows));
+      kernels.stage_bmt(bmt_dst, ldb, b_src, mask, p.R, cols, i0, std::min(d, i0 + kTransposeRows));
     }
 
 #pragma omp for schedule(static, 1)
     for (int part = 0; part < parts; ++part) {
       ChunkBuffers<acc_t> buf(p.max_rank);
-      for (const Piece& piece : split.pieces[part]) piece_fn(args, piece, buf);
+      for (const Piece& piece : split.pieces[part]) kernels.backward_piece(args, piece, buf);
     }
 
 #pragma omp for schedule(dynamic, 1)
@@ -670,11 +663,8 @@ void backward_impl(const Problem& p, const at::Tensor& grad_out, const at::Tenso
       for (int64_t i = 0; i < k; ++i) grad_a_ptr[c * k + i] = static_cast<scalar_t>(ga_ptr[c * lda + i]);
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < b_tasks; ++task) {
-      const int64_t i0 = task * kTransposeRows, i1 = std::min(d, i0 + kTransposeRows);
-      for (int64_t i = i0; i < i1; ++i)
-        for (int64_t c = 0; c < R; ++c) {
-          grad_b_ptr[i * R + c] = static_cast<scalar_t>(gbt_ptr[c * ldb + i] * static_cast<acc_t>(mask[i * R + c]));
-        }
+      const int64_t i0 = task * kTransposeRows;
+      kernels.unstage_grad_b(grad_b_ptr, gbt_ptr, ldb, mask, R, i0, std::min(d, i0 + kTransposeRows));
     }
   }
 }
