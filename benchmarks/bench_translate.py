@@ -199,7 +199,7 @@ def run(quick: bool = True, log: Callable[[str], None] = lambda msg: print(msg, 
     """Measure every provider; returns one row per (model, provider) with p20/p50/p80 sentences/s.
 
     quick: the tiny model only (~1 min on 2 CPU cores); otherwise also M2M-124 615M, one round
-        without warm-up (~15 min on 2 busy CPU cores: one beam-5 decoding step of the 615M
+        without warm-up (~8 min on 2 busy CPU cores: one beam-5 decoding step of the 615M
         model with its 256k-token LM head took ~2 s there, and per-direction runs 30 generate calls).
     """
     from tests.hf_fixtures import make_tokenizer, one_thread

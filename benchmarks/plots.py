@@ -32,7 +32,7 @@ def _num(v):
 
 
 def _providers(rows):
-    present = {r["provider"] for r in rows}
+    present = {r["provider"] for r in rows} - {"-"}
     return [p for p in PROVIDER_ORDER if p in present] + sorted(present - set(PROVIDER_ORDER))
 
 

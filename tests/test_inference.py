@@ -169,3 +169,17 @@ def test_forced_language_tokens_per_row():
     assert torch.isinf(forced).sum() == 6 * 9 and (forced.max(-1).values == 0).all()
     later = processor(torch.zeros(6, 2, dtype=torch.long), scores)
     assert later is scores  # only the first generated token is forced
+
+
+def test_benchmark_providers_run(tokenizer):
+    """Smoke test of benchmarks/bench_translate.py: 30 distinct directions, every provider runs."""
+    from benchmarks import bench_translate
+
+    directions = bench_translate._directions(["en", "fr", "de", "oc", "wo", "zh"], 30)
+    assert len(set(directions)) == 30 and all(s != t for s, t in directions)
+    case = bench_translate._Case("smoke", sentences_per_direction=1, max_new_tokens=2, reps=1, big=False)
+    _base, providers, n, note = bench_translate._build(case, tokenizer, log=lambda msg: None)
+    assert n == 30 and "30 directions" in note
+    assert {"base", "lslo_mixed", "lslo_per_direction"} <= set(providers)
+    for run_provider in providers.values():
+        run_provider()
