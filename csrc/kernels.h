@@ -1,7 +1,8 @@
 // Row kernels of the grouped-LoRA CPU backend: a token's row against a language's r weight rows.
 //
 // Every LoRA product of the op is one of three shapes, applied to rows gathered by the routing:
-//   dot_rows     out[j]  = sum_i w[j][i] * x[i]                   h = A_l x,  g = s (B_l*M_l)^T dy
+//   dot_rows     acc[j] += w[j][i] * x[i] (lane-wise; finish_dots sums the lanes)
+//                                                                  h = A_l x,  g = s (B_l*M_l)^T dy
 //   combine_rows out[i]  = base[i] + sum_j c[j] * w[j][i]          y = base + s (B_l*M_l) h,  dx = A_l^T g
 //   rank_update  G[j][i] += sum_t c[t][j] * row_t[i]               dA_l += g^T x,  dB_l^T += s h^T dy
 // The rank is small (1..64), so the accumulators of a vector of lanes for all r rank rows live in
@@ -34,15 +35,17 @@ constexpr int dot_unroll() {
   return RB == 1 ? 4 : RB <= 4 ? 2 : 1;
 }
 
-// out[j] = sum_i w[j * ldw + i] * x[i] for j < RB; prefetches next[0:n) along the way (if given).
+// acc[j] += lane-wise w[j * ldw + i] * x[i] over i < n, for j < RB; the lanes are summed later
+// (finish_dots), so a row can be consumed tile by tile. Prefetches next[0:n) along the way.
 template <int RB, typename acc_t, typename scalar_t>
-LSLO_INLINE void dot_block(const scalar_t* x, const acc_t* w, int64_t ldw, int64_t n, acc_t* out,
+LSLO_INLINE void dot_block(const scalar_t* x, const acc_t* w, int64_t ldw, int64_t n, vec_t<acc_t>* acc_io,
                            const scalar_t* next) {
   using V = vec_t<acc_t>;
   constexpr int W = Simd<acc_t>::width;
   constexpr int U = dot_unroll<RB>();
   V acc[U][RB];
-  for (int u = 0; u < U; ++u)
+  for (int j = 0; j < RB; ++j) acc[0][j] = acc_io[j];
+  for (int u = 1; u < U; ++u)
     for (int j = 0; j < RB; ++j) acc[u][j] = V{};
   int64_t i = 0;
   for (; i + U * W <= n; i += U * W) {
@@ -64,31 +67,37 @@ LSLO_INLINE void dot_block(const scalar_t* x, const acc_t* w, int64_t ldw, int64
   for (int j = 0; j < RB; ++j) {
     V total = acc[0][j];
     for (int u = 1; u < U; ++u) total += acc[u][j];
-    out[j] = sum_lanes<acc_t>(total);
+    acc_io[j] = total;
   }
 }
 
-// out[j] = sum_i w[j * ldw + i] * x[i] for j < r.
+// acc[j] += lane-wise w[j * ldw + i] * x[i] over i < n, for j < r.
 template <typename acc_t, typename scalar_t>
-LSLO_INLINE void dot_rows(const scalar_t* x, const acc_t* w, int64_t ldw, int64_t n, int64_t r, acc_t* out,
+LSLO_INLINE void dot_rows(const scalar_t* x, const acc_t* w, int64_t ldw, int64_t n, int64_t r, vec_t<acc_t>* acc,
                           const scalar_t* next) {
   int64_t j = 0;
   for (; r - j > kMaxRankBlock; j += kMaxRankBlock)
-    dot_block<kMaxRankBlock>(x, w + j * ldw, ldw, n, out + j, j == 0 ? next : nullptr);
+    dot_block<kMaxRankBlock>(x, w + j * ldw, ldw, n, acc + j, j == 0 ? next : nullptr);
   const scalar_t* pf = j == 0 ? next : nullptr;
   w += j * ldw;
-  out += j;
+  acc += j;
   switch (r - j) {
-    case 1: dot_block<1>(x, w, ldw, n, out, pf); break;
-    case 2: dot_block<2>(x, w, ldw, n, out, pf); break;
-    case 3: dot_block<3>(x, w, ldw, n, out, pf); break;
-    case 4: dot_block<4>(x, w, ldw, n, out, pf); break;
-    case 5: dot_block<5>(x, w, ldw, n, out, pf); break;
-    case 6: dot_block<6>(x, w, ldw, n, out, pf); break;
-    case 7: dot_block<7>(x, w, ldw, n, out, pf); break;
-    case 8: dot_block<8>(x, w, ldw, n, out, pf); break;
+    case 1: dot_block<1>(x, w, ldw, n, acc, pf); break;
+    case 2: dot_block<2>(x, w, ldw, n, acc, pf); break;
+    case 3: dot_block<3>(x, w, ldw, n, acc, pf); break;
+    case 4: dot_block<4>(x, w, ldw, n, acc, pf); break;
+    case 5: dot_block<5>(x, w, ldw, n, acc, pf); break;
+    case 6: dot_block<6>(x, w, ldw, n, acc, pf); break;
+    case 7: dot_block<7>(x, w, ldw, n, acc, pf); break;
+    case 8: dot_block<8>(x, w, ldw, n, acc, pf); break;
     default: break;  // r == 0
   }
+}
+
+// out[j] = sum of the lanes of acc[j], j < r.
+template <typename acc_t>
+LSLO_INLINE void finish_dots(const vec_t<acc_t>* acc, int64_t r, acc_t* out) {
+  for (int64_t j = 0; j < r; ++j) out[j] = sum_lanes<acc_t>(acc[j]);
 }
 
 // out[i] = base[i] + sum_j c[j] * w[j * ldw + i] for i < n (base = 0 when kHasBase is false),
