@@ -426,7 +426,7 @@ LSLO_INLINE void forward_piece(const ForwardArgs<scalar_t, acc_t>& a, const Piec
       for (int t = 0; t < nt; ++t) {
         const int64_t tok = sti[pos + t];
         combine_rows<true, acc_t>(a.y + tok * d + i0, base_rows[t] + i0, a.h + tok * max_rank, bmt_l + i0, a.ldb, n,
-                                  r, next_tile_row(base_rows, t, nt, i0, tile, d, nullptr));
+                                  r, next_tile_row<scalar_t>(base_rows, t, nt, i0, tile, d, nullptr));
       }
     }
   }

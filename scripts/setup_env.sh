@@ -18,5 +18,8 @@ echo "[lslo] installing lslo (+ C++ extension) and dev dependencies"
 python -m pip install -q --no-build-isolation -e ".[dev]"
 python - <<'PY'
 import lslo_kernels
+from lslo_kernels.backends import _unavailable_reasons
 print("[lslo] backends available on cpu:", ", ".join(lslo_kernels.available_backends("cpu")))
+if "cpp" not in lslo_kernels.available_backends("cpu"):
+    print("[lslo] WARNING: C++ backend missing:", _unavailable_reasons.get("cpp"))
 PY
