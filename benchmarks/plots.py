@@ -37,11 +37,12 @@ def _providers(rows):
 
 
 def _style(provider, providers):
-    i = providers.index(provider)
+    """The same color, marker and label for a provider in every panel and figure."""
+    i = PROVIDER_ORDER.index(provider) if provider in PROVIDER_ORDER else len(PROVIDER_ORDER) + providers.index(provider)
     lslo = provider in ("reference", "cpp", "triton")
     if provider == "base":
         return {"marker": ".", "linestyle": ":", "linewidth": 1.5, "color": "black", "label": "base (floor)"}
-    return {"marker": _MARKERS[i % len(_MARKERS)], "linestyle": "-" if lslo else "--",
+    return {"marker": _MARKERS[i % len(_MARKERS)], "linestyle": "-" if lslo else "--", "color": f"C{i % 10}",
             "linewidth": 2.2 if lslo else 1.2, "label": f"lslo {provider}" if lslo else provider}
 
 
@@ -49,9 +50,17 @@ def _metric(rows, metric):
     return [r for r in rows if r["metric"] == metric and _num(r["p50"]) is not None]
 
 
-def _legend(ax):
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
+def _legend(fig, axes):
+    """One legend for the figure with every provider of any panel, right of the panels."""
+    seen = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
+    if seen:
+        order = [_style(p, list(PROVIDER_ORDER))["label"] for p in PROVIDER_ORDER]
+        labels = sorted(seen, key=lambda label: order.index(label) if label in order else len(order))
+        fig.legend([seen[label] for label in labels], labels, fontsize=7, loc="center left",
+                   bbox_to_anchor=(1.0, 0.5))
 
 
 def _grid(n):
@@ -76,8 +85,8 @@ def _bars(ax, groups, providers, title):
             med.append(m)
             lo.append(m - _num(r["p20"]) if r else 0)
             hi.append(_num(r["p80"]) - m if r else 0)
-        style = {k: v for k, v in _style(p, providers).items() if k != "color"}
-        ax.bar(xs + (i - (len(shown) - 1) / 2) * width, med, width, yerr=[lo, hi], capsize=2,
+        style = _style(p, providers)
+        ax.bar(xs + (i - (len(shown) - 1) / 2) * width, med, width, yerr=[lo, hi], capsize=2, color=style["color"],
                label=style["label"], hatch=None if style["linestyle"] == "-" else "//", alpha=0.85)
     ax.axhline(1.0, color="black", linewidth=0.8)
     values = [v for c in ax.containers for v in getattr(c, "datavalues", []) if v > 0]
@@ -101,7 +110,7 @@ def _lines(ax, series, providers, xlabel, title, logx=True):
         hi = [_num(r["p80"]) for _, r in pts]
         style = _style(p, providers)
         ax.plot(xs, med, **style)
-        ax.fill_between(xs, lo, hi, alpha=0.15)
+        ax.fill_between(xs, lo, hi, alpha=0.12, color=style["color"])
     if logx:
         ax.set_xscale("log")
     ax.set_yscale("log")
@@ -132,7 +141,7 @@ def plot_all(csv_path: Path, out_dir: Path, run_id: str | None = None) -> list[P
         fig.suptitle(f"{title}\n{device}, run {run_id}", fontsize=9)
         fig.tight_layout()
         path = out_dir / name
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
         written.append(path)
 
@@ -149,7 +158,7 @@ def plot_all(csv_path: Path, out_dir: Path, run_id: str | None = None) -> list[P
             _bars(ax, groups, providers, f"{mode}, T={tokens}, lang30")
         for ax in list(axes.flat)[len(panels):]:
             ax.axis("off")
-        _legend(axes.flat[0])
+        _legend(fig, axes.flat)
         save(fig, "ratio_vs_base.png", "Layer time / frozen base nn.Linear time (lower is better, 1 = free)")
 
     times = _metric(rows, "time_ms")
@@ -168,7 +177,7 @@ def plot_all(csv_path: Path, out_dir: Path, run_id: str | None = None) -> list[P
             _lines(ax, series, providers, "tokens T", f"{mode}, {shape}, lang30")
         for ax in list(axes.flat)[len(t_series):]:
             ax.axis("off")
-        _legend(axes.flat[0])
+        _legend(fig, axes.flat)
         save(fig, "time_vs_T.png", "Time per layer call against batch size")
 
     # 3. time vs L
@@ -185,7 +194,7 @@ def plot_all(csv_path: Path, out_dir: Path, run_id: str | None = None) -> list[P
             _lines(ax, series, providers, "languages L", f"{mode}, T={tokens}, {shape}, ranks {ranks}")
         for ax in list(axes.flat)[len(l_series):]:
             ax.axis("off")
-        _legend(axes.flat[0])
+        _legend(fig, axes.flat)
         save(fig, "time_vs_L.png", "Time per layer call against the number of languages")
 
     # 4. categorical sweeps: ratio vs base
@@ -202,7 +211,7 @@ def plot_all(csv_path: Path, out_dir: Path, run_id: str | None = None) -> list[P
             _bars(ax, groups, providers, f"{mode}, T={tokens}, {shape}")
         for ax in list(axes.flat)[len(panels):]:
             ax.axis("off")
-        _legend(axes.flat[0])
+        _legend(fig, axes.flat)
         save(fig, f"ratio_{sweep}.png", f"Layer time / base time across {sweep}")
     return written
 

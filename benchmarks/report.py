@@ -83,7 +83,7 @@ def _time_table(groups, providers, notes: _Footnotes, with_sweep_x=False) -> lis
         foreign = _num(by_provider.get("-", {}).get("foreign_cpu", {}).get("p50"))
         if foreign is not None and foreign > NOISY:
             cells[0] += " " + notes.ref(f"other processes used {foreign:.0%} of the CPU while this case "
-                                        "ran (after a retry): its times are inflated")
+                                        "ran: its times are inflated")
         for p in providers:
             metrics = by_provider.get(p, {})
             if "time_ms" in metrics:

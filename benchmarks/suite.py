@@ -217,9 +217,11 @@ class Options:
     dtype: torch.dtype = torch.float32
     threads: int = 2
     warmup: int = 1
-    min_reps: int = 3
-    max_reps: int = 7
-    budget_s: float = 8.0
+    # Quick mode: 5-9 rounds per case; 2.8 min in all with 3-7 rounds on an idle 2-core EPYC,
+    # ~1 min more for steadier medians.
+    min_reps: int = 5
+    max_reps: int = 9
+    budget_s: float = 12.0
     min_measure_s: float = 0.005  # a fast call is repeated inside one measurement up to this
     seed: int = 0
     measure_memory: bool = True
@@ -231,6 +233,7 @@ class Options:
     retries: int = 1
     quiet_wait_s: float = 60.0
     retry_until_s: float | None = None  # no retry once the suite has run this long (quick: 6 min)
+    excluded: dict[str, str] = field(default_factory=dict)  # provider -> why it is not run (crash)
     log: Callable[[str], None] = field(default=lambda msg: print(msg, flush=True))
 
 
@@ -394,6 +397,9 @@ def measure_case(case: Case, mode: str, opts: Options) -> list[dict]:
     grad = torch.randn(case.tokens, case.out_features, device=device, dtype=opts.dtype) if training else None
     entries: dict[str, _Timed] = {}
     for name in names:
+        if name in opts.excluded:
+            row(name, "skipped", note=opts.excluded[name])
+            continue
         try:
             pp = P.prepare_provider(name, problem)
             if training and not pp.training:
@@ -486,6 +492,66 @@ def _tensors_in(obj) -> list[torch.Tensor]:
     if hasattr(obj, "__dataclass_fields__"):
         return [t for f in obj.__dataclass_fields__ for t in _tensors_in(getattr(obj, f))]
     return []
+
+
+# ---------------------------------------------------------------------- crash isolation
+def canary(name: str, device: str) -> None:
+    """Run provider ``name`` on a few small cases (fwd, fwd+bwd); meant for a subprocess.
+
+    Python errors are swallowed: the suite records them case by case. Only a crash (a signal
+    from a compiled kernel) or a hang makes the subprocess fail, which would otherwise take the
+    whole suite down with it.
+    """
+    ranks30, dens30 = ranks_for(LANG30, 30)
+    checks = [
+        (24, 40, [2, 8, 3, 5], None, make_lang(37, [2, 8, 3, 5], "uniform")),
+        (1024, 1024, ranks30, dens30, torch.tensor([3] * 8 + [17] * 8)),  # two sentences
+        (1024, 4096, ranks30, dens30, make_lang(160, ranks30, "tiny")),
+        (4096, 1024, ranks30, dens30, make_lang(160, ranks30, "uniform")),
+    ]
+    for in_features, out_features, ranks, densities, lang in checks:
+        try:
+            problem = P.make_problem(in_features, out_features, ranks, lang, device=device,
+                                     mask_density=densities if densities is not None else 1.0)
+            pp = P.prepare_provider(name, problem)
+            meta = pp.prepare(problem.lang)
+            with torch.no_grad():
+                pp.run(problem.x, meta)
+            for t in pp.params:
+                t.requires_grad_(True)
+            x = problem.x.clone().requires_grad_(True)
+            pp.run(x, meta).backward(torch.ones(x.shape[0], out_features, device=device))
+            _sync(torch.device(device))
+        except Exception:  # noqa: BLE001, S112 - see the docstring
+            continue
+
+
+def crashing_providers(names: Sequence[str], device: str, timeout_s: float = 300.0) -> dict[str, str]:
+    """Compiled lslo backends among ``names`` that crash or hang on :func:`canary`, with why."""
+    import signal
+
+    root = Path(__file__).resolve().parent.parent
+    bad = {}
+    for name in names:
+        if name in P.BASELINES or name == "reference":
+            continue  # pure PyTorch: an error there is an exception, recorded case by case
+        code = f"from benchmarks.suite import canary; canary({name!r}, {device!r})"
+        try:
+            done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                                  timeout=timeout_s, check=False)
+        except subprocess.TimeoutExpired:
+            bad[name] = f"hung (> {timeout_s:.0f} s) on small cases in a canary subprocess: not run"
+            continue
+        if done.returncode < 0:
+            try:
+                sig = signal.Signals(-done.returncode).name
+            except ValueError:
+                sig = f"signal {-done.returncode}"
+            bad[name] = f"crashed ({sig}) on small cases in a canary subprocess: not run"
+        elif done.returncode != 0:
+            tail = (done.stderr.strip().splitlines() or ["?"])[-1][:200]
+            bad[name] = f"canary subprocess failed ({tail}): not run"
+    return bad
 
 
 # ------------------------------------------------------------------------- machine load
@@ -625,6 +691,9 @@ def run_suite(cases: Sequence[Case], opts: Options, out_dir: Path, readme: Path,
     log = opts.log
     log(f"lslo benchmarks ({mode_name}): {len(cases)} cases on {info['device_name']}, {opts.threads} threads, "
         f"torch {info['torch_version']}, git {info['git_rev']}; providers: {', '.join(names)}")
+    for name, why in crashing_providers(names, opts.device).items():
+        log(f"WARNING: {name}: {why}")
+        opts.excluded.setdefault(name, why)
     if load > 0.5 * (os.cpu_count() or 1):
         log(f"WARNING: load average {load:.1f} at start: other processes share the CPU, timings will be noisy")
     started = time.perf_counter()

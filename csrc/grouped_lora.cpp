@@ -26,7 +26,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -36,7 +38,7 @@
 namespace lslo {
 namespace {
 
-// Tokens of one language processed together (see "token chunks").
+// Tokens of one language processed together in the backward (see backward_piece).
 constexpr int kTokensPerChunk = 8;
 // Rows of B (or of dB) transposed per parallel task.
 constexpr int64_t kTransposeRows = 64;
@@ -188,13 +190,18 @@ int choose_parts(int64_t work) {
   return std::max(1, at::get_num_threads());
 }
 
-// cost[g] is the estimated cost of one token of group g; the split points fall at equal shares of
-// the total cost. scratch_per_lang[l] > 0 reserves dA/dB scratch for a language split across parts.
-WorkSplit split_work(const Problem& p, const std::vector<double>& cost, int parts,
+// cost[g] is the estimated cost of one token of group g and fixed[g] that of staging its weights
+// (if it has tokens); the split points fall at equal shares of the total cost. scratch_per_lang[l]
+// > 0 reserves dA/dB scratch for a language split across parts.
+WorkSplit split_work(const Problem& p, const std::vector<double>& cost, const std::vector<double>& fixed, int parts,
                      const std::vector<int64_t>& scratch_per_lang) {
   const int64_t groups = p.L + 1;
+  auto group_cost = [&](int64_t g) {
+    const int64_t n = p.group_bounds[g + 1] - p.group_bounds[g];
+    return n > 0 ? fixed[g] + cost[g] * double(n) : 0.0;
+  };
   double total = 0;
-  for (int64_t g = 0; g < groups; ++g) total += cost[g] * double(p.group_bounds[g + 1] - p.group_bounds[g]);
+  for (int64_t g = 0; g < groups; ++g) total += group_cost(g);
 
   std::vector<int64_t> cuts(parts + 1, p.T);
   cuts[0] = 0;
@@ -202,14 +209,14 @@ WorkSplit split_work(const Problem& p, const std::vector<double>& cost, int part
   double before = 0;
   for (int part = 1; part < parts; ++part) {
     const double target = total * part / parts;
-    while (g < groups && before + cost[g] * double(p.group_bounds[g + 1] - p.group_bounds[g]) <= target) {
-      before += cost[g] * double(p.group_bounds[g + 1] - p.group_bounds[g]);
+    while (g < groups && before + group_cost(g) <= target) {
+      before += group_cost(g);
       ++g;
     }
     int64_t cut = p.T;
     if (g < groups) {
       const int64_t n = p.group_bounds[g + 1] - p.group_bounds[g];
-      const int64_t into = cost[g] > 0 ? int64_t((target - before) / cost[g] + 0.5) : 0;
+      const int64_t into = cost[g] > 0 ? int64_t((target - before - fixed[g]) / cost[g] + 0.5) : 0;
       cut = p.group_bounds[g] + std::min(n, std::max<int64_t>(0, into));
     }
     cuts[part] = std::max(cut, cuts[part - 1]);
@@ -249,32 +256,61 @@ int64_t padded_ld(int64_t n) {
   return lines * per_line;
 }
 
-// a_pad[c][0:k) = A[c][0:k) in the accumulation type, for rows c of languages with tokens.
+// a_part[c - col0][0:k) = A[c][0:k) in the accumulation type.
 template <typename acc_t, typename scalar_t>
-void stage_a_row(acc_t* a_pad, int64_t lda, const scalar_t* a, int64_t k, int64_t c) {
-  for (int64_t i = 0; i < k; ++i) a_pad[c * lda + i] = static_cast<acc_t>(a[c * k + i]);
+void stage_a_rows(acc_t* a_part, int64_t lda, int64_t col0, const scalar_t* a, int64_t k,
+                  const StagedColumns<acc_t>& cols) {
+  for (const auto& range : cols.ranges)
+    for (int64_t c = range.first; c < range.second; ++c)
+      for (int64_t i = 0; i < k; ++i) a_part[(c - col0) * lda + i] = static_cast<acc_t>(a[c * k + i]);
+}
+
+// What one part stages: the weight rows of the languages it has tokens of, [col0, col1) in rank
+// order (the part's languages are consecutive), at these offsets of the staging buffers.
+template <typename acc_t>
+struct PartStage {
+  StagedColumns<acc_t> cols;
+  int64_t col0 = 0, col1 = 0;
+  int64_t offset_a = 0, offset_b = 0;  // elements into the A and B^T staging buffers
+};
+
+// Each part stages what it uses: no barrier between staging and use, and the staged rows are in
+// the L2 of the core that reads them. (Staging everything first, split by rows of B between the
+// threads, cost two barriers and a cross-core transfer of every staged row; at decoding sizes,
+// T=160, 2 threads, that made the op slower than on 1 thread once it followed the base GEMM.)
+template <typename acc_t>
+std::vector<PartStage<acc_t>> plan_stages(const Problem& p, const WorkSplit& split, const std::vector<acc_t>& scale,
+                                          int64_t lda, int64_t ldb, int64_t& total_a, int64_t& total_b) {
+  std::vector<PartStage<acc_t>> stages(split.pieces.size());
+  total_a = total_b = 0;
+  for (size_t part = 0; part < split.pieces.size(); ++part) {
+    PartStage<acc_t>& st = stages[part];
+    st.cols.scale = scale.data();
+    for (const Piece& piece : split.pieces[part]) {
+      if (piece.group == 0) continue;
+      const int64_t c0 = p.rank_offsets[piece.group - 1], c1 = p.rank_offsets[piece.group];
+      if (c0 == c1) continue;
+      if (st.cols.ranges.empty()) st.col0 = c0;
+      st.col1 = c1;
+      if (!st.cols.ranges.empty() && st.cols.ranges.back().second == c0)
+        st.cols.ranges.back().second = c1;
+      else
+        st.cols.ranges.emplace_back(c0, c1);
+    }
+    st.offset_a = total_a;
+    st.offset_b = total_b;
+    total_a += (st.col1 - st.col0) * lda;
+    total_b += (st.col1 - st.col0) * ldb;
+  }
+  return stages;
 }
 
 template <typename acc_t>
-StagedColumns<acc_t> staged_columns(const Problem& p, const std::vector<char>& present) {
-  StagedColumns<acc_t> cols;
-  cols.scale.assign(p.R, acc_t(0));
-  for (int64_t l = 0; l < p.L; ++l) {
-    const int64_t c0 = p.rank_offsets[l], c1 = p.rank_offsets[l + 1];
-    if (!present[l] || c0 == c1) continue;
-    for (int64_t c = c0; c < c1; ++c) cols.scale[c] = static_cast<acc_t>(p.scales[l]);
-    if (!cols.ranges.empty() && cols.ranges.back().second == c0)
-      cols.ranges.back().second = c1;
-    else
-      cols.ranges.emplace_back(c0, c1);
-  }
-  return cols;
-}
-
-std::vector<char> present_languages(const Problem& p) {
-  std::vector<char> present(p.L);
-  for (int64_t l = 0; l < p.L; ++l) present[l] = p.group_bounds[l + 2] > p.group_bounds[l + 1];
-  return present;
+std::vector<acc_t> column_scales(const Problem& p) {
+  std::vector<acc_t> scale(p.R);
+  for (int64_t l = 0; l < p.L; ++l)
+    for (int64_t c = p.rank_offsets[l]; c < p.rank_offsets[l + 1]; ++c) scale[c] = static_cast<acc_t>(p.scales[l]);
+  return scale;
 }
 
 at::ScalarType accum_type(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
@@ -336,32 +372,62 @@ std::string set_isa(const std::string& name) {
   return isa_name(static_cast<Isa>(isa_setting().exchange(static_cast<int>(isa))));
 }
 
-// ---------------------------------------------------------------------------- token chunks
-// Tokens of one language are processed kTokensPerChunk at a time, each row in tiles of kTileBytes:
-// for every tile of the language's weight rows (A_l, (B_l*M_l)^T, dA_l, dB_l^T), all tokens of the
-// chunk go through it while it sits in L1. Token by token over whole rows, the r = 8 weight rows
-// (8 x 4 KiB at k = 1024) did not fit L1 and every FMA waited on an L2 load: T=2048, 1024->1024,
-// fp32, one language of rank 8, forward 2.47 ms, backward 4.04 ms (AMD EPYC, 1 thread).
-constexpr int64_t kTileBytes = 1024;
+// -------------------------------------------------------------------------- streaming stores
+// y (forward) and grad_x (backward) are written once and not read again by this op. When they are
+// much larger than the caches, non-temporal stores skip reading every line before writing it (a
+// third of the traffic of y = base + delta).
+int64_t streaming_min_bytes() {
+  static const int64_t bytes = [] {
+    const char* env = std::getenv("LSLO_CPP_STREAM_MIN_BYTES");
+    return env ? std::atoll(env) : int64_t(8) << 20;
+  }();
+  return bytes;
+}
 
-// Per-part buffers of one chunk.
+bool use_streaming_stores(const at::Tensor& out, int64_t row_length) {
+  const auto dtype = out.scalar_type();
+  if (dtype != at::kFloat && dtype != at::kBFloat16) return false;
+  const int64_t bytes = out.numel() * out.element_size();
+  const bool aligned = reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0 && (row_length * out.element_size()) % 16 == 0;
+  return aligned && bytes >= streaming_min_bytes();
+}
+
+// Non-temporal stores are weakly ordered: make them visible before the region's closing barrier.
+inline void fence_streaming_stores() {
+#if defined(__x86_64__)
+  __builtin_ia32_sfence();
+#endif
+}
+
+// ---------------------------------------------------------------------------- token pieces
+// Heap storage for vec_t, 64-byte aligned. Not std::vector<vec_t>: the baseline ISA gives the
+// 32-byte vector type 16-byte alignment, so its allocations are 16-byte aligned, while the AVX2
+// kernels access it with aligned 32-byte moves (which fault on such an address).
+struct FreeDeleter {
+  void operator()(void* ptr) const { std::free(ptr); }
+};
+template <typename acc_t>
+using VectorBuffer = std::unique_ptr<vec_t<acc_t>[], FreeDeleter>;
+
+template <typename acc_t>
+VectorBuffer<acc_t> aligned_vectors(int64_t count) {
+  const size_t bytes = ((std::max<int64_t>(count, 1) * sizeof(vec_t<acc_t>) + 63) / 64) * 64;
+  void* ptr = std::aligned_alloc(64, bytes);
+  TORCH_CHECK(ptr != nullptr, "lslo_cpp: out of memory allocating ", bytes, " bytes");
+  return VectorBuffer<acc_t>(static_cast<vec_t<acc_t>*>(ptr));
+}
+
+// Per-part buffers, allocated before the parallel region (nothing may throw inside it).
 template <typename acc_t>
 struct ChunkBuffers {
   explicit ChunkBuffers(int64_t max_rank)
-      : acc(kTokensPerChunk * max_rank), coef(kTokensPerChunk * max_rank), hs(kTokensPerChunk * max_rank) {}
-  std::vector<vec_t<acc_t>> acc;  // lane-wise partial dots (h or g), (token, rank)
-  std::vector<acc_t> coef;         // finished g, (token, rank)
-  std::vector<acc_t> hs;           // s * h, (token, rank)
+      : acc(aligned_vectors<acc_t>(kTokensPerChunk * max_rank)),
+        coef(kTokensPerChunk * max_rank),
+        hs(kTokensPerChunk * max_rank) {}
+  VectorBuffer<acc_t> acc;  // lane-wise partial dots (h or g), (token, rank)
+  std::vector<acc_t> coef;  // finished g, (token, rank)
+  std::vector<acc_t> hs;    // s * h, (token, rank)
 };
-
-// The row that the tiled loops "for tile: for token" visit after (tile, token t): prefetch target.
-template <typename scalar_t>
-LSLO_INLINE const scalar_t* next_tile_row(const scalar_t* const* rows, int t, int nt, int64_t i0, int64_t tile,
-                                          int64_t n, const scalar_t* next_chunk_row) {
-  if (t + 1 < nt) return rows[t + 1] + i0;
-  if (i0 + tile < n) return rows[0] + i0 + tile;
-  return next_chunk_row;
-}
 
 // --------------------------------------------------------------------------- forward pieces
 template <typename scalar_t, typename acc_t>
@@ -370,18 +436,28 @@ struct ForwardArgs {
   const scalar_t* base;
   scalar_t* y;
   acc_t* h;
-  const acc_t* a;    // (R, lda), staged
-  const acc_t* bmt;  // (R, ldb), staged, scaled and masked
   int64_t lda, ldb;
   const int64_t* sorted_token_idx;
   const int64_t* rank_offsets;
   int64_t k, d, max_rank;
+  bool stream;  // write y with non-temporal stores
 };
 
+// A part's staged weights: rows c - col0 of A (lda) and of s (B * M)^T (ldb).
+template <typename acc_t>
+struct StagedWeights {
+  const acc_t* a;
+  const acc_t* bmt;
+  int64_t col0;
+};
+
+// Token by token: h_t = A_l x_t, then y_t = base_t + s (B_l * M_l) h_t in the same visit, while the
+// next token's x and base_out rows are prefetched (gathered rows defeat the hardware prefetcher:
+// without it the forward took 35% longer, T=2048, 1024->4096, fp32, AMD EPYC).
 template <typename scalar_t, typename acc_t>
-LSLO_INLINE void forward_piece(const ForwardArgs<scalar_t, acc_t>& a, const Piece& piece, ChunkBuffers<acc_t>& buf) {
+LSLO_INLINE void forward_piece(const ForwardArgs<scalar_t, acc_t>& a, const StagedWeights<acc_t>& w, const Piece& piece,
+                               ChunkBuffers<acc_t>& buf) {
   using V = vec_t<acc_t>;
-  constexpr int64_t tile = kTileBytes / sizeof(acc_t);
   const int64_t k = a.k, d = a.d, max_rank = a.max_rank;
   const int64_t* sti = a.sorted_token_idx;
   if (piece.group == 0) {  // no adapter: y = base_out, h = 0
@@ -394,41 +470,20 @@ LSLO_INLINE void forward_piece(const ForwardArgs<scalar_t, acc_t>& a, const Piec
   }
   const int64_t l = piece.group - 1;
   const int64_t r0 = a.rank_offsets[l], r = a.rank_offsets[l + 1] - r0;
-  const acc_t* a_l = a.a + r0 * a.lda;
-  const acc_t* bmt_l = a.bmt + r0 * a.ldb;
-  V* hacc = buf.acc.data();
-  const scalar_t* x_rows[kTokensPerChunk];
-  const scalar_t* base_rows[kTokensPerChunk];
-  for (int64_t pos = piece.begin; pos < piece.end; pos += kTokensPerChunk) {
-    const int nt = static_cast<int>(std::min<int64_t>(kTokensPerChunk, piece.end - pos));
-    const bool last_chunk = pos + kTokensPerChunk >= piece.end;
-    const int64_t next_tok = last_chunk ? 0 : sti[pos + kTokensPerChunk];
-    for (int t = 0; t < nt; ++t) {
-      x_rows[t] = a.x + sti[pos + t] * k;
-      base_rows[t] = a.base + sti[pos + t] * d;
-    }
-    for (int64_t e = 0; e < nt * r; ++e) hacc[e] = V{};
-    // h_t = A_l x_t
-    for (int64_t i0 = 0; i0 < k; i0 += tile) {
-      const int64_t n = std::min(tile, k - i0);
-      for (int t = 0; t < nt; ++t)
-        dot_rows<acc_t>(x_rows[t] + i0, a_l + i0, a.lda, n, r, hacc + t * r,
-                        next_tile_row(x_rows, t, nt, i0, tile, k, last_chunk ? nullptr : a.x + next_tok * k));
-    }
-    for (int t = 0; t < nt; ++t) {
-      acc_t* h_t = a.h + sti[pos + t] * max_rank;
-      finish_dots<acc_t>(hacc + t * r, r, h_t);
-      for (int64_t j = r; j < max_rank; ++j) h_t[j] = acc_t(0);
-    }
-    // y_t = base_t + s (B_l * M_l) h_t  (s is folded into bmt)
-    for (int64_t i0 = 0; i0 < d; i0 += tile) {
-      const int64_t n = std::min(tile, d - i0);
-      for (int t = 0; t < nt; ++t) {
-        const int64_t tok = sti[pos + t];
-        combine_rows<true, acc_t>(a.y + tok * d + i0, base_rows[t] + i0, a.h + tok * max_rank, bmt_l + i0, a.ldb, n,
-                                  r, next_tile_row<scalar_t>(base_rows, t, nt, i0, tile, d, nullptr));
-      }
-    }
+  const acc_t* a_l = w.a + (r0 - w.col0) * a.lda;
+  const acc_t* bmt_l = w.bmt + (r0 - w.col0) * a.ldb;
+  V* hacc = buf.acc.get();
+  for (int64_t pos = piece.begin; pos < piece.end; ++pos) {
+    const int64_t tok = sti[pos];
+    const bool has_next = pos + 1 < piece.end;
+    const int64_t next = has_next ? sti[pos + 1] : 0;
+    acc_t* h_t = a.h + tok * max_rank;
+    for (int64_t j = 0; j < r; ++j) hacc[j] = V{};
+    dot_rows<acc_t>(a.x + tok * k, a_l, a.lda, k, r, hacc, has_next ? a.x + next * k : nullptr);
+    finish_dots<acc_t>(hacc, r, h_t);
+    for (int64_t j = r; j < max_rank; ++j) h_t[j] = acc_t(0);
+    combine_rows<true, acc_t>(a.y + tok * d, a.base + tok * d, h_t, bmt_l, a.ldb, d, r,
+                              has_next ? a.base + next * d : nullptr, a.stream);
   }
 }
 
@@ -439,8 +494,6 @@ struct BackwardArgs {
   const scalar_t* x;
   const acc_t* h;
   scalar_t* grad_x;
-  const acc_t* a;    // (R, lda), staged
-  const acc_t* bmt;  // (R, ldb), staged, scaled and masked
   acc_t* grad_a;     // (R, lda), accumulated here
   acc_t* grad_bt;    // (R, ldb), dB transposed, accumulated here
   acc_t* scratch;    // split languages' dA / dB^T rows
@@ -449,13 +502,17 @@ struct BackwardArgs {
   const int64_t* rank_offsets;
   const double* scales;
   int64_t k, d, max_rank;
+  bool stream;  // write grad_x with non-temporal stores
 };
 
+// kTokensPerChunk tokens at a time: g_t = s (B_l * M_l)^T dy_t and dx_t = A_l^T g_t per token, then
+// dA_l += g^T x and dB_l^T += (s h)^T dy for the chunk, so the language's dA/dB^T rows are loaded
+// and stored once per chunk, and the chunk's rows are still in L1/L2 for that second use. (Cutting
+// the rows into 1 KiB tiles, to keep the weight rows of rank 8 in L1, was 5-10% slower.)
 template <typename scalar_t, typename acc_t>
-LSLO_INLINE void backward_piece(const BackwardArgs<scalar_t, acc_t>& a, const Piece& piece,
-                                ChunkBuffers<acc_t>& buf) {
+LSLO_INLINE void backward_piece(const BackwardArgs<scalar_t, acc_t>& a, const StagedWeights<acc_t>& w,
+                                const Piece& piece, ChunkBuffers<acc_t>& buf) {
   using V = vec_t<acc_t>;
-  constexpr int64_t tile = kTileBytes / sizeof(acc_t);
   const int64_t k = a.k, d = a.d, max_rank = a.max_rank;
   const int64_t* sti = a.sorted_token_idx;
   if (piece.group == 0) {  // no adapter: zero dx
@@ -466,50 +523,37 @@ LSLO_INLINE void backward_piece(const BackwardArgs<scalar_t, acc_t>& a, const Pi
   const int64_t l = piece.group - 1;
   const int64_t r0 = a.rank_offsets[l], r = a.rank_offsets[l + 1] - r0;
   const acc_t s = static_cast<acc_t>(a.scales[l]);
-  const acc_t* a_l = a.a + r0 * a.lda;
-  const acc_t* bmt_l = a.bmt + r0 * a.ldb;
+  const acc_t* a_l = w.a + (r0 - w.col0) * a.lda;
+  const acc_t* bmt_l = w.bmt + (r0 - w.col0) * a.ldb;
+  // A language split across parts accumulates this part's share in scratch (summed afterwards).
   const bool split = piece.scratch_offset >= 0;
   acc_t* ga_l = split ? a.scratch + piece.scratch_offset : a.grad_a + r0 * a.lda;
   acc_t* gbt_l = split ? a.scratch + piece.scratch_offset + r * a.lda : a.grad_bt + r0 * a.ldb;
-  V* gacc = buf.acc.data();
+  std::fill(ga_l, ga_l + r * a.lda, acc_t(0));
+  std::fill(gbt_l, gbt_l + r * a.ldb, acc_t(0));
+  V* gacc = buf.acc.get();
   acc_t* g = buf.coef.data();
   acc_t* hs = buf.hs.data();
   const scalar_t* dy_rows[kTokensPerChunk];
   const scalar_t* x_rows[kTokensPerChunk];
-  const scalar_t* tile_rows[kTokensPerChunk];
   for (int64_t pos = piece.begin; pos < piece.end; pos += kTokensPerChunk) {
     const int nt = static_cast<int>(std::min<int64_t>(kTokensPerChunk, piece.end - pos));
-    const bool last_chunk = pos + kTokensPerChunk >= piece.end;
-    const int64_t next_tok = last_chunk ? 0 : sti[pos + kTokensPerChunk];
     for (int t = 0; t < nt; ++t) {
       const int64_t tok = sti[pos + t];
+      const bool has_next = pos + t + 1 < piece.end;
       dy_rows[t] = a.grad_out + tok * d;
       x_rows[t] = a.x + tok * k;
       for (int64_t j = 0; j < r; ++j) hs[t * r + j] = s * a.h[tok * max_rank + j];
+      // g_t (s is folded into bmt), prefetching the next token's grad_out row
+      for (int64_t j = 0; j < r; ++j) gacc[j] = V{};
+      dot_rows<acc_t>(dy_rows[t], bmt_l, a.ldb, d, r, gacc, has_next ? a.grad_out + sti[pos + t + 1] * d : nullptr);
+      finish_dots<acc_t>(gacc, r, g + t * r);
+      // dx_t, prefetching x_t for the dA update below
+      combine_rows<false, acc_t>(a.grad_x + tok * k, static_cast<const scalar_t*>(nullptr), g + t * r, a_l, a.lda,
+                                 k, r, x_rows[t], a.stream);
     }
-    for (int64_t e = 0; e < nt * r; ++e) gacc[e] = V{};
-    // Over d: g_t = s (B_l * M_l)^T dy_t (s is folded into bmt) and dB_l^T += (s h)^T dy, one pass
-    // over each grad_out tile.
-    for (int64_t i0 = 0; i0 < d; i0 += tile) {
-      const int64_t n = std::min(tile, d - i0);
-      for (int t = 0; t < nt; ++t) {
-        dot_rows<acc_t>(dy_rows[t] + i0, bmt_l + i0, a.ldb, n, r, gacc + t * r,
-                        next_tile_row(dy_rows, t, nt, i0, tile, d, last_chunk ? nullptr : a.grad_out + next_tok * d));
-        tile_rows[t] = dy_rows[t] + i0;
-      }
-      rank_update<acc_t>(gbt_l + i0, a.ldb, tile_rows, hs, r, nt, n, r);
-    }
-    for (int t = 0; t < nt; ++t) finish_dots<acc_t>(gacc + t * r, r, g + t * r);
-    // Over k: dx_t = A_l^T g_t and dA_l += g^T x, one pass over each x tile.
-    for (int64_t i0 = 0; i0 < k; i0 += tile) {
-      const int64_t n = std::min(tile, k - i0);
-      for (int t = 0; t < nt; ++t) {
-        tile_rows[t] = x_rows[t] + i0;
-        combine_rows<false, acc_t>(a.grad_x + sti[pos + t] * k + i0, static_cast<const scalar_t*>(nullptr), g + t * r,
-                                   a_l + i0, a.lda, n, r, tile_rows[t]);  // and bring the x tile in
-      }
-      rank_update<acc_t>(ga_l + i0, a.lda, tile_rows, g, r, nt, n, r);
-    }
+    rank_update<acc_t>(ga_l, a.lda, x_rows, g, r, nt, k, r);
+    rank_update<acc_t>(gbt_l, a.ldb, dy_rows, hs, r, nt, d, r);
   }
 }
 
@@ -518,28 +562,30 @@ LSLO_INLINE void backward_piece(const BackwardArgs<scalar_t, acc_t>& a, const Pi
 // inlines the always_inline kernels above, so the avx2 entries get AVX2+FMA code throughout.
 template <typename scalar_t, typename acc_t>
 struct Kernels {
-  void (*forward_piece)(const ForwardArgs<scalar_t, acc_t>&, const Piece&, ChunkBuffers<acc_t>&);
-  void (*backward_piece)(const BackwardArgs<scalar_t, acc_t>&, const Piece&, ChunkBuffers<acc_t>&);
-  void (*stage_bmt)(acc_t*, int64_t, const scalar_t*, const bool*, int64_t, const StagedColumns<acc_t>&, int64_t,
-                    int64_t);
+  void (*forward_piece)(const ForwardArgs<scalar_t, acc_t>&, const StagedWeights<acc_t>&, const Piece&,
+                        ChunkBuffers<acc_t>&);
+  void (*backward_piece)(const BackwardArgs<scalar_t, acc_t>&, const StagedWeights<acc_t>&, const Piece&,
+                         ChunkBuffers<acc_t>&);
+  void (*stage_bmt)(acc_t*, int64_t, int64_t, const scalar_t*, const bool*, int64_t, const StagedColumns<acc_t>&,
+                    int64_t, int64_t);
   void (*unstage_grad_b)(scalar_t*, const acc_t*, int64_t, const bool*, int64_t, int64_t, int64_t);
 };
 
 #define LSLO_KERNEL_VARIANT(NAME, TARGET)                                                                         \
   template <typename scalar_t, typename acc_t>                                                                     \
-  TARGET void forward_piece_##NAME(const ForwardArgs<scalar_t, acc_t>& a, const Piece& piece,                     \
-                                   ChunkBuffers<acc_t>& buf) {                                                     \
-    forward_piece(a, piece, buf);                                                                                  \
+  TARGET void forward_piece_##NAME(const ForwardArgs<scalar_t, acc_t>& a, const StagedWeights<acc_t>& w,        \
+                                   const Piece& piece, ChunkBuffers<acc_t>& buf) {                                 \
+    forward_piece(a, w, piece, buf);                                                                               \
   }                                                                                                                \
   template <typename scalar_t, typename acc_t>                                                                     \
-  TARGET void backward_piece_##NAME(const BackwardArgs<scalar_t, acc_t>& a, const Piece& piece,                   \
-                                    ChunkBuffers<acc_t>& buf) {                                                    \
-    backward_piece(a, piece, buf);                                                                                 \
+  TARGET void backward_piece_##NAME(const BackwardArgs<scalar_t, acc_t>& a, const StagedWeights<acc_t>& w,      \
+                                    const Piece& piece, ChunkBuffers<acc_t>& buf) {                                \
+    backward_piece(a, w, piece, buf);                                                                              \
   }                                                                                                                \
   template <typename scalar_t, typename acc_t>                                                                     \
-  TARGET void stage_bmt_##NAME(acc_t* bmt, int64_t ldb, const scalar_t* b, const bool* mask, int64_t R,            \
-                               const StagedColumns<acc_t>& cols, int64_t i0, int64_t i1) {                         \
-    stage_bmt_rows(bmt, ldb, b, mask, R, cols, i0, i1);                                                            \
+  TARGET void stage_bmt_##NAME(acc_t* bmt, int64_t ldb, int64_t col0, const scalar_t* b, const bool* mask,         \
+                               int64_t R, const StagedColumns<acc_t>& cols, int64_t i0, int64_t i1) {              \
+    stage_bmt_rows(bmt, ldb, col0, b, mask, R, cols, i0, i1);                                                      \
   }                                                                                                                \
   template <typename scalar_t, typename acc_t>                                                                     \
   TARGET void unstage_grad_b_##NAME(scalar_t* grad_b, const acc_t* gbt, int64_t ldb, const bool* mask, int64_t R,  \
@@ -573,49 +619,47 @@ void forward_impl(const Problem& p, const at::Tensor& x, const at::Tensor& base_
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const int64_t T = p.T, k = p.k, d = p.d;
   const int64_t lda = padded_ld<acc_t>(k), ldb = padded_ld<acc_t>(d);
-  const auto acc_options = x.options().dtype(accum_type(x.scalar_type()));
-  at::Tensor a_pad = at::empty({p.R, lda}, acc_options);
-  at::Tensor bmt = at::empty({p.R, ldb}, acc_options);
-  const auto present = present_languages(p);
-  const StagedColumns<acc_t> cols = staged_columns<acc_t>(p, present);
 
-  ForwardArgs<scalar_t, acc_t> args{x.data_ptr<scalar_t>(), base_out.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-                                    h.data_ptr<acc_t>(), a_pad.data_ptr<acc_t>(), bmt.data_ptr<acc_t>(), lda, ldb,
-                                    p.sorted_token_idx, p.rank_offsets.data(), k, d, p.max_rank};
-  const Kernels<scalar_t, acc_t> kernels = select_kernels<scalar_t, acc_t>();
-  const scalar_t* a_src = lora_a.data_ptr<scalar_t>();
-  const scalar_t* b_src = lora_b.data_ptr<scalar_t>();
-  const bool* mask = prune_mask.data_ptr<bool>();
-  acc_t* a_dst = a_pad.data_ptr<acc_t>();
-  acc_t* bmt_dst = bmt.data_ptr<acc_t>();
-
-  // Streamed elements per token: read x and base_out, write y; the rank-r products run from cache
-  // at roughly a quarter of the cost per element.
-  std::vector<double> cost(p.L + 1);
+  // Cost per token in streamed elements: read x and base_out, write y; the rank-r products run
+  // from cache at roughly a quarter of the cost per element. Staging a language's weights: read
+  // and write r rows of A and of B.
+  std::vector<double> cost(p.L + 1), fixed(p.L + 1, 0.0);
   cost[0] = double(2 * d);
   for (int64_t l = 0; l < p.L; ++l) {
     const double r = double(p.rank_offsets[l + 1] - p.rank_offsets[l]);
     cost[l + 1] = double(k + 2 * d) + 0.25 * r * double(k + d);
+    fixed[l + 1] = 2.0 * r * double(k + d);
   }
   const int parts = choose_parts(T * (k + 2 * d) + p.R * (k + d));
-  const WorkSplit split = split_work(p, cost, parts, std::vector<int64_t>(p.L, 0));
-  const int64_t b_tasks = (d + kTransposeRows - 1) / kTransposeRows;
+  const WorkSplit split = split_work(p, cost, fixed, parts, std::vector<int64_t>(p.L, 0));
+  const std::vector<acc_t> scale = column_scales<acc_t>(p);
+  int64_t staged_a = 0, staged_b = 0;
+  const auto stages = plan_stages<acc_t>(p, split, scale, lda, ldb, staged_a, staged_b);
+  const auto acc_options = x.options().dtype(accum_type(x.scalar_type()));
+  at::Tensor a_buf = at::empty({staged_a}, acc_options);
+  at::Tensor b_buf = at::empty({staged_b}, acc_options);
+  std::vector<ChunkBuffers<acc_t>> buffers;  // allocated here: nothing may throw inside the region
+  for (int part = 0; part < parts; ++part) buffers.emplace_back(p.max_rank);
 
-#pragma omp parallel num_threads(parts) if (parts > 1)
-  {
-#pragma omp for schedule(static) nowait
-    for (int64_t c = 0; c < p.R; ++c)
-      if (present[p.lang_of_rank[c]]) stage_a_row(a_dst, lda, a_src, k, c);
-#pragma omp for schedule(static)
-    for (int64_t task = 0; task < b_tasks; ++task) {
-      const int64_t i0 = task * kTransposeRows;
-      kernels.stage_bmt(bmt_dst, ldb, b_src, mask, p.R, cols, i0, std::min(d, i0 + kTransposeRows));
-    }
-#pragma omp for schedule(static, 1)
-    for (int part = 0; part < parts; ++part) {
-      ChunkBuffers<acc_t> buf(p.max_rank);
-      for (const Piece& piece : split.pieces[part]) kernels.forward_piece(args, piece, buf);
-    }
+  const ForwardArgs<scalar_t, acc_t> args{x.data_ptr<scalar_t>(), base_out.data_ptr<scalar_t>(),
+                                          y.data_ptr<scalar_t>(), h.data_ptr<acc_t>(), lda, ldb,
+                                          p.sorted_token_idx, p.rank_offsets.data(), k, d, p.max_rank,
+                                          use_streaming_stores(y, d)};
+  const Kernels<scalar_t, acc_t> kernels = select_kernels<scalar_t, acc_t>();
+  const scalar_t* a_src = lora_a.data_ptr<scalar_t>();
+  const scalar_t* b_src = lora_b.data_ptr<scalar_t>();
+  const bool* mask = prune_mask.data_ptr<bool>();
+  acc_t* a_dst = a_buf.data_ptr<acc_t>();
+  acc_t* b_dst = b_buf.data_ptr<acc_t>();
+
+#pragma omp parallel for num_threads(parts) schedule(static, 1) if (parts > 1)
+  for (int part = 0; part < parts; ++part) {
+    const PartStage<acc_t>& st = stages[part];
+    stage_a_rows(a_dst + st.offset_a, lda, st.col0, a_src, k, st.cols);
+    kernels.stage_bmt(b_dst + st.offset_b, ldb, st.col0, b_src, mask, p.R, st.cols, 0, d);
+    const StagedWeights<acc_t> w{a_dst + st.offset_a, b_dst + st.offset_b, st.col0};
+    for (const Piece& piece : split.pieces[part]) kernels.forward_piece(args, w, piece, buffers[part]);
+    fence_streaming_stores();
   }
 }
 
@@ -651,76 +695,81 @@ void backward_impl(const Problem& p, const at::Tensor& grad_out, const at::Tenso
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const int64_t k = p.k, d = p.d, R = p.R;
   const int64_t lda = padded_ld<acc_t>(k), ldb = padded_ld<acc_t>(d);
-  const auto acc_options = x.options().dtype(accum_type(x.scalar_type()));
-  at::Tensor a_pad = at::empty({R, lda}, acc_options);
-  at::Tensor bmt = at::empty({R, ldb}, acc_options);
-  // dA and dB^T accumulate in the accumulation type with the staged strides; dB transposed so that
-  // each language's rows are contiguous, like dA's.
-  at::Tensor ga = at::empty({R, lda}, acc_options);
-  at::Tensor gbt = at::empty({R, ldb}, acc_options);
-  const auto present = present_languages(p);
-  const StagedColumns<acc_t> cols = staged_columns<acc_t>(p, present);
 
+  // Cost per token: read grad_out and x, write dx; four rank-r products per token from cache.
   // Languages split across parts accumulate their dA and dB^T rows in scratch: r * (lda + ldb) each.
+  std::vector<double> cost(p.L + 1), fixed(p.L + 1, 0.0);
   std::vector<int64_t> scratch_per_lang(p.L);
-  std::vector<double> cost(p.L + 1);
   cost[0] = double(k);  // zero dx rows
   for (int64_t l = 0; l < p.L; ++l) {
     const int64_t r = p.rank_offsets[l + 1] - p.rank_offsets[l];
-    scratch_per_lang[l] = r * (lda + ldb);
-    // read grad_out and x, write dx; four rank-r products per token from cache
     cost[l + 1] = double(d + 2 * k) + 0.5 * double(r) * double(k + d);
+    fixed[l + 1] = 3.0 * double(r) * double(k + d);
+    scratch_per_lang[l] = r * (lda + ldb);
   }
   const int parts = choose_parts(p.T * (d + 2 * k) + R * (k + d));
-  const WorkSplit split = split_work(p, cost, parts, scratch_per_lang);
-  at::Tensor scratch = at::zeros({split.scratch_size}, acc_options);
+  const WorkSplit split = split_work(p, cost, fixed, parts, scratch_per_lang);
+  const std::vector<acc_t> scale = column_scales<acc_t>(p);
+  int64_t staged_a = 0, staged_b = 0;
+  const auto stages = plan_stages<acc_t>(p, split, scale, lda, ldb, staged_a, staged_b);
+  const auto acc_options = x.options().dtype(accum_type(x.scalar_type()));
+  at::Tensor a_buf = at::empty({staged_a}, acc_options);
+  at::Tensor b_buf = at::empty({staged_b}, acc_options);
+  // dA and dB^T accumulate in the accumulation type, with the staged strides; dB transposed so that
+  // each language's rows are contiguous, like dA's. Every row is written before it is read: by the
+  // part that owns the language, by the sum of a split language's scratch, or zeroed (no tokens).
+  at::Tensor ga = at::empty({R, lda}, acc_options);
+  at::Tensor gbt = at::empty({R, ldb}, acc_options);
+  at::Tensor scratch = at::empty({split.scratch_size}, acc_options);
+  std::vector<ChunkBuffers<acc_t>> buffers;  // allocated here: nothing may throw inside the region
+  for (int part = 0; part < parts; ++part) buffers.emplace_back(p.max_rank);
+  std::vector<int64_t> unwritten_langs = split.shared_langs;  // summed from scratch, or zeroed
+  for (int64_t l = 0; l < p.L; ++l)
+    if (p.group_bounds[l + 2] == p.group_bounds[l + 1]) unwritten_langs.push_back(l);
 
-  BackwardArgs<scalar_t, acc_t> args{grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), h.data_ptr<acc_t>(),
-                                     grad_x.data_ptr<scalar_t>(), a_pad.data_ptr<acc_t>(), bmt.data_ptr<acc_t>(),
-                                     ga.data_ptr<acc_t>(), gbt.data_ptr<acc_t>(), scratch.data_ptr<acc_t>(), lda, ldb,
-                                     p.sorted_token_idx, p.rank_offsets.data(), p.scales.data(), k, d, p.max_rank};
+  const BackwardArgs<scalar_t, acc_t> args{grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+                                           h.data_ptr<acc_t>(), grad_x.data_ptr<scalar_t>(),
+                                           ga.data_ptr<acc_t>(), gbt.data_ptr<acc_t>(), scratch.data_ptr<acc_t>(),
+                                           lda, ldb, p.sorted_token_idx, p.rank_offsets.data(), p.scales.data(), k, d,
+                                           p.max_rank, use_streaming_stores(grad_x, k)};
   const Kernels<scalar_t, acc_t> kernels = select_kernels<scalar_t, acc_t>();
   const scalar_t* a_src = lora_a.data_ptr<scalar_t>();
   const scalar_t* b_src = lora_b.data_ptr<scalar_t>();
   const bool* mask = prune_mask.data_ptr<bool>();
-  acc_t* a_dst = a_pad.data_ptr<acc_t>();
-  acc_t* bmt_dst = bmt.data_ptr<acc_t>();
+  acc_t* a_dst = a_buf.data_ptr<acc_t>();
+  acc_t* b_dst = b_buf.data_ptr<acc_t>();
   acc_t* ga_ptr = ga.data_ptr<acc_t>();
   acc_t* gbt_ptr = gbt.data_ptr<acc_t>();
   const acc_t* scratch_ptr = scratch.data_ptr<acc_t>();
   scalar_t* grad_a_ptr = grad_a.data_ptr<scalar_t>();
   scalar_t* grad_b_ptr = grad_b.data_ptr<scalar_t>();
   const int64_t b_tasks = (d + kTransposeRows - 1) / kTransposeRows;
-  const int64_t num_split = static_cast<int64_t>(split.shared_langs.size());
+  const int64_t num_unwritten = static_cast<int64_t>(unwritten_langs.size());
 
 #pragma omp parallel num_threads(parts) if (parts > 1)
   {
-#pragma omp for schedule(static) nowait
-    for (int64_t c = 0; c < R; ++c) {
-      std::fill(ga_ptr + c * lda, ga_ptr + (c + 1) * lda, acc_t(0));
-      std::fill(gbt_ptr + c * ldb, gbt_ptr + (c + 1) * ldb, acc_t(0));
-      if (present[p.lang_of_rank[c]]) stage_a_row(a_dst, lda, a_src, k, c);
-    }
-#pragma omp for schedule(static)
-    for (int64_t task = 0; task < b_tasks; ++task) {
-      const int64_t i0 = task * kTransposeRows;
-      kernels.stage_bmt(bmt_dst, ldb, b_src, mask, p.R, cols, i0, std::min(d, i0 + kTransposeRows));
-    }
-
 #pragma omp for schedule(static, 1)
     for (int part = 0; part < parts; ++part) {
-      ChunkBuffers<acc_t> buf(p.max_rank);
-      for (const Piece& piece : split.pieces[part]) kernels.backward_piece(args, piece, buf);
+      const PartStage<acc_t>& st = stages[part];
+      stage_a_rows(a_dst + st.offset_a, lda, st.col0, a_src, k, st.cols);
+      kernels.stage_bmt(b_dst + st.offset_b, ldb, st.col0, b_src, mask, p.R, st.cols, 0, d);
+      const StagedWeights<acc_t> w{a_dst + st.offset_a, b_dst + st.offset_b, st.col0};
+      for (const Piece& piece : split.pieces[part]) kernels.backward_piece(args, w, piece, buffers[part]);
+      fence_streaming_stores();
     }
 
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < num_split; ++i) {
-      const int64_t l = split.shared_langs[i];
+    for (int64_t i = 0; i < num_unwritten; ++i) {
+      const int64_t l = unwritten_langs[i];
       const int64_t r0 = p.rank_offsets[l], r = p.rank_offsets[l + 1] - r0;
+      acc_t* ga_l = ga_ptr + r0 * lda;
+      acc_t* gbt_l = gbt_ptr + r0 * ldb;
+      std::fill(ga_l, ga_l + r * lda, acc_t(0));
+      std::fill(gbt_l, gbt_l + r * ldb, acc_t(0));
       for (const int64_t offset : split.shared_pieces[l]) {
         const acc_t* src = scratch_ptr + offset;
-        for (int64_t e = 0; e < r * lda; ++e) ga_ptr[r0 * lda + e] += src[e];
-        for (int64_t e = 0; e < r * ldb; ++e) gbt_ptr[r0 * ldb + e] += src[r * lda + e];
+        for (int64_t e = 0; e < r * lda; ++e) ga_l[e] += src[e];
+        for (int64_t e = 0; e < r * ldb; ++e) gbt_l[e] += src[r * lda + e];
       }
     }
 

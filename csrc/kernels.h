@@ -105,7 +105,7 @@ LSLO_INLINE void finish_dots(const vec_t<acc_t>* acc, int64_t r, acc_t* out) {
 // rank, read from r.
 template <bool kHasBase, int RB, typename acc_t, typename scalar_t>
 LSLO_INLINE void combine_block(scalar_t* out, const scalar_t* base, const acc_t* c, const acc_t* w, int64_t ldw,
-                               int64_t n, int64_t r, const scalar_t* next) {
+                               int64_t n, int64_t r, const scalar_t* next, bool stream) {
   using V = vec_t<acc_t>;
   constexpr int W = Simd<acc_t>::width;
   V coef[RB > 0 ? RB : 1];
@@ -120,7 +120,10 @@ LSLO_INLINE void combine_block(scalar_t* out, const scalar_t* base, const acc_t*
     } else {
       for (int64_t j = 0; j < r; ++j) acc += c[j] * load<acc_t>(w + j * ldw + i);
     }
-    store<acc_t>(out + i, acc);
+    if (stream)
+      store_stream<acc_t>(out + i, acc);
+    else
+      store<acc_t>(out + i, acc);
   }
   if (i < n) {
     V acc{};
@@ -130,19 +133,20 @@ LSLO_INLINE void combine_block(scalar_t* out, const scalar_t* base, const acc_t*
   }
 }
 
+// stream: write out with non-temporal stores (out must be 16-byte aligned).
 template <bool kHasBase, typename acc_t, typename scalar_t>
 LSLO_INLINE void combine_rows(scalar_t* out, const scalar_t* base, const acc_t* c, const acc_t* w, int64_t ldw,
-                              int64_t n, int64_t r, const scalar_t* next) {
+                              int64_t n, int64_t r, const scalar_t* next, bool stream) {
   switch (r) {
-    case 1: combine_block<kHasBase, 1>(out, base, c, w, ldw, n, r, next); break;
-    case 2: combine_block<kHasBase, 2>(out, base, c, w, ldw, n, r, next); break;
-    case 3: combine_block<kHasBase, 3>(out, base, c, w, ldw, n, r, next); break;
-    case 4: combine_block<kHasBase, 4>(out, base, c, w, ldw, n, r, next); break;
-    case 5: combine_block<kHasBase, 5>(out, base, c, w, ldw, n, r, next); break;
-    case 6: combine_block<kHasBase, 6>(out, base, c, w, ldw, n, r, next); break;
-    case 7: combine_block<kHasBase, 7>(out, base, c, w, ldw, n, r, next); break;
-    case 8: combine_block<kHasBase, 8>(out, base, c, w, ldw, n, r, next); break;
-    default: combine_block<kHasBase, 0>(out, base, c, w, ldw, n, r, next); break;  // r == 0 or r > 8
+    case 1: combine_block<kHasBase, 1>(out, base, c, w, ldw, n, r, next, stream); break;
+    case 2: combine_block<kHasBase, 2>(out, base, c, w, ldw, n, r, next, stream); break;
+    case 3: combine_block<kHasBase, 3>(out, base, c, w, ldw, n, r, next, stream); break;
+    case 4: combine_block<kHasBase, 4>(out, base, c, w, ldw, n, r, next, stream); break;
+    case 5: combine_block<kHasBase, 5>(out, base, c, w, ldw, n, r, next, stream); break;
+    case 6: combine_block<kHasBase, 6>(out, base, c, w, ldw, n, r, next, stream); break;
+    case 7: combine_block<kHasBase, 7>(out, base, c, w, ldw, n, r, next, stream); break;
+    case 8: combine_block<kHasBase, 8>(out, base, c, w, ldw, n, r, next, stream); break;
+    default: combine_block<kHasBase, 0>(out, base, c, w, ldw, n, r, next, stream); break;  // r == 0 or r > 8
   }
 }
 

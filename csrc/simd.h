@@ -106,6 +106,32 @@ LSLO_INLINE void store(scalar_t* dst, vec_t<acc_t> v) {
   }
 }
 
+// store() with a non-temporal hint where the ISA baseline has one (x86-64 SSE/SSE2 movnt, 16-byte
+// aligned dst), for fp32 and bf16 outputs: the line is written without first being read.
+template <typename acc_t, typename scalar_t>
+LSLO_INLINE void store_stream(scalar_t* dst, vec_t<acc_t> v) {
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    typedef float quad __attribute__((vector_size(16)));
+    quad lo, hi;
+    std::memcpy(&lo, &v, sizeof(lo));
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+    __builtin_ia32_movntps(dst, lo);
+    __builtin_ia32_movntps(dst + 4, hi);
+    return;
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+    typedef long long pair __attribute__((vector_size(16)));
+    scalar_t narrow[Simd<float>::width];
+    store<acc_t>(narrow, v);
+    pair bits;
+    std::memcpy(&bits, narrow, sizeof(bits));
+    __builtin_ia32_movntdq(reinterpret_cast<pair*>(dst), bits);
+    return;
+  }
+#endif
+  store<acc_t>(dst, v);
+}
+
 template <typename acc_t, typename scalar_t>
 LSLO_INLINE void store_partial(scalar_t* dst, vec_t<acc_t> v, int64_t n) {
   constexpr int W = Simd<acc_t>::width;

@@ -19,13 +19,13 @@
 
 namespace lslo {
 
-// Columns of B to stage: those of languages with tokens (a decoding batch often has a single target
-// language, and staging all R columns would cost R / r times the useful work), merged into
-// contiguous ranges, and each column's scale s_l.
+// Columns of B to stage: those of the languages with tokens (a decoding batch often has a single
+// target language, and staging all R columns would cost R / r times the useful work), merged into
+// contiguous ranges; and each column's scale s_l.
 template <typename acc_t>
 struct StagedColumns {
   std::vector<std::pair<int64_t, int64_t>> ranges;
-  std::vector<acc_t> scale;  // R
+  const acc_t* scale = nullptr;  // (R,)
 };
 
 // 8 bools (0/1 bytes) -> 8 floats. GCC scalarises a uint8 -> float (or -> int32) vector
@@ -64,31 +64,33 @@ LSLO_INLINE void transpose8x8(vec_t<float> (&m)[8]) {
   }
 }
 
-// bmt[c * ldb + i] = scale[c] * B[i][c] * M[i][c] for the staged columns c and rows [i0, i1).
+// bmt[(c - col0) * ldb + i] = scale[c] * B[i][c] * M[i][c] for the staged columns c, rows [i0, i1).
 template <typename acc_t, typename scalar_t>
-LSLO_INLINE void stage_bmt_rows(acc_t* bmt, int64_t ldb, const scalar_t* b, const bool* mask, int64_t R,
+LSLO_INLINE void stage_bmt_rows(acc_t* bmt, int64_t ldb, int64_t col0, const scalar_t* b, const bool* mask, int64_t R,
                                 const StagedColumns<acc_t>& cols, int64_t i0, int64_t i1) {
   for (const auto& range : cols.ranges) {
     int64_t c0 = range.first;
     if constexpr (std::is_same_v<acc_t, float>) {
       for (; c0 + 8 <= range.second; c0 += 8) {
-        const vec_t<float> scale = load<float>(cols.scale.data() + c0);
+        const vec_t<float> scale = load<float>(cols.scale + c0);
         int64_t i = i0;
         for (; i + 8 <= i1; i += 8) {
           vec_t<float> m[8];
           for (int ii = 0; ii < 8; ++ii)
             m[ii] = scale * (load<float>(b + (i + ii) * R + c0) * load_mask8(mask + (i + ii) * R + c0));
           transpose8x8(m);
-          for (int cc = 0; cc < 8; ++cc) store<float>(bmt + (c0 + cc) * ldb + i, m[cc]);
+          for (int cc = 0; cc < 8; ++cc) store<float>(bmt + (c0 + cc - col0) * ldb + i, m[cc]);
         }
         for (; i < i1; ++i)
           for (int64_t c = c0; c < c0 + 8; ++c)
-            bmt[c * ldb + i] = cols.scale[c] * (static_cast<acc_t>(b[i * R + c]) * static_cast<acc_t>(mask[i * R + c]));
+            bmt[(c - col0) * ldb + i] =
+                cols.scale[c] * (static_cast<acc_t>(b[i * R + c]) * static_cast<acc_t>(mask[i * R + c]));
       }
     }
     for (; c0 < range.second; ++c0)  // fp64, or the last < 8 columns of a range
       for (int64_t i = i0; i < i1; ++i)
-        bmt[c0 * ldb + i] = cols.scale[c0] * (static_cast<acc_t>(b[i * R + c0]) * static_cast<acc_t>(mask[i * R + c0]));
+        bmt[(c0 - col0) * ldb + i] =
+            cols.scale[c0] * (static_cast<acc_t>(b[i * R + c0]) * static_cast<acc_t>(mask[i * R + c0]));
   }
 }
 

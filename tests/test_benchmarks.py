@@ -163,6 +163,28 @@ def test_suite_writes_csv_plot_and_readme(tmp_path):
     assert again.count(report.BEGIN) == 1 and again.startswith("# hand-written intro")
 
 
+def test_a_crashing_backend_is_excluded_not_fatal(monkeypatch):
+    import subprocess
+
+    from benchmarks import suite
+
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd[-1])
+        return subprocess.CompletedProcess(cmd, -11, "", "")  # SIGSEGV in the child
+
+    monkeypatch.setattr(suite.subprocess, "run", fake_run)
+    bad = suite.crashing_providers(["base", "naive", "reference", "cpp"], "cpu")
+    assert list(bad) == ["cpp"] and "SIGSEGV" in bad["cpp"] and len(calls) == 1  # baselines not probed
+
+    opts = Options(threads=1, min_reps=1, max_reps=1, min_measure_s=0.0, measure_memory=False,
+                   providers=["naive", "cpp"], excluded=bad, log=lambda msg: None)
+    rows = measure_case(Case("t", "T", 16, 24, 30, languages=3, ranks="r4", modes=("fwd",)), "fwd", opts)
+    assert {r["note"] for r in rows if r["provider"] == "cpp"} == {bad["cpp"]}
+    assert any(r["provider"] == "naive" and r["metric"] == "time_ms" for r in rows)
+
+
 def test_cli_lists_cases_and_rejects_unknown_provider(capsys):
     from benchmarks.__main__ import main
 
