@@ -51,7 +51,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -233,6 +233,9 @@ class Options:
     retries: int = 1
     quiet_wait_s: float = 60.0
     retry_until_s: float | None = None  # no retry once the suite has run this long (quick: 6 min)
+    # Behind this schedule (seconds for all cases), the remaining cases get 3 rounds and a smaller
+    # budget: keeps --quick under 10 min when other processes slow everything down.
+    deadline_s: float | None = None
     excluded: dict[str, str] = field(default_factory=dict)  # provider -> why it is not run (crash)
     log: Callable[[str], None] = field(default=lambda msg: print(msg, flush=True))
 
@@ -699,14 +702,21 @@ def run_suite(cases: Sequence[Case], opts: Options, out_dir: Path, readme: Path,
     started = time.perf_counter()
     threads_before = torch.get_num_threads()
     torch.set_num_threads(opts.threads)
+    todo = sum(len(c.modes) for c in cases)
     try:
         for i, case in enumerate(cases, 1):
             for mode in case.modes:
                 log(f"[{i}/{len(cases)}] {case.sweep}: {case.name} {mode}")
+                case_opts = opts
+                if opts.deadline_s is not None:
+                    share = (opts.deadline_s - (time.perf_counter() - started)) / todo
+                    if share < 1.5 * opts.budget_s:
+                        case_opts = replace(opts, min_reps=min(3, opts.min_reps), budget_s=max(0.0, share / 2))
+                todo -= 1
                 best = None
                 for attempt in range(opts.retries + 1):
                     start = _cpu_snapshot()
-                    rows = measure_case(case, mode, opts)
+                    rows = measure_case(case, mode, case_opts)
                     foreign = foreign_cpu_share(start, _cpu_snapshot())
                     if best is None or foreign < best[0]:
                         best = (foreign, rows)

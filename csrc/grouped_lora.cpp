@@ -4,17 +4,18 @@
 //   h_t = A_l x_t  (fp32, fp64 for fp64 inputs)        y_t = base_out_t + s_l (B_l * M_l) h_t
 //
 // Plan of one call:
-//   1. Validate and copy the small routing metadata to the host (rank_offsets, lang_offsets).
-//   2. Build BmT = (s_l * B * M)^T, (R, d) in the accumulation type, for the languages present in
-//      the batch only: B's columns become contiguous rows that the row kernels stream through.
-//   3. Split the tokens, in routing order, into one contiguous range per thread, balanced by an
-//      estimated cost per token (its language's rank and the row widths). A language lies entirely
-//      inside one range except at the range ends, so dA/dB of all but at most 2 languages per thread
-//      are written directly, and only those split across threads go through a per-range scratch
-//      buffer that is summed afterwards: no atomics, no per-thread copy of all of dA/dB, and a
-//      result that does not depend on scheduling.
-//   4. Walk each range token by token (forward) or in chunks of tokens of one language (backward),
-//      reading every activation row once and writing y / dx once.
+//   1. Validate, and copy the small routing metadata to the host (rank_offsets, lang_offsets).
+//   2. Split the tokens, in routing order (grouped by language), into one contiguous range per
+//      thread, balanced by an estimated cost per token (its language's rank and the row widths).
+//      A language lies entirely inside one range except at the range ends, so dA/dB of all but at
+//      most 2 languages per thread are accumulated in place, and only those split across threads go
+//      through per-range scratch summed afterwards: no atomics, no per-thread copy of all of dA/dB,
+//      and a result that does not depend on scheduling.
+//   3. Each thread stages the weights of its languages in the accumulation type: A rows, and
+//      s_l (B * M)^T, so that B's columns become contiguous rows the kernels can stream.
+//   4. It walks its range token by token (forward) or in chunks of tokens of one language
+//      (backward), reading every activation row once and writing y / dx once.
+// Kernels are compiled for the baseline ISA and for AVX2+FMA, picked at run time (ISA dispatch).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -40,7 +41,7 @@ namespace {
 
 // Tokens of one language processed together in the backward (see backward_piece).
 constexpr int kTokensPerChunk = 8;
-// Rows of B (or of dB) transposed per parallel task.
+// Rows of dB transposed back per parallel task.
 constexpr int64_t kTransposeRows = 64;
 // Below this many streamed elements the fork/join of a parallel region costs more than it saves.
 constexpr int64_t kMinParallelWork = 1 << 15;
@@ -265,11 +266,22 @@ void stage_a_rows(acc_t* a_part, int64_t lda, int64_t col0, const scalar_t* a, i
       for (int64_t i = 0; i < k; ++i) a_part[(c - col0) * lda + i] = static_cast<acc_t>(a[c * k + i]);
 }
 
+// A is staged (copied with the padded stride lda) for languages with many tokens in the piece; the
+// others read lora_a in place when it already has the accumulation dtype. With the natural stride
+// their r rows collide in L1 (see padded_ld), which costs little over a few tokens, while the copy
+// costs a full read and write of the rows: at T=160 a language has ~5 tokens.
+constexpr int64_t kStageAMinTokens = 16;
+
+inline bool stages_a(const Piece& piece, bool a_is_acc) {
+  return !a_is_acc || piece.end - piece.begin >= kStageAMinTokens;
+}
+
 // What one part stages: the weight rows of the languages it has tokens of, [col0, col1) in rank
 // order (the part's languages are consecutive), at these offsets of the staging buffers.
 template <typename acc_t>
 struct PartStage {
-  StagedColumns<acc_t> cols;
+  StagedColumns<acc_t> cols;    // columns of B to stage
+  StagedColumns<acc_t> a_rows;  // rows of A to stage (see stages_a)
   int64_t col0 = 0, col1 = 0;
   int64_t offset_a = 0, offset_b = 0;  // elements into the A and B^T staging buffers
 };
@@ -280,22 +292,27 @@ struct PartStage {
 // T=160, 2 threads, that made the op slower than on 1 thread once it followed the base GEMM.)
 template <typename acc_t>
 std::vector<PartStage<acc_t>> plan_stages(const Problem& p, const WorkSplit& split, const std::vector<acc_t>& scale,
-                                          int64_t lda, int64_t ldb, int64_t& total_a, int64_t& total_b) {
+                                          bool a_is_acc, int64_t lda, int64_t ldb, int64_t& total_a,
+                                          int64_t& total_b) {
   std::vector<PartStage<acc_t>> stages(split.pieces.size());
   total_a = total_b = 0;
   for (size_t part = 0; part < split.pieces.size(); ++part) {
     PartStage<acc_t>& st = stages[part];
     st.cols.scale = scale.data();
+    auto append = [](StagedColumns<acc_t>& cols, int64_t c0, int64_t c1) {
+      if (!cols.ranges.empty() && cols.ranges.back().second == c0)
+        cols.ranges.back().second = c1;
+      else
+        cols.ranges.emplace_back(c0, c1);
+    };
     for (const Piece& piece : split.pieces[part]) {
       if (piece.group == 0) continue;
       const int64_t c0 = p.rank_offsets[piece.group - 1], c1 = p.rank_offsets[piece.group];
       if (c0 == c1) continue;
       if (st.cols.ranges.empty()) st.col0 = c0;
       st.col1 = c1;
-      if (!st.cols.ranges.empty() && st.cols.ranges.back().second == c0)
-        st.cols.ranges.back().second = c1;
-      else
-        st.cols.ranges.emplace_back(c0, c1);
+      append(st.cols, c0, c1);
+      if (stages_a(piece, a_is_acc)) append(st.a_rows, c0, c1);
     }
     st.offset_a = total_a;
     st.offset_b = total_b;
@@ -373,15 +390,22 @@ std::string set_isa(const std::string& name) {
 }
 
 // -------------------------------------------------------------------------- streaming stores
-// y (forward) and grad_x (backward) are written once and not read again by this op. When they are
-// much larger than the caches, non-temporal stores skip reading every line before writing it (a
-// third of the traffic of y = base + delta).
-int64_t streaming_min_bytes() {
-  static const int64_t bytes = [] {
-    const char* env = std::getenv("LSLO_CPP_STREAM_MIN_BYTES");
-    return env ? std::atoll(env) : int64_t(8) << 20;
-  }();
+// y (forward) and grad_x (backward) are written once and not read again by this op. Non-temporal
+// stores skip reading every line before writing it (a quarter of the traffic of y = base + delta).
+// Measured with the next op reading the output (relu_ on y, add_ on dx), 1 thread, AMD EPYC:
+// at T=2048 (outputs of 8-32 MiB) they save 8-20% (1024->1024 forward 3.46 -> 3.12 ms, 4096->1024
+// backward 17.0 -> 14.8 ms); at T=160 (0.6-2.6 MiB, still in cache for the next op) they cost up to
+// 40%. Hence a size threshold, adjustable for other machines with _C.set_streaming_min_bytes.
+std::atomic<int64_t>& streaming_min_bytes_setting() {
+  static std::atomic<int64_t> bytes{int64_t(8) << 20};
   return bytes;
+}
+
+int64_t streaming_min_bytes() { return streaming_min_bytes_setting().load(std::memory_order_relaxed); }
+
+int64_t set_streaming_min_bytes(int64_t bytes) {
+  TORCH_CHECK(bytes >= 0, "lslo_kernels._C.set_streaming_min_bytes: expected bytes >= 0, got ", bytes);
+  return streaming_min_bytes_setting().exchange(bytes);
 }
 
 bool use_streaming_stores(const at::Tensor& out, int64_t row_length) {
@@ -449,6 +473,7 @@ struct StagedWeights {
   const acc_t* a;
   const acc_t* bmt;
   int64_t col0;
+  const acc_t* a_in_place;  // lora_a when it has the accumulation dtype (rows of length k), else null
 };
 
 // Token by token: h_t = A_l x_t, then y_t = base_t + s (B_l * M_l) h_t in the same visit, while the
@@ -470,7 +495,9 @@ LSLO_INLINE void forward_piece(const ForwardArgs<scalar_t, acc_t>& a, const Stag
   }
   const int64_t l = piece.group - 1;
   const int64_t r0 = a.rank_offsets[l], r = a.rank_offsets[l + 1] - r0;
-  const acc_t* a_l = w.a + (r0 - w.col0) * a.lda;
+  const bool staged_a = stages_a(piece, w.a_in_place != nullptr);
+  const acc_t* a_l = staged_a ? w.a + (r0 - w.col0) * a.lda : w.a_in_place + r0 * k;
+  const int64_t lda = staged_a ? a.lda : k;
   const acc_t* bmt_l = w.bmt + (r0 - w.col0) * a.ldb;
   V* hacc = buf.acc.get();
   for (int64_t pos = piece.begin; pos < piece.end; ++pos) {
@@ -479,7 +506,7 @@ LSLO_INLINE void forward_piece(const ForwardArgs<scalar_t, acc_t>& a, const Stag
     const int64_t next = has_next ? sti[pos + 1] : 0;
     acc_t* h_t = a.h + tok * max_rank;
     for (int64_t j = 0; j < r; ++j) hacc[j] = V{};
-    dot_rows<acc_t>(a.x + tok * k, a_l, a.lda, k, r, hacc, has_next ? a.x + next * k : nullptr);
+    dot_rows<acc_t>(a.x + tok * k, a_l, lda, k, r, hacc, has_next ? a.x + next * k : nullptr);
     finish_dots<acc_t>(hacc, r, h_t);
     for (int64_t j = r; j < max_rank; ++j) h_t[j] = acc_t(0);
     combine_rows<true, acc_t>(a.y + tok * d, a.base + tok * d, h_t, bmt_l, a.ldb, d, r,
@@ -523,7 +550,9 @@ LSLO_INLINE void backward_piece(const BackwardArgs<scalar_t, acc_t>& a, const St
   const int64_t l = piece.group - 1;
   const int64_t r0 = a.rank_offsets[l], r = a.rank_offsets[l + 1] - r0;
   const acc_t s = static_cast<acc_t>(a.scales[l]);
-  const acc_t* a_l = w.a + (r0 - w.col0) * a.lda;
+  const bool staged_a = stages_a(piece, w.a_in_place != nullptr);
+  const acc_t* a_l = staged_a ? w.a + (r0 - w.col0) * a.lda : w.a_in_place + r0 * k;
+  const int64_t lda = staged_a ? a.lda : k;
   const acc_t* bmt_l = w.bmt + (r0 - w.col0) * a.ldb;
   // A language split across parts accumulates this part's share in scratch (summed afterwards).
   const bool split = piece.scratch_offset >= 0;
@@ -549,8 +578,8 @@ LSLO_INLINE void backward_piece(const BackwardArgs<scalar_t, acc_t>& a, const St
       dot_rows<acc_t>(dy_rows[t], bmt_l, a.ldb, d, r, gacc, has_next ? a.grad_out + sti[pos + t + 1] * d : nullptr);
       finish_dots<acc_t>(gacc, r, g + t * r);
       // dx_t, prefetching x_t for the dA update below
-      combine_rows<false, acc_t>(a.grad_x + tok * k, static_cast<const scalar_t*>(nullptr), g + t * r, a_l, a.lda,
-                                 k, r, x_rows[t], a.stream);
+      combine_rows<false, acc_t>(a.grad_x + tok * k, static_cast<const scalar_t*>(nullptr), g + t * r, a_l, lda, k,
+                                 r, x_rows[t], a.stream);
     }
     rank_update<acc_t>(ga_l, a.lda, x_rows, g, r, nt, k, r);
     rank_update<acc_t>(gbt_l, a.ldb, dy_rows, hs, r, nt, d, r);
@@ -634,7 +663,8 @@ void forward_impl(const Problem& p, const at::Tensor& x, const at::Tensor& base_
   const WorkSplit split = split_work(p, cost, fixed, parts, std::vector<int64_t>(p.L, 0));
   const std::vector<acc_t> scale = column_scales<acc_t>(p);
   int64_t staged_a = 0, staged_b = 0;
-  const auto stages = plan_stages<acc_t>(p, split, scale, lda, ldb, staged_a, staged_b);
+  const bool a_is_acc = std::is_same_v<scalar_t, acc_t>;
+  const auto stages = plan_stages<acc_t>(p, split, scale, a_is_acc, lda, ldb, staged_a, staged_b);
   const auto acc_options = x.options().dtype(accum_type(x.scalar_type()));
   at::Tensor a_buf = at::empty({staged_a}, acc_options);
   at::Tensor b_buf = at::empty({staged_b}, acc_options);
@@ -647,6 +677,8 @@ void forward_impl(const Problem& p, const at::Tensor& x, const at::Tensor& base_
                                           use_streaming_stores(y, d)};
   const Kernels<scalar_t, acc_t> kernels = select_kernels<scalar_t, acc_t>();
   const scalar_t* a_src = lora_a.data_ptr<scalar_t>();
+  const acc_t* a_in_place = nullptr;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) a_in_place = a_src;
   const scalar_t* b_src = lora_b.data_ptr<scalar_t>();
   const bool* mask = prune_mask.data_ptr<bool>();
   acc_t* a_dst = a_buf.data_ptr<acc_t>();
@@ -655,9 +687,9 @@ void forward_impl(const Problem& p, const at::Tensor& x, const at::Tensor& base_
 #pragma omp parallel for num_threads(parts) schedule(static, 1) if (parts > 1)
   for (int part = 0; part < parts; ++part) {
     const PartStage<acc_t>& st = stages[part];
-    stage_a_rows(a_dst + st.offset_a, lda, st.col0, a_src, k, st.cols);
+    stage_a_rows(a_dst + st.offset_a, lda, st.col0, a_src, k, st.a_rows);
     kernels.stage_bmt(b_dst + st.offset_b, ldb, st.col0, b_src, mask, p.R, st.cols, 0, d);
-    const StagedWeights<acc_t> w{a_dst + st.offset_a, b_dst + st.offset_b, st.col0};
+    const StagedWeights<acc_t> w{a_dst + st.offset_a, b_dst + st.offset_b, st.col0, a_in_place};
     for (const Piece& piece : split.pieces[part]) kernels.forward_piece(args, w, piece, buffers[part]);
     fence_streaming_stores();
   }
@@ -711,7 +743,8 @@ void backward_impl(const Problem& p, const at::Tensor& grad_out, const at::Tenso
   const WorkSplit split = split_work(p, cost, fixed, parts, scratch_per_lang);
   const std::vector<acc_t> scale = column_scales<acc_t>(p);
   int64_t staged_a = 0, staged_b = 0;
-  const auto stages = plan_stages<acc_t>(p, split, scale, lda, ldb, staged_a, staged_b);
+  const bool a_is_acc = std::is_same_v<scalar_t, acc_t>;
+  const auto stages = plan_stages<acc_t>(p, split, scale, a_is_acc, lda, ldb, staged_a, staged_b);
   const auto acc_options = x.options().dtype(accum_type(x.scalar_type()));
   at::Tensor a_buf = at::empty({staged_a}, acc_options);
   at::Tensor b_buf = at::empty({staged_b}, acc_options);
@@ -734,6 +767,8 @@ void backward_impl(const Problem& p, const at::Tensor& grad_out, const at::Tenso
                                            p.max_rank, use_streaming_stores(grad_x, k)};
   const Kernels<scalar_t, acc_t> kernels = select_kernels<scalar_t, acc_t>();
   const scalar_t* a_src = lora_a.data_ptr<scalar_t>();
+  const acc_t* a_in_place = nullptr;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) a_in_place = a_src;
   const scalar_t* b_src = lora_b.data_ptr<scalar_t>();
   const bool* mask = prune_mask.data_ptr<bool>();
   acc_t* a_dst = a_buf.data_ptr<acc_t>();
@@ -751,9 +786,9 @@ void backward_impl(const Problem& p, const at::Tensor& grad_out, const at::Tenso
 #pragma omp for schedule(static, 1)
     for (int part = 0; part < parts; ++part) {
       const PartStage<acc_t>& st = stages[part];
-      stage_a_rows(a_dst + st.offset_a, lda, st.col0, a_src, k, st.cols);
+      stage_a_rows(a_dst + st.offset_a, lda, st.col0, a_src, k, st.a_rows);
       kernels.stage_bmt(b_dst + st.offset_b, ldb, st.col0, b_src, mask, p.R, st.cols, 0, d);
-      const StagedWeights<acc_t> w{a_dst + st.offset_a, b_dst + st.offset_b, st.col0};
+      const StagedWeights<acc_t> w{a_dst + st.offset_a, b_dst + st.offset_b, st.col0, a_in_place};
       for (const Piece& piece : split.pieces[part]) kernels.backward_piece(args, w, piece, buffers[part]);
       fence_streaming_stores();
     }
@@ -850,4 +885,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("get_isa", &lslo::get_isa, "Kernel variant in use: 'avx2' when the CPU has AVX2+FMA, else 'baseline'.");
   m.def("set_isa", &lslo::set_isa, pybind11::arg("isa"),
         "Pick the kernel variant ('baseline' or 'avx2'; for tests and benchmarks). Returns the previous one.");
+  m.def("set_streaming_min_bytes", &lslo::set_streaming_min_bytes, pybind11::arg("bytes"),
+        "Outputs (y, grad_x) of at least this many bytes are written with non-temporal stores "
+        "(default 8 MiB). Returns the previous threshold.");
 }

@@ -1,0 +1,351 @@
+"""The C++ CPU backend ``cpp`` (lslo_kernels._C, csrc/) against the reference backend.
+
+Every comparison runs on each kernel variant the CPU supports (baseline ISA and AVX2+FMA), on one
+and on several threads (a language split across threads goes through scratch buffers), and with
+normal and non-temporal output stores. Skipped when _C is not built, unless LSLO_REQUIRE_CPP=1
+(as on CI), which turns a missing extension into a failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import lslo_kernels
+from lslo_kernels.reference import lora_backward_reference, lora_forward_reference
+from tests.utils import make_case
+
+try:
+    from lslo_kernels import _C
+except ImportError as exc:  # built by `pip install --no-build-isolation -e .`
+    _C = None
+    _IMPORT_ERROR = str(exc)
+else:
+    _IMPORT_ERROR = ""
+    from lslo_kernels.cpp_backend import lora_backward_cpp, lora_forward_cpp
+
+needs_cpp = pytest.mark.skipif(
+    _C is None, reason=f"lslo_kernels._C is not built ({_IMPORT_ERROR}); set LSLO_REQUIRE_CPP=1 to fail instead"
+)
+
+# (atol, rtol) of cpp against reference in the same dtype; atol is relative to the largest
+# |expected| (sums over tokens make dA/dB large). Both accumulate in fp32 (fp64) and round once
+# to the output dtype, so they differ by summation order only: a few fp32 ulps, at most one
+# rounding step of bf16/fp16.
+TOLERANCES = {
+    torch.float64: (1e-12, 1e-12),
+    torch.float32: (2e-6, 2e-5),
+    torch.bfloat16: (8e-3, 8e-3),
+    torch.float16: (1e-3, 1e-3),
+}
+ISAS = _C.supported_isas() if _C is not None else ["baseline"]
+SIZES = [1, 7, 64, 123, 1024]
+MIXED_RANKS = [1, 2, 3, 8, 64, 2, 8, 1, 3, 2, 8, 64]  # L = 12, every kernel path (1..8, > 8)
+
+
+@contextlib.contextmanager
+def kernel_config(isa: str = "baseline", threads: int = 1, stream_min_bytes: int | None = None):
+    """Run with one kernel variant, a thread count and a non-temporal-store threshold."""
+    old_threads = torch.get_num_threads()
+    old_isa = _C.set_isa(isa)
+    old_stream = _C.set_streaming_min_bytes(8 << 20 if stream_min_bytes is None else stream_min_bytes)
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old_threads)
+        _C.set_isa(old_isa)
+        _C.set_streaming_min_bytes(old_stream)
+
+
+def _op_args(case):
+    r = case["routing"]
+    return (case["prune_mask"], case["scales"], case["rank_offsets"], r.lang, r.sorted_token_idx, r.lang_offsets,
+            case["max_rank"])
+
+
+def _assert_close(actual, expected, dtype, what):
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    atol, rtol = TOLERANCES[dtype]
+    scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol * scale, rtol=rtol,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def _check_against_reference(case, dtype):
+    """Forward (y, h) and backward (dx, dA, dB) of the cpp kernels against the reference's."""
+    x, base_out, a, b, grad_out = (case[n] for n in ("x", "base_out", "lora_a", "lora_b", "grad_out"))
+    rest = _op_args(case)
+    y_ref, h_ref = lora_forward_reference(x, base_out, a, b, *rest)
+    y, h = lora_forward_cpp(x, base_out, a, b, *rest)
+    _assert_close(y, y_ref, dtype, "y")
+    _assert_close(h, h_ref, dtype, "h")
+    # the backward gets the same h, so that its own error is measured
+    grads_ref = lora_backward_reference(grad_out, x, h_ref, a, b, *rest)
+    grads = lora_backward_cpp(grad_out, x, h_ref, a, b, *rest)
+    for name, g, g_ref in zip(("dx", "dA", "dB"), grads, grads_ref):
+        _assert_close(g, g_ref, dtype, name)
+    # exact zeros: pruned entries of B, tokens without adapter, languages without tokens
+    assert torch.all(grads[2][~case["prune_mask"]] == 0)
+    none = case["routing"].lang < 0
+    assert torch.equal(y[none], base_out[none]) and torch.all(h[none] == 0) and torch.all(grads[0][none] == 0)
+    counts = (case["routing"].lang_offsets[1:] - case["routing"].lang_offsets[:-1]).tolist()
+    ro = case["rank_offsets"].tolist()
+    for lang_id, n in enumerate(counts):
+        if n == 0:
+            assert torch.all(grads[1][ro[lang_id]:ro[lang_id + 1]] == 0)
+            assert torch.all(grads[2][:, ro[lang_id]:ro[lang_id + 1]] == 0)
+    return y, h, grads
+
+
+# ------------------------------------------------------------------------------ the extension
+def test_extension_is_built_when_required():
+    if os.environ.get("LSLO_REQUIRE_CPP") != "1":
+        pytest.skip("LSLO_REQUIRE_CPP is not 1 (CI sets it)")
+    assert _C is not None, f"lslo_kernels._C failed to import: {_IMPORT_ERROR}"
+    assert "cpp" in lslo_kernels.available_backends("cpu")
+    assert lslo_kernels.resolve_backend("auto", torch.device("cpu"), torch.float32) == "cpp"
+
+
+@needs_cpp
+def test_backend_registration_and_isa_controls():
+    backend = lslo_kernels.get_backend("cpp")
+    assert backend.supports_device(torch.device("cpu")) and not backend.supports_device(torch.device("meta"))
+    assert set(backend.dtypes) == {torch.float32, torch.bfloat16, torch.float16, torch.float64}
+    assert "baseline" in _C.supported_isas() and _C.get_isa() in _C.supported_isas()
+    with pytest.raises(RuntimeError, match="unknown ISA 'sse9'"):
+        _C.set_isa("sse9")
+    with pytest.raises(RuntimeError, match="bytes >= 0"):
+        _C.set_streaming_min_bytes(-1)
+    assert _C.openmp_threads() >= 1
+
+
+# --------------------------------------------------------------------------- vs the reference
+@needs_cpp
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("in_features", SIZES)
+@pytest.mark.parametrize("out_features", SIZES)
+def test_matches_reference_odd_sizes(isa, dtype, in_features, out_features):
+    case = make_case(37, in_features, out_features, MIXED_RANKS, density=0.5, spread="with_none", dtype=dtype,
+                     seed=in_features * 7919 + out_features)
+    with kernel_config(isa):
+        _check_against_reference(case, dtype)
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("num_languages", [1, 2, 12, 30])
+@pytest.mark.parametrize("spread", ["uniform", "single", "with_none", "sparse"])
+@pytest.mark.parametrize("density", [1.0, 0.1, 0.0])
+def test_matches_reference_language_layouts(isa, num_languages, spread, density):
+    ranks = [[1, 2, 3, 8, 64][i % 5] for i in range(num_languages)]
+    case = make_case(61, 40, 33, ranks, density=density, spread=spread, seed=num_languages)
+    with kernel_config(isa):
+        _check_against_reference(case, torch.float32)
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("threads", [2, 3, 5])
+@pytest.mark.parametrize("spread", ["uniform", "single", "with_none", "sparse"])
+@pytest.mark.parametrize("stream_min_bytes", [0, None])
+def test_matches_reference_on_several_threads(isa, threads, spread, stream_min_bytes):
+    # Big enough to be split across threads; "single" splits one language over every thread, so
+    # its dA/dB go through the scratch of several parts. stream_min_bytes=0: non-temporal stores.
+    case = make_case(700, 64, 96, [2] * 5 + [8] * 4 + [64], density=0.3, spread=spread, seed=threads)
+    with kernel_config(isa, threads, stream_min_bytes):
+        y, h, grads = _check_against_reference(case, torch.float32)
+        y2, h2, grads2 = _check_against_reference(case, torch.float32)
+    # the split depends on the thread count only: repeated calls agree bit for bit
+    assert torch.equal(y, y2) and torch.equal(h, h2) and all(map(torch.equal, grads, grads2))
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_reference_model_size_with_streaming_stores(isa, dtype):
+    # the paper's lang30 layer, 1024 -> 1024, with outputs written by non-temporal stores
+    case = make_case(160, 1024, 1024, [2] * 16 + [8] * 14, density=0.1, spread="uniform", dtype=dtype, seed=4)
+    with kernel_config(isa, 2, stream_min_bytes=0):
+        _check_against_reference(case, dtype)
+
+
+@needs_cpp
+@pytest.mark.parametrize("in_features, out_features", [(7, 64), (123, 1)])
+def test_matches_reference_fp16(in_features, out_features):
+    case = make_case(45, in_features, out_features, MIXED_RANKS, density=0.5, spread="with_none",
+                     dtype=torch.float16, seed=5)
+    with kernel_config(_C.get_isa()):
+        _check_against_reference(case, torch.float16)
+
+
+@needs_cpp
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    num_tokens=st.integers(0, 90),
+    in_features=st.integers(1, 80),
+    out_features=st.integers(1, 80),
+    ranks=st.lists(st.integers(0, 12), min_size=1, max_size=9),
+    spread=st.sampled_from(["uniform", "single", "with_none", "sparse"]),
+    density=st.sampled_from([0.0, 0.3, 1.0]),
+    threads=st.integers(1, 3),
+    isa=st.sampled_from(ISAS),
+    seed=st.integers(0, 2**16),
+)
+def test_matches_reference_random_problems(num_tokens, in_features, out_features, ranks, spread, density, threads,
+                                           isa, seed):
+    if max(ranks) == 0:
+        ranks = [*ranks[:-1], 1]
+    case = make_case(num_tokens, in_features, out_features, ranks, density=density, spread=spread, seed=seed)
+    with kernel_config(isa, threads, stream_min_bytes=0 if seed % 2 else None):
+        _check_against_reference(case, torch.float32)
+
+
+# ------------------------------------------------------------------ through the public entry
+def _grouped_lora(case, **leaves):
+    return lslo_kernels.grouped_lora(
+        leaves.get("x", case["x"]), leaves.get("base_out", case["base_out"]), leaves.get("lora_a", case["lora_a"]),
+        leaves.get("lora_b", case["lora_b"]), case["prune_mask"], case["scales"], case["rank_offsets"],
+        case["routing"], case["max_rank"], backend="cpp",
+    )
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_end_to_end_autograd_matches_reference(dtype):
+    case = make_case(83, 48, 40, MIXED_RANKS, density=0.4, spread="with_none", dtype=dtype, seed=11)
+    results = {}
+    for backend in ("reference", "cpp"):
+        leaves = {n: case[n].clone().requires_grad_(True) for n in ("x", "base_out", "lora_a", "lora_b")}
+        y = lslo_kernels.grouped_lora(leaves["x"], leaves["base_out"], leaves["lora_a"], leaves["lora_b"],
+                                      case["prune_mask"], case["scales"], case["rank_offsets"], case["routing"],
+                                      case["max_rank"], backend=backend)
+        y.backward(case["grad_out"])
+        results[backend] = (y.detach(), *(leaves[n].grad for n in ("x", "base_out", "lora_a", "lora_b")))
+    for name, got, want in zip(("y", "dx", "dbase", "dA", "dB"), results["cpp"], results["reference"]):
+        _assert_close(got, want, dtype, name)
+
+
+@needs_cpp
+def test_empty_batch():
+    case = make_case(0, 16, 8, [2, 8], dtype=torch.float32)
+    y, h = lora_forward_cpp(case["x"], case["base_out"], case["lora_a"], case["lora_b"], *_op_args(case))
+    assert y.shape == (0, 8) and h.shape == (0, 8) and h.dtype == torch.float32
+    leaves = {n: case[n].clone().requires_grad_(True) for n in ("x", "base_out", "lora_a", "lora_b")}
+    _grouped_lora(case, **leaves).backward(case["grad_out"])
+    assert leaves["x"].grad.shape == (0, 16)
+    assert torch.all(leaves["lora_a"].grad == 0) and torch.all(leaves["lora_b"].grad == 0)
+
+
+@needs_cpp
+def test_tokens_without_adapter_pass_base_out_through():
+    case = make_case(50, 33, 21, [3, 8], dtype=torch.bfloat16)
+    lang = torch.full((50,), -1, dtype=torch.int64)
+    case["routing"] = lslo_kernels.build_routing(lang, 2)
+    y, h, (dx, da, db) = _check_against_reference(case, torch.bfloat16)
+    assert torch.equal(y, case["base_out"]) and torch.all(h == 0)
+    assert torch.all(dx == 0) and torch.all(da == 0) and torch.all(db == 0)
+
+
+@needs_cpp
+def test_gradcheck_fp64():
+    case = make_case(13, 6, 5, [2, 3, 1, 9], density=0.6, spread="with_none", dtype=torch.float64, seed=3)
+
+    def f(x, base_out, a, b):
+        return _grouped_lora(case, x=x, base_out=base_out, lora_a=a, lora_b=b)
+
+    inputs = tuple(case[n].clone().requires_grad_(True) for n in ("x", "base_out", "lora_a", "lora_b"))
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_opcheck_registered_ops(dtype):
+    case = make_case(17, 6, 5, [2, 1, 4], density=0.5, spread="with_none", dtype=dtype, seed=2)
+    rest = _op_args(case)
+    fwd_args = (case["x"], case["base_out"], case["lora_a"], case["lora_b"], *rest)
+    torch.library.opcheck(torch.ops.lslo_cpp.forward.default, fwd_args)
+    _y, h = torch.ops.lslo_cpp.forward(*fwd_args)
+    bwd_args = (case["grad_out"], case["x"], h, case["lora_a"], case["lora_b"], *rest)
+    torch.library.opcheck(torch.ops.lslo_cpp.backward.default, bwd_args)
+
+
+@needs_cpp
+def test_compiles_with_fullgraph():
+    case = make_case(29, 12, 10, [2, 3, 8], density=0.5, spread="with_none", seed=6)
+    fn = torch.compile(lambda x, base_out: _grouped_lora(case, x=x, base_out=base_out), fullgraph=True,
+                       backend="aot_eager")
+    torch.testing.assert_close(fn(case["x"], case["base_out"]), _grouped_lora(case))
+
+
+# ------------------------------------------------------------------------------ bad input
+def _forward_args(case, **overrides):
+    names = ("x", "base_out", "lora_a", "lora_b", "prune_mask", "scales", "rank_offsets", "lang",
+             "sorted_token_idx", "lang_offsets", "max_rank")
+    r = case["routing"]
+    values = dict(zip(names, (case["x"], case["base_out"], case["lora_a"], case["lora_b"], *_op_args(case))))
+    values.update(lang=r.lang, sorted_token_idx=r.sorted_token_idx, lang_offsets=r.lang_offsets)
+    values.update(overrides)
+    return tuple(values[n] for n in names)
+
+
+@needs_cpp
+@pytest.mark.parametrize("overrides, message", [
+    (lambda c: {"x": c["x"].double()}, "lora_a and lora_b must have x's dtype"),
+    (lambda c: {"base_out": c["base_out"].double()}, "base_out dtype"),
+    (lambda c: {"x": c["x"].t().contiguous().t()}, "x must be contiguous"),
+    (lambda c: {"x": c["x"][:, :5]}, "x must be contiguous|lora_a must be"),
+    (lambda c: {"x": c["x"][None]}, "x must be 2-D"),
+    (lambda c: {"base_out": c["base_out"][:, :3].contiguous()}, r"base_out must be \(T, d\)"),
+    (lambda c: {"lora_b": c["lora_b"][:, :4].contiguous()}, "lora_b must be"),
+    (lambda c: {"prune_mask": c["prune_mask"].float()}, "prune_mask must be bool"),
+    (lambda c: {"prune_mask": c["prune_mask"][:3].contiguous()}, "prune_mask shape"),
+    (lambda c: {"scales": c["scales"][:1]}, "scales must be"),
+    (lambda c: {"rank_offsets": c["rank_offsets"].int()}, "rank_offsets must be int64"),
+    (lambda c: {"rank_offsets": torch.tensor([0, -1, 5])}, "non-decreasing"),
+    (lambda c: {"rank_offsets": torch.tensor([0, 2, 6])}, "rank_offsets must run from 0 to R"),
+    (lambda c: {"max_rank": 2}, "has rank 3 > max_rank = 2"),
+    (lambda c: {"lang": c["routing"].lang[:4]}, "lang must have one id per token"),
+    (lambda c: {"sorted_token_idx": c["routing"].sorted_token_idx.flip(0)}, "routing does not match lang"),
+    (lambda c: {"sorted_token_idx": torch.zeros(9, dtype=torch.int64)}, "not a permutation|does not match"),
+    (lambda c: {"sorted_token_idx": torch.full((9,), 99, dtype=torch.int64)}, "out of range"),
+    (lambda c: {"lang_offsets": torch.tensor([0, 4, 8])}, "lang_offsets\\[L\\] must equal the number of tokens"),
+])
+def test_forward_rejects_bad_input(overrides, message):
+    case = make_case(9, 6, 4, [2, 3], spread="uniform", seed=1)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.lslo_cpp.forward(*_forward_args(case, **overrides(case)))
+
+
+@needs_cpp
+def test_backward_rejects_bad_input():
+    case = make_case(9, 6, 4, [2, 3], seed=1)
+    fwd = _forward_args(case)
+    _y, h = torch.ops.lslo_cpp.forward(*fwd)
+    rest = fwd[2:]
+    with pytest.raises(RuntimeError, match="h must be Float"):
+        torch.ops.lslo_cpp.backward(case["grad_out"], case["x"], h.double(), *rest)
+    with pytest.raises(RuntimeError, match=r"h must be \(T, max_rank\)"):
+        torch.ops.lslo_cpp.backward(case["grad_out"], case["x"], h[:, :2].contiguous(), *rest)
+    with pytest.raises(RuntimeError, match=r"grad_out must be \(T, d\)"):
+        torch.ops.lslo_cpp.backward(case["grad_out"][:, :2].contiguous(), case["x"], h, *rest)
+    with pytest.raises(RuntimeError, match="grad_out dtype"):
+        torch.ops.lslo_cpp.backward(case["grad_out"].double(), case["x"], h, *rest)
+
+
+@needs_cpp
+def test_public_entry_without_validation_still_raises():
+    case = make_case(9, 6, 4, [2, 3], seed=1)
+    bad = lslo_kernels.build_routing(torch.zeros(9, dtype=torch.int64), 2)
+    bad = type(bad)(bad.lang, bad.sorted_token_idx, torch.tensor([0, 5, 9]), 2)  # offsets disagree with lang
+    with pytest.raises(RuntimeError, match="routing does not match lang"):
+        lslo_kernels.grouped_lora(case["x"], case["base_out"], case["lora_a"], case["lora_b"], case["prune_mask"],
+                                  case["scales"], case["rank_offsets"], bad, case["max_rank"], backend="cpp",
+                                  validate=False)
