@@ -216,9 +216,9 @@ class Options:
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
     threads: int = 2
-    warmup: int = 1
-    # Quick mode: 5-9 rounds per case; 2.8 min in all with 3-7 rounds on an idle 2-core EPYC,
-    # ~1 min more for steadier medians.
+    warmup: int = 0  # untimed steps beyond the correctness forward and the memory step (>= 1 without it)
+    # Quick mode: 5-9 rounds per case (2.6 min in all with 3-7 rounds and one more warm-up step on
+    # an idle 2-core EPYC; 5-9 rounds buy steadier medians for about a minute more).
     min_reps: int = 5
     max_reps: int = 9
     budget_s: float = 12.0
@@ -244,6 +244,7 @@ class Options:
 class _Timed:
     provider: P.PreparedProvider
     meta: object
+    check_s: float = 0.0  # duration of the first (correctness) forward: sizes ``inner``
     inner: int = 1
     times: list[float] = field(default_factory=list)
 
@@ -419,12 +420,16 @@ def measure_case(case: Case, mode: str, opts: Options) -> list[dict]:
             if any(prep_times) and name != "base":
                 row(name, "prep_ms", tuple(1e3 * v for v in _quantiles(prep_times)), reps=3)
             with torch.no_grad():
-                y = pp.run(problem.x, meta)  # also the first warm-up call
+                _sync(device)
+                t0 = time.perf_counter()
+                y = pp.run(problem.x, meta)  # also the warm-up of the forward
+                _sync(device)
+                check_s = time.perf_counter() - t0
             if name != "base":
                 err = float((y.float() - expected.float()).abs().max())
                 row(name, "max_abs_err", (err, err, err), reps=1,
                     note="" if err <= 1e-3 * max(1.0, float(expected.abs().max())) else "WRONG OUTPUT")
-            entries[name] = _Timed(pp, meta)
+            entries[name] = _Timed(pp, meta, check_s=check_s)
         except P.Skip as exc:
             row(name, "skipped", note=str(exc))
             opts.log(f"    {name:16s} skipped: {exc}")
@@ -432,31 +437,46 @@ def measure_case(case: Case, mode: str, opts: Options) -> list[dict]:
             row(name, "skipped", note=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
             opts.log(f"    {name:16s} FAILED: {type(exc).__name__}: {exc}")
 
-    # Warm-up, and the cost estimate that fits the repetitions into the budget.
-    per_round = 0.0
+    # The memory pass (one full step per provider) doubles as the warm-up of the backward; the
+    # check above warmed up the forward. Then the timed rounds; the first one sizes the rest.
+    existing = {k[0] for k in map(_storage_key, [x, problem.x, *problem.base.parameters(), problem.lora_a,
+                                                   problem.lora_b, problem.prune_mask, problem.scales,
+                                                   problem.rank_offsets, problem.lang]) if k}
+    steps_per_call = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode]
+    warmup = opts.warmup if opts.measure_memory else max(1, opts.warmup)
     for name, entry in list(entries.items()):
         try:
-            est = min(_timed_step(entry, x, grad, mode, device) for _ in range(max(1, opts.warmup)))
+            if opts.measure_memory:
+                meta_keys = {k[0] for k in map(_storage_key, _tensors_in(entry.meta)) if k}
+                param_keys = {k[0] for k in map(_storage_key, entry.provider.params) if k}
+                peak_mb, saved_mb = _memory(entry, x, grad, mode, device, existing | meta_keys | param_keys)
+                row(name, "peak_mb", (peak_mb, peak_mb, peak_mb), reps=1)
+                if saved_mb is not None:
+                    row(name, "saved_mb", (saved_mb, saved_mb, saved_mb), reps=1)
+            for _ in range(warmup):
+                _timed_step(entry, x, grad, mode, device)
         except Exception as exc:  # noqa: BLE001
             row(name, "skipped", note=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
             opts.log(f"    {name:16s} FAILED: {type(exc).__name__}: {exc}")
             del entries[name]
             continue
+        est = entry.check_s * steps_per_call
         entry.inner = max(1, min(1000, math.ceil(opts.min_measure_s / max(est, 1e-7))))
-        per_round += est * entry.inner * (2 if mode == "bwd" else 1)
-    reps = int(max(opts.min_reps, min(opts.max_reps, opts.budget_s // max(per_round, 1e-9))))
 
     order = list(entries)
-    for rep in range(reps):
+    reps, rep = max(1, opts.max_reps), 0
+    while rep < reps:
         shift = rep % len(order)
+        round_start = time.perf_counter()
         for name in order[shift:] + order[:shift]:
             entries[name].times.append(_measure(entries[name], x, grad, mode, device))
+        if rep == 0:  # wall time of a round, untimed parts included: what the budget pays
+            per_round = time.perf_counter() - round_start
+            reps = int(max(opts.min_reps, min(opts.max_reps, opts.budget_s // max(per_round, 1e-9))))
+        rep += 1
 
     base_times = entries["base"].times if "base" in entries else None
     naive_times = entries["naive"].times if "naive" in entries else None
-    existing = {k[0] for k in map(_storage_key, [x, problem.x, *problem.base.parameters(), problem.lora_a,
-                                                   problem.lora_b, problem.prune_mask, problem.scales,
-                                                   problem.rank_offsets, problem.lang]) if k}
     for name, entry in entries.items():
         ms = [1e3 * t for t in entry.times]
         row(name, "time_ms", _quantiles(ms), reps=reps)
@@ -464,13 +484,6 @@ def measure_case(case: Case, mode: str, opts: Options) -> list[dict]:
             row(name, "ratio_vs_base", _quantiles([t / b for t, b in zip(entry.times, base_times)]), reps=reps)
         if naive_times and name not in ("naive", "base"):
             row(name, "speedup_vs_naive", _quantiles([n / t for t, n in zip(entry.times, naive_times)]), reps=reps)
-        if opts.measure_memory:
-            meta_keys = {k[0] for k in map(_storage_key, _tensors_in(entry.meta)) if k}
-            param_keys = {k[0] for k in map(_storage_key, entry.provider.params) if k}
-            peak_mb, saved_mb = _memory(entry, x, grad, mode, device, existing | meta_keys | param_keys)
-            row(name, "peak_mb", (peak_mb, peak_mb, peak_mb), reps=1)
-            if saved_mb is not None:
-                row(name, "saved_mb", (saved_mb, saved_mb, saved_mb), reps=1)
         _clear_grads(x, entry.provider.params)
     summary = "  ".join(
         f"{n}={_p50(rows, n, 'time_ms'):.2f}ms" + (f"({_p50(rows, n, 'ratio_vs_base'):.2f}x)" if n != "base" else "")
@@ -723,8 +736,11 @@ def run_suite(cases: Sequence[Case], opts: Options, out_dir: Path, readme: Path,
                     late = opts.retry_until_s is not None and time.perf_counter() - started > opts.retry_until_s
                     if not foreign > opts.max_foreign_cpu or attempt == opts.retries or late:
                         break
-                    log(f"    other processes took {foreign:.0%} of the CPU: waiting for quiet, measuring again")
-                    wait_for_quiet(opts.max_foreign_cpu / 2, opts.quiet_wait_s)
+                    log(f"    other processes took {foreign:.0%} of the CPU: waiting for quiet")
+                    if wait_for_quiet(opts.max_foreign_cpu / 2, opts.quiet_wait_s) > opts.max_foreign_cpu:
+                        log("    still busy: keeping this measurement")
+                        break
+                    log("    measuring again")
                 foreign, rows = best
                 rows.append({"op": "lslo_linear", "provider": "-", "mode": mode, "metric": "foreign_cpu",
                              "unit": "share", "p20": foreign, "p50": foreign, "p80": foreign, "reps": 1,

@@ -246,15 +246,12 @@ WorkSplit split_work(const Problem& p, const std::vector<double>& cost, const st
 }
 
 // --------------------------------------------------------------------------- weight staging
-// Leading dimension of the staged weight buffers: rows a whole, odd number of cache lines apart.
-// With the natural stride (k or d elements, 4 KiB or 16 KiB at the paper's sizes) the r rows that a
-// kernel streams side by side map to one L1 set and evict each other; the odd stride spreads them.
+// Leading dimension of the staged and accumulated weight rows: whole cache lines, so that no row
+// starts mid-line.
 template <typename acc_t>
 int64_t padded_ld(int64_t n) {
   constexpr int64_t per_line = 64 / sizeof(acc_t);
-  int64_t lines = (n + per_line - 1) / per_line;
-  if (lines % 2 == 0) lines += 1;
-  return lines * per_line;
+  return (n + per_line - 1) / per_line * per_line;
 }
 
 // a_part[c - col0][0:k) = A[c][0:k) in the accumulation type.
@@ -266,30 +263,24 @@ void stage_a_rows(acc_t* a_part, int64_t lda, int64_t col0, const scalar_t* a, i
       for (int64_t i = 0; i < k; ++i) a_part[(c - col0) * lda + i] = static_cast<acc_t>(a[c * k + i]);
 }
 
-// A is staged (copied with the padded stride lda) for languages with many tokens in the piece; the
-// others read lora_a in place when it already has the accumulation dtype. With the natural stride
-// their r rows collide in L1 (see padded_ld), which costs little over a few tokens, while the copy
-// costs a full read and write of the rows: at T=160 a language has ~5 tokens.
-constexpr int64_t kStageAMinTokens = 16;
-
-inline bool stages_a(const Piece& piece, bool a_is_acc) {
-  return !a_is_acc || piece.end - piece.begin >= kStageAMinTokens;
-}
 
 // What one part stages: the weight rows of the languages it has tokens of, [col0, col1) in rank
 // order (the part's languages are consecutive), at these offsets of the staging buffers.
 template <typename acc_t>
 struct PartStage {
   StagedColumns<acc_t> cols;    // columns of B to stage
-  StagedColumns<acc_t> a_rows;  // rows of A to stage (see stages_a)
+  // Rows of A to stage: only to convert a bf16/fp16 A; fp32/fp64 A is read in place. (A copy with
+  // a padded stride was no faster at T=2048 and cost up to 25% of the op at T=160, where a language
+  // has ~5 tokens: 4096->1024 forward 0.49 vs 0.37 ms, 1 thread.)
+  StagedColumns<acc_t> a_rows;
   int64_t col0 = 0, col1 = 0;
   int64_t offset_a = 0, offset_b = 0;  // elements into the A and B^T staging buffers
 };
 
 // Each part stages what it uses: no barrier between staging and use, and the staged rows are in
 // the L2 of the core that reads them. (Staging everything first, split by rows of B between the
-// threads, cost two barriers and a cross-core transfer of every staged row; at decoding sizes,
-// T=160, 2 threads, that made the op slower than on 1 thread once it followed the base GEMM.)
+// threads, needs a barrier before the tokens and moves every staged row across cores; at decoding
+// sizes the op is short enough for that to show.)
 template <typename acc_t>
 std::vector<PartStage<acc_t>> plan_stages(const Problem& p, const WorkSplit& split, const std::vector<acc_t>& scale,
                                           bool a_is_acc, int64_t lda, int64_t ldb, int64_t& total_a,
@@ -312,11 +303,11 @@ std::vector<PartStage<acc_t>> plan_stages(const Problem& p, const WorkSplit& spl
       if (st.cols.ranges.empty()) st.col0 = c0;
       st.col1 = c1;
       append(st.cols, c0, c1);
-      if (stages_a(piece, a_is_acc)) append(st.a_rows, c0, c1);
+      if (!a_is_acc) append(st.a_rows, c0, c1);
     }
     st.offset_a = total_a;
     st.offset_b = total_b;
-    total_a += (st.col1 - st.col0) * lda;
+    total_a += a_is_acc ? 0 : (st.col1 - st.col0) * lda;
     total_b += (st.col1 - st.col0) * ldb;
   }
   return stages;
@@ -495,7 +486,7 @@ LSLO_INLINE void forward_piece(const ForwardArgs<scalar_t, acc_t>& a, const Stag
   }
   const int64_t l = piece.group - 1;
   const int64_t r0 = a.rank_offsets[l], r = a.rank_offsets[l + 1] - r0;
-  const bool staged_a = stages_a(piece, w.a_in_place != nullptr);
+  const bool staged_a = w.a_in_place == nullptr;
   const acc_t* a_l = staged_a ? w.a + (r0 - w.col0) * a.lda : w.a_in_place + r0 * k;
   const int64_t lda = staged_a ? a.lda : k;
   const acc_t* bmt_l = w.bmt + (r0 - w.col0) * a.ldb;
@@ -550,7 +541,7 @@ LSLO_INLINE void backward_piece(const BackwardArgs<scalar_t, acc_t>& a, const St
   const int64_t l = piece.group - 1;
   const int64_t r0 = a.rank_offsets[l], r = a.rank_offsets[l + 1] - r0;
   const acc_t s = static_cast<acc_t>(a.scales[l]);
-  const bool staged_a = stages_a(piece, w.a_in_place != nullptr);
+  const bool staged_a = w.a_in_place == nullptr;
   const acc_t* a_l = staged_a ? w.a + (r0 - w.col0) * a.lda : w.a_in_place + r0 * k;
   const int64_t lda = staged_a ? a.lda : k;
   const acc_t* bmt_l = w.bmt + (r0 - w.col0) * a.ldb;
