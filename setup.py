@@ -55,14 +55,14 @@ def _extension_setup() -> dict:
     class OptionalBuildExtension(BuildExtension):
         """Build ``_C`` when possible; a failed build leaves a pure-Python install behind."""
 
-        def build_extension(self, ext):
+        def run(self):
             try:
-                super().build_extension(ext)
-            except Exception as exc:  # compiler missing, bad flags, compile or link error
+                super().run()
+            except Exception as exc:  # no/unusable compiler, bad flags, compile or link error
                 if _required():
                     raise
                 traceback.print_exc()
-                _warn(f"building {ext.name} failed: {exc}")
+                _warn(f"building lslo_kernels._C failed: {exc}")
 
     ext = CppExtension(
         name="lslo_kernels._C",

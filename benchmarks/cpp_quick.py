@@ -11,7 +11,7 @@ Measurements alternate between providers round by round, so a slow phase of the 
 of them; the median and the minimum of the rounds are reported (on a shared machine the minimum
 is the less disturbed estimate). Run:
 
-    python -m benchmarks.cpp_quick [--threads 2] [--rounds 15]
+    python -m benchmarks.cpp_quick [--threads 2] [--rounds 15] [--decode-rounds 150]
 """
 
 from __future__ import annotations
@@ -44,19 +44,19 @@ def make_problem(num_tokens: int, in_features: int, out_features: int, seed: int
     lang = torch.randint(0, num_languages, (num_tokens,), generator=g)
     x = torch.randn(num_tokens, in_features, generator=g)
     grad_y = torch.randn(num_tokens, out_features, generator=g)
-    return dict(weight=weight, lora_a=lora_a, lora_b=lora_b, rank_offsets=rank_offsets, prune_mask=prune_mask,
-                scales=scales, lang=lang, x=x, grad_y=grad_y, max_rank=max(RANKS))
+    return {"weight": weight, "lora_a": lora_a, "lora_b": lora_b, "rank_offsets": rank_offsets,
+            "prune_mask": prune_mask, "scales": scales, "lang": lang, "x": x, "grad_y": grad_y, "max_rank": max(RANKS)}
 
 
 def naive_loop(x, base_out, p):
-    """The per-language loop of a mixed-adapter batch: mask, gather, two matmuls, scatter."""
+    """The per-language loop of a mixed-adapter batch: mask, gather, two matmuls, scatter-add."""
     y = base_out.clone()
     ro = p["rank_offsets"].tolist()
     for lang_id in range(len(RANKS)):
-        rows = p["lang"] == lang_id
+        rows = (p["lang"] == lang_id).nonzero().squeeze(1)
         a = p["lora_a"][ro[lang_id]:ro[lang_id + 1]]
         b = p["lora_b"][:, ro[lang_id]:ro[lang_id + 1]] * p["prune_mask"][:, ro[lang_id]:ro[lang_id + 1]]
-        y[rows] = y[rows] + p["scales"][lang_id] * ((x[rows] @ a.t()) @ b.t())
+        y.index_add_(0, rows, p["scales"][lang_id] * ((x.index_select(0, rows) @ a.t()) @ b.t()))
     return y
 
 
@@ -115,14 +115,16 @@ def bench(num_tokens: int, shape, train: bool, rounds: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=15, help="rounds of the training (T=2048) cases")
+    parser.add_argument("--decode-rounds", type=int, default=150, help="rounds of the decoding (T=160) cases")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, median of {args.rounds} rounds, times in ms")
-    for num_tokens, train in ((2048, True), (160, False)):
+    print(f"torch {torch.__version__}, {args.threads} threads, {lslo_kernels._C.get_isa()} kernels, "
+          f"{args.rounds} / {args.decode_rounds} rounds, times in ms")
+    for num_tokens, train, rounds in ((2048, True, args.rounds), (160, False, args.decode_rounds)):
         mode = "fwd+bwd" if train else "fwd"
         for shape in SHAPES:
-            for stat, ms in zip(("median", "min"), bench(num_tokens, shape, train, args.rounds)):
+            for stat, ms in zip(("median", "min"), bench(num_tokens, shape, train, rounds)):
                 cols = "  ".join(f"{n} {v:8.2f} ({v / ms['base']:.3f}x)" for n, v in ms.items())
                 print(f"T={num_tokens:5d} {shape[0]:5d}->{shape[1]:<5d} {mode:8s} {stat:6s} {cols}", flush=True)
 

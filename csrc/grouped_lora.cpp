@@ -43,7 +43,8 @@ namespace {
 constexpr int kTokensPerChunk = 8;
 // Rows of dB transposed back per parallel task.
 constexpr int64_t kTransposeRows = 64;
-// Below this many streamed elements the fork/join of a parallel region costs more than it saves.
+// Below this many streamed elements (~10 us of work) run on the calling thread: a fork/join costs
+// a few us even when the other threads are spinning, and much more when they have gone to sleep.
 constexpr int64_t kMinParallelWork = 1 << 15;
 
 // ------------------------------------------------------------------------------------------ checks
@@ -324,9 +325,9 @@ std::vector<acc_t> column_scales(const Problem& p) {
 at::ScalarType accum_type(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
 
 // ------------------------------------------------------------------------------ ISA dispatch
-// The row kernels are instantiated for the baseline ISA and, on x86-64, for AVX2+FMA; measured
-// on an AMD EPYC (2 threads, fp32, T=2048, lang30 ranks) AVX2+FMA halves the op's time
-// (1024->1024: forward 8.1 -> 4.1 ms, backward 13.0 -> 5.6 ms, 1 thread).
+// The kernels are instantiated for the baseline ISA and, on x86-64, for AVX2+FMA, picked at run time
+// (setup.py passes no -march). On an AMD EPYC, fp32, T=2048, lang30 ranks, 1 thread, the AVX2+FMA
+// variant is 1.7-2.4x faster (1024->1024: forward 4.74 -> 2.51 ms, backward 10.19 -> 4.53 ms).
 #if defined(__x86_64__) && defined(__GNUC__)
 #define LSLO_HAVE_AVX2 1
 #else
@@ -384,9 +385,9 @@ std::string set_isa(const std::string& name) {
 // y (forward) and grad_x (backward) are written once and not read again by this op. Non-temporal
 // stores skip reading every line before writing it (a quarter of the traffic of y = base + delta).
 // Measured with the next op reading the output (relu_ on y, add_ on dx), 1 thread, AMD EPYC:
-// at T=2048 (outputs of 8-32 MiB) they save 8-20% (1024->1024 forward 3.46 -> 3.12 ms, 4096->1024
+// at T=2048 (outputs of 8-32 MiB) they save 4-14% (1024->1024 forward 3.46 -> 3.12 ms, 4096->1024
 // backward 17.0 -> 14.8 ms); at T=160 (0.6-2.6 MiB, still in cache for the next op) they cost up to
-// 40%. Hence a size threshold, adjustable for other machines with _C.set_streaming_min_bytes.
+// 50%. Hence a size threshold, adjustable for other machines with _C.set_streaming_min_bytes.
 std::atomic<int64_t>& streaming_min_bytes_setting() {
   static std::atomic<int64_t> bytes{int64_t(8) << 20};
   return bytes;
@@ -403,7 +404,8 @@ bool use_streaming_stores(const at::Tensor& out, int64_t row_length) {
   const auto dtype = out.scalar_type();
   if (dtype != at::kFloat && dtype != at::kBFloat16) return false;
   const int64_t bytes = out.numel() * out.element_size();
-  const bool aligned = reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0 && (row_length * out.element_size()) % 16 == 0;
+  const bool aligned =
+      reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0 && (row_length * out.element_size()) % 16 == 0;
   return aligned && bytes >= streaming_min_bytes();
 }
 
@@ -469,7 +471,7 @@ struct StagedWeights {
 
 // Token by token: h_t = A_l x_t, then y_t = base_t + s (B_l * M_l) h_t in the same visit, while the
 // next token's x and base_out rows are prefetched (gathered rows defeat the hardware prefetcher:
-// without it the forward took 35% longer, T=2048, 1024->4096, fp32, AMD EPYC).
+// without it the forward took 40% longer, T=2048, 1024->4096, fp32, AMD EPYC, 1 thread).
 template <typename scalar_t, typename acc_t>
 LSLO_INLINE void forward_piece(const ForwardArgs<scalar_t, acc_t>& a, const StagedWeights<acc_t>& w, const Piece& piece,
                                ChunkBuffers<acc_t>& buf) {

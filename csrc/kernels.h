@@ -35,8 +35,8 @@ constexpr int dot_unroll() {
   return RB == 1 ? 4 : RB <= 4 ? 2 : 1;
 }
 
-// acc[j] += lane-wise w[j * ldw + i] * x[i] over i < n, for j < RB; the lanes are summed later
-// (finish_dots), so a row can be consumed tile by tile. Prefetches next[0:n) along the way.
+// acc[j] += lane-wise w[j * ldw + i] * x[i] over i < n, for j < RB (the caller zeroes acc and sums
+// its lanes with finish_dots). Prefetches next[0:n) along the way.
 template <int RB, typename acc_t, typename scalar_t>
 LSLO_INLINE void dot_block(const scalar_t* x, const acc_t* w, int64_t ldw, int64_t n, vec_t<acc_t>* acc_io,
                            const scalar_t* next) {

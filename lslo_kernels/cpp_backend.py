@@ -9,12 +9,14 @@ can trace them, and registers the backend. Without ``_C`` the package keeps work
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from .backends import Backend, mark_unavailable, register_backend
 from .reference import accum_dtype
 
-__all__ = ["lora_forward_cpp", "lora_backward_cpp"]
+__all__ = ["lora_backward_cpp", "lora_forward_cpp"]
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -62,10 +64,15 @@ def _register_fakes() -> None:
         )
 
 
+_BUILD_COMMAND = "`pip install --no-build-isolation -e .` (with torch installed first)"
+
 try:
     from . import _C  # noqa: F401  (importing it registers torch.ops.lslo_cpp.*)
 except ImportError as exc:  # the package works without it, on the reference backend
-    mark_unavailable("cpp", f"C++ extension lslo_kernels._C not built ({exc}); run `pip install --no-build-isolation -e .`")
+    if importlib.util.find_spec(f"{__package__}._C") is None:
+        mark_unavailable("cpp", f"C++ extension lslo_kernels._C is not built; build it with {_BUILD_COMMAND}")
+    else:  # built, but e.g. against another torch
+        mark_unavailable("cpp", f"C++ extension lslo_kernels._C failed to load ({exc}); rebuild it with {_BUILD_COMMAND}")
 else:
     _register_fakes()
     register_backend(
