@@ -13,7 +13,7 @@ fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 # torch is pinned to the CPU wheel on purpose: an open range pulls a multi-GB CUDA build.
 # On a GPU machine install the CUDA build of the same version first; this line then keeps it.
-python -m pip install -q "torch==2.13.0" setuptools wheel pybind11 ninja
+python -m pip install -q "torch==2.13.0" "setuptools>=70.1" wheel pybind11 ninja
 echo "[lslo] installing lslo (+ C++ extension) and dev dependencies"
 python -m pip install -q --no-build-isolation -e ".[dev]"
 python - <<'PY'
