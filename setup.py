@@ -8,8 +8,9 @@ with build isolation off (torch first, see README):
     python setup.py build_ext --inplace            # rebuild _C alone while developing
 
 The package installs and imports without the extension: when torch is missing at build time, when
-``LSLO_SKIP_CPP=1``, or when the compiler fails, a warning is printed and ``lslo_kernels`` falls
-back to its pure-PyTorch ``reference`` backend (``LSLO_REQUIRE_CPP=1`` turns a failure into an error).
+``LSLO_SKIP_CPP=1``, or when the compiler fails, a warning is printed (pip shows it with ``-v``)
+and ``lslo_kernels`` falls back to its pure-PyTorch ``reference`` backend, saying why when the
+``cpp`` backend is asked for. ``LSLO_REQUIRE_CPP=1`` (CI) turns a failed build into an error.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from setuptools import setup
 
 _SOURCES = ["csrc/grouped_lora.cpp"]
 _DEPENDS = ["csrc/kernels.h", "csrc/simd.h", "csrc/transpose.h"]
-# No -march=native: the wheel/CI machine is not the machine that runs it. Plain -O3 vectorises the
-# kernels' lane loops for the baseline ISA (see csrc/simd.h).
+# No -march=native: the machine that builds is not necessarily the one that runs. -O3 vectorises
+# the kernels for the baseline ISA, and grouped_lora.cpp compiles a second, AVX2+FMA variant through
+# function target attributes, chosen at run time by CPU detection (see csrc/simd.h).
 _CXX_FLAGS = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi"]
 _LINK_FLAGS = ["-fopenmp"]
 

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = Options(device=str(device), dtype=_DTYPES[args.dtype], threads=args.threads, seed=args.seed,
                    measure_memory=not args.no_memory, providers=providers)
     if args.quick:  # keeps --quick within 10 min on a busy 2-core machine
-        opts.retry_until_s, opts.deadline_s, opts.quiet_wait_s = 360.0, 420.0, 30.0
+        opts.retry_until_s, opts.deadline_s, opts.quiet_wait_s, opts.hard_stop_s = 360.0, 420.0, 30.0, 540.0
     else:
         opts.warmup, opts.min_reps, opts.max_reps, opts.budget_s = 1, 5, 15, 45.0
     if args.reps is not None:

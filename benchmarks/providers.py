@@ -332,6 +332,7 @@ class PreparedProvider:
         skip_training_reason: why not, when it cannot.
         packed_grads: after a backward, the gradients of ``params`` in lslo's packed layout,
             (R, k) and (d, R), so that tests compare them with the reference's.
+        has_prep: whether ``prepare`` does any work (its time is then reported).
     """
 
     name: str
@@ -341,6 +342,7 @@ class PreparedProvider:
     training: bool = True
     skip_training_reason: str = ""
     packed_grads: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
+    has_prep: bool = True  # False: ``prepare`` passes the ids through (nothing to report)
 
     def __post_init__(self):
         if self.packed_grads is None and len(self.params) == 2:
@@ -436,7 +438,8 @@ def prepare_provider(name: str, problem: LayerProblem) -> PreparedProvider:
     p = problem
     base = p.base
     if name == "base":
-        return PreparedProvider(name, [], prepare=lambda lang: None, run=lambda x, meta: base_linear(x, base))
+        return PreparedProvider(name, [], prepare=lambda lang: None, run=lambda x, meta: base_linear(x, base),
+                                has_prep=False)
 
     if name == "naive":
         a, b = p.lora_a.clone(), p.lora_b.clone()
@@ -444,6 +447,7 @@ def prepare_provider(name: str, problem: LayerProblem) -> PreparedProvider:
         return PreparedProvider(
             name, [a, b], prepare=lambda lang: lang,
             run=lambda x, lang: naive_loop(x, base, a, b, p.prune_mask, p.scales, ranks, lang),
+            has_prep=False,  # it finds each language's tokens inside every layer call
         )
 
     if name == "peft":

@@ -80,6 +80,8 @@ def _time_table(groups, providers, notes: _Footnotes, with_sweep_x=False) -> lis
         contenders = {p: t for p, t in times.items() if p != "base" and t is not None}
         best = min(contenders, key=contenders.get) if contenders else None
         cells = [case, mode]
+        if "skipped" in by_provider.get("-", {}):
+            cells[0] += " " + notes.ref(by_provider["-"]["skipped"]["note"])
         foreign = _num(by_provider.get("-", {}).get("foreign_cpu", {}).get("p50"))
         if foreign is not None and foreign > NOISY:
             cells[0] += " " + notes.ref(f"other processes used {foreign:.0%} of the CPU while this case "
@@ -121,7 +123,8 @@ def _memory_table(groups, providers) -> list[str]:
 
 
 def _prep_table(groups, providers) -> list[str]:
-    providers = [p for p in providers if p != "base"]
+    providers = [p for p in providers
+                 if any("prep_ms" in by_provider.get(p, {}) for by_provider in groups.values())]
     head = ["case", *(_header_name(p) for p in providers)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     seen = set()
@@ -148,6 +151,7 @@ def render(rows: list[dict], run_id: str | None = None) -> str:
     present = {r["provider"] for r in layer} - {"-"}  # "-": per-case rows (foreign_cpu)
     providers = [p for p in PROVIDER_ORDER if p in present] + sorted(present - set(PROVIDER_ORDER))
     first = layer[0] if layer else run[0]
+    foreign = [v for v in (_num(r["p50"]) for r in layer if r["metric"] == "foreign_cpu") if v is not None]
     mode = suite[0]["mode"] if suite else "?"
     wall = _num(suite[0]["p50"]) if suite else None
     out = [
@@ -155,7 +159,7 @@ def render(rows: list[dict], run_id: str | None = None) -> str:
          f"{first['device_name']}, {first['threads']} threads, {first['dtype']}, "
          f"torch {first['torch_version']}, lslo {first['lslo_version']}, git `{first['git_rev']}`. "
          f"lslo backends measured: {', '.join(p for p in LSLO if p in present) or 'none'}."
-         + (f" Machine: {suite[0]['note'].split(';')[0]}." if suite and "load" in suite[0]["note"] else "")),
+         + (f" Other processes took at most {max(foreign):.0%} of the CPU during a case." if foreign else "")),
         "",
         ("Cells: median time of one layer call, `(ratio to base)` in parentheses, the fastest "
          "provider other than `base` in bold. `fwd` = inference forward (`no_grad`); `fwd+bwd` = "

@@ -185,6 +185,16 @@ def test_a_crashing_backend_is_excluded_not_fatal(monkeypatch):
     assert any(r["provider"] == "naive" and r["metric"] == "time_ms" for r in rows)
 
 
+def test_time_cap_records_unmeasured_cases(tmp_path):
+    cases = [Case("headline", "shape", 32, 48, 40, modes=("fwd",)), Case("T_decode", "T", 32, 48, 7, modes=("fwd",))]
+    opts = Options(threads=1, hard_stop_s=0.0, log=lambda msg: None)
+    run_suite(cases, opts, tmp_path, tmp_path / "README.md", mode_name="test")
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    skipped = [r for r in rows if r["op"] == "lslo_linear"]
+    assert len(skipped) == 2 and all(r["metric"] == "skipped" and "cap" in r["note"] for r in skipped)
+    assert "not measured" in (tmp_path / "README.md").read_text()
+
+
 def test_cli_lists_cases_and_rejects_unknown_provider(capsys):
     from benchmarks.__main__ import main
 
