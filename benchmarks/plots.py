@@ -145,6 +145,21 @@ def plot_all(csv_path: Path, out_dir: Path, run_id: str | None = None) -> list[P
         plt.close(fig)
         written.append(path)
 
+    def panel_figure(panels, panel_width, draw, name, title):
+        # One subplot per panel key, spare grid cells blanked, one legend for the figure.
+        nrows, ncols = _grid(len(panels))
+        fig, axes = plt.subplots(nrows, ncols, figsize=(panel_width * ncols, 3.8 * nrows), squeeze=False)
+        for ax, (key, content) in zip(axes.flat, panels.items()):
+            draw(ax, key, content)
+        for ax in list(axes.flat)[len(panels):]:
+            ax.axis("off")
+        _legend(fig, axes.flat)
+        save(fig, name, title)
+
+    def with_several_x(series):
+        # A line needs two x values: drop groups where every provider has a single point.
+        return OrderedDict((k, v) for k, v in series.items() if any(len({x for x, _ in pts}) > 1 for pts in v.values()))
+
     # 1. headline: ratio vs base per shape, one panel per (mode, T)
     ratios = _metric(rows, "ratio_vs_base")
     panels: OrderedDict = OrderedDict()
@@ -152,14 +167,9 @@ def plot_all(csv_path: Path, out_dir: Path, run_id: str | None = None) -> list[P
         panels.setdefault((r["mode"], r["tokens"]), OrderedDict()).setdefault(
             f"{r['in_features']}->{r['out_features']}", {})[r["provider"]] = r
     if panels:
-        nrows, ncols = _grid(len(panels))
-        fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 3.8 * nrows), squeeze=False)
-        for ax, ((mode, tokens), groups) in zip(axes.flat, panels.items()):
-            _bars(ax, groups, providers, f"{mode}, T={tokens}, lang30")
-        for ax in list(axes.flat)[len(panels):]:
-            ax.axis("off")
-        _legend(fig, axes.flat)
-        save(fig, "ratio_vs_base.png", "Layer time / frozen base nn.Linear time (lower is better, 1 = free)")
+        panel_figure(panels, 5.5,
+                     lambda ax, key, groups: _bars(ax, groups, providers, f"{key[0]}, T={key[1]}, lang30"),
+                     "ratio_vs_base.png", "Layer time / frozen base nn.Linear time (lower is better, 1 = free)")
 
     times = _metric(rows, "time_ms")
     # 2. time vs T at the lang30 / uniform / 30-language point
@@ -168,34 +178,23 @@ def plot_all(csv_path: Path, out_dir: Path, run_id: str | None = None) -> list[P
         if r["ranks"] == "lang30" and r["spread"] == "uniform" and r["languages"] == "30":
             key = (r["mode"], f"{r['in_features']}->{r['out_features']}")
             t_series.setdefault(key, defaultdict(list))[r["provider"]].append((int(r["tokens"]), r))
-    t_series = OrderedDict((k, v) for k, v in t_series.items()
-                           if any(len({x for x, _ in pts}) > 1 for pts in v.values()))
+    t_series = with_several_x(t_series)
     if t_series:
-        nrows, ncols = _grid(len(t_series))
-        fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.8 * nrows), squeeze=False)
-        for ax, ((mode, shape), series) in zip(axes.flat, t_series.items()):
-            _lines(ax, series, providers, "tokens T", f"{mode}, {shape}, lang30")
-        for ax in list(axes.flat)[len(t_series):]:
-            ax.axis("off")
-        _legend(fig, axes.flat)
-        save(fig, "time_vs_T.png", "Time per layer call against batch size")
+        panel_figure(t_series, 5,
+                     lambda ax, key, series: _lines(ax, series, providers, "tokens T", f"{key[0]}, {key[1]}, lang30"),
+                     "time_vs_T.png", "Time per layer call against batch size")
 
     # 3. time vs L
     l_series: OrderedDict = OrderedDict()
     for r in (r for r in times if r["sweep"] == "L"):
         key = (r["mode"], r["tokens"], r["ranks"], f"{r['in_features']}->{r['out_features']}")
         l_series.setdefault(key, defaultdict(list))[r["provider"]].append((int(r["languages"]), r))
-    l_series = OrderedDict((k, v) for k, v in l_series.items()
-                           if any(len({x for x, _ in pts}) > 1 for pts in v.values()))
+    l_series = with_several_x(l_series)
     if l_series:
-        nrows, ncols = _grid(len(l_series))
-        fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.8 * nrows), squeeze=False)
-        for ax, ((mode, tokens, ranks, shape), series) in zip(axes.flat, l_series.items()):
-            _lines(ax, series, providers, "languages L", f"{mode}, T={tokens}, {shape}, ranks {ranks}")
-        for ax in list(axes.flat)[len(l_series):]:
-            ax.axis("off")
-        _legend(fig, axes.flat)
-        save(fig, "time_vs_L.png", "Time per layer call against the number of languages")
+        panel_figure(l_series, 5,
+                     lambda ax, key, series: _lines(ax, series, providers, "languages L",
+                                                    f"{key[0]}, T={key[1]}, {key[3]}, ranks {key[2]}"),
+                     "time_vs_L.png", "Time per layer call against the number of languages")
 
     # 4. categorical sweeps: ratio vs base
     for sweep in ("spread", "spread_L100", "ranks", "density"):
@@ -205,14 +204,9 @@ def plot_all(csv_path: Path, out_dir: Path, run_id: str | None = None) -> list[P
             panels.setdefault(key, OrderedDict()).setdefault(r["x_value"], {})[r["provider"]] = r
         if not panels:
             continue
-        nrows, ncols = _grid(len(panels))
-        fig, axes = plt.subplots(nrows, ncols, figsize=(6 * ncols, 3.8 * nrows), squeeze=False)
-        for ax, ((mode, tokens, shape), groups) in zip(axes.flat, panels.items()):
-            _bars(ax, groups, providers, f"{mode}, T={tokens}, {shape}")
-        for ax in list(axes.flat)[len(panels):]:
-            ax.axis("off")
-        _legend(fig, axes.flat)
-        save(fig, f"ratio_{sweep}.png", f"Layer time / base time across {sweep}")
+        panel_figure(panels, 6,
+                     lambda ax, key, groups: _bars(ax, groups, providers, f"{key[0]}, T={key[1]}, {key[2]}"),
+                     f"ratio_{sweep}.png", f"Layer time / base time across {sweep}")
     return written
 
 

@@ -15,7 +15,6 @@ from lslo.cli import main, read_tsv
 from tests.hf_fixtures import (
     make_sentences,
     make_tokenizer,
-    one_thread,
     randomize_adapters,
     tiny_model,
 )
@@ -24,10 +23,7 @@ SRC = ["en", "fr", "oc", "de", "fr"]
 TGT = ["fr", "oc", "en", "en", "de"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("hf_one_thread")
 
 
 @pytest.fixture(scope="module")

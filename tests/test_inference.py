@@ -13,8 +13,6 @@ from lslo import LSLoConfig
 from lslo.inference import ForcedLanguageTokens
 from tests.hf_fixtures import (
     make_sentences,
-    make_tokenizer,
-    one_thread,
     randomize_adapters,
     tiny_model,
 )
@@ -27,15 +25,7 @@ TGT = ["fr", "oc", "en", "wo", "de", "fr", "de", "en", "wo", "fr"]
 MAX_NEW = 12
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return make_tokenizer(tmp_path_factory.mktemp("spm"))
+pytestmark = pytest.mark.usefixtures("hf_one_thread")
 
 
 @pytest.fixture(scope="module")

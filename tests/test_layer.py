@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import lslo
-from lslo_kernels import lora_forward_reference, build_routing
+from lslo_kernels import build_routing, lora_forward_reference
 
 
 def _layer(in_f=16, out_f=12, ranks=(2, 8, 3), seed=0, **kw):

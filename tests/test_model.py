@@ -17,8 +17,6 @@ from tests.hf_fixtures import (
     encode_pairs,
     m2m124_config,
     make_sentences,
-    make_tokenizer,
-    one_thread,
     randomize_adapters,
     tiny_model,
 )
@@ -30,15 +28,7 @@ SRC = ["en", "fr", "oc", "de", "en", "oc", "fr"]
 TGT = ["fr", "oc", "en", "en", "de", "fr", "de"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return make_tokenizer(tmp_path_factory.mktemp("spm"))
+pytestmark = pytest.mark.usefixtures("hf_one_thread")
 
 
 @pytest.fixture(scope="module")
