@@ -1,0 +1,901 @@
+"""Evaluation by direction group: spBLEU, chrF++ and BLEU per direction, the paper's tables and curves.
+
+- :class:`Scorer` scores one direction with sacrebleu: spBLEU (BLEU over the FLORES-101
+  SentencePiece tokenization, sacrebleu's ``tokenize="flores101"``), chrF++ (``CHRF(word_order=2)``)
+  and BLEU (``13a``). sacrebleu downloads the SentencePiece model on first use; where it cannot
+  (no network, no file in its cache, no ``spm_model``) spBLEU is not reported, the user is told so
+  once, and chrF++ and BLEU are reported under their own names.
+- :func:`evaluate` translates every (direction, sentence) request of a multi-way parallel test set
+  with one :func:`lslo.translate` call (mixed-direction batches), sharded across processes under
+  ``accelerate``, and scores each direction: one row per direction.
+- :func:`group_table` / :func:`format_table` give the paper's table (Tables 1-4): one column per
+  direction group (H2H, H2M, ..., V2V in H, M, L, V order) and two averages, each labelled: the
+  mean over directions and the mean of the group means (they differ when groups have different
+  numbers of directions: lang12 has 12 H2H directions and 6 V2V ones).
+- :func:`write_scores` writes per-direction CSV and JSON atomically; :func:`plot_epoch_curves`
+  draws Figure 3 (H2H and V2V per epoch), :func:`plot_group_bars` a bar chart of the table.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from sacrebleu.metrics import BLEU, CHRF
+from sacrebleu.tokenizers import tokenizer_spm
+
+from .config import GROUP_ORDER, RESOURCE_GROUPS, LSLoConfig
+
+__all__ = [
+    "METRICS",
+    "METRIC_LABELS",
+    "Scorer",
+    "direction_group",
+    "evaluate",
+    "flores101_spm_cache_path",
+    "format_table",
+    "group_columns",
+    "group_table",
+    "plot_epoch_curves",
+    "plot_group_bars",
+    "score_directions",
+    "write_scores",
+]
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("spbleu", "chrf++", "bleu")
+METRIC_LABELS = {"spbleu": "spBLEU", "chrf++": "chrF++", "bleu": "BLEU"}
+_SPM_KEY = "flores101"
+_SPM_URL = tokenizer_spm.SPM_MODELS[_SPM_KEY]["url"]
+AVG_DIRECTIONS = "AVG (directions)"
+AVG_GROUPS = "AVG (groups)"
+
+# "Say so once": one process-wide flag, so that an evaluation every epoch doesn't repeat it.
+_warned_no_spm = False
+
+GroupOf = Callable[[str], "str | None"] | Mapping[str, str] | LSLoConfig
+
+
+# ----------------------------------------------------------------------------------------- scoring
+def flores101_spm_cache_path() -> Path:
+    """Where sacrebleu's ``flores101`` tokenizer looks for its SentencePiece model (and downloads it).
+
+    ``$SACREBLEU/models/sacrebleu_tokenizer_spm.model`` (``$SACREBLEU`` defaults to ``~/.sacrebleu``);
+    read from sacrebleu's own module at call time, so it follows sacrebleu's setting.
+    """
+    return Path(tokenizer_spm.SACREBLEU_DIR, "models", os.path.basename(_SPM_URL))
+
+
+class _FileSPMTokenizer(tokenizer_spm.TokenizerSPM):
+    """sacrebleu's ``flores101`` tokenizer loaded from a given file instead of its cache/URL.
+
+    Only ``__init__`` differs: tokenization (``__call__``: the pieces joined by spaces) and the
+    signature (``tok:flores101``) are sacrebleu's own, so the BLEU is exactly sacrebleu's spBLEU.
+    """
+
+    def __init__(self, model_file: Path):  # no super().__init__(): it would download
+        import sentencepiece
+
+        self.name = tokenizer_spm.SPM_MODELS[_SPM_KEY]["signature"]
+        self.sp = sentencepiece.SentencePieceProcessor()
+        try:
+            self.sp.Load(str(model_file))
+        except (OSError, RuntimeError) as exc:  # which one depends on the sentencepiece version
+            raise ValueError(f"spm_model {str(model_file)!r} is not a SentencePiece model: {exc}") from None
+
+
+def _warn_no_spm(reason: str) -> None:
+    global _warned_no_spm
+    if _warned_no_spm:
+        return
+    _warned_no_spm = True
+    logger.warning(
+        "spBLEU is not reported: %s; chrF++ and BLEU are reported instead, under their own names. To get "
+        "spBLEU, pass --spm-model PATH (spm_model=PATH) with the FLORES-101 SentencePiece model (%s), or put "
+        "that file at %s.", reason, _SPM_URL, flores101_spm_cache_path(),
+    )
+
+
+class Scorer:
+    """Corpus-level spBLEU, chrF++ and BLEU of one direction, all computed by sacrebleu.
+
+    Args:
+        spm_model: path of the FLORES-101 SentencePiece model (``sacrebleu_tokenizer_spm.model``).
+            It must exist (else ValueError naming it). None: use sacrebleu's cache
+            (:func:`flores101_spm_cache_path`) when the file is there; otherwise spBLEU is not
+            reported (``has_spbleu`` False) and a warning says so once per process.
+        download: when neither exists, let sacrebleu download the model into its cache (needs the
+            internet); a failed download is reported like a missing model.
+        warn: log the "spBLEU is not reported" warning (False on non-main processes).
+
+    Attributes:
+        has_spbleu: whether :meth:`score` returns spBLEU.
+        spm_model: the SentencePiece model used, or None.
+        metrics: the metric names scored, in :data:`METRICS` order.
+    """
+
+    def __init__(self, spm_model: str | os.PathLike | None = None, *, download: bool = False, warn: bool = True):
+        self._bleu = BLEU()
+        self._chrf = CHRF(word_order=2)
+        self._spbleu: BLEU | None = None
+        self.spm_model: Path | None = None
+        reason = None
+        if spm_model is not None:
+            path = Path(spm_model).expanduser()
+            if not path.is_file():
+                raise ValueError(f"spm_model {str(path)!r}: no such file (the FLORES-101 SentencePiece model)")
+            self.spm_model = path
+        elif flores101_spm_cache_path().is_file():
+            self.spm_model = flores101_spm_cache_path()
+        elif download:
+            try:
+                tokenizer_spm.Flores101Tokenizer()  # sacrebleu downloads into its cache
+                self.spm_model = flores101_spm_cache_path()
+            except (OSError, RuntimeError, SystemExit) as exc:  # URLError is an OSError; SSL errors sys.exit
+                reason = f"the FLORES-101 SentencePiece model could not be downloaded ({exc})"
+        else:
+            reason = (f"no FLORES-101 SentencePiece model was given and sacrebleu's cache has none "
+                      f"({flores101_spm_cache_path()})")
+        if self.spm_model is not None:
+            bleu = BLEU(tokenize="none")
+            bleu.tokenizer = _FileSPMTokenizer(self.spm_model)
+            bleu.tokenizer_signature = bleu.tokenizer.signature()
+            self._spbleu = bleu
+        elif warn:
+            _warn_no_spm(reason)
+        for metric in self._metric_objects():
+            # sacrebleu learns the number of references from the first corpus scored; we always give
+            # one, so set it now and signatures() works before any scoring.
+            metric.num_refs = 1
+
+    def _metric_objects(self):
+        return [m for m in (self._spbleu, self._chrf, self._bleu) if m is not None]
+
+    @property
+    def has_spbleu(self) -> bool:
+        return self._spbleu is not None
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return METRICS if self.has_spbleu else METRICS[1:]
+
+    def score(self, hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float | None]:
+        """Corpus scores of one direction.
+
+        Args:
+            hypotheses: N translations.
+            references: N reference sentences (one reference each), N >= 1.
+
+        Returns:
+            ``{"spbleu": float | None, "chrf++": float, "bleu": float}`` on sacrebleu's 0-100 scale;
+            spbleu is None when :attr:`has_spbleu` is False.
+        """
+        hypotheses, references = _check_sentences(hypotheses, "hypotheses"), _check_sentences(references, "references")
+        if len(hypotheses) != len(references):
+            raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
+        if not hypotheses:
+            raise ValueError("nothing to score: no hypotheses")
+        refs = [references]
+        return {
+            "spbleu": self._spbleu.corpus_score(hypotheses, refs).score if self._spbleu is not None else None,
+            "chrf++": self._chrf.corpus_score(hypotheses, refs).score,
+            "bleu": self._bleu.corpus_score(hypotheses, refs).score,
+        }
+
+    def signatures(self) -> dict[str, str]:
+        """sacrebleu's signature of each metric scored, e.g. ``{"spbleu": "nrefs:1|case:mixed|...|tok:flores101|..."}``."""
+        out = {"spbleu": str(self._spbleu.get_signature())} if self._spbleu is not None else {}
+        out["chrf++"] = str(self._chrf.get_signature())
+        out["bleu"] = str(self._bleu.get_signature())
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """What :func:`write_scores` records: metrics, signatures, the SentencePiece file and its sha256."""
+        info: dict[str, Any] = {"metrics": list(self.metrics), "signatures": self.signatures(), "spm_model": None}
+        if self.spm_model is not None:
+            info["spm_model"] = str(self.spm_model)
+            info["spm_model_sha256"] = hashlib.sha256(self.spm_model.read_bytes()).hexdigest()
+        return info
+
+
+def _check_sentences(values, name: str) -> list[str]:
+    if isinstance(values, str):
+        raise TypeError(f"{name} must be a list of sentences, not one string")
+    values = list(values)
+    for i, value in enumerate(values):
+        if not isinstance(value, str):
+            raise TypeError(f"{name}[{i}] must be a str, got {type(value).__name__}")
+    return values
+
+
+# ------------------------------------------------------------------------------- direction groups
+def _group_function(group_of: GroupOf | None) -> Callable[[str], str]:
+    """A code -> group function that raises ValueError for a language without a group."""
+    if group_of is None:
+        lookup = RESOURCE_GROUPS.get
+    elif isinstance(group_of, LSLoConfig):
+        lookup = group_of.group_of
+    elif isinstance(group_of, Mapping):
+        lookup = group_of.get
+    elif callable(group_of):
+        lookup = group_of
+    else:
+        raise TypeError(f"group_of must be a callable, a mapping or an LSLoConfig, got {type(group_of).__name__}")
+
+    def group(code: str) -> str:
+        label = lookup(code)
+        if not isinstance(label, str) or not label:
+            raise ValueError(f"language {code!r} has no resource group (H, M, L, V); pass group_of={{code: group}}")
+        return label
+
+    return group
+
+
+def direction_group(src: str, tgt: str, group_of: GroupOf | None = None) -> str:
+    """The direction-group label of ``src -> tgt``: ``"H2M"`` for a high- to a medium-resource language.
+
+    Args:
+        src, tgt: language codes.
+        group_of: code -> resource group: a callable, a mapping or an :class:`LSLoConfig`
+            (its ``group_of``); default the paper's table (:data:`lslo.config.RESOURCE_GROUPS`).
+    """
+    group = _group_function(group_of)
+    return f"{group(src)}2{group(tgt)}"
+
+
+def _group_rank(label: str) -> tuple[int, str]:
+    return (GROUP_ORDER.index(label), "") if label in GROUP_ORDER else (len(GROUP_ORDER), label)
+
+
+def group_columns(groups: Iterable[str]) -> list[str]:
+    """Column labels for the resource groups present, in H, M, L, V order (other labels after, sorted).
+
+    ``["H", "M", "V"]`` -> ``["H2H", "H2M", "H2V", "M2H", "M2M", "M2V", "V2H", "V2M", "V2V"]``.
+    """
+    present = sorted(set(groups), key=_group_rank)
+    return [f"{a}2{b}" for a in present for b in present]
+
+
+def _column_key(label: str):
+    src, _, tgt = label.partition("2")
+    return (_group_rank(src), _group_rank(tgt))
+
+
+# -------------------------------------------------------------------------------- per-direction rows
+def _direction(item) -> tuple[str, str]:
+    if isinstance(item, str) and item.count("-") == 1:
+        item = tuple(item.split("-"))
+    if not (isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(c, str) and c for c in item)):
+        raise ValueError(f"a direction must be a (src, tgt) pair of language codes or 'src-tgt', got {item!r}")
+    src, tgt = item
+    if src == tgt:
+        raise ValueError(f"direction {src}-{tgt}: source and target are the same language")
+    return src, tgt
+
+
+def _check_directions(directions) -> list[tuple[str, str]]:
+    if directions is None or isinstance(directions, str):
+        raise ValueError(f"directions must be a list of (src, tgt) pairs, got {directions!r}")
+    checked = [_direction(d) for d in directions]
+    if not checked:
+        raise ValueError("directions is empty: nothing to evaluate")
+    seen = set()
+    for d in checked:
+        if d in seen:
+            raise ValueError(f"direction {d[0]}-{d[1]} is listed twice")
+        seen.add(d)
+    return checked
+
+
+def score_directions(
+    hypotheses: Mapping[tuple[str, str], Sequence[str]],
+    references: Mapping[tuple[str, str], Sequence[str]],
+    *,
+    scorer: Scorer | None = None,
+    group_of: GroupOf | None = None,
+    keep_hypotheses: bool = False,
+) -> list[dict[str, Any]]:
+    """Score each direction's translations against its references.
+
+    Args:
+        hypotheses: (src, tgt) -> N translations, in the order the rows should have.
+        references: (src, tgt) -> N references for every direction of ``hypotheses``.
+        scorer: the :class:`Scorer` (default ``Scorer()``: spBLEU when sacrebleu's cache has the model).
+        group_of: code -> resource group (see :func:`direction_group`).
+        keep_hypotheses: add each row's translations under ``"hypotheses"``.
+
+    Returns:
+        One row per direction: ``{"src", "tgt", "direction": "src-tgt", "group": "H2M", "n",
+        "spbleu": float | None, "chrf++", "bleu"}`` (+ ``"hypotheses"``).
+    """
+    directions = _check_directions(list(hypotheses))
+    group = _group_function(group_of)
+    for src, tgt in directions:  # every check before any scoring
+        if (src, tgt) not in references:
+            raise ValueError(f"no references for direction {src}-{tgt}")
+        group(src), group(tgt)
+    scorer = scorer if scorer is not None else Scorer()
+    rows = []
+    for src, tgt in directions:
+        hyps = _check_sentences(hypotheses[(src, tgt)], f"hypotheses[{src}-{tgt}]")
+        refs = _check_sentences(references[(src, tgt)], f"references[{src}-{tgt}]")
+        if len(hyps) != len(refs):
+            raise ValueError(f"direction {src}-{tgt}: {len(hyps)} hypotheses for {len(refs)} references")
+        if not hyps:
+            raise ValueError(f"direction {src}-{tgt}: no sentences")
+        row = {"src": src, "tgt": tgt, "direction": f"{src}-{tgt}", "group": f"{group(src)}2{group(tgt)}",
+               "n": len(hyps), **scorer.score(hyps, refs)}
+        if keep_hypotheses:
+            row["hypotheses"] = hyps
+        rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ tables
+def _check_metric(metric: str) -> str:
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    return metric
+
+
+def _has(rows: Sequence[Mapping], metric: str) -> bool:
+    return all(row.get(metric) is not None for row in rows)
+
+
+def _default_metrics(row_sets: Iterable[Sequence[Mapping]]) -> tuple[str, ...]:
+    """spBLEU where every row has it; otherwise chrF++ and BLEU (never a table labelled spBLEU without it)."""
+    return ("spbleu",) if all(_has(rows, "spbleu") for rows in row_sets) else ("chrf++", "bleu")
+
+
+def group_table(rows: Sequence[Mapping[str, Any]], *, metric: str | None = None,
+                group_of: GroupOf | None = None) -> dict[str, Any]:
+    """Mean score per direction group, and the two averages.
+
+    Args:
+        rows: per-direction rows (:func:`score_directions` / :func:`evaluate`); each needs src,
+            tgt and the metric (and uses its ``group`` unless ``group_of`` is given).
+        metric: "spbleu", "chrf++" or "bleu"; default spbleu when every row has it, else chrf++.
+        group_of: code -> resource group, to regroup the rows.
+
+    Returns:
+        ``{"metric", "label", "columns": ["H2H", ...] (groups present, H, M, L, V order),
+        "scores": {column: mean}, "directions": {column: count}, "num_directions",
+        "avg_directions": mean over all directions, "avg_groups": mean of the column means}``.
+    """
+    rows = list(rows)
+    if not rows:
+        raise ValueError("no rows to tabulate")
+    metric = _check_metric(metric) if metric is not None else _default_metrics([rows])[0]
+    if not _has(rows, metric):
+        missing = next(f"{r.get('src')}-{r.get('tgt')}" for r in rows if r.get(metric) is None)
+        if metric == "spbleu":
+            raise ValueError(f"spBLEU is not available (direction {missing} has none: no SentencePiece model was "
+                             "used); tabulate chrf++ or bleu")
+        raise ValueError(f"direction {missing} has no {metric} score")
+    group = _group_function(group_of)
+    by_column: dict[str, list[float]] = {}
+    for row in rows:
+        label = row.get("group") if group_of is None and row.get("group") else f"{group(row['src'])}2{group(row['tgt'])}"
+        by_column.setdefault(label, []).append(float(row[metric]))
+    columns = sorted(by_column, key=_column_key)
+    scores = {c: math.fsum(by_column[c]) / len(by_column[c]) for c in columns}
+    values = [v for c in columns for v in by_column[c]]
+    return {
+        "metric": metric,
+        "label": METRIC_LABELS[metric],
+        "columns": columns,
+        "scores": scores,
+        "directions": {c: len(by_column[c]) for c in columns},
+        "num_directions": len(values),
+        "avg_directions": math.fsum(values) / len(values),
+        "avg_groups": math.fsum(scores.values()) / len(scores),
+    }
+
+
+def _systems(systems) -> list[tuple[str, Any]]:
+    items = list(systems.items()) if isinstance(systems, Mapping) else [tuple(s) for s in systems]
+    if not items:
+        raise ValueError("no systems to tabulate")
+    for item in items:
+        if len(item) != 2 or not isinstance(item[0], str):
+            raise ValueError(f"systems must map a name to its rows, got {item!r}")
+    return items
+
+
+def _is_table(entry) -> bool:
+    return isinstance(entry, Mapping) and "scores" in entry and "avg_groups" in entry
+
+
+def _format_params(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, int) and not isinstance(value, bool):
+        for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+            if value >= scale:
+                return f"{value / scale:.1f}{suffix}"
+        return str(value)
+    return str(value)
+
+
+def _render(header: list[str], body: list[list[str]], style: str) -> str:
+    if style == "markdown":
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in body]
+        return "\n".join(lines)
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(r) for r in body)])
+
+
+def format_table(
+    systems: Mapping[str, Any] | Sequence[tuple[str, Any]],
+    *,
+    metric: str | Sequence[str] | None = None,
+    params: Mapping[str, int | str | None] | None = None,
+    style: str = "markdown",
+    digits: int = 2,
+    group_of: GroupOf | None = None,
+) -> str:
+    """The paper's table: one row per system, one column per direction group, then both averages.
+
+    Args:
+        systems: name -> per-direction rows (or a :func:`group_table` result), in display order.
+        metric: one metric or several (one table each). Default: spBLEU when every system has it;
+            otherwise a chrF++ table and a BLEU table (nothing is labelled spBLEU without it).
+        params: name -> trainable parameters (int, shown as 15.3M, or a string); adds a #Params column.
+        style: "markdown" or "plain" (aligned columns for a terminal).
+        digits: decimals shown.
+        group_of: code -> resource group, to regroup rows.
+
+    Returns:
+        The table(s) as text; the metric names the first header cell, and a note under each table
+        says what each AVG is.
+    """
+    if style not in ("markdown", "plain"):
+        raise ValueError(f"style must be 'markdown' or 'plain', got {style!r}")
+    items = _systems(systems)
+    if metric is None:
+        row_sets = [entry for _, entry in items if not _is_table(entry)]
+        metrics = _default_metrics(row_sets)
+        if any(_is_table(entry) for _, entry in items):
+            metrics = (items[0][1]["metric"],) if _is_table(items[0][1]) else metrics
+    else:
+        metrics = (metric,) if isinstance(metric, str) else tuple(metric)
+        if not metrics:
+            raise ValueError("metric: empty list")
+    blocks = []
+    for name in metrics:
+        _check_metric(name)
+        tables = []
+        for system, entry in items:
+            if _is_table(entry):
+                if entry["metric"] != name:
+                    raise ValueError(f"system {system!r} was tabulated with {entry['metric']}, not {name}")
+                tables.append(entry)
+            else:
+                tables.append(group_table(entry, metric=name, group_of=group_of))
+        columns = sorted({c for t in tables for c in t["columns"]}, key=_column_key)
+        header = [METRIC_LABELS[name]] + (["#Params"] if params is not None else []) + columns
+        header += [AVG_DIRECTIONS, AVG_GROUPS]
+        body = []
+        for (system, _), table in zip(items, tables):
+            cells = [system] + ([_format_params(params.get(system))] if params is not None else [])
+            cells += [f"{table['scores'][c]:.{digits}f}" if c in table["scores"] else "-" for c in columns]
+            cells += [f"{table['avg_directions']:.{digits}f}", f"{table['avg_groups']:.{digits}f}"]
+            body.append(cells)
+        counts = sorted({t["num_directions"] for t in tables})
+        groups = sorted({len(t["columns"]) for t in tables})
+        note = (f"{AVG_DIRECTIONS} = mean over all {'/'.join(map(str, counts))} directions; "
+                f"{AVG_GROUPS} = mean of the {'/'.join(map(str, groups))} direction-group means.")
+        blocks.append(_render(header, body, style) + "\n" + note)
+    return "\n\n".join(blocks)
+
+
+# ---------------------------------------------------------------------------------------- writing
+def atomic_write_file(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Private stand-in for ``lslo.io.atomic_write_file`` (not written yet): ``write(temp_path)`` fills a
+    temp file beside ``path`` (its name carries the pid), which is fsynced, given the umask's mode, and
+    renamed over ``path``: a reader sees the old file or the new one, never a half-written one."""
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(str(temp))
+        with open(temp, "rb+") as f:
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp, 0o666 & ~umask)
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_CSV_FIELDS = ("src", "tgt", "direction", "group", "n", *METRICS)
+
+
+def _write_text(path: Path, text: str) -> None:
+    def write(temp: str) -> None:
+        with open(temp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+
+    atomic_write_file(path, write)
+
+
+def write_scores(
+    rows: Sequence[Mapping[str, Any]],
+    out_dir: str | os.PathLike,
+    *,
+    name: str = "scores",
+    scorer: Scorer | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    group_of: GroupOf | None = None,
+) -> dict[str, Path]:
+    """Write per-direction scores as ``<name>.csv`` and ``<name>.json`` in ``out_dir``, atomically.
+
+    The JSON holds the rows (without hypotheses), the direction-group table of every metric the
+    rows have, ``spbleu_available``, the scorer's sacrebleu signatures and SentencePiece file (when
+    ``scorer`` is given) and ``metadata``. Rows that carry ``"hypotheses"`` also get
+    ``<name>.hyp/<src>-<tgt>.txt``, one translation per line (line breaks inside one become spaces).
+
+    Args:
+        rows: per-direction rows (:func:`evaluate`).
+        out_dir: directory (created if missing).
+        name: file stem.
+        scorer: the :class:`Scorer` used, to record how the scores were computed.
+        metadata: more JSON-ready fields (system name, epoch, checkpoint, ...).
+        group_of: code -> resource group, to regroup the rows in the tables.
+
+    Returns:
+        ``{"csv": path, "json": path}`` (+ ``"hypotheses": directory``).
+    """
+    rows = list(rows)
+    if not rows:
+        raise ValueError("no rows to write")
+    if not name or os.sep in name or name.startswith("."):
+        raise ValueError(f"name must be a plain file stem, got {name!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(_CSV_FIELDS)
+    for row in rows:
+        writer.writerow(["" if row.get(k) is None else row.get(k) for k in _CSV_FIELDS])
+    paths = {"csv": out / f"{name}.csv", "json": out / f"{name}.json"}
+    _write_text(paths["csv"], buffer.getvalue())
+
+    present = [m for m in METRICS if _has(rows, m)]
+    document: dict[str, Any] = {
+        "spbleu_available": "spbleu" in present,
+        "metric_labels": {m: METRIC_LABELS[m] for m in present},
+        "rows": [{k: v for k, v in row.items() if k != "hypotheses"} for row in rows],
+        "groups": {m: group_table(rows, metric=m, group_of=group_of) for m in present},
+    }
+    if scorer is not None:
+        document["scorer"] = scorer.describe()
+    if metadata:
+        document.update(dict(metadata))
+    _write_text(paths["json"], json.dumps(document, indent=1, ensure_ascii=False, allow_nan=False) + "\n")
+
+    if any("hypotheses" in row for row in rows):
+        hyp_dir = out / f"{name}.hyp"
+        hyp_dir.mkdir(exist_ok=True)
+        for row in rows:
+            if "hypotheses" in row:
+                lines = (" ".join(h.splitlines()) for h in row["hypotheses"])
+                _write_text(hyp_dir / f"{row['src']}-{row['tgt']}.txt", "".join(line + "\n" for line in lines))
+        paths["hypotheses"] = hyp_dir
+    return paths
+
+
+# ----------------------------------------------------------------------------------------- figures
+def _scores_of(entry, metric: str, group_of) -> dict[str, float]:
+    """Group scores of one history entry: rows, a group_table() result or {column: score}."""
+    if _is_table(entry):
+        if entry["metric"] != metric:
+            raise ValueError(f"a history entry was tabulated with {entry['metric']}, not {metric}")
+        return dict(entry["scores"])
+    if isinstance(entry, Mapping):
+        return {str(k): float(v) for k, v in entry.items()}
+    return group_table(entry, metric=metric, group_of=group_of)["scores"]
+
+
+def _entry_metric(entries: Iterable) -> str:
+    row_sets = []
+    for entry in entries:
+        if _is_table(entry):
+            return entry["metric"]
+        if not isinstance(entry, Mapping):
+            row_sets.append(entry)
+    return _default_metrics(row_sets)[0]
+
+
+def _save_figure(figure, out_png: str | os.PathLike, dpi: int) -> Path:
+    path = Path(out_png)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_file(path, lambda temp: figure.savefig(temp, format="png", dpi=dpi, bbox_inches="tight"))
+    return path
+
+
+def _new_figure(**kwargs):
+    # An Agg canvas on a bare Figure: no pyplot, no global backend switch, no figure registry.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(**kwargs)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def plot_epoch_curves(
+    history: Mapping[str, Sequence[Any] | Mapping[int, Any]],
+    out_png: str | os.PathLike,
+    *,
+    groups: Sequence[str] = ("H2H", "V2V"),
+    metric: str | None = None,
+    pretrained: Any = None,
+    group_of: GroupOf | None = None,
+    title: str | None = None,
+    dpi: int = 120,
+):
+    """Figure 3 of the paper: a direction group's score per epoch, one line per system.
+
+    Args:
+        history: system -> its evaluations per epoch: a list (epochs 1, 2, ...) or {epoch: entry};
+            an entry is per-direction rows, a :func:`group_table` result or {column: score}.
+        out_png: the PNG to write (atomically).
+        groups: one panel per direction group (any column present, e.g. "H2M").
+        metric: default spBLEU when the rows have it, else chrF++.
+        pretrained: the zero-shot model's entry (same kinds): a dashed horizontal line per panel.
+        group_of: code -> resource group, for rows.
+        title: figure title.
+        dpi: resolution.
+
+    Returns:
+        The matplotlib ``Figure`` (one axes per group), already saved.
+    """
+    if not history:
+        raise ValueError("history is empty: no system to plot")
+    groups = [groups] if isinstance(groups, str) else list(groups)
+    if not groups:
+        raise ValueError("groups is empty")
+    series = {}
+    for system, epochs in history.items():
+        pairs = sorted(epochs.items()) if isinstance(epochs, Mapping) else list(enumerate(epochs, start=1))
+        if not pairs:
+            raise ValueError(f"system {system!r} has no epochs")
+        series[system] = pairs
+    every_entry = [e for pairs in series.values() for _, e in pairs] + ([pretrained] if pretrained is not None else [])
+    metric = _check_metric(metric) if metric is not None else _entry_metric(every_entry)
+    curves = {s: [(epoch, _scores_of(e, metric, group_of)) for epoch, e in pairs] for s, pairs in series.items()}
+    baseline = _scores_of(pretrained, metric, group_of) if pretrained is not None else None
+    available = {c for points in curves.values() for _, scores in points for c in scores}
+    for column in groups:
+        if column not in available:
+            raise ValueError(f"direction group {column!r} is in no evaluation; available: "
+                             f"{', '.join(sorted(available, key=_column_key))}")
+
+    figure = _new_figure(figsize=(5.0 * len(groups), 3.8))
+    axes = figure.subplots(1, len(groups), squeeze=False)[0]
+    label = METRIC_LABELS[metric]
+    for ax, column in zip(axes, groups):
+        for system, points in curves.items():
+            xs = [epoch for epoch, scores in points if column in scores]
+            ys = [scores[column] for _, scores in points if column in scores]
+            ax.plot(xs, ys, marker="o", markersize=3, label=system)
+        if baseline is not None and column in baseline:
+            ax.axhline(baseline[column], linestyle="--", color="gray", label="Pretrain")
+        ax.set_title(f"{column} {label} per epoch")
+        ax.set_xlabel("Epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    if title:
+        figure.suptitle(title)
+    _save_figure(figure, out_png, dpi)
+    return figure
+
+
+def plot_group_bars(
+    systems: Mapping[str, Any] | Sequence[tuple[str, Any]],
+    out_png: str | os.PathLike,
+    *,
+    metric: str | None = None,
+    group_of: GroupOf | None = None,
+    title: str | None = None,
+    dpi: int = 120,
+):
+    """A bar chart of :func:`format_table`: per column (groups, then both AVGs) one bar per system.
+
+    Args:
+        systems: name -> per-direction rows (or a :func:`group_table` result).
+        out_png: the PNG to write (atomically).
+        metric: default spBLEU when every system has it, else chrF++.
+        group_of: code -> resource group, for rows.
+        title: axes title (default names the metric).
+        dpi: resolution.
+
+    Returns:
+        The matplotlib ``Figure`` (one axes), already saved.
+    """
+    items = _systems(systems)
+    metric = _check_metric(metric) if metric is not None else _entry_metric([e for _, e in items])
+    tables = [(s, e if _is_table(e) else group_table(e, metric=metric, group_of=group_of)) for s, e in items]
+    for system, table in tables:
+        if table["metric"] != metric:
+            raise ValueError(f"system {system!r} was tabulated with {table['metric']}, not {metric}")
+    columns = sorted({c for _, t in tables for c in t["columns"]}, key=_column_key)
+    labels = columns + ["AVG\n(dir.)", "AVG\n(groups)"]
+    figure = _new_figure(figsize=(max(6.0, 0.8 * len(labels) * max(1, len(tables)) ** 0.5 + 2), 4.0))
+    ax = figure.subplots()
+    width = 0.8 / len(tables)
+    for k, (system, table) in enumerate(tables):
+        values = [table["scores"].get(c, math.nan) for c in columns] + [table["avg_directions"], table["avg_groups"]]
+        ax.bar([i + (k - (len(tables) - 1) / 2) * width for i in range(len(labels))], values, width, label=system)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_ylabel(METRIC_LABELS[metric])
+    ax.set_title(title or f"{METRIC_LABELS[metric]} by direction group")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize="small")
+    _save_figure(figure, out_png, dpi)
+    return figure
+
+
+# -------------------------------------------------------------------------------------- evaluation
+def _gather_object(objects: list) -> list:
+    """Every process's list, concatenated in process order (accelerate's all_gather_object)."""
+    from accelerate.utils import gather_object
+
+    return gather_object(objects)
+
+
+def _test_set(references, directions, max_sentences) -> tuple[list[tuple[str, str]], dict, dict]:
+    """Checked directions, and the source and reference sentences of each (first max_sentences)."""
+    if not isinstance(references, Mapping) or not references:
+        raise ValueError("references must be a non-empty mapping: {lang: sentences} or {(src, tgt): (sources, refs)}")
+    if max_sentences is not None and (isinstance(max_sentences, bool) or not isinstance(max_sentences, int)
+                                      or max_sentences < 1):
+        raise ValueError(f"max_sentences must be a positive int or None, got {max_sentences!r}")
+    keys = list(references)
+    multiway = all(isinstance(k, str) for k in keys)
+    if not multiway and not all(isinstance(k, tuple) for k in keys):
+        raise ValueError("references keys must be all language codes (multi-way parallel) or all (src, tgt) pairs")
+    if directions is None:
+        directions = [(a, b) for a in keys for b in keys if a != b] if multiway else keys
+    directions = _check_directions(directions)
+    limit = slice(None, max_sentences)
+    sources, targets = {}, {}
+    if multiway:
+        texts = {}
+        for src, tgt in directions:
+            for code in (src, tgt):
+                if code not in references:
+                    raise ValueError(f"references have no sentences for language {code!r} (direction {src}-{tgt}); "
+                                     f"they have {', '.join(keys)}")
+                if code not in texts:
+                    texts[code] = _check_sentences(references[code], f"references[{code!r}]")
+        counts = {code: len(lines) for code, lines in texts.items()}
+        if len(set(counts.values())) > 1:
+            raise ValueError(f"multi-way parallel references must have as many sentences in every language: {counts}")
+        for src, tgt in directions:
+            sources[(src, tgt)], targets[(src, tgt)] = texts[src][limit], texts[tgt][limit]
+    else:
+        for direction in directions:
+            if direction not in references:
+                raise ValueError(f"references have no sentences for direction {direction[0]}-{direction[1]}")
+            pair = references[direction]
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+                raise ValueError(f"references[{direction}] must be (source sentences, reference sentences)")
+            src_lines = _check_sentences(pair[0], f"references[{direction}] sources")
+            ref_lines = _check_sentences(pair[1], f"references[{direction}] references")
+            if len(src_lines) != len(ref_lines):
+                raise ValueError(f"direction {direction[0]}-{direction[1]}: {len(src_lines)} sources for "
+                                 f"{len(ref_lines)} references")
+            sources[direction], targets[direction] = src_lines[limit], ref_lines[limit]
+    for direction in directions:
+        if not sources[direction]:
+            raise ValueError(f"direction {direction[0]}-{direction[1]} has no sentences")
+    return directions, sources, targets
+
+
+def evaluate(
+    model,
+    tokenizer,
+    references: Mapping[str, Sequence[str]] | Mapping[tuple[str, str], tuple[Sequence[str], Sequence[str]]],
+    directions: Sequence[tuple[str, str] | str] | None,
+    *,
+    num_beams: int = 5,
+    batch_size: int = 32,
+    max_new_tokens: int = 256,
+    max_sentences: int | None = None,
+    scorer: Scorer | None = None,
+    accelerator=None,
+    progress: bool = True,
+    group_of: GroupOf | None = None,
+    keep_hypotheses: bool = False,
+    **generate_kwargs,
+) -> list[dict[str, Any]]:
+    """Translate a test set in every direction at once and score each direction.
+
+    All (direction, sentence) requests go through one :func:`lslo.translate` call: batches mix
+    directions, and every sentence is routed to its own source and target adapters. Under
+    ``accelerate`` with several processes each process translates every num_processes-th request,
+    the translations are gathered, and every process returns the same rows.
+
+    Args:
+        model: an M2M-100 / NLLB model with LSLo (:func:`lslo.apply_lslo`) or without (full
+            fine-tuning, the pretrained model); a model wrapped by ``accelerator.prepare`` is unwrapped.
+        tokenizer: its tokenizer.
+        references: multi-way parallel ``{lang: N sentences}`` (FLORES devtest: sentence i of every
+            language is one meaning), or per direction ``{(src, tgt): (sources, references)}``.
+        directions: (src, tgt) pairs or "src-tgt" strings; None: every ordered pair of the
+            languages (multi-way) or every key (per direction).
+        num_beams, batch_size, max_new_tokens, generate_kwargs: passed to :func:`lslo.translate`.
+        max_sentences: score only the first N sentences of each direction (``--eval-sentences``).
+        scorer: the :class:`Scorer` (default ``Scorer()``).
+        accelerator: an ``accelerate.Accelerator`` (or ``PartialState``); None or 1 process: no sharding.
+        progress: a progress bar (main process only).
+        group_of: code -> resource group; default the model's LSLoConfig, else the paper's table.
+        keep_hypotheses: keep each direction's translations in its row (``"hypotheses"``).
+
+    Returns:
+        One row per direction, in ``directions`` order: ``{"src", "tgt", "direction", "group",
+        "n", "spbleu" (None without the SentencePiece model), "chrf++", "bleu"}`` (+ ``"hypotheses"``).
+    """
+    from .inference import translate
+    from .model import get_lslo_config
+
+    directions, sources, targets = _test_set(references, directions, max_sentences)
+    if accelerator is not None and hasattr(accelerator, "unwrap_model"):
+        model = accelerator.unwrap_model(model)
+    if group_of is None:
+        group_of = get_lslo_config(model)
+    group = _group_function(group_of)
+    for src, tgt in directions:  # fail before translating anything
+        group(src), group(tgt)
+    world = int(getattr(accelerator, "num_processes", 1)) if accelerator is not None else 1
+    rank = int(getattr(accelerator, "process_index", 0)) if accelerator is not None else 0
+    is_main = rank == 0
+    if scorer is None:
+        scorer = Scorer(warn=is_main)
+
+    requests = [(d, i) for d in directions for i in range(len(sources[d]))]
+    mine = list(range(len(requests)))[rank::world]
+    # Strided shards: each process gets a mix of directions and sentence lengths (balanced work).
+    translations = translate(
+        model, tokenizer,
+        [sources[requests[k][0]][requests[k][1]] for k in mine],
+        [requests[k][0][0] for k in mine],
+        [requests[k][0][1] for k in mine],
+        num_beams=num_beams, batch_size=batch_size, max_new_tokens=max_new_tokens,
+        progress=progress and is_main, **generate_kwargs,
+    )
+    if world > 1:
+        gathered = dict(_gather_object(list(zip(mine, translations))))
+        if len(gathered) != len(requests):
+            raise RuntimeError(f"gathered {len(gathered)} translations for {len(requests)} requests")
+        translations = [gathered[k] for k in range(len(requests))]
+    hypotheses: dict[tuple[str, str], list[str]] = {d: [] for d in directions}
+    for (direction, _), text in zip(requests, translations):
+        hypotheses[direction].append(text)
+    return score_directions(hypotheses, targets, scorer=scorer, group_of=group, keep_hypotheses=keep_hypotheses)
