@@ -83,7 +83,7 @@ def _build(case: _Case, tokenizer, log) -> tuple[torch.nn.Module, dict[str, Call
     """The providers of one case: name -> a callable translating the whole benchmark set."""
     import lslo
     from lslo.inference import ForcedLanguageTokens, _encode_by_source, lang_token_id
-    from tests.hf_fixtures import (
+    from lslo.testing import (
         m2m124_config,
         make_sentences,
         randomize_adapters,
@@ -202,7 +202,7 @@ def run(quick: bool = True, log: Callable[[str], None] = lambda msg: print(msg, 
         without warm-up (~8 min on 2 busy CPU cores: one beam-5 decoding step of the 615M
         model with its 256k-token LM head took ~2 s there, and per-direction runs 30 generate calls).
     """
-    from tests.hf_fixtures import make_tokenizer, one_thread
+    from lslo.testing import make_tokenizer, one_thread
 
     cases = [_Case("tiny d32 2+2 layers", sentences_per_direction=3, max_new_tokens=24, reps=3 if quick else 5, big=False)]
     if not quick:
