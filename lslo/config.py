@@ -3,15 +3,17 @@
 Follows PEFT's ``LoraConfig`` pattern: a dataclass with a help string per field, validated in
 ``__post_init__`` (``ValueError`` naming the field), serialisable to and from a plain dict.
 
-Defaults are the paper's (Ma et al., "Exploring intrinsic language-specific subspaces in
-fine-tuning multilingual neural machine translation"):
+Defaults are the paper's (Cao et al. 2024, "Exploring Intrinsic Language-specific Subspaces in
+Fine-tuning Multilingual Neural Machine Translation"):
 
 - languages: ``lang12`` (Table 5); ``lang30`` (Table 6) is the other built-in set;
 - ranks by resource group ``H;M;L;V = 2;2;8;8`` (``2;2;8`` on lang12, ``2;2;8;8`` on lang30);
 - targets: q, k, v of encoder self-attention; q, k, v of decoder self- and cross-attention; fc1
   and fc2 everywhere; no output projection (Section 6.1, Table 4 "All");
-- index plan: the one learned by Weight Learning (Section 6.1): encoder layers 0-8 source-indexed,
-  9-11 target-indexed, every decoder layer target-indexed.
+- index plan ``"paper"``: the paper's Weight-Learning result (Section 6.1, Figure 1): encoder
+  layers 0-8 source-indexed, 9-11 target-indexed, every decoder layer target-indexed. (Its old
+  name ``"learned"`` still works, with a DeprecationWarning: it is a fixed plan, not one that lslo
+  learns for your model.)
 """
 
 # Every invalid field raises ValueError naming the field (PEFT's convention), type errors included.
@@ -19,7 +21,9 @@ fine-tuning multilingual neural machine translation"):
 
 from __future__ import annotations
 
+import math
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -34,6 +38,7 @@ __all__ = [
     "TARGET_PRESETS",
     "LSLoConfig",
     "learned_encoder_plan",
+    "paper_encoder_plan",
 ]
 
 # Resource types of FLORES-101 (bitext with English), Tables 5 and 6 of the paper; lang12's
@@ -64,7 +69,9 @@ TARGET_PRESETS: dict[str, tuple[str, ...]] = {
     "attn": _ATTN,
     "fc": ("fc1", "fc2"),
 }
-INDEX_PRESETS = ("learned", "src", "tgt")
+INDEX_PRESETS = ("paper", "src", "tgt")
+# Deprecated preset names -> current ones ("learned" read as if lslo learned the plan for your model).
+_INDEX_ALIASES = {"learned": "paper"}
 _INDEXES = ("src", "tgt")
 _INITS = ("lora", "reference")
 _FFN_MODES = ("full", "reference")
@@ -77,8 +84,8 @@ def _default_ranks() -> dict[str, int]:
     return {"H": 2, "M": 2, "L": 8, "V": 8}
 
 
-def learned_encoder_plan(num_layers: int) -> list[str]:
-    """The Weight-Learning plan for an encoder of ``num_layers`` layers.
+def paper_encoder_plan(num_layers: int) -> list[str]:
+    """The paper's Weight-Learning plan for an encoder of ``num_layers`` layers (preset ``"paper"``).
 
     The paper learned it on 12 layers: the first 9 follow the source language, the last 3 the
     target (Figure 1: the switch happens near the top of the encoder). Other depths keep the same
@@ -87,6 +94,20 @@ def learned_encoder_plan(num_layers: int) -> list[str]:
     """
     num_src = (3 * num_layers) // 4
     return ["src"] * num_src + ["tgt"] * (num_layers - num_src)
+
+
+# The former name of paper_encoder_plan, kept for existing imports.
+learned_encoder_plan = paper_encoder_plan
+
+
+def _index_preset(value: str, where: str) -> str:
+    """A current preset name for ``value``; warns on a deprecated alias (``"learned"``)."""
+    if value in _INDEX_ALIASES:
+        current = _INDEX_ALIASES[value]
+        warnings.warn(f"{where} = {value!r} is deprecated; use {current!r} (the same plan)", DeprecationWarning,
+                      stacklevel=4)
+        return current
+    return value
 
 
 @dataclass
@@ -102,10 +123,11 @@ class LSLoConfig:
         metadata={"help": "Language codes of the adapters, in id order (M2M-100 codes such as 'en', or "
                           "NLLB codes such as 'fra_Latn'), or a built-in set: 'lang12', 'lang30'."},
     )
-    ranks: int | str | Mapping[str, int] = field(
+    ranks: int | str | Sequence[int] | Mapping[str, int] = field(
         default_factory=_default_ranks,
-        metadata={"help": "Rank of each language: one int for all; a dict keyed by language code and/or "
-                          "resource group (H, M, L, V; a language's own entry wins); or a string "
+        metadata={"help": "Rank of each language: one int for all; a list with one rank per language, in the "
+                          "order of `languages` (as LSLoLinear takes them); a dict keyed by language code "
+                          "and/or resource group (H, M, L, V; a language's own entry wins); or a string "
                           "'2;2;8' giving one rank per resource group present, in H;M;L;V order "
                           "(lang12 has H, M, V; lang30 has H, M, L, V). Default H=M=2, L=V=8."},
     )
@@ -122,14 +144,14 @@ class LSLoConfig:
                           "that must match the whole module path (as PEFT)."},
     )
     index_plan: str | Mapping[str, str | Sequence[str]] = field(
-        default="learned",
-        metadata={"help": "Which language ids each layer follows. 'learned': the paper's Weight-Learning "
-                          "plan (encoder: first 3/4 of the layers source-indexed, the rest target-indexed; "
-                          "decoder: target); 'src': whole encoder source-indexed; 'tgt': everything target-"
-                          "indexed; or {'encoder': preset or list of 'src'/'tgt' per layer, 'decoder': ...} "
-                          "(decoder default 'tgt')."},
+        default="paper",
+        metadata={"help": "Which language ids each layer follows. 'paper': the plan the paper's Weight "
+                          "Learning found (encoder: first 3/4 of the layers source-indexed, the rest target-"
+                          "indexed; decoder: target; 'learned' is its deprecated name); 'src': whole encoder "
+                          "source-indexed; 'tgt': everything target-indexed; or {'encoder': preset or list of "
+                          "'src'/'tgt' per layer, 'decoder': ...} (decoder default 'tgt')."},
     )
-    scale: float = field(default=1.0, metadata={"help": "Scale s of every language's update s * B A x."})
+    scale: float = field(default=1.0, metadata={"help": "Scale s of every language's update s * B A x (finite)."})
     init: str = field(
         default="lora",
         metadata={"help": "'lora' (A Kaiming-uniform, B = 0) or 'reference' (the authors' code: "
@@ -156,6 +178,8 @@ class LSLoConfig:
         self._check_index_plan()
         if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)):
             raise ValueError(f"LSLoConfig.scale must be a number, got {self.scale!r}")
+        if not math.isfinite(self.scale):
+            raise ValueError(f"LSLoConfig.scale must be finite, got {self.scale!r}")
         self.scale = float(self.scale)
         if self.init not in _INITS:
             raise ValueError(f"LSLoConfig.init must be one of {_INITS}, got {self.init!r}")
@@ -207,14 +231,27 @@ class LSLoConfig:
     def _resolve_ranks(self) -> tuple[int, ...]:
         ranks = self.ranks
         if isinstance(ranks, bool):
-            raise ValueError(f"LSLoConfig.ranks must be an int, a 'H;M;V' string or a dict, got {ranks!r}")
+            raise ValueError(f"LSLoConfig.ranks must be an int, a list, a 'H;M;V' string or a dict, got {ranks!r}")
         if isinstance(ranks, int):
             return tuple(_check_rank(ranks, "LSLoConfig.ranks") for _ in self.languages)
         if isinstance(ranks, str):
             return self._ranks_from_string(ranks)
         if isinstance(ranks, Mapping):
             return self._ranks_from_mapping(ranks)
-        raise ValueError(f"LSLoConfig.ranks must be an int, a 'H;M;V' string or a dict, got {type(ranks).__name__}")
+        if isinstance(ranks, (Sequence, torch.Tensor)) and not isinstance(ranks, (bytes, bytearray)):
+            return self._ranks_from_sequence(ranks)
+        raise ValueError(f"LSLoConfig.ranks must be an int, a list, a 'H;M;V' string or a dict, "
+                         f"got {type(ranks).__name__}")
+
+    def _ranks_from_sequence(self, ranks) -> tuple[int, ...]:
+        values = ranks.tolist() if isinstance(ranks, torch.Tensor) else list(ranks)
+        if len(values) != len(self.languages):
+            raise ValueError(
+                f"LSLoConfig.ranks: a list needs one rank per language in the order of `languages`; got "
+                f"{len(values)} ranks for {len(self.languages)} languages ({', '.join(self.languages)})"
+            )
+        return tuple(_check_rank(v, f"LSLoConfig.ranks[{i}] ({code})")
+                     for i, (v, code) in enumerate(zip(values, self.languages)))
 
     def _ranks_from_string(self, text: str) -> tuple[int, ...]:
         parts = [p.strip() for p in text.split(";")]
@@ -284,11 +321,20 @@ class LSLoConfig:
             raise ValueError(f"LSLoConfig.target_modules must be a preset, a regex or a non-empty list of names, got {targets!r}")
         self.target_modules = names
 
+    def unmatched_targets(self, module_paths: Sequence[str]) -> list[str]:
+        """Names of a ``target_modules`` list that match none of ``module_paths`` (presets, regexes: [])."""
+        if isinstance(self.target_modules, str):
+            return []
+        return [name for name in self.target_modules
+                if not any(path == name or path.endswith("." + name) for path in module_paths)]
+
     def _check_index_plan(self) -> None:
         plan = self.index_plan
         if isinstance(plan, str):
+            plan = _index_preset(plan, "LSLoConfig.index_plan")
             if plan not in INDEX_PRESETS:
                 raise ValueError(f"LSLoConfig.index_plan must be one of {INDEX_PRESETS} or a dict, got {plan!r}")
+            self.index_plan = plan
             return
         if not isinstance(plan, Mapping):
             raise ValueError(f"LSLoConfig.index_plan must be a preset or a dict, got {type(plan).__name__}")
@@ -298,6 +344,7 @@ class LSLoConfig:
         normalised = {}
         for side, value in plan.items():
             if isinstance(value, str):
+                value = _index_preset(value, f"LSLoConfig.index_plan[{side!r}]")
                 if value not in INDEX_PRESETS:
                     raise ValueError(f"LSLoConfig.index_plan[{side!r}] = {value!r}: presets are {INDEX_PRESETS}")
                 normalised[side] = value
@@ -337,9 +384,9 @@ class LSLoConfig:
             plan = {"encoder": plan}
         resolved = {}
         for side, depth in (("encoder", num_encoder_layers), ("decoder", num_decoder_layers)):
-            value = plan.get(side, "tgt" if side == "decoder" else "learned")
-            if value == "learned":
-                value = learned_encoder_plan(depth) if side == "encoder" else ["tgt"] * depth
+            value = plan.get(side, "tgt" if side == "decoder" else "paper")
+            if value == "paper":
+                value = paper_encoder_plan(depth) if side == "encoder" else ["tgt"] * depth
             elif value in _INDEXES:
                 value = [value] * depth
             elif len(value) != depth:
@@ -376,11 +423,20 @@ class LSLoConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LSLoConfig:
+        """Inverse of :meth:`to_dict`. Files written before the "paper" preset was renamed load silently."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"LSLoConfig.from_dict takes a dict, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"LSLoConfig.from_dict: unknown fields {sorted(unknown)}")
-        return cls(**dict(data))
+        data = dict(data)
+        plan = data.get("index_plan")
+        if isinstance(plan, str):
+            data["index_plan"] = _INDEX_ALIASES.get(plan, plan)
+        elif isinstance(plan, Mapping):
+            data["index_plan"] = {k: _INDEX_ALIASES.get(v, v) if isinstance(v, str) else v for k, v in plan.items()}
+        return cls(**data)
 
     def describe(self) -> str:
         """One line per resource group: 'H (high): en fr de it, rank 2'."""

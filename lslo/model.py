@@ -16,8 +16,7 @@ import copy
 import json
 import os
 import re
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +25,7 @@ from torch import nn
 
 from .config import GROUP_ORDER, LSLoConfig
 from .context import route
+from .io import atomic_directory, atomic_write_file, read_directory_files, recover_directory
 from .layer import LSLoLinear
 
 __all__ = [
@@ -61,6 +61,9 @@ _FINGERPRINT_KEYS = ("model_type", "d_model", "encoder_layers", "decoder_layers"
                      "decoder_ffn_dim", "vocab_size")
 # Config fields that do not change what the saved tensors mean.
 _RUNTIME_FIELDS = ("backend", "init")
+# What an adapter directory may hold when a save replaces it: one save, and the temporary files of
+# the per-file writes of older versions of this module.
+_REPLACEABLE = (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, f".{ADAPTER_CONFIG_NAME}.*", f".{ADAPTER_WEIGHTS_NAME}.*")
 
 
 @dataclass
@@ -171,6 +174,13 @@ def apply_lslo(model: nn.Module, config: LSLoConfig) -> nn.Module:
             f"LSLoConfig.target_modules={config.target_modules!r} matched no nn.Linear inside "
             "encoder.layers.<i> / decoder.layers.<i> of this model"
         )
+    # As PEFT: a listed name that matches nothing is a typo or a different architecture, not a no-op.
+    unmatched = config.unmatched_targets([name for name, *_ in targets])
+    if unmatched:
+        raise ValueError(
+            f"LSLoConfig.target_modules: {unmatched} matched no nn.Linear inside encoder.layers.<i> / "
+            f"decoder.layers.<i> of this model (other names matched {len(targets)} modules)"
+        )
     plan = config.resolve_index_plan(*_layer_counts(model))
 
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -267,28 +277,15 @@ def model_fingerprint(model: nn.Module) -> dict[str, Any]:
     return {key: getattr(model_config, key, None) for key in _FINGERPRINT_KEYS}
 
 
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    # Readers see the old file or the new one, never half of one: write beside it, then rename.
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_adapters(model: nn.Module, directory: str | os.PathLike) -> None:
-    """Write the adapters (not the base) to ``directory``.
+    """Write the adapters (not the base) to ``directory``, all-or-nothing.
 
     Files: ``lslo_adapters.safetensors`` (per module: lora_A, lora_B, prune_mask, ranks, scales)
-    and ``lslo_config.json`` (config + base-model fingerprint), each written atomically; the
-    config goes last so a reader never finds it beside older tensors of another layout.
+    and ``lslo_config.json`` (config + base-model fingerprint). They are written into a fresh
+    directory beside ``directory`` that is then swapped in whole (:func:`lslo.io.atomic_directory`):
+    a kill at any instant leaves the previous save or this one, never one file of each. An existing
+    ``directory`` holding other files than a save is refused (ValueError) rather than replaced.
+    Files get the mode the umask gives (0644 under umask 022).
     """
     from safetensors.torch import save_file
 
@@ -303,40 +300,106 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike) -> None:
         "config": config.to_dict(),
         "base_model": model_fingerprint(model),
     }
-    directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    _atomic_write(os.path.join(directory, ADAPTER_WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp))
 
     def write_json(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2)
+            json.dump(meta, f, indent=2, allow_nan=False)
 
-    _atomic_write(os.path.join(directory, ADAPTER_CONFIG_NAME), write_json)
+    with atomic_directory(directory, replaceable=_REPLACEABLE) as staging:
+        atomic_write_file(os.path.join(staging, ADAPTER_WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp))
+        atomic_write_file(os.path.join(staging, ADAPTER_CONFIG_NAME), write_json)
 
 
-def read_adapter_config(directory: str | os.PathLike) -> tuple[LSLoConfig, dict[str, Any]]:
-    """(config, base-model fingerprint) stored in an adapter folder."""
-    path = os.path.join(os.fspath(directory), ADAPTER_CONFIG_NAME)
-    if not os.path.isfile(path):
-        raise ValueError(f"{directory} holds no LSLo adapters ({ADAPTER_CONFIG_NAME} not found)")
-    with open(path, encoding="utf-8") as f:
-        meta = json.load(f)
+def _read_adapter_files(directory: str | os.PathLike, with_weights: bool) -> dict[str, bytes | None]:
+    """The raw files of one save in ``directory``, after finishing or undoing an interrupted save."""
+    path = os.fspath(directory)
+    recover_directory(path)
+    if not os.path.isdir(path):
+        what = "not a directory" if os.path.exists(path) else "no such directory"
+        raise ValueError(f"{path} holds no LSLo adapters ({what})")
+    names = [ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME] if with_weights else [ADAPTER_CONFIG_NAME]
+    files = read_directory_files(path, names)
+    if files[ADAPTER_CONFIG_NAME] is None:
+        raise ValueError(f"{path} holds no LSLo adapters ({ADAPTER_CONFIG_NAME} not found)")
+    return files
+
+
+def _parse_adapter_config(raw: bytes, path: str) -> tuple[LSLoConfig, dict[str, Any]]:
+    # A file with the wrong JSON types is bad data, not a programming error: ValueError throughout.
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"{path}: damaged or not an LSLo adapter config (not valid JSON: {exc})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: not an LSLo adapter config (a JSON {type(meta).__name__}, not an object)")  # noqa: TRY004
     if meta.get("format") != _FORMAT or meta.get("version") != _FORMAT_VERSION:
         raise ValueError(f"{path}: not an LSLo adapter file of version {_FORMAT_VERSION} "
                          f"(format={meta.get('format')!r}, version={meta.get('version')!r})")
-    return LSLoConfig.from_dict(meta["config"]), meta["base_model"]
+    for key in ("config", "base_model"):
+        if not isinstance(meta.get(key), dict):
+            raise ValueError(f"{path}: damaged LSLo adapter config: {key!r} is missing or not an object")  # noqa: TRY004
+    try:
+        config = LSLoConfig.from_dict(meta["config"])
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{path}: damaged LSLo adapter config: {exc}") from None
+    return config, meta["base_model"]
+
+
+def _parse_adapter_tensors(raw: bytes | None, path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    if raw is None:
+        raise ValueError(f"{path}: not found; the adapter directory holds a config but no tensors")
+    try:
+        return load(raw)
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 (any failure to deserialise means a damaged or foreign file)
+        raise ValueError(f"{path}: damaged or not a safetensors file ({type(exc).__name__}: {exc})") from None
+
+
+def _check_adapter_state(state: Mapping[str, torch.Tensor], module: LSLoLinear, where: str) -> None:
+    """Dtypes and shapes of one module's saved tensors (load_adapter_state_dict checks the rest)."""
+    for key in ("lora_A", "lora_B", "scales"):
+        if not state[key].dtype.is_floating_point:
+            raise ValueError(f"{where}.{key} has dtype {state[key].dtype}, expected a floating-point tensor")
+    if state["ranks"].dtype.is_floating_point or state["ranks"].dtype == torch.bool or state["ranks"].dim() != 1:
+        raise ValueError(f"{where}.ranks must be a 1-D integer tensor, got {state['ranks'].dtype} "
+                         f"of shape {tuple(state['ranks'].shape)}")
+    if state["prune_mask"].dtype.is_floating_point:
+        raise ValueError(f"{where}.prune_mask has dtype {state['prune_mask'].dtype}, expected bool")
+    if tuple(state["scales"].shape) != (module.num_languages,):
+        raise ValueError(f"{where}.scales has shape {tuple(state['scales'].shape)}, "
+                         f"expected ({module.num_languages},)")
+    if not bool(torch.isfinite(state["scales"]).all()):
+        raise ValueError(f"{where}.scales holds NaN or inf: {state['scales'].tolist()}")
+
+
+def read_adapter_config(directory: str | os.PathLike) -> tuple[LSLoConfig, dict[str, Any]]:
+    """(config, base-model fingerprint) stored in an adapter folder.
+
+    Finishes or undoes an interrupted save first (:func:`lslo.io.recover_directory`). A damaged or
+    foreign ``lslo_config.json`` raises ValueError naming the file.
+    """
+    files = _read_adapter_files(directory, with_weights=False)
+    return _parse_adapter_config(files[ADAPTER_CONFIG_NAME], os.path.join(os.fspath(directory), ADAPTER_CONFIG_NAME))
 
 
 def load_adapters(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Load adapters saved by :func:`save_adapters` into ``model`` (injecting LSLo if it has none).
 
-    Refused with ValueError: adapters saved for another base model (type, width, depth, FFN,
-    vocabulary), for another language list or LSLo layout, or a tensor file that doesn't cover
-    exactly this model's LSLo modules. Returns ``model``.
+    Finishes or undoes an interrupted save first (:func:`lslo.io.recover_directory`), and reads
+    both files of one save even while another process replaces it. Refused with ValueError:
+    adapters saved for another base model (type, width, depth, FFN, vocabulary), for another
+    language list or LSLo layout, a tensor file that doesn't cover exactly this model's LSLo
+    modules, and damaged or foreign files (the message names the file). Returns ``model``.
     """
-    from safetensors.torch import load_file
-
-    config, saved_fingerprint = read_adapter_config(directory)
+    directory = os.fspath(directory)
+    files = _read_adapter_files(directory, with_weights=True)
+    weights_path = os.path.join(directory, ADAPTER_WEIGHTS_NAME)
+    config, saved_fingerprint = _parse_adapter_config(files[ADAPTER_CONFIG_NAME],
+                                                      os.path.join(directory, ADAPTER_CONFIG_NAME))
+    tensors = _parse_adapter_tensors(files[ADAPTER_WEIGHTS_NAME], weights_path)
     fingerprint = model_fingerprint(model)
     differences = [f"{k}: adapters {saved_fingerprint.get(k)!r}, model {fingerprint[k]!r}"
                    for k in _FINGERPRINT_KEYS if saved_fingerprint.get(k) != fingerprint[k]]
@@ -356,7 +419,6 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         if differing:
             raise ValueError(f"adapters in {directory} differ from the model's LSLo config in {differing}")
     try:
-        tensors = load_file(os.path.join(os.fspath(directory), ADAPTER_WEIGHTS_NAME))
         modules = lslo_modules(model)
         expected = {f"{name}.{key}" for name in modules for key in _ADAPTER_KEYS}
         missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
@@ -364,8 +426,20 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             raise ValueError(f"adapters in {directory} do not match the model's LSLo modules: "
                              f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                              f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+        states = {name: {key: tensors[f"{name}.{key}"] for key in _ADAPTER_KEYS} for name in modules}
+        for name, module in modules.items():  # check every module before changing any
+            try:
+                _check_adapter_state(states[name], module, name)
+                ranks = states[name]["ranks"].tolist()
+                if tuple(ranks) != module.ranks:
+                    raise ValueError(f"{name}.ranks = {ranks}, but the config gives this layer {list(module.ranks)}")
+            except ValueError as exc:
+                raise ValueError(f"{weights_path}: damaged or inconsistent with its config: {exc}") from None
         for name, module in modules.items():
-            module.load_adapter_state_dict({key: tensors[f"{name}.{key}"] for key in _ADAPTER_KEYS})
+            try:
+                module.load_adapter_state_dict(states[name])
+            except (ValueError, TypeError, RuntimeError) as exc:
+                raise ValueError(f"{weights_path}: {name}: {exc}") from None
     except BaseException:
         if current is None:  # leave the model as it came: no half-loaded adapters
             remove_lslo(model)
@@ -457,6 +531,31 @@ def merge_direction(model: nn.Module, src: str | int, tgt: str | int) -> nn.Modu
 _HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token", "subfolder")
 
 
+def _looks_like_local_path(name: str) -> bool:
+    """A folder path rather than a hub id ("org/name", "name"): absolute, ./ ../ ~, or 2+ separators."""
+    if os.path.isabs(name) or name in (".", "..") or name.startswith(("./", "../", ".\\", "..\\")):
+        return True
+    return name.count("/") > 1 or "\\" in name or name.endswith("/")
+
+
+def _check_device(device: torch.device | str) -> None:
+    """ValueError when ``device`` is not a torch device or its backend is absent on this machine."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device {device!r} is not a torch device ({exc})") from None
+    if parsed.type in ("cpu", "meta"):
+        return
+    backend = getattr(torch, parsed.type, None)  # torch.cuda, torch.mps, torch.xpu: is_available / device_count
+    is_available = getattr(backend, "is_available", None)
+    if callable(is_available) and not is_available():
+        build = " (this torch is a CPU-only build)" if parsed.type == "cuda" and torch.version.cuda is None else ""
+        raise ValueError(f"device {str(device)!r}: {parsed.type.upper()} is not available on this machine{build}")
+    count = getattr(backend, "device_count", None)
+    if parsed.index is not None and callable(count) and parsed.index >= count():
+        raise ValueError(f"device {str(device)!r}: this machine has {count()} {parsed.type} device(s)")
+
+
 def load_base_model(name_or_path: str, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                     **from_pretrained_kwargs) -> nn.Module:
     """Load an M2M-100-architecture translation model (M2M-100, M2M-124, NLLB dense) in eval mode.
@@ -469,8 +568,23 @@ def load_base_model(name_or_path: str, *, dtype: torch.dtype | None = None, devi
     """
     from transformers import AutoConfig, M2M100ForConditionalGeneration
 
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"name_or_path must be a hub id or a folder, got {type(name_or_path).__name__}")
+    name_or_path = os.path.expanduser(os.fspath(name_or_path))
+    if _looks_like_local_path(name_or_path) and not os.path.isdir(name_or_path):
+        what = "not a directory" if os.path.exists(name_or_path) else "no such directory"
+        raise FileNotFoundError(f"{name_or_path}: {what} (a local model folder was expected)")
+    if device is not None:
+        _check_device(device)
     hub_kwargs = {k: v for k, v in from_pretrained_kwargs.items() if k in _HUB_KWARGS}
-    model_config = AutoConfig.from_pretrained(name_or_path, **hub_kwargs)
+    try:
+        model_config = AutoConfig.from_pretrained(name_or_path, **hub_kwargs)
+    except OSError as exc:
+        if os.path.exists(name_or_path):
+            raise
+        # Neither a folder here nor reachable on the hub: say both, not only the hub's side.
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OSError(f"{name_or_path}: no such directory, and not loadable from the Hugging Face hub ({reason})") from exc
     if model_config.model_type != "m2m_100":
         raise ValueError(f"{name_or_path} is a {model_config.model_type!r} model; LSLo supports the M2M-100 "
                          "architecture (model_type 'm2m_100': M2M-100, M2M-124, NLLB dense)")

@@ -25,7 +25,7 @@ def test_defaults_are_the_papers_best_settings():
     assert config.languages == LANGUAGE_SETS["lang12"]
     assert config.language_ranks == (2,) * 8 + (8,) * 4  # 2;2;8
     assert LSLoConfig(languages="lang30").language_ranks == (2,) * 16 + (8,) * 14  # 2;2;8;8
-    assert config.ffn == "full" and config.target_modules == "all" and config.index_plan == "learned"
+    assert config.ffn == "full" and config.target_modules == "all" and config.index_plan == "paper"
 
 
 @pytest.mark.parametrize(
