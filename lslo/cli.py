@@ -9,6 +9,10 @@
         LSLo parameter counts, on the meta device (no weights loaded; default shape M2M-124 615M).
     lslo bench [ARGS...]
         runs ``benchmarks.__main__.main(ARGS)`` (the benchmark suite, when it is importable).
+
+User errors (bad values, missing or damaged files, a device this machine lacks) print one line
+``lslo: error: ...`` on stderr, no traceback, and exit with status 2; other operating-system
+errors (disk full, hub unreachable) exit with 1; Ctrl-C exits with 130.
 """
 
 from __future__ import annotations
@@ -24,7 +28,15 @@ _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "
 
 
 class CLIError(Exception):
-    """A user error: printed as ``lslo <command>: error: ...``, exit status 2."""
+    """A user error found by the CLI itself: printed as ``lslo: error: ...``, exit status 2."""
+
+
+# Raised by the library for bad input (values, types, paths): the user's to fix, exit status 2.
+_USER_ERRORS = (CLIError, ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError,
+                IsADirectoryError, PermissionError)
+_EXIT_USER_ERROR = 2
+_EXIT_OS_ERROR = 1
+_EXIT_INTERRUPTED = 130
 
 
 def read_tsv(lines) -> tuple[list[str], list[str], list[str]]:
@@ -56,7 +68,10 @@ def _load(args):
     from transformers import AutoTokenizer
 
     import lslo
+    from lslo.model import read_adapter_config
 
+    if args.adapters:  # a missing or damaged adapter config fails before the model is loaded
+        read_adapter_config(args.adapters)
     model = lslo.load_base_model(args.model, dtype=_torch_dtype(args.dtype), device=args.device)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     if args.adapters:
@@ -141,6 +156,9 @@ def _add_model_args(parser: argparse.ArgumentParser, adapters_required: bool = F
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``lslo`` parser. Each sub-command sets ``handler`` (``args -> exit status``) through
+    ``set_defaults``; a new verb is one more ``commands.add_parser(...)`` with its handler.
+    """
     parser = argparse.ArgumentParser(prog="lslo", description="Language-specific LoRA for multilingual NMT.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -153,12 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     translate.add_argument("--batch-size", type=int, default=32, help="sentences per generate call (default: 32)")
     translate.add_argument("--max-new-tokens", type=int, default=256, help="max generated tokens (default: 256)")
     translate.add_argument("--quiet", action="store_true", help="no progress bar")
+    translate.set_defaults(handler=_cmd_translate)
 
     merge = commands.add_parser("merge", help="write a plain model for one direction")
     _add_model_args(merge, adapters_required=True)
     merge.add_argument("--src", required=True, help="source language code")
     merge.add_argument("--tgt", required=True, help="target language code")
     merge.add_argument("--output", required=True, help="folder for save_pretrained")
+    merge.set_defaults(handler=_cmd_merge)
 
     params = commands.add_parser("params", help="count LSLo parameters (meta device, no weights)")
     params.add_argument("--model", help="hub id or folder whose config to use (default: M2M-124 615M shape)")
@@ -167,28 +187,41 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument("--ranks", help="'2;2;8' (one per resource group present) or one int "
                                          "(default: the paper's H;M;L;V = 2;2;8;8)")
     params.add_argument("--targets", default="all", help="all, attn, fc, or a regex")
-    params.add_argument("--index-plan", default="learned", choices=["learned", "src", "tgt"])
+    params.add_argument("--index-plan", default="paper", choices=["paper", "src", "tgt", "learned"],
+                        help="paper (default): the paper's Weight-Learning plan; src; tgt "
+                             "('learned' is the deprecated name of 'paper')")
     params.add_argument("--ffn", default="reference", choices=["full", "reference"],
                         help="reference (default) reproduces the paper's counts")
+    params.set_defaults(handler=_cmd_params)
 
     commands.add_parser("bench", help="run the benchmark suite (arguments go to benchmarks.__main__)", add_help=False)
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    """The exception's message on one line (library messages may span several)."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return text or type(exc).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit status (0 ok, 2 user error)."""
+    """Entry point; returns the exit status (0 ok, 2 user error, 1 other OS error, 130 interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
         if argv[:1] == ["bench"]:  # everything after 'bench' belongs to the benchmark's own parser
             return _cmd_bench(argv[1:])
-        args = parser.parse_args(argv)
-        handler = {"translate": _cmd_translate, "merge": _cmd_merge, "params": _cmd_params}[args.command]
-        return handler(args)
-    except (CLIError, ValueError, OSError) as exc:
-        command = argv[0] if argv else ""
-        print(f"lslo {command}: error: {exc}", file=sys.stderr)
-        return 2
+        args = parser.parse_args(argv)  # usage errors: argparse prints them and exits with 2
+        return args.handler(args)
+    except _USER_ERRORS as exc:
+        print(f"lslo: error: {_one_line(exc)}", file=sys.stderr)
+        return _EXIT_USER_ERROR
+    except OSError as exc:
+        print(f"lslo: error: {_one_line(exc)}", file=sys.stderr)
+        return _EXIT_OS_ERROR
+    except KeyboardInterrupt:
+        print("lslo: interrupted", file=sys.stderr)
+        return _EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -146,6 +146,9 @@ def translate(
     if isinstance(sentences, str):
         raise TypeError("sentences must be a list of strings, not one string")
     sentences = list(sentences)
+    for i, sentence in enumerate(sentences):
+        if not isinstance(sentence, str):
+            raise TypeError(f"sentences[{i}] must be a str, got {type(sentence).__name__} {sentence!r}"[:200])
     n = len(sentences)
     src_langs = _per_sentence(src_langs, n, "src_langs")
     tgt_langs = _per_sentence(tgt_langs, n, "tgt_langs")

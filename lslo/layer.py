@@ -9,6 +9,8 @@ without padding to the largest rank, so the whole mixed batch goes to one groupe
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Iterable
 from typing import Mapping, Sequence
 
 import torch
@@ -76,12 +78,7 @@ class LSLoLinear(nn.Module):
         if backend != "auto":
             lslo_kernels.get_backend(backend)  # unknown name -> ValueError now, not at first call
         num_languages = len(ranks)
-        if isinstance(scale, (int, float)):
-            scales = [float(scale)] * num_languages
-        else:
-            scales = [float(s) for s in scale]
-            if len(scales) != num_languages:
-                raise ValueError(f"scale has {len(scales)} entries for {num_languages} languages")
+        scales = _check_scales(scale, num_languages)
 
         self.base_layer = base
         if freeze_base:
@@ -199,6 +196,26 @@ class LSLoLinear(nn.Module):
         self.base_layer.weight.sub_(self.delta_weight(self.merged_language))
         self.merged_language = None
 
+    def _check_merged_ids(self, x: torch.Tensor, lang: torch.Tensor | None) -> None:
+        # A merged layer is base + one language's update for every row: ids of any other language
+        # (or -1) would silently get the merged language's output, so they are refused.
+        if lang is not None:
+            ids = expand_lang_ids(lang.to(x.device) if isinstance(lang, torch.Tensor) else lang, tuple(x.shape[:-1]),
+                                  "lang")
+        else:
+            ctx = current_route()
+            ids = None if ctx is None else ctx.get_ids(self.index)
+        if ids is None or not self.validate:  # no ids: used as a plain Linear for its one direction
+            return
+        others = ids[ids != self.merged_language]
+        if others.numel():
+            found = torch.unique(others).tolist()
+            raise ValueError(
+                f"language {self.merged_language} is merged into this layer's base weight, but it was called with "
+                f"ids of other languages {found[:8]}{' ...' if len(found) > 8 else ''}; a merged layer computes only "
+                "its merged language: call unmerge() to serve a mixed batch"
+            )
+
     # ------------------------------------------------------------ adapter i/o
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """The adapter alone (no base weight): factors, mask, ranks and scales, all tensors."""
@@ -250,6 +267,7 @@ class LSLoLinear(nn.Module):
         if x.shape[-1:] != (self.in_features,):
             raise ValueError(f"x has last dimension {tuple(x.shape[-1:])}, expected in_features={self.in_features}")
         if self.merged_language is not None:
+            self._check_merged_ids(x, lang)
             return self.base_layer(x)
         if x.dtype != self.lora_A.dtype:
             raise TypeError(f"x dtype {x.dtype} != adapter dtype {self.lora_A.dtype}; cast the module or the input")
@@ -300,6 +318,28 @@ def _check_width(width, full: int, name: str) -> int:
     if not 1 <= width <= full:
         raise ValueError(f"{name} = {width} must be in [1, {full}] (the base layer's width)")
     return width
+
+
+def _check_scales(scale, num_languages: int) -> list[float]:
+    """One finite float per language from ``scale`` (one number, or one per language)."""
+    if isinstance(scale, torch.Tensor):
+        scale = scale.tolist()
+    if isinstance(scale, numbers.Real) and not isinstance(scale, bool):
+        values, names = [scale] * num_languages, ["scale"] * num_languages
+    elif isinstance(scale, (str, bytes, bool)) or not isinstance(scale, Iterable):
+        raise TypeError(f"scale must be a number or one number per language, got {type(scale).__name__} {scale!r}")
+    else:
+        values = list(scale)
+        if len(values) != num_languages:
+            raise ValueError(f"scale has {len(values)} entries for {num_languages} languages")
+        names = [f"scale[{i}]" for i in range(num_languages)]
+        for name, value in zip(names, values):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    for name, value in zip(names, values):
+        if not math.isfinite(value):
+            raise ValueError(f"{name} = {value}: the scale must be finite")
+    return [float(v) for v in values]
 
 
 def _check_ranks(ranks) -> list[int]:
