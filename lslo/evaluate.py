@@ -418,11 +418,11 @@ def _is_table(entry) -> bool:
 def _format_params(value) -> str:
     if value is None:
         return "-"
-    if isinstance(value, int) and not isinstance(value, bool):
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
         for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
             if value >= scale:
                 return f"{value / scale:.1f}{suffix}"
-        return str(value)
+        return f"{value:g}"
     return str(value)
 
 
@@ -627,6 +627,8 @@ def _entry_metric(entries: Iterable) -> str:
             return entry["metric"]
         if not isinstance(entry, Mapping):
             row_sets.append(entry)
+    if not row_sets:  # bare {column: score} mappings: guessing would risk calling chrF++ "spBLEU"
+        raise ValueError("these scores don't say which metric they are: pass metric='spbleu', 'chrf++' or 'bleu'")
     return _default_metrics(row_sets)[0]
 
 
@@ -665,7 +667,8 @@ def plot_epoch_curves(
             an entry is per-direction rows, a :func:`group_table` result or {column: score}.
         out_png: the PNG to write (atomically).
         groups: one panel per direction group (any column present, e.g. "H2M").
-        metric: default spBLEU when the rows have it, else chrF++.
+        metric: default spBLEU when the rows have it, else chrF++; required when every entry is a
+            bare {column: score} mapping.
         pretrained: the zero-shot model's entry (same kinds): a dashed horizontal line per panel.
         group_of: code -> resource group, for rows.
         title: figure title.

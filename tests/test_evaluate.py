@@ -256,6 +256,11 @@ def test_plot_epoch_curves(tmp_path):
     assert len(three.axes) == 3
     with pytest.raises(ValueError, match="direction group 'L2L' is in no evaluation"):
         ev.plot_epoch_curves(history, tmp_path / "x.png", groups=["L2L"])
+    bare = {"a": [{"H2H": 1.0, "V2V": 2.0}]}
+    with pytest.raises(ValueError, match="don't say which metric"):  # never guess "spBLEU"
+        ev.plot_epoch_curves(bare, tmp_path / "x.png")
+    chrf = ev.plot_epoch_curves(bare, tmp_path / "chrf.png", metric="chrf++")
+    assert chrf.axes[0].get_ylabel() == "chrF++"
 
 
 def test_plot_group_bars(tmp_path):
