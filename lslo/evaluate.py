@@ -33,6 +33,7 @@ from sacrebleu.metrics import BLEU, CHRF
 from sacrebleu.tokenizers import tokenizer_spm
 
 from .config import GROUP_ORDER, RESOURCE_GROUPS, LSLoConfig
+from .io import atomic_write_file
 
 __all__ = [
     "METRICS",
@@ -504,33 +505,6 @@ def format_table(
 
 
 # ---------------------------------------------------------------------------------------- writing
-def atomic_write_file(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Private stand-in for ``lslo.io.atomic_write_file`` (not written yet): ``write(temp_path)`` fills a
-    temp file beside ``path`` (its name carries the pid), which is fsynced, given the umask's mode, and
-    renamed over ``path``: a reader sees the old file or the new one, never a half-written one."""
-    path = Path(path)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(str(temp))
-        with open(temp, "rb+") as f:
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp, 0o666 & ~umask)
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 _CSV_FIELDS = ("src", "tgt", "direction", "group", "n", *METRICS)
 
 
