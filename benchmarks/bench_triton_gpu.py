@@ -1,239 +1,463 @@
 """How much does the language-specific LoRA cost on top of the base linear, on a GPU?
 
 Question: with the paper's lang30 adapters (16 languages r=2 with 90% of B pruned, 14 languages
-r=8) on a mixed, unsorted bf16 batch, what do forward and forward+backward cost, relative to the
-frozen base ``F.linear`` alone, for:
+r=8) on a mixed, unsorted bf16 batch of an M2M-124 shape (1024->1024, 1024->4096, 4096->1024),
+what do a training step (forward+backward, T=8192 tokens) and a decoding step (forward, T=160)
+cost relative to the frozen base ``nn.Linear`` (cuBLAS) alone, and against the other ways of
+computing the same thing? The providers are those of the benchmark suite
+(:mod:`benchmarks.providers`: ``base``, ``naive``, ``peft``, ``padded_bmm``, ``grouped_mm``,
+``triton``) plus ``padded_lang``: tokens gathered into a (L, n_max, k) zero-padded batch per
+language, two ``bmm``, scattered back (the stronger padded baseline at large T).
 
-- ``base``:    ``F.linear`` only (the floor; frozen weight, only x needs a gradient);
-- ``naive``:   base + a Python loop over languages (boolean mask, gather, two matmuls, index_add);
-- ``padded``:  base + tokens gathered into a (L, n_max, k) zero-padded batch, factors padded to
-               max_rank, two ``bmm`` and a gather back;
-- ``triton``:  base + ``lslo_kernels.grouped_lora(..., backend="triton")``.
+Before anything is timed, every provider's output (and, for training, its gradients of x, A and
+B in lslo's packed layout) is checked against lslo's reference backend run in float32 on the same
+inputs; a provider that disagrees is reported and not timed.
 
-Routing metadata (``build_routing``) is built once per batch and shared by every layer, so it is
-outside the timed region of ``triton``; ``naive`` and ``padded`` build their own index work inside.
+Timing: ``triton.testing.do_bench`` (CUDA events, L2 flushed between calls, p20/p50/p80), eager,
+as a model calls the layer. Decoding is also timed replayed from a CUDA graph
+(``do_bench_cudagraph``, mode ``fwd-graph``): there the Python launch overhead is gone and what is
+left is GPU time, which is how a decoder running under CUDA graphs would see it. Per-batch
+metadata (routing, sort, padded indices, PEFT's ``adapter_names``) is built once outside the timed
+call, as every layer of a model shares it.
 
-Prints a markdown table (ms at p50, ratio to base, speed-up of triton over naive) and appends one
-row per (provider, mode, shape, T) to ``benchmarks/results/triton_gpu.csv``.
+``--sweep`` instead times each Triton kernel role (forward shrink/expand, backward
+shrink/expand, dA, dB) under a list of block sizes, warps, stages and split-K factors, replayed
+from CUDA graphs, and writes one row per candidate: the data the launch rules in
+``lslo_kernels/triton_kernels.py`` are tuned from.
 
-Usage: ``python benchmarks/bench_triton_gpu.py [--tokens 160 2048 8192] [--quick]``
+Usage::
+
+    python benchmarks/bench_triton_gpu.py [--time-cap 120] [--csv out.csv] [--quick]
+    python benchmarks/bench_triton_gpu.py --sweep [--time-cap 150] [--csv sweep.csv]
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import datetime
-import os
+import functools
+import math
 import platform
+import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO_ROOT))
 
+import lslo_kernels
+from benchmarks import providers as P
+from benchmarks.suite import make_lang, ranks_for
+
 RESULTS_CSV = Path(__file__).resolve().parent / "results" / "triton_gpu.csv"
-CSV_FIELDS = ["op", "provider", "mode", "metric", "x", "shape", "dtype", "p20", "p50", "p80",
-              "device", "torch", "triton", "date", "host"]
+CSV_FIELDS = ["op", "provider", "mode", "metric", "x", "shape", "dtype", "p20", "p50", "p80", "ratio_vs_base",
+              "note", "device", "torch", "triton", "date", "host"]
 SHAPES = [(1024, 1024), (1024, 4096), (4096, 1024)]
-TOKENS = [160, 2048, 8192]
-# lang30: 16 languages of rank 2 whose B is 90% pruned, 14 languages of rank 8 unpruned.
-RANKS = [2] * 16 + [8] * 14
-DENSITY = [0.1] * 16 + [1.0] * 14
-DEVICE = "cuda"  # module-level so the providers can be smoke-tested on CPU (TRITON_INTERPRET=1)
+TRAIN_TOKENS = 8192
+DECODE_TOKENS = 160
+TRAIN_PROVIDERS = ("base", "naive", "padded_bmm", "padded_lang", "grouped_mm", "triton")
+DECODE_PROVIDERS = ("base", "naive", "peft", "padded_bmm", "padded_lang", "grouped_mm", "triton")
+# Providers whose layer call has no host synchronisation, so it can be captured in a CUDA graph.
+GRAPHABLE = ("base", "padded_bmm", "padded_lang", "grouped_mm", "triton")
+# Relative Frobenius error bound against the float32 reference: bf16 operands and outputs give
+# ~4e-3 per rounding; the gradients of A sum over a few hundred tokens per language.
+REL_TOL = 2e-2
+DEVICE = "cuda"  # module-level so that the bookkeeping can be dry-run on CPU (TRITON_INTERPRET=1)
 
 
-def _problem(num_tokens: int, in_features: int, out_features: int, dtype: torch.dtype, seed: int = 0):
-    import lslo_kernels
-
-    g = torch.Generator(device=DEVICE).manual_seed(seed)
-    dev = DEVICE
-    num_langs = len(RANKS)
-    total_rank = sum(RANKS)
-    rank_offsets = torch.tensor([0, *torch.tensor(RANKS).cumsum(0).tolist()], dtype=torch.int64, device=dev)
-    weight = torch.randn(out_features, in_features, device=dev, generator=g).div_(in_features**0.5).to(dtype)
-    bias = torch.zeros(out_features, device=dev, dtype=dtype)
-    x = torch.randn(num_tokens, in_features, device=dev, generator=g).to(dtype)
-    lora_a = torch.randn(total_rank, in_features, device=dev, generator=g).div_(in_features**0.5).to(dtype)
-    lora_b = torch.randn(out_features, total_rank, device=dev, generator=g).mul_(0.1).to(dtype)
-    # Column densities per language: 90% of a pruned language's B entries are masked.
-    col_density = torch.tensor([p for p, r in zip(DENSITY, RANKS) for _ in range(r)], device=dev)
-    prune_mask = torch.rand(out_features, total_rank, device=dev, generator=g) < col_density
-    scales = torch.full((num_langs,), 2.0, device=dev)
-    # Unsorted ids, uniform over the languages (a mixed batch as the data loader yields it).
-    lang = torch.randint(0, num_langs, (num_tokens,), device=dev, generator=g)
-    routing = lslo_kernels.build_routing(lang, num_langs)
-    grad_out = torch.randn(num_tokens, out_features, device=dev, generator=g).to(dtype)
-    return {"weight": weight, "bias": bias, "x": x, "lora_a": lora_a, "lora_b": lora_b,
-            "prune_mask": prune_mask, "scales": scales, "rank_offsets": rank_offsets, "routing": routing,
-            "max_rank": max(RANKS), "grad_out": grad_out}
+# ------------------------------------------------------------------------------------ problem
+def make_layer_problem(in_features: int, out_features: int, num_tokens: int, dtype: torch.dtype, seed: int = 0):
+    """The lang30 problem of one layer on the GPU (tokens uniform over 30 languages, unsorted)."""
+    ranks, densities = ranks_for("lang30", 30)
+    lang = make_lang(num_tokens, ranks, "uniform", seed=seed)
+    return P.make_problem(in_features, out_features, ranks, lang, mask_density=densities, device=DEVICE,
+                          dtype=dtype, seed=seed)
 
 
-def _naive(p, x, lora_a, lora_b):
-    y = F.linear(x, p["weight"], p["bias"])
-    lang = p["routing"].lang
-    lora = torch.zeros_like(y)
-    offsets = p["rank_offsets"].tolist()  # host loop: this provider syncs, by design
-    for lang_id in range(len(RANKS)):
-        rows = (lang == lang_id).nonzero().squeeze(1)
-        r0, r1 = offsets[lang_id], offsets[lang_id + 1]
-        b = lora_b[:, r0:r1] * p["prune_mask"][:, r0:r1]
-        h = x.index_select(0, rows) @ lora_a[r0:r1].t()
-        lora = lora.index_add(0, rows, (h @ b.t()) * p["scales"][lang_id].to(x.dtype))
-    return y + lora
+def _padded_lang_provider(problem: P.LayerProblem) -> P.PreparedProvider:
+    """Tokens gathered per language into a (L, n_max, k) zero-padded batch, factors padded to the
+    largest rank, two ``bmm``, the result scattered back; plain autograd."""
+    p = problem
+    num_languages, max_rank = p.num_languages, p.max_rank
+    a = p.lora_a.clone()
+    b = p.lora_b.clone()
+    ranks = torch.tensor(p.ranks, device=p.device)
+    slot = torch.arange(max_rank, device=p.device)
+    # Row of A (or the appended zero row R) for each (language, padded rank slot).
+    pad_rows = torch.where(slot[None, :] < ranks[:, None], p.rank_offsets[:-1, None] + slot[None, :],
+                           torch.full_like(slot[None, :], a.shape[0]))
+
+    def prepare(lang):
+        routing = lslo_kernels.build_routing(lang, num_languages)
+        offsets = routing.lang_offsets  # language l: sorted positions [offsets[l], offsets[l + 1])
+        first = int(offsets[0])  # tokens of id -1 sort first and get no adapter
+        n_max = max(1, int(torch.diff(offsets).max()))
+        tok = routing.sorted_token_idx[first:]
+        sorted_lang = lang[tok]
+        pos = torch.arange(first, lang.shape[0], device=lang.device) - offsets[sorted_lang]
+        return tok, sorted_lang, pos, n_max
+
+    def run(x, meta):
+        tok, lg, ps, n_max = meta
+        y = p.base(x)
+        x_pad = x.new_zeros((num_languages, n_max, x.shape[1])).index_put((lg, ps), x[tok])
+        a_pad = torch.cat([a, a.new_zeros((1, a.shape[1]))])[pad_rows]  # (L, rp, k)
+        b_eff = b * p.prune_mask
+        b_pad = torch.cat([b_eff, b_eff.new_zeros((b_eff.shape[0], 1))], dim=1)[:, pad_rows]  # (d, L, rp)
+        h = torch.bmm(x_pad, a_pad.transpose(1, 2))  # (L, n_max, rp)
+        out = torch.bmm(h, b_pad.permute(1, 2, 0)) * p.scales.to(x.dtype)[:, None, None]  # (L, n_max, d)
+        return y.index_add(0, tok, out[lg, ps])
+
+    return P.PreparedProvider("padded_lang", [a, b], prepare=prepare, run=run)
 
 
-def _padded_indices(p):
-    """Index tensors of the padded baseline (not timed: they depend only on ranks)."""
-    ranks = torch.tensor(RANKS, device=DEVICE)
-    max_rank = p["max_rank"]
-    slot = torch.arange(max_rank, device=DEVICE)
-    # Row of lora_a (or the appended zero row, index R) for each (language, padded rank slot).
-    pad_rows = torch.where(slot[None, :] < ranks[:, None], p["rank_offsets"][:-1, None] + slot[None, :],
-                           torch.full_like(slot[None, :], sum(RANKS)))
-    return pad_rows
+def prepare(name: str, problem: P.LayerProblem) -> P.PreparedProvider:
+    if name == "padded_lang":
+        return _padded_lang_provider(problem)
+    return P.prepare_provider(name, problem)
 
 
-def _padded(p, x, lora_a, lora_b, pad_rows):
-    y = F.linear(x, p["weight"], p["bias"])
-    r = p["routing"]
-    num_langs = len(RANKS)
-    counts = r.lang_offsets[1:] - r.lang_offsets[:-1]
-    n_max = int(counts.max())  # host sync: part of this approach's cost
-    sorted_lang = r.lang[r.sorted_token_idx]
-    pos = torch.arange(x.shape[0], device=x.device) - r.lang_offsets[sorted_lang.clamp_min(0)]
-    keep = sorted_lang >= 0
-    tok, lg, ps = r.sorted_token_idx[keep], sorted_lang[keep], pos[keep]
-    x_pad = x.new_zeros((num_langs, n_max, x.shape[1]))
-    x_pad = x_pad.index_put((lg, ps), x[tok])
-    zero_row = lora_a.new_zeros((1, lora_a.shape[1]))
-    a_pad = torch.cat([lora_a, zero_row])[pad_rows]  # (L, r_max, k)
-    b_eff = lora_b * p["prune_mask"]
-    b_pad = torch.cat([b_eff, b_eff.new_zeros((b_eff.shape[0], 1))], dim=1)[:, pad_rows]  # (d, L, r_max)
-    h = torch.bmm(x_pad, a_pad.transpose(1, 2))  # (L, n_max, r_max)
-    out = torch.bmm(h, b_pad.permute(1, 2, 0)) * p["scales"].to(x.dtype)[:, None, None]  # (L, n_max, d)
-    lora = torch.zeros_like(y).index_put((tok,), out[lg, ps])
-    return y + lora
+# ------------------------------------------------------------------------------ correctness
+def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.double(), expected.double()
+    if not torch.isfinite(actual).all():
+        return math.inf
+    return float((actual - expected).norm() / expected.norm().clamp_min(1e-30))
 
 
-def _triton(p, x, lora_a, lora_b):
-    import lslo_kernels
+def _truth(problem: P.LayerProblem, grad_out: torch.Tensor | None):
+    """lslo's reference backend in float32 on the same inputs.
 
-    y = F.linear(x, p["weight"], p["bias"])
-    return lslo_kernels.grouped_lora(x, y, lora_a, lora_b, p["prune_mask"], p["scales"], p["rank_offsets"],
-                                     p["routing"], p["max_rank"], backend="triton")
+    Returns:
+        {"lora": (y, (dx, dA, dB) or None), "base": (y_base, (dx_base,) or None)}: the layer with
+        its LoRA term, and the base ``nn.Linear`` alone (what provider ``base`` computes).
+    """
+    training = grad_out is not None
+    base32 = torch.nn.Linear(problem.base.in_features, problem.base.out_features, device=DEVICE)
+    with torch.no_grad():
+        base32.weight.copy_(problem.base.weight.float())
+        base32.bias.copy_(problem.base.bias.float())
+    x = problem.x.float().requires_grad_(training)
+    a = problem.lora_a.float().requires_grad_(training)
+    b = problem.lora_b.float().requires_grad_(training)
+    routing = lslo_kernels.build_routing(problem.lang, problem.num_languages)
+    with torch.enable_grad() if training else torch.no_grad():
+        y_base = base32(x)
+        y = lslo_kernels.grouped_lora(x, y_base, a, b, problem.prune_mask, problem.scales, problem.rank_offsets,
+                                      routing, problem.max_rank, backend="reference")
+    if not training:
+        return {"lora": (y, None), "base": (y_base, None)}
+    y.backward(grad_out.float())
+    dx_base = grad_out.float() @ base32.weight.detach()
+    return {"lora": (y.detach(), (x.grad, a.grad, b.grad)), "base": (y_base.detach(), (dx_base,))}
 
 
-def _providers(p, x, lora_a, lora_b, pad_rows):
-    """Closures computing y for each provider on the given leaves."""
+def check_provider(prov: P.PreparedProvider, problem: P.LayerProblem, meta, truth, grad_out) -> str:
+    """Empty string when the provider's y (and gradients, when training) match the truth, else why not."""
+    y_ref, grads_ref = truth
+    training = grads_ref is not None
+    x = problem.x.detach().clone().requires_grad_(training)
+    for param in prov.params:
+        param.grad = None
+        param.requires_grad_(training)
+    with torch.enable_grad() if training else torch.no_grad():
+        y = prov.run(x, meta)
+    errs = {"y": _rel_err(y.detach(), y_ref)}
+    if training:
+        y.backward(grad_out)
+        errs["dx"] = _rel_err(x.grad, grads_ref[0])
+        if prov.params and len(grads_ref) == 3:
+            grad_a, grad_b = prov.packed_grads()
+            errs["dA"] = _rel_err(grad_a, grads_ref[1])
+            errs["dB"] = _rel_err(grad_b, grads_ref[2])
+        for param in prov.params:
+            param.grad = None
+    bad = {k: v for k, v in errs.items() if not v <= REL_TOL}
+    return "" if not bad else "disagrees with the reference: " + ", ".join(f"{k} rel err {v:.3g}" for k, v in bad.items())
+
+
+# ----------------------------------------------------------------------------------- timing
+def time_eager(fn, leaves, quick: bool):
+    import triton.testing
+
+    rep, warmup = (30, 10) if quick else (100, 25)
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.2, 0.5, 0.8],
+                                   grad_to_none=leaves or None)
+
+
+def time_graph(fn, quick: bool):
+    import triton.testing
+
+    return triton.testing.do_bench_cudagraph(fn, rep=20 if quick else 60, quantiles=[0.2, 0.5, 0.8])
+
+
+class Deadline:
+    """Stops starting new measurements once ``cap_s`` seconds have passed."""
+
+    def __init__(self, cap_s: float | None):
+        self.t0 = time.monotonic()
+        self.cap_s = cap_s
+
+    def passed(self) -> bool:
+        return self.cap_s is not None and time.monotonic() - self.t0 > self.cap_s
+
+
+def _row(provider, mode, metric, tokens, shape, q, note="", ratio=""):
+    import triton
+
+    q20, q50, q80 = q if q is not None else ("", "", "")
+    fmt = (lambda v: f"{v:.5f}") if q is not None else (lambda v: v)
     return {
-        "base": lambda: F.linear(x, p["weight"], p["bias"]),
-        "naive": lambda: _naive(p, x, lora_a, lora_b),
-        "padded": lambda: _padded(p, x, lora_a, lora_b, pad_rows),
-        "triton": lambda: _triton(p, x, lora_a, lora_b),
+        "op": "grouped_lora", "provider": provider, "mode": mode, "metric": metric, "x": tokens,
+        "shape": f"{shape[0]}->{shape[1]}", "dtype": "bf16", "p20": fmt(q20), "p50": fmt(q50), "p80": fmt(q80),
+        "ratio_vs_base": ratio, "note": note, "device": torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE,
+        "torch": torch.__version__,
+        "triton": triton.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "host": platform.node(),
     }
 
 
-def _time(fn, mode, leaves, grad_out, quick):
-    import triton.testing
+def _time_mode(prov, x, meta, mode, leaves, grad_out, quick):
+    """p20/p50/p80 ms of one provider call: eager forward, eager forward+backward, or graph replay."""
+    if mode == "fwd+bwd":
+        return time_eager(lambda: prov.run(x, meta).backward(grad_out), leaves, quick)
 
-    def step():
-        y = fn()
-        if mode == "fwd+bwd":
-            y.backward(grad_out)
+    def forward():
+        with torch.no_grad():
+            prov.run(x, meta)
 
-    rep, warmup = (20, 5) if quick else (100, 25)
-    grad_to_none = leaves if mode == "fwd+bwd" else None
-    return triton.testing.do_bench(step, warmup=warmup, rep=rep, quantiles=[0.2, 0.5, 0.8],
-                                   grad_to_none=grad_to_none)
+    return time_graph(forward, quick) if mode == "fwd-graph" else time_eager(forward, [], quick)
 
 
-def _check(p, pad_rows):
-    """Every provider computes the same y before anything is timed."""
-    with torch.no_grad():
-        ref = _naive(p, p["x"], p["lora_a"], p["lora_b"]).float()
-        for name, y in (("padded", _padded(p, p["x"], p["lora_a"], p["lora_b"], pad_rows)),
-                        ("triton", _triton(p, p["x"], p["lora_a"], p["lora_b"]))):
-            err = (y.float() - ref).abs().max().item()
-            scale = max(1.0, ref.abs().max().item())
-            if err > 3e-2 * scale:
-                raise SystemExit(f"{name} disagrees with naive: max abs err {err:.3g} (scale {scale:.3g})")
+def bench_case(shape, num_tokens, modes, names, deadline, quick, rows):
+    """Check then time every provider of one (shape, T) for the given modes; appends CSV rows."""
+    problem = make_layer_problem(*shape, num_tokens, torch.bfloat16)
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    grad_out = torch.randn(num_tokens, shape[1], device=DEVICE, generator=gen).to(torch.bfloat16)
+    training = "fwd+bwd" in modes
+    truths = _truth(problem, grad_out if training else None)
+    base_p50 = {}
+    for name in names:
+        if deadline.passed():
+            rows.append(_row(name, "/".join(modes), "skipped", num_tokens, shape, None, "time cap reached"))
+            continue
+        try:
+            prov = prepare(name, problem)
+        except P.Skip as exc:
+            rows.append(_row(name, "/".join(modes), "skipped", num_tokens, shape, None, str(exc)))
+            continue
+        meta = prov.prepare(problem.lang)
+        checked: dict[bool, str] = {}
+        for mode in modes:
+            train = mode == "fwd+bwd"
+            if train and not prov.training:
+                rows.append(_row(name, mode, "skipped", num_tokens, shape, None, prov.skip_training_reason))
+                continue
+            if mode == "fwd-graph" and name not in GRAPHABLE:
+                continue
+            if train not in checked:
+                y_ref, grads_ref = truths["base" if name == "base" else "lora"]
+                try:
+                    checked[train] = check_provider(prov, problem, meta, (y_ref, grads_ref if train else None),
+                                                    grad_out)
+                except Exception as exc:  # noqa: BLE001 - a provider that crashes is reported, not fatal
+                    checked[train] = f"{type(exc).__name__}: {exc}"
+            why = checked[train]
+            if why:
+                rows.append(_row(name, mode, "failed", num_tokens, shape, None, why))
+                print(f"  {shape} T={num_tokens} {mode} {name}: {why}", file=sys.stderr)
+                continue
+            x = problem.x.detach().clone().requires_grad_(train)
+            for param in prov.params:
+                param.requires_grad_(train)
+            leaves = [x, *prov.params] if train else []
+
+            try:
+                q = _time_mode(prov, x, meta, mode, leaves, grad_out, quick)
+            except Exception as exc:  # noqa: BLE001 - e.g. a graph capture the provider does not allow
+                rows.append(_row(name, mode, "failed", num_tokens, shape, None, f"{type(exc).__name__}: {exc}"))
+                continue
+            if name == "base":
+                base_p50[mode] = q[1]
+            ratio = f"{q[1] / base_p50[mode]:.3f}" if mode in base_p50 else ""
+            rows.append(_row(name, mode, "ms", num_tokens, shape, q, ratio=ratio))
+            print(f"  {shape[0]}->{shape[1]} T={num_tokens} {mode:9s} {name:11s} p50={q[1]:.4f} ms "
+                  f"({ratio}x base)", file=sys.stderr, flush=True)
+    torch.cuda.empty_cache()
 
 
-def main() -> None:
+def print_table(rows):
+    device = rows[0]["device"] if rows else "?"
+    timed = {(r["shape"], r["x"], r["mode"], r["provider"]): r for r in rows if r["metric"] == "ms"}
+    names = list(dict.fromkeys(r["provider"] for r in rows))
+    print(f"\nbf16, lang30 ranks (16 x r=2 with B 90% pruned, 14 x r=8), tokens uniform over 30 languages, "
+          f"unsorted; p50 ms on {device} (ratio to base in the same run)\n")
+    print("| shape | T | mode | " + " | ".join(f"`{n}`" for n in names) + " | triton vs naive |")
+    print("|---|---|---|" + "---|" * len(names) + "---|")
+    for shape, tokens, mode in dict.fromkeys((r["shape"], r["x"], r["mode"]) for r in rows if r["metric"] == "ms"):
+        cells = []
+        for n in names:
+            r = timed.get((shape, tokens, mode, n))
+            if r is None:
+                cells.append("")
+            elif n == "base":
+                cells.append(f"{float(r['p50']):.4g}")
+            else:
+                cells.append(f"{float(r['p50']):.4g} ({float(r['ratio_vs_base']):.2f}x)" if r["ratio_vs_base"]
+                             else f"{float(r['p50']):.4g}")
+        tri, nai = timed.get((shape, tokens, mode, "triton")), timed.get((shape, tokens, mode, "naive"))
+        speed = f"{float(nai['p50']) / float(tri['p50']):.1f}x" if tri and nai else ""
+        print(f"| {shape} | {tokens} | {mode} | " + " | ".join(cells) + f" | {speed} |")
+    notes = [r for r in rows if r["metric"] in ("failed", "skipped")]
+    for r in notes:
+        print(f"- {r['provider']} {r['shape']} T={r['x']} {r['mode']}: {r['metric']}: {r['note']}")
+
+
+# ------------------------------------------------------------------------------------ sweep
+SWEEP_CANDIDATES = {
+    # (block_t, block_f, num_warps, num_stages); shrinks are also swept over split-K factors.
+    "shrink": [(16, 64, 4, 3), (16, 128, 4, 3), (32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 8, 3), (64, 128, 8, 3),
+               (64, 64, 4, 4), (128, 64, 8, 3), (32, 256, 4, 3)],
+    "expand": [(16, 64, 4, 2), (16, 128, 4, 2), (16, 256, 4, 2), (32, 128, 4, 2), (64, 64, 8, 2), (64, 128, 4, 2),
+               (64, 128, 8, 2), (128, 64, 8, 2), (128, 128, 8, 2), (64, 256, 8, 2)],
+    "wgrad": [(32, 32, 4, 3), (32, 64, 4, 3), (64, 32, 4, 3), (64, 64, 4, 3), (64, 64, 8, 3), (128, 32, 4, 3),
+              (128, 64, 8, 3), (64, 128, 8, 3), (32, 128, 4, 3), (128, 128, 8, 3)],
+}
+ROLE_KIND = {"fwd_shrink": "shrink", "fwd_expand": "expand", "bwd_shrink": "shrink", "bwd_expand": "expand",
+             "grad_a": "wgrad", "grad_b": "wgrad"}
+SPLITS = (1, 2, 4, 8)
+
+
+def sweep(shapes, tokens_list, deadline, quick, rows):
+    """Time each kernel role under each candidate config (the other roles at their defaults)."""
+    from lslo_kernels import triton_kernels as K
+
+    original = K._launch_config
+    for shape in shapes:
+        for num_tokens in tokens_list:
+            problem = make_layer_problem(*shape, num_tokens, torch.bfloat16)
+            routing = lslo_kernels.build_routing(problem.lang, problem.num_languages)
+            gen = torch.Generator(device=DEVICE).manual_seed(2)
+            grad_out = torch.randn(num_tokens, shape[1], device=DEVICE, generator=gen).to(torch.bfloat16)
+            base_out = problem.base(problem.x)
+            args = (problem.lora_a, problem.lora_b, problem.prune_mask, problem.scales, problem.rank_offsets,
+                    routing.lang, routing.sorted_token_idx, routing.lang_offsets, problem.max_rank)
+            y_ref, h_ref = K.lora_forward_triton(problem.x, base_out, *args)
+            grads_ref = K.lora_backward_triton(grad_out, problem.x, h_ref, *args)
+            default = original(num_tokens, problem.num_languages, shape[0], shape[1], problem.max_rank,
+                               torch.bfloat16, K._sm_count(problem.x.device))
+            for role, kind in ROLE_KIND.items():
+                fwd_role = role.startswith("fwd")
+                if num_tokens < 1024 and not fwd_role:
+                    continue  # decoding runs forward only
+                num_features = shape[0] if role in ("fwd_shrink", "bwd_expand", "grad_a") else shape[1]
+                variants = [("default", getattr(default, role))]
+                for cand in SWEEP_CANDIDATES[kind]:
+                    kc = K.KernelConfig(*cand)
+                    if kind == "shrink":
+                        # Split-K only pays where token tiles are fewer than multiprocessors.
+                        splits = SPLITS if num_tokens < 1024 else SPLITS[:2]
+                        variants += [(f"{cand}+s{s}", dataclasses.replace(kc, num_splits=s))
+                                     for s in splits if s == 1 or num_features // (s * kc.block_f) >= 1]
+                    else:
+                        variants.append((str(cand), kc))
+                for label, kc in variants:
+                    if deadline.passed():
+                        rows.append(_row(f"sweep:{role}", label, "skipped", num_tokens, shape, None, "time cap"))
+                        continue
+                    K._launch_config = lambda *a, _role=role, _kc=kc: dataclasses.replace(original(*a), **{_role: _kc})
+                    try:
+                        if fwd_role:
+                            y, h = K.lora_forward_triton(problem.x, base_out, *args)
+                            ok = _rel_err(y, y_ref) < 1e-2 and _rel_err(h, h_ref) < 1e-2
+                            fn = functools.partial(K.lora_forward_triton, problem.x, base_out, *args)
+                        else:
+                            got = K.lora_backward_triton(grad_out, problem.x, h_ref, *args)
+                            ok = all(_rel_err(g, r) < 1e-2 for g, r in zip(got, grads_ref))
+                            fn = functools.partial(K.lora_backward_triton, grad_out, problem.x, h_ref, *args)
+                        if not ok:
+                            rows.append(_row(f"sweep:{role}", label, "failed", num_tokens, shape, None, "wrong result"))
+                            continue
+                        q = time_graph(fn, quick)
+                    except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: record, go on
+                        rows.append(_row(f"sweep:{role}", label, "failed", num_tokens, shape, None,
+                                         f"{type(exc).__name__}: {str(exc)[:200]}"))
+                        continue
+                    finally:
+                        K._launch_config = original
+                    rows.append(_row(f"sweep:{role}", label, "ms", num_tokens, shape, q,
+                                     note="fwd launcher" if fwd_role else "bwd launcher"))
+                best = min((r for r in rows if r["provider"] == f"sweep:{role}" and r["metric"] == "ms"
+                            and r["x"] == num_tokens and r["shape"] == f"{shape[0]}->{shape[1]}"),
+                           key=lambda r: float(r["p50"]), default=None)
+                dflt = next((r for r in rows if r["provider"] == f"sweep:{role}" and r["mode"] == "default"
+                             and r["metric"] == "ms" and r["x"] == num_tokens
+                             and r["shape"] == f"{shape[0]}->{shape[1]}"), None)
+                if best is not None:
+                    print(f"{shape[0]}->{shape[1]} T={num_tokens} {role:10s} default "
+                          f"{float(dflt['p50']) * 1e3 if dflt else float('nan'):8.1f} us  best {best['mode']:24s} "
+                          f"{float(best['p50']) * 1e3:8.1f} us", flush=True)
+            torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------- main
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions (smoke run)")
+    parser.add_argument("--shapes", nargs="+", default=[f"{k}x{d}" for k, d in SHAPES],
+                        help="in x out features, e.g. 1024x4096 (default: the three M2M-124 shapes)")
+    parser.add_argument("--train-tokens", type=int, default=TRAIN_TOKENS)
+    parser.add_argument("--decode-tokens", type=int, default=DECODE_TOKENS)
+    parser.add_argument("--time-cap", type=float, default=None,
+                        help="seconds after which no new measurement starts (the table and CSV are still written)")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("--sweep", action="store_true", help="time the Triton kernels' launch-config candidates")
     parser.add_argument("--csv", type=Path, default=RESULTS_CSV)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     if not torch.cuda.is_available():
-        sys.exit("bench_triton_gpu.py times CUDA kernels and found no CUDA GPU; nothing was measured.")
-    import triton
-
-    import lslo_kernels
-
+        print("bench_triton_gpu.py times CUDA kernels and found no CUDA GPU; nothing was measured.", file=sys.stderr)
+        return 2
     if "triton" not in lslo_kernels.available_backends("cuda"):
-        sys.exit("bench_triton_gpu.py: the triton backend is not registered on this machine "
-                 "(is triton installed?); nothing was measured.")
+        print("bench_triton_gpu.py: the triton backend is not registered on this machine (is triton installed?); "
+              "nothing was measured.", file=sys.stderr)
+        return 2
+    try:
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
+    except ValueError:
+        parser.error(f"--shapes: expected IN x OUT like 1024x4096, got {args.shapes}")
     torch.backends.cuda.matmul.allow_tf32 = False
-    dtype = torch.bfloat16
-    device_name = torch.cuda.get_device_name()
-    providers = ("base", "naive", "padded", "triton")
-    rows = []
-    for in_features, out_features in SHAPES:
-        for num_tokens in args.tokens:
-            p = _problem(num_tokens, in_features, out_features, dtype)
-            pad_rows = _padded_indices(p)
-            _check(p, pad_rows)
-            for mode in ("fwd", "fwd+bwd"):
-                x = p["x"].detach().clone().requires_grad_(mode == "fwd+bwd")
-                lora_a = p["lora_a"].detach().clone().requires_grad_(mode == "fwd+bwd")
-                lora_b = p["lora_b"].detach().clone().requires_grad_(mode == "fwd+bwd")
-                fns = _providers(p, x, lora_a, lora_b, pad_rows)
-                for provider in providers:
-                    leaves = [x] if provider == "base" else [x, lora_a, lora_b]
-                    with torch.no_grad() if mode == "fwd" else torch.enable_grad():
-                        q20, q50, q80 = _time(fns[provider], mode, leaves, p["grad_out"], args.quick)
-                    rows.append({
-                        "op": "grouped_lora", "provider": provider, "mode": mode, "metric": "ms",
-                        "x": num_tokens, "shape": f"{in_features}->{out_features}", "dtype": "bf16",
-                        "p20": f"{q20:.5f}", "p50": f"{q50:.5f}", "p80": f"{q80:.5f}", "device": device_name,
-                        "torch": torch.__version__, "triton": triton.__version__,
-                        "date": datetime.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
-                    })
-                    print(f"{in_features}->{out_features} T={num_tokens} {mode:8s} {provider:7s} "
-                          f"p50={q50:.4f} ms", file=sys.stderr)
-
-    _print_table(rows, device_name)
-    args.csv.parent.mkdir(parents=True, exist_ok=True)
-    new_file = not args.csv.exists()
-    with open(args.csv, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
-        if new_file:
-            writer.writeheader()
-        writer.writerows(rows)
-    print(f"\nappended {len(rows)} rows to {os.path.relpath(args.csv)}")
-
-
-def _print_table(rows, device_name):
-    by_key = {(r["shape"], r["x"], r["mode"], r["provider"]): float(r["p50"]) for r in rows}
-    print(f"\nbf16, lang30 ranks, unsorted ids, p50 ms on {device_name} (ratio to base F.linear)\n")
-    print("| shape | T | mode | base | naive | padded | triton | triton vs naive |")
-    print("|---|---|---|---|---|---|---|---|")
-    for shape, tokens, mode in dict.fromkeys((r["shape"], r["x"], r["mode"]) for r in rows):
-        base = by_key[(shape, tokens, mode, "base")]
-        cells = [f"{base:.4f}"]
-        for provider in ("naive", "padded", "triton"):
-            ms = by_key[(shape, tokens, mode, provider)]
-            cells.append(f"{ms:.4f} ({ms / base:.2f}x)")
-        speedup = by_key[(shape, tokens, mode, "naive")] / by_key[(shape, tokens, mode, "triton")]
-        print(f"| {shape} | {tokens} | {mode} | " + " | ".join(cells) + f" | {speedup:.2f}x |")
+    # A `timeout` kill (SIGTERM) unwinds through the `finally` below, so the rows measured so far
+    # are written.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    deadline = Deadline(args.time_cap)
+    rows: list[dict] = []
+    try:
+        if args.sweep:
+            sweep(shapes, [args.train_tokens, args.decode_tokens], deadline, args.quick, rows)
+        else:
+            for shape in shapes:
+                bench_case(shape, args.train_tokens, ("fwd+bwd",), TRAIN_PROVIDERS, deadline, args.quick, rows)
+                bench_case(shape, args.decode_tokens, ("fwd", "fwd-graph"), DECODE_PROVIDERS, deadline, args.quick,
+                           rows)
+    finally:  # what was measured before a failure or a kill still reaches the CSV
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        new_file = not args.csv.exists()
+        with open(args.csv, "a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
+            if new_file:
+                writer.writeheader()
+            writer.writerows(rows)
+        print(f"\nappended {len(rows)} rows to {args.csv}", file=sys.stderr)
+    if not args.sweep:
+        print_table(rows)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -27,19 +27,25 @@ rank at run time and masks a ``BLOCK_R`` tile, ``BLOCK_R = max(16, next_pow2(max
 (16 is the smallest ``tl.dot`` operand); the padding costs registers and tensor-core cycles,
 never memory traffic.
 
+Split-K: at decoding sizes (T=160 over 30 languages: ~40 token tiles for 132 multiprocessors) a
+shrink program would walk all k features alone. The shrink then splits the features over
+``num_splits`` programs per tile, each writing its own fp32 partial of h (or g); the expand
+kernel, which reads h anyway, sums the partials in split order (deterministic, no atomics) and
+the feature-block-0 programs store the sum as the h the backward keeps.
+
 Precision: products accumulate in fp32. fp32 inputs use ``input_precision="ieee"`` (no TF32).
 For fp16/bf16 inputs the fp32 intermediates (h, g) are rounded to the input dtype right before
 entering a dot, so every dot runs on 16-bit tensor cores; that is the rounding a plain 16-bit
 PyTorch LoRA applies to its intermediate too.
 
-Performance notes: block sizes (``_launch_config``) are picked from shapes by rules of thumb,
-checked only for register spills by compiling offline for sm_90; this file was written and
-tested without a GPU (under ``TRITON_INTERPRET=1``). Time with ``benchmarks/bench_triton_gpu.py``
-before trusting them.
+Launch configs (``_launch_config``, one :class:`KernelConfig` per kernel role) come from shapes
+only, so a launch never reads the device and CUDA graphs can capture it. Their numbers are
+tuned with ``benchmarks/bench_triton_gpu.py --sweep`` on the GPU named next to each choice.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -48,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["INTERPRETED", "LAUNCH_COUNTS", "lora_backward_triton", "lora_forward_triton"]
+__all__ = ["INTERPRETED", "LAUNCH_COUNTS", "KernelConfig", "lora_backward_triton", "lora_forward_triton"]
 
 # Whether the kernels below were built for the CPU interpreter: triton decides that when the
 # @triton.jit decorator runs, i.e. when this module is imported.
@@ -95,7 +101,9 @@ def _dot(a, b, acc, INPUT_PRECISION: tl.constexpr, BF16_AS_FP32: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
 
-@triton.jit
+# Language counts, split counts and rank widths vary per call and gain nothing from Triton's
+# specialisation of ints (== 1, divisible by 16): each would only add a compiled variant.
+@triton.jit(do_not_specialize=["num_langs", "out_cols"])
 def _shrink_kernel(
     src_ptr,  # (T, F) rows read through sorted_token_idx
     w_ptr,  # weight: rank j of language l, feature f at w_ptr + (r0 + j) * stride_wr + f * stride_wf
@@ -104,13 +112,15 @@ def _shrink_kernel(
     rank_offsets_ptr,
     sorted_token_idx_ptr,
     lang_offsets_ptr,
-    out_ptr,  # (T, out_cols) fp32
+    out_ptr,  # (num_splits, T, out_cols) fp32: one partial sum per feature split
     num_langs,
     num_features,
+    split_features,  # features per split, a multiple of BLOCK_F
     out_cols,
     stride_src_t,
     stride_wr,
     stride_wf,
+    stride_out_split,
     stride_out_t,
     HAS_MASK: tl.constexpr,
     APPLY_SCALE: tl.constexpr,
@@ -135,11 +145,17 @@ def _shrink_kernel(
     col_ok = cols < rank
 
     acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-    # Tokens without an adapter skip the reduction and get zero rows.
-    num_f = tl.where(has_adapter, num_features, 0)
-    for f0 in range(0, num_f, BLOCK_F):
+    # Split-K: program (tile, s) reduces features [s * split_features, (s + 1) * split_features)
+    # and writes its own partial; the consumer (_expand_kernel) sums the partials in a fixed
+    # order, so the result stays deterministic (no atomics). Tokens without an adapter skip the
+    # reduction and get zero rows.
+    split = tl.program_id(1)
+    f_begin = split * split_features
+    f_end = tl.minimum(f_begin + split_features, num_features)
+    f_stop = tl.where(has_adapter, f_end, f_begin)
+    for f0 in range(f_begin, f_stop, BLOCK_F):
         feats = f0 + tl.arange(0, BLOCK_F)
-        f_ok = feats < num_features
+        f_ok = feats < f_end
         src = tl.load(
             src_ptr + tokens[:, None] * stride_src_t + feats[None, :],
             mask=row_ok[:, None] & f_ok[None, :],
@@ -156,15 +172,15 @@ def _shrink_kernel(
         acc = acc * tl.load(scales_ptr + lang_id, mask=has_adapter, other=0.0)
     # Columns rank..out_cols are written as zeros (w was masked), as the reference's h has.
     tl.store(
-        out_ptr + tokens[:, None] * stride_out_t + cols[None, :],
+        out_ptr + split * stride_out_split + tokens[:, None] * stride_out_t + cols[None, :],
         acc,
         mask=row_ok[:, None] & (cols < out_cols)[None, :],
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_langs", "num_splits", "h_cols"])
 def _expand_kernel(
-    h_ptr,  # (T, >= rank) fp32 rows read through sorted_token_idx
+    h_ptr,  # (num_splits, T, h_cols) fp32 partial sums, rows read through sorted_token_idx
     w_ptr,  # weight: feature f, rank j of language l at w_ptr + f * stride_wf + (r0 + j) * stride_wr
     keep_ptr,  # uint8 prune mask addressed like w (read only when HAS_MASK)
     base_ptr,  # (T, F) added to the result (read only when HAS_BASE)
@@ -173,16 +189,22 @@ def _expand_kernel(
     sorted_token_idx_ptr,
     lang_offsets_ptr,
     out_ptr,  # (T, F)
+    h_out_ptr,  # (T, h_cols) fp32: the summed partials (written only when WRITE_H)
     num_langs,
     num_features,
+    num_splits,
+    h_cols,
+    stride_h_split,
     stride_h_t,
     stride_wf,
     stride_wr,
     stride_base_t,
     stride_out_t,
+    stride_h_out_t,
     HAS_MASK: tl.constexpr,
     HAS_BASE: tl.constexpr,
     APPLY_SCALE: tl.constexpr,
+    WRITE_H: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BF16_AS_FP32: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -201,12 +223,24 @@ def _expand_kernel(
     feats = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     f_ok = feats < num_features
     io_ok = row_ok[:, None] & f_ok[None, :]
+    cols = tl.arange(0, BLOCK_R)
+
+    if WRITE_H:
+        # Split-K reduction of the shrink's partials, in split order (deterministic). Rows of id -1
+        # tokens and columns past r_l hold zeros in every partial, so their sum is the zero the
+        # contract asks for.
+        h_ok = row_ok[:, None] & (cols < h_cols)[None, :]
+        h = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+        for s in range(num_splits):
+            h += tl.load(h_ptr + s * stride_h_split + tokens[:, None] * stride_h_t + cols[None, :],
+                         mask=h_ok, other=0.0)
+        if tl.program_id(1) == 0:
+            tl.store(h_out_ptr + tokens[:, None] * stride_h_out_t + cols[None, :], h, mask=h_ok)
 
     acc = tl.zeros((BLOCK_T, BLOCK_F), dtype=tl.float32)
     if has_adapter:
         r0 = tl.load(rank_offsets_ptr + lang_id)
         rank = tl.load(rank_offsets_ptr + lang_id + 1) - r0
-        cols = tl.arange(0, BLOCK_R)
         col_ok = cols < rank
         w_off = feats[None, :] * stride_wf + (r0 + cols)[:, None] * stride_wr  # (BLOCK_R, BLOCK_F)
         w_ok = col_ok[:, None] & f_ok[None, :]
@@ -214,11 +248,12 @@ def _expand_kernel(
         if HAS_MASK:
             keep = tl.load(keep_ptr + w_off, mask=w_ok, other=0)
             w = tl.where(keep != 0, w, tl.zeros_like(w))
-        h = tl.load(
-            h_ptr + tokens[:, None] * stride_h_t + cols[None, :],
-            mask=row_ok[:, None] & col_ok[None, :],
-            other=0.0,
-        )
+        if not WRITE_H:
+            h = tl.load(
+                h_ptr + tokens[:, None] * stride_h_t + cols[None, :],
+                mask=row_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            )
         acc = _dot(h.to(w.dtype), w, acc, INPUT_PRECISION, BF16_AS_FP32)
         if APPLY_SCALE:
             acc = acc * tl.load(scales_ptr + lang_id)
@@ -298,28 +333,58 @@ def _weight_grad_kernel(
 
 
 @dataclass(frozen=True)
-class _LaunchConfig:
-    """Tile sizes and compile flags of one call, derived from shapes only (no device reads)."""
+class KernelConfig:
+    """Tile sizes and compile options of one kernel launch.
 
-    block_t: int  # token rows per tile (shrink/expand)
-    block_r: int  # rank bucket
+    Attributes:
+        block_t: token rows per program (shrink, expand) or per loop step (weight grad).
+        block_f: features per loop step (shrink, weight grad) or per program (expand; weight grad
+            programs also own ``block_f`` features each).
+        num_warps, num_stages: Triton's warps per program and software-pipelining depth.
+        num_splits: shrink only: programs that share one token tile's feature reduction (split-K);
+            each writes a partial sum that the expand kernel adds up in a fixed order.
+    """
+
+    block_t: int
+    block_f: int
+    num_warps: int
+    num_stages: int
+    num_splits: int = 1
+
+
+@dataclass(frozen=True)
+class _LaunchConfig:
+    """Every launch of one forward/backward, derived from shapes only (no device reads)."""
+
+    block_r: int  # rank bucket, shared by all kernels
     block_seg: int  # next_pow2(L + 1): the segment vector of _find_tile
-    shrink_f: int  # reduction chunk of _shrink_kernel
-    expand_f: int  # output features per _expand_kernel program
-    tile_warps: int  # num_warps of shrink/expand
-    num_tiles: int  # grid size over token tiles: cdiv(T, block_t) + L bounds sum_s cdiv(n_s, block_t)
     precision: str
     bf16_as_fp32: bool
-    # _weight_grad_kernel: (L, cdiv(F, wgrad_f)) programs; each loops over its language's
-    # tokens wgrad_t at a time. Narrow feature blocks give more programs when few languages
-    # are present; splitting a language's tokens over programs would need atomics and cost
-    # determinism.
-    wgrad_t: int
-    wgrad_f: int
-    wgrad_warps: int
+    fwd_shrink: KernelConfig  # h = A_l x_t, reduction over in_features
+    fwd_expand: KernelConfig  # y = base + s_l (B_l * M_l) h, out_features per program
+    bwd_shrink: KernelConfig  # g = s_l (B_l * M_l)^T dy, reduction over out_features
+    bwd_expand: KernelConfig  # grad_x = A_l^T g, in_features per program
+    grad_a: KernelConfig  # dA over in_features: (L, cdiv(k, block_f)) programs
+    grad_b: KernelConfig  # dB over out_features: (L, cdiv(d, block_f)) programs
 
 
-def _launch_config(num_tokens: int, num_langs: int, max_rank: int, dtype: torch.dtype) -> _LaunchConfig:
+def _num_tiles(num_tokens: int, num_langs: int, block_t: int) -> int:
+    """Grid size over token tiles: cdiv(T, block_t) + L bounds sum_s cdiv(n_s, block_t)."""
+    return triton.cdiv(num_tokens, block_t) + num_langs
+
+
+def _num_splits(num_tiles: int, num_features: int, block_f: int, num_sms: int) -> int:
+    """Split-K factor of a shrink: enough programs for two per multiprocessor, each split at least
+    four loop steps long (shorter ones pay more in partial traffic than they gain)."""
+    wanted = triton.cdiv(2 * num_sms, max(1, num_tiles))
+    return max(1, min(wanted, num_features // (4 * block_f)))
+
+
+@functools.lru_cache(maxsize=256)
+def _launch_config(
+    num_tokens: int, num_langs: int, in_features: int, out_features: int, max_rank: int, dtype: torch.dtype,
+    num_sms: int,
+) -> _LaunchConfig:
     # tl.dot needs every operand dim >= 16, so lang30's ranks (2 and 8) share the 16 bucket;
     # the masked padding costs registers and MMA cycles, never memory traffic.
     block_r = max(16, triton.next_power_of_2(max(int(max_rank), 1)))
@@ -329,30 +394,57 @@ def _launch_config(num_tokens: int, num_langs: int, max_rank: int, dtype: torch.
     # shrink the tile so the (block_t, block_r) fp32 accumulator stays in registers.
     per_lang = max(1, num_tokens // max(1, num_langs))
     block_t = min(64, max(16, triton.next_power_of_2(per_lang)), max(16, 2048 // block_r))
-    # Register counts below come from compiling for sm_90 with triton 3.9 offline (ptxas
-    # -res-usage, no GPU to time on): with 4 warps the bf16 shrink at 64 x 64 spilled 200 B of
-    # stack, fp32 (FMA dots under "ieee") at 64 x 64 with a 64-wide chunk spilled 6 KB; the
-    # choices here compile without spills. Untimed: rerun benchmarks/bench_triton_gpu.py.
-    # Rank buckets of 256 and up also halve the feature blocks: with them every config of
-    # ranks <= 256 compiles without spills on sm_90 but one fp32 variant (8 B).
+    # Register counts from compiling for sm_90 offline (ptxas -res-usage): with 4 warps the bf16
+    # shrink at 64 x 64 spilled 200 B of stack, fp32 (FMA dots under "ieee") at 64 x 64 with a
+    # 64-wide chunk spilled 6 KB; the choices here compile without spills. Rank buckets of 256 and
+    # up also halve the feature blocks.
     is_fp32 = dtype == torch.float32
     wide = 2 if block_r >= 256 else 1
+    tile_warps = 8 if block_t * block_r >= 1024 else 4
+    shrink_f = (16 if is_fp32 else 64) // wide
+    tiles = _num_tiles(num_tokens, num_langs, block_t)
+
+    def shrink(num_features: int) -> KernelConfig:
+        splits = _num_splits(tiles, num_features, shrink_f, num_sms)
+        return KernelConfig(block_t, shrink_f, tile_warps, 3, splits)
+
+    expand = KernelConfig(block_t, 64 // wide, tile_warps, 2)
+    # Weight grads: narrow feature blocks give more programs when few languages are present;
+    # splitting a language's tokens over programs would need atomics and cost determinism.
+    wgrad = KernelConfig(32, 32 // wide, 8 if block_r >= 128 else 4, 3)
     return _LaunchConfig(
-        block_t=block_t,
         block_r=block_r,
         block_seg=triton.next_power_of_2(num_langs + 1),
-        shrink_f=(16 if is_fp32 else 64) // wide,
-        expand_f=64 // wide,
-        tile_warps=8 if block_t * block_r >= 1024 else 4,
-        num_tiles=triton.cdiv(num_tokens, block_t) + num_langs,
         # "ieee" keeps fp32 dots in true fp32 (TF32 off, as the reference computes); for 16-bit
         # operands the setting has no effect.
         precision="ieee" if is_fp32 else "tf32",
         bf16_as_fp32=INTERPRETED and dtype == torch.bfloat16,
-        wgrad_t=32,
-        wgrad_f=32 // wide,
-        wgrad_warps=8 if block_r >= 128 else 4,
+        fwd_shrink=shrink(in_features),
+        fwd_expand=expand,
+        bwd_shrink=shrink(out_features),
+        bwd_expand=expand,
+        grad_a=wgrad,
+        grad_b=wgrad,
     )
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device (132 on an H100 SXM, assumed for the interpreter)."""
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _config_for(x: torch.Tensor, num_langs: int, in_features: int, out_features: int, max_rank: int):
+    return _launch_config(x.shape[0], num_langs, in_features, out_features, max_rank, x.dtype,
+                          _sm_count(x.device))
+
+
+def _split_features(num_features: int, cfg: KernelConfig) -> tuple[int, int]:
+    """(features per split, rounded up to block_f; number of non-empty splits)."""
+    per_split = triton.cdiv(triton.cdiv(num_features, cfg.num_splits), cfg.block_f) * cfg.block_f
+    return per_split, triton.cdiv(num_features, per_split)
 
 
 def _check_common(
@@ -463,33 +555,81 @@ def lora_forward_triton(
         # The LoRA term is identically zero: nothing to launch.
         return base_out.clone(), x.new_zeros((num_tokens, max_rank), dtype=torch.float32)
 
-    h = torch.empty((num_tokens, max_rank), dtype=torch.float32, device=x.device)
+    cfg = _config_for(x, num_langs, in_features, out_features, max_rank)
     y = torch.empty((num_tokens, out_features), dtype=x.dtype, device=x.device)
-    cfg = _launch_config(num_tokens, num_langs, max_rank, x.dtype)
-    # h_t = A_l x_t: A's rank j, feature f at lora_a[r0 + j, f]. Every row of h is written
-    # (zeros for id -1 rows and past r_l), so it needs no zero fill.
-    _shrink_kernel[(cfg.num_tiles,)](
-        x, lora_a, keep, scales, rank_offsets, sorted_token_idx, lang_offsets, h,
-        num_langs, in_features, max_rank,
-        x.stride(0), lora_a.stride(0), lora_a.stride(1), h.stride(0),
-        HAS_MASK=False, APPLY_SCALE=False, INPUT_PRECISION=cfg.precision, BF16_AS_FP32=cfg.bf16_as_fp32,
-        BLOCK_T=cfg.block_t, BLOCK_F=cfg.shrink_f, BLOCK_R=cfg.block_r, BLOCK_SEG=cfg.block_seg,
-        num_warps=cfg.tile_warps,
+    h = torch.empty((num_tokens, max_rank), dtype=torch.float32, device=x.device)
+    # h_t = A_l x_t: A's rank j, feature f at lora_a[r0 + j, f]; every row of h (or of each
+    # partial) is written, zeros for id -1 rows and past r_l, so it needs no zero fill.
+    partial = _rank_partials(h, cfg.fwd_shrink, in_features)
+    _launch_shrink(cfg, cfg.fwd_shrink, x, lora_a, (lora_a.stride(0), lora_a.stride(1)), keep, scales,
+                   rank_offsets, sorted_token_idx, lang_offsets, partial, in_features, has_mask=False,
+                   apply_scale=False)
+    # y_t = base_t + s_l (B_l * M_l) h_t: B's feature f, rank j at lora_b[f, r0 + j]; id -1
+    # rows are copied from base_out by the same pass, which also sums split-K partials into h.
+    _launch_expand(cfg, cfg.fwd_expand, partial, lora_b, (lora_b.stride(0), lora_b.stride(1)), keep, base_out,
+                   scales, rank_offsets, sorted_token_idx, lang_offsets, y, h, has_mask=True, apply_scale=True)
+    return y, h
+
+
+def _rank_partials(rank_rows: torch.Tensor, shrink: KernelConfig, num_features: int) -> torch.Tensor:
+    """Where a shrink writes: ``rank_rows`` (T, max_rank) itself, or (splits, T, max_rank) partials."""
+    _per_split, splits = _split_features(num_features, shrink)
+    if splits == 1:
+        return rank_rows.unsqueeze(0)
+    return rank_rows.new_empty((splits, *rank_rows.shape))
+
+
+def _launch_shrink(cfg, kcfg, src, weight, weight_rank_feature_strides, keep, scales, rank_offsets,
+                   sorted_token_idx, lang_offsets, partial, num_features, *, has_mask, apply_scale):
+    """partial[s, t, :r_l] = s_l? * (W_l * M_l?) src_t over split s of the features."""
+    num_tokens = src.shape[0]
+    num_langs = scales.shape[0]
+    per_split, splits = _split_features(num_features, kcfg)
+    _shrink_kernel[(_num_tiles(num_tokens, num_langs, kcfg.block_t), splits)](
+        src, weight, keep, scales, rank_offsets, sorted_token_idx, lang_offsets, partial,
+        num_langs, num_features, per_split, partial.shape[2],
+        src.stride(0), *weight_rank_feature_strides, partial.stride(0), partial.stride(1),
+        HAS_MASK=has_mask, APPLY_SCALE=apply_scale, INPUT_PRECISION=cfg.precision,
+        BF16_AS_FP32=cfg.bf16_as_fp32, BLOCK_T=kcfg.block_t, BLOCK_F=kcfg.block_f, BLOCK_R=cfg.block_r,
+        BLOCK_SEG=cfg.block_seg, num_warps=kcfg.num_warps, num_stages=kcfg.num_stages,
     )
     LAUNCH_COUNTS["shrink"] += 1
-    # y_t = base_t + s_l (B_l * M_l) h_t: B's feature f, rank j at lora_b[f, r0 + j]; id -1
-    # rows are copied from base_out by the same pass.
-    _expand_kernel[(cfg.num_tiles, triton.cdiv(out_features, cfg.expand_f))](
-        h, lora_b, keep, base_out, scales, rank_offsets, sorted_token_idx, lang_offsets, y,
-        num_langs, out_features,
-        h.stride(0), lora_b.stride(0), lora_b.stride(1), base_out.stride(0), y.stride(0),
-        HAS_MASK=True, HAS_BASE=True, APPLY_SCALE=True, INPUT_PRECISION=cfg.precision,
-        BF16_AS_FP32=cfg.bf16_as_fp32,
-        BLOCK_T=cfg.block_t, BLOCK_F=cfg.expand_f, BLOCK_R=cfg.block_r, BLOCK_SEG=cfg.block_seg,
-        num_warps=cfg.tile_warps,
+
+
+def _launch_expand(cfg, kcfg, partial, weight, weight_feature_rank_strides, keep, base, scales, rank_offsets,
+                   sorted_token_idx, lang_offsets, out, rank_rows, *, has_mask, apply_scale):
+    """out_t = base_t? + s_l? * (W_l * M_l?) sum_s partial[s, t]; the sum goes to ``rank_rows``
+    when there is more than one partial."""
+    num_tokens, num_features = out.shape
+    num_langs = scales.shape[0]
+    splits = partial.shape[0]
+    has_base = base is not None
+    _expand_kernel[(_num_tiles(num_tokens, num_langs, kcfg.block_t), triton.cdiv(num_features, kcfg.block_f))](
+        partial, weight, keep, base if has_base else out, scales, rank_offsets, sorted_token_idx, lang_offsets,
+        out, rank_rows,
+        num_langs, num_features, splits, partial.shape[2],
+        partial.stride(0), partial.stride(1), *weight_feature_rank_strides,
+        base.stride(0) if has_base else 0, out.stride(0), rank_rows.stride(0),
+        HAS_MASK=has_mask, HAS_BASE=has_base, APPLY_SCALE=apply_scale, WRITE_H=splits > 1,
+        INPUT_PRECISION=cfg.precision, BF16_AS_FP32=cfg.bf16_as_fp32,
+        BLOCK_T=kcfg.block_t, BLOCK_F=kcfg.block_f, BLOCK_R=cfg.block_r, BLOCK_SEG=cfg.block_seg,
+        num_warps=kcfg.num_warps, num_stages=kcfg.num_stages,
     )
     LAUNCH_COUNTS["expand"] += 1
-    return y, h
+
+
+def _launch_weight_grad(cfg, kcfg, rank_src, feat_src, keep, scales, rank_offsets, sorted_token_idx,
+                        lang_offsets, out, out_rank_feature_strides, num_features, *, has_mask, apply_scale):
+    """out_l[j, f] = s_l? * sum_t rank_src[t, j] feat_src[t, f] (* M?) over language l's tokens."""
+    num_langs = scales.shape[0]
+    _weight_grad_kernel[(num_langs, triton.cdiv(num_features, kcfg.block_f))](
+        rank_src, feat_src, keep, scales, rank_offsets, sorted_token_idx, lang_offsets, out,
+        num_features, rank_src.stride(0), feat_src.stride(0), *out_rank_feature_strides,
+        HAS_MASK=has_mask, APPLY_SCALE=apply_scale, INPUT_PRECISION=cfg.precision,
+        BF16_AS_FP32=cfg.bf16_as_fp32, BLOCK_T=kcfg.block_t, BLOCK_F=kcfg.block_f, BLOCK_R=cfg.block_r,
+        num_warps=kcfg.num_warps, num_stages=kcfg.num_stages,
+    )
+    LAUNCH_COUNTS["weight_grad"] += 1
 
 
 def lora_backward_triton(
@@ -540,55 +680,31 @@ def lora_backward_triton(
     if num_tokens == 0 or out_features == 0 or in_features == 0 or total_rank == 0 or max_rank == 0:
         return torch.zeros_like(x), torch.zeros_like(lora_a), torch.zeros_like(lora_b)
 
-    cfg = _launch_config(num_tokens, num_langs, max_rank, x.dtype)
-
+    cfg = _config_for(x, num_langs, in_features, out_features, max_rank)
     # g_t = s_l (B_l * M_l)^T dy_t: the forward's shrink kernel with B read transposed
     # (rank j, feature f at lora_b[f, r0 + j]).
     grad_h = torch.empty((num_tokens, max_rank), dtype=torch.float32, device=x.device)
-    _shrink_kernel[(cfg.num_tiles,)](
-        grad_out, lora_b, keep, scales, rank_offsets, sorted_token_idx, lang_offsets, grad_h,
-        num_langs, out_features, max_rank,
-        grad_out.stride(0), lora_b.stride(1), lora_b.stride(0), grad_h.stride(0),
-        HAS_MASK=True, APPLY_SCALE=True, INPUT_PRECISION=cfg.precision, BF16_AS_FP32=cfg.bf16_as_fp32,
-        BLOCK_T=cfg.block_t, BLOCK_F=cfg.shrink_f, BLOCK_R=cfg.block_r, BLOCK_SEG=cfg.block_seg,
-        num_warps=cfg.tile_warps,
-    )
-    LAUNCH_COUNTS["shrink"] += 1
-
-    # grad_x_t = A_l^T g_t: the forward's expand kernel with A read transposed
-    # (feature f, rank j at lora_a[r0 + j, f]); every row is written (zeros for id -1).
+    partial = _rank_partials(grad_h, cfg.bwd_shrink, out_features)
+    _launch_shrink(cfg, cfg.bwd_shrink, grad_out, lora_b, (lora_b.stride(1), lora_b.stride(0)), keep, scales,
+                   rank_offsets, sorted_token_idx, lang_offsets, partial, out_features, has_mask=True,
+                   apply_scale=True)
+    # grad_x_t = A_l^T g_t: the forward's expand kernel with A read transposed (feature f, rank j
+    # at lora_a[r0 + j, f]); every row is written (zeros for id -1); split-K partials of g are
+    # summed into grad_h on the way.
     grad_x = torch.empty_like(x)
-    _expand_kernel[(cfg.num_tiles, triton.cdiv(in_features, cfg.expand_f))](
-        grad_h, lora_a, keep, grad_x, scales, rank_offsets, sorted_token_idx, lang_offsets, grad_x,
-        num_langs, in_features,
-        grad_h.stride(0), lora_a.stride(1), lora_a.stride(0), grad_x.stride(0), grad_x.stride(0),
-        HAS_MASK=False, HAS_BASE=False, APPLY_SCALE=False, INPUT_PRECISION=cfg.precision,
-        BF16_AS_FP32=cfg.bf16_as_fp32,
-        BLOCK_T=cfg.block_t, BLOCK_F=cfg.expand_f, BLOCK_R=cfg.block_r, BLOCK_SEG=cfg.block_seg,
-        num_warps=cfg.tile_warps,
-    )
-    LAUNCH_COUNTS["expand"] += 1
-
+    _launch_expand(cfg, cfg.bwd_expand, partial, lora_a, (lora_a.stride(1), lora_a.stride(0)), keep, None,
+                   scales, rank_offsets, sorted_token_idx, lang_offsets, grad_x, grad_h, has_mask=False,
+                   apply_scale=False)
     # Every language writes all of its rank rows/columns (zeros when absent from the batch),
     # and the languages' ranges tile [0, R), so the outputs need no zero fill.
     grad_a = torch.empty_like(lora_a)
     grad_b = torch.empty_like(lora_b)
     # dA_l = sum_t g_t x_t^T: rank j, feature f at grad_a[r0 + j, f].
-    _weight_grad_kernel[(num_langs, triton.cdiv(in_features, cfg.wgrad_f))](
-        grad_h, x, keep, scales, rank_offsets, sorted_token_idx, lang_offsets, grad_a,
-        in_features, grad_h.stride(0), x.stride(0), grad_a.stride(0), grad_a.stride(1),
-        HAS_MASK=False, APPLY_SCALE=False, INPUT_PRECISION=cfg.precision, BF16_AS_FP32=cfg.bf16_as_fp32,
-        BLOCK_T=cfg.wgrad_t, BLOCK_F=cfg.wgrad_f, BLOCK_R=cfg.block_r,
-        num_warps=cfg.wgrad_warps,
-    )
-    LAUNCH_COUNTS["weight_grad"] += 1
+    _launch_weight_grad(cfg, cfg.grad_a, grad_h, x, keep, scales, rank_offsets, sorted_token_idx, lang_offsets,
+                        grad_a, (grad_a.stride(0), grad_a.stride(1)), in_features, has_mask=False,
+                        apply_scale=False)
     # dB_l^T = s_l sum_t h_t dy_t^T (* M_l^T): rank j, feature f at grad_b[f, r0 + j].
-    _weight_grad_kernel[(num_langs, triton.cdiv(out_features, cfg.wgrad_f))](
-        h, grad_out, keep, scales, rank_offsets, sorted_token_idx, lang_offsets, grad_b,
-        out_features, h.stride(0), grad_out.stride(0), grad_b.stride(1), grad_b.stride(0),
-        HAS_MASK=True, APPLY_SCALE=True, INPUT_PRECISION=cfg.precision, BF16_AS_FP32=cfg.bf16_as_fp32,
-        BLOCK_T=cfg.wgrad_t, BLOCK_F=cfg.wgrad_f, BLOCK_R=cfg.block_r,
-        num_warps=cfg.wgrad_warps,
-    )
-    LAUNCH_COUNTS["weight_grad"] += 1
+    _launch_weight_grad(cfg, cfg.grad_b, h, grad_out, keep, scales, rank_offsets, sorted_token_idx, lang_offsets,
+                        grad_b, (grad_b.stride(1), grad_b.stride(0)), out_features, has_mask=True,
+                        apply_scale=True)
     return grad_x, grad_a, grad_b

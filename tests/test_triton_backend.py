@@ -6,6 +6,7 @@ Without CUDA the kernels run in Triton's CPU interpreter (slow: sizes here stay 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 
@@ -31,7 +32,12 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 MIXED_RANKS = [1, 64, 2, 17, 8, 33, 3, 16, 5, 2, 8, 1]  # 12 languages, ranks 1..64 in one layer
 LANG30 = [2] * 16 + [8] * 14
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def gpu(test):
+    """GPU-only test: marked ``gpu`` (``pytest -m gpu`` selects them) and skipped without CUDA."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
+
 
 
 def _to_device(case: dict) -> dict:
@@ -176,6 +182,48 @@ def test_h_and_untouched_rows_direct():
     assert torch.count_nonzero(grads[0][none]) == 0
 
 
+def _forced_config(monkeypatch, **kernel_overrides):
+    """Make every launch use the given KernelConfig fields (e.g. num_splits=3) for all kernels."""
+    original = triton_kernels._launch_config
+
+    def forced(*args):
+        cfg = original(*args)
+        roles = ("fwd_shrink", "fwd_expand", "bwd_shrink", "bwd_expand", "grad_a", "grad_b")
+        return dataclasses.replace(cfg, **{
+            role: dataclasses.replace(getattr(cfg, role), **{
+                k: v for k, v in kernel_overrides.items() if k != "num_splits" or role.endswith("shrink")
+            })
+            for role in roles
+        })
+
+    monkeypatch.setattr(triton_kernels, "_launch_config", forced)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_k_partials_match_reference(monkeypatch, dtype):
+    """Split-K shrinks (3 feature splits of 16-wide steps, the last one short) give the reference's
+    y, h and gradients; the expand kernels' sum of the partials lands in h and in dA's g."""
+    _forced_config(monkeypatch, num_splits=3, block_f=16, block_t=16)
+    case = _to_device(make_case(50, 70, 41, [2, 8, 5], density=0.5, spread="with_none", dtype=dtype, seed=21))
+    args = _direct_args(case)
+    y, h = triton_kernels.lora_forward_triton(case["x"], case["base_out"], *args)
+    y_ref, h_ref = lslo_kernels.lora_forward_reference(case["x"], case["base_out"], *args)
+    assert_close(h, h_ref, dtype, "split-K h")
+    assert_close(y, y_ref, dtype, "split-K y")
+    _compare(case, dtype)
+
+
+def test_split_rule_targets_small_batches():
+    # Decoding (T=160, 30 languages): ~40 token tiles for 132 multiprocessors, so the reduction
+    # over features is split; a training batch (T=8192) already has enough tiles.
+    small = triton_kernels._launch_config(160, 30, 1024, 4096, 8, torch.bfloat16, 132)
+    big = triton_kernels._launch_config(8192, 30, 1024, 4096, 8, torch.bfloat16, 132)
+    assert small.fwd_shrink.num_splits > 1 and small.bwd_shrink.num_splits > 1
+    assert big.fwd_shrink.num_splits <= 2
+    tiny_features = triton_kernels._launch_config(160, 30, 32, 32, 8, torch.bfloat16, 132)
+    assert tiny_features.fwd_shrink.num_splits == 1
+
+
 def test_random_layouts_property():
     """Tile bookkeeping under random language layouts (hypothesis, few examples: interpreter)."""
     hypothesis = pytest.importorskip("hypothesis")
@@ -295,3 +343,47 @@ def test_gpu_cuda_graph_replay_with_new_routing():
     y_ref, h_ref = lslo_kernels.lora_forward_reference(case["x"], case["base_out"], *args())
     assert_close(y, y_ref, torch.bfloat16, "graph y")
     assert_close(h, h_ref, torch.bfloat16, "graph h")
+
+
+@gpu
+def test_gpu_cuda_graph_replay_backward():
+    """The backward launchers (split-K partials included) replay from a CUDA graph too."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    case = _to_device(make_case(160, 1024, 512, LANG30, density=0.1, spread="with_none", dtype=torch.bfloat16))
+    args = _direct_args(case)
+    _y, h = triton_kernels.lora_forward_triton(case["x"], case["base_out"], *args)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        triton_kernels.lora_backward_triton(case["grad_out"], case["x"], h, *args)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        grads = triton_kernels.lora_backward_triton(case["grad_out"], case["x"], h, *args)
+    fresh = torch.randn_like(case["grad_out"])
+    case["grad_out"].copy_(fresh)
+    graph.replay()
+    grads_ref = lslo_kernels.lora_backward_reference(case["grad_out"], case["x"], h, *args)
+    for name, g, g_ref in zip(("dx", "dA", "dB"), grads, grads_ref):
+        assert_close(g, g_ref, torch.bfloat16, f"graph {name}")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_compile_inductor_fullgraph(dtype):
+    """torch.compile with the default (inductor) backend, fullgraph, forward and backward."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    case = _to_device(make_case(300, 256, 384, LANG30, density=0.1, spread="with_none", dtype=dtype, seed=5))
+
+    def f(x, base_out, a, b):
+        return lslo_kernels.grouped_lora(x, base_out, a, b, case["prune_mask"], case["scales"],
+                                         case["rank_offsets"], case["routing"], case["max_rank"],
+                                         backend="triton")
+
+    leaves = [case[n].clone().requires_grad_(True) for n in ("x", "base_out", "lora_a", "lora_b")]
+    y = torch.compile(f, fullgraph=True)(*leaves)
+    y.backward(case["grad_out"])
+    y_ref, grads_ref = run_op(case, "reference")
+    assert_close(y.detach(), y_ref, dtype, "inductor y")
+    for name, leaf, g_ref in zip(("dx", "dbase", "dA", "dB"), leaves, grads_ref):
+        assert_close(leaf.grad, g_ref, dtype, f"inductor {name}")

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The GPU check of the Triton backend, in one call, for a machine with a CUDA GPU (issue 12):
+# versions and the card, the benchmark against cuBLAS and the peers, the kernel launch-config
+# sweep, and the CUDA tests, each stage under its own time cap, everything written to $OUT.
+#
+#   OUT=/tmp/gpu_out scripts/gpu_check.sh                  # all stages
+#   STAGES="tests bench" BENCH_CAP=90 scripts/gpu_check.sh  # a subset
+#
+# Files in $OUT (8 at most, flat): env.txt, bench.md (table), bench.csv, bench.log,
+# sweep.csv, sweep.log, tests.log, junit.xml. Exit status: the worst stage's.
+# Needs torch with CUDA, triton, pytest (pytest-xdist and pytest-timeout are used when present)
+# and, for the peft row, peft. Nothing is built: the Triton backend compiles its kernels at run time.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_check_out}
+PY=${PYTHON:-python3}
+STAGES=${STAGES:-"env bench sweep tests"}
+BENCH_CAP=${BENCH_CAP:-100}   # seconds after which no new measurement starts
+SWEEP_CAP=${SWEEP_CAP:-110}
+TEST_CAP=${TEST_CAP:-150}     # hard limit of the pytest run
+TEST_WORKERS=${TEST_WORKERS:-8}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+status=0
+stamp() { echo "[gpu_check $(date +%H:%M:%S)] $*"; }
+want() { [[ " $STAGES " == *" $1 "* ]]; }
+
+if want env; then
+  stamp "env -> $OUT/env.txt"
+  {
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv 2>&1
+    "$PY" - <<'PY' 2>&1
+import platform, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
+try:
+    import triton
+    print("triton", triton.__version__)
+except Exception as exc:  # noqa: BLE001
+    print("triton: not importable:", exc)
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device", p.name, "capability", f"{p.major}.{p.minor}", "SMs", p.multi_processor_count,
+          "memory GiB", round(p.total_memory / 2**30, 1))
+import lslo_kernels
+print("lslo backends on cuda:", lslo_kernels.available_backends("cuda"))
+for mod in ("peft", "transformers", "xdist", "pytest_timeout"):
+    try:
+        m = __import__(mod)
+        print(mod, getattr(m, "__version__", "present"))
+    except Exception as exc:  # noqa: BLE001
+        print(mod, "missing:", exc)
+PY
+    git log -1 --format='git %h %s' 2>/dev/null || true
+  } > "$OUT/env.txt"
+  cat "$OUT/env.txt"
+fi
+
+if want bench; then
+  stamp "bench (cap ${BENCH_CAP}s) -> $OUT/bench.md, bench.csv, bench.log"
+  timeout -k 10 $((BENCH_CAP + 90)) "$PY" benchmarks/bench_triton_gpu.py --time-cap "$BENCH_CAP" \
+      --csv "$OUT/bench.csv" > "$OUT/bench.md" 2> "$OUT/bench.log"
+  rc=$?; [ $rc -ne 0 ] && { stamp "bench exit $rc"; tail -20 "$OUT/bench.log"; status=$rc; }
+  cat "$OUT/bench.md"
+fi
+
+if want sweep; then
+  stamp "sweep (cap ${SWEEP_CAP}s) -> $OUT/sweep.csv, sweep.log"
+  timeout -k 10 $((SWEEP_CAP + 90)) "$PY" benchmarks/bench_triton_gpu.py --sweep --quick --time-cap "$SWEEP_CAP" \
+      --csv "$OUT/sweep.csv" > "$OUT/sweep.log" 2>&1
+  rc=$?; [ $rc -ne 0 ] && { stamp "sweep exit $rc"; status=$rc; }
+  grep -E "best|Error|error" "$OUT/sweep.log" | tail -40
+fi
+
+if want tests; then
+  stamp "tests (cap ${TEST_CAP}s) -> $OUT/tests.log, junit.xml"
+  extra=()
+  "$PY" -c "import xdist" 2>/dev/null && extra+=(-n "$TEST_WORKERS")
+  "$PY" -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout 120)
+  # Every test of the file runs on the GPU there (the interpreter-only one skips); -x is off so one
+  # failure does not hide the others.
+  timeout -k 10 "$TEST_CAP" "$PY" -m pytest -q -rfEs -p no:cacheprovider "${extra[@]}" \
+      tests/test_triton_backend.py --junitxml="$OUT/junit.xml" > "$OUT/tests.log" 2>&1
+  rc=$?; [ $rc -ne 0 ] && { stamp "tests exit $rc"; status=$rc; }
+  grep -E "^(FAILED|ERROR)|passed|failed|error" "$OUT/tests.log" | tail -30
+fi
+stamp "done, status $status"
+exit $status
