@@ -340,7 +340,9 @@ class TrainResult:
 
 
 # ------------------------------------------------------------- small helpers
-def _prepare_output_dir(args: TrainArguments, run_config: dict[str, Any], is_main: bool) -> Path:
+def _prepare_output_dir(args: TrainArguments, run_config: dict[str, Any], accelerator) -> Path:
+    """Refuse a folder holding another run (or, with --resume, a run of another configuration), then
+    record this run's configuration. Every process checks before the main one writes anything."""
     out = Path(args.output_dir)
     config_path = out / RUN_CONFIG_NAME
     if out.exists() and not out.is_dir():
@@ -360,12 +362,14 @@ def _prepare_output_dir(args: TrainArguments, run_config: dict[str, Any], is_mai
                      if k not in _RESUMABLE_FIELDS and saved.get(k) != v]
         if differing:
             raise ValueError(f"--resume: {out} was trained with a different configuration ({'; '.join(differing)})")
-    if is_main:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
         if args.overwrite and holds_run and not args.resume:
             for child in out.iterdir():
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_file(str(config_path), lambda tmp: Path(tmp).write_text(json.dumps(run_config, indent=2)))
+    accelerator.wait_for_everyone()
     return out
 
 
@@ -375,10 +379,14 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     if not root.is_dir():
         return []
     found = []
+    for child in list(root.iterdir()):
+        if child.name.startswith(".") and ".lslo-" in child.name:
+            # Debris of a save killed before its swap: finish it or delete it (lslo.io decides).
+            recover_directory(root / child.name[1:].split(".lslo-", 1)[0])
     for child in root.iterdir():
         match = _CHECKPOINT_PATTERN.match(child.name)
         if match and child.is_dir():
-            recover_directory(child)
+            recover_directory(child)  # cheap; a reader may meet a swap interrupted by a kill
             if (child / "trainer_state.json").is_file():
                 found.append((int(match.group(1)), child))
     return [path for _, path in sorted(found)]
@@ -435,7 +443,7 @@ class _MetricsLog:
         if resume_step is not None and path.is_file():
             # Drop what was logged after the checkpoint: the resumed run logs those steps again.
             kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                    if _parsed_step(line) is not None and _parsed_step(line) <= resume_step]
             atomic_write_file(str(path), lambda tmp: Path(tmp).write_text("".join(f"{k}\n" for k in kept)))
         elif resume_step is None and path.exists():
             path.unlink()
@@ -461,6 +469,15 @@ class _MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _parsed_step(line: str) -> int | None:
+    # A kill -9 can leave a torn last line: it is not a record, and the resumed run rewrites it.
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record.get("step", 0) if isinstance(record, dict) else None
 
 
 class _SignalFlag:
@@ -545,8 +562,7 @@ class _Run:
             self.prune_targets = {}
 
         self.run_config = {**args.to_dict(), "languages": list(self.languages)}
-        self.output_dir = _prepare_output_dir(args, self.run_config, self.is_main)
-        self.accelerator.wait_for_everyone()
+        self.output_dir = _prepare_output_dir(args, self.run_config, self.accelerator)
         if args.method == "pretrain":
             self.corpus = None
         elif examples is not None:
