@@ -7,6 +7,11 @@
         a plain transformers model (and its tokenizer) for one direction.
     lslo params [--model M] [--languages lang12] [--ranks 2;2;8] [--targets all] [--ffn reference]
         LSLo parameter counts, on the meta device (no weights loaded; default shape M2M-124 615M).
+    lslo train --model M --flores-dir D --languages lang12 --ranks "2;2;8" --prune "H=0.9,M=0.9" --output-dir R
+        many-to-many fine-tuning with LSLo and the Gradual Pruning Schedule (``--preset`` a paper row,
+        ``--method ft-all``, ``--resume``); ``accelerate launch -m lslo train ...`` on several GPUs.
+    lslo eval --model M --adapters R/final --flores-dir D [--split devtest] [--num-beams 5]
+        spBLEU / chrF++ / BLEU per direction and the direction-group table.
     lslo bench [ARGS...]
         runs ``benchmarks.__main__.main(ARGS)`` (the benchmark suite, when it is importable).
 
@@ -195,7 +200,101 @@ def build_parser() -> argparse.ArgumentParser:
     params.set_defaults(handler=_cmd_params)
 
     commands.add_parser("bench", help="run the benchmark suite (arguments go to benchmarks.__main__)", add_help=False)
+
+    from lslo.train import EvalArguments, TrainArguments
+
+    train = commands.add_parser("train", help="fine-tune many-to-many with LSLo (or ft-all) and gradual pruning",
+                                description="Many-to-many fine-tuning on FLORES-101 dev (or a TSV) with LSLo and the "
+                                            "Gradual Pruning Schedule. Runs on CPU, one GPU, or many under "
+                                            "`accelerate launch -m lslo train ...` / `torchrun -m lslo train ...`.")
+    _add_dataclass_arguments(train, TrainArguments)
+    train.add_argument("--list-presets", action="store_true", help="list the paper rows --preset reproduces, and exit")
+    train.set_defaults(handler=_cmd_train)
+
+    evaluate = commands.add_parser("eval", help="translate a FLORES split and score it by direction group",
+                                   description="Beam search over every direction at once (mixed-direction batches), "
+                                               "spBLEU (with the FLORES-101 SentencePiece model), chrF++ and BLEU per "
+                                               "direction, and the paper's direction-group table.")
+    _add_dataclass_arguments(evaluate, EvalArguments)
+    evaluate.set_defaults(handler=_cmd_eval)
     return parser
+
+
+def _field_type(annotation: str):
+    # Annotations are strings here (postponed evaluation); the dataclasses use int, float, str, bool.
+    for name, kind in (("bool", bool), ("int", int), ("float", float)):
+        if annotation.split("|")[0].strip() == name:
+            return kind
+    return str
+
+
+def _add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """One ``--field-name`` flag per dataclass field, with the field's help. Defaults are left to the
+    dataclass (every flag defaults to None here), so that a config file or preset can sit between
+    the dataclass default and what was typed."""
+    import dataclasses
+
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = _field_type(str(f.type))
+        default = f.default if f.default is not dataclasses.MISSING else None
+        text = f.metadata.get("help", "")
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{text} (default: {'on' if default else 'off'})")
+        else:
+            parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper(),
+                                help=f"{text} (default: {default})" if default is not None else text)
+
+
+def _given(args, cls) -> dict:
+    import dataclasses
+
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
+
+
+def _cmd_train(args) -> int:
+    import signal
+
+    from lslo.train import PRESETS, Interrupted, TrainArguments, TrainingError, format_presets, load_config_file, train
+
+    if args.list_presets:
+        print(format_presets())
+        return 0
+    given = _given(args, TrainArguments)
+    from_file = load_config_file(given["config"]) if "config" in given else {}
+    preset = given.get("preset", from_file.get("preset"))
+    if preset is not None and preset not in PRESETS:
+        raise CLIError(f"unknown preset {preset!r}; `lslo train --list-presets` lists them")
+    values = {**(PRESETS[preset][1] if preset else {}), **from_file, **given}
+    try:
+        result = train(TrainArguments(**values))
+    except Interrupted as exc:
+        where = f"checkpoint saved to {exc.checkpoint}" if exc.checkpoint else "no checkpoint"
+        print(f"lslo: interrupted by {signal.Signals(exc.signum).name}; {where}; continue with the same command "
+              "and --resume", file=sys.stderr)
+        return 128 + int(exc.signum)
+    except TrainingError as exc:
+        print(f"lslo: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    if result.final_dir is not None:
+        print(f"[lslo] {result.global_step} steps over {result.epochs_done} epochs; final weights in {result.final_dir}; "
+              f"metrics in {result.metrics_path}")
+    if result.scores:
+        from lslo.evaluate import format_table
+
+        print(format_table({values.get("method", "pretrain"): result.scores}, style="plain"))
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from lslo.train import EvalArguments, evaluate_run
+
+    result = evaluate_run(EvalArguments(**_given(args, EvalArguments)))
+    print(result["table"])
+    for path in result["files"].values():
+        print(f"[lslo] wrote {path}", file=sys.stderr)
+    return 0
 
 
 def _one_line(exc: BaseException) -> str:
@@ -216,6 +315,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _USER_ERRORS as exc:
         print(f"lslo: error: {_one_line(exc)}", file=sys.stderr)
         return _EXIT_USER_ERROR
+    except BrokenPipeError:  # `lslo ... | head`: the reader left; not an error of ours
+        sys.stderr.close()
+        return 0
     except OSError as exc:
         print(f"lslo: error: {_one_line(exc)}", file=sys.stderr)
         return _EXIT_OS_ERROR

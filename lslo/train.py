@@ -143,7 +143,11 @@ def _help(text: str, **more) -> dict[str, Any]:
 
 @dataclass
 class TrainArguments:
-    """Everything ``lslo train`` takes; each field is also the flag ``--field-name``."""
+    """Everything ``lslo train`` takes; each field is also the flag ``--field-name``.
+
+    ``preset`` records a paper row's name; build such arguments with :meth:`from_preset`, which
+    puts the row's settings under the ones given (the CLI does the same with --preset).
+    """
 
     model: str = field(default="facebook/flores101_mm100_615M",
                        metadata=_help("base model: hub id or local folder (M2M-100 architecture)"))
@@ -776,12 +780,6 @@ def train(args: TrainArguments) -> TrainResult:
 
     from .data import load_flores, make_batches
 
-    if args.preset is not None:  # preset values under explicit ones: from_preset() merges; here fill gaps
-        preset_values = PRESETS[args.preset][1]
-        defaults = {f.name: f.default for f in fields(TrainArguments)}
-        for key, value in preset_values.items():
-            if getattr(args, key) == defaults.get(key):
-                setattr(args, key, value)
     run = _Run(args)
     run.load()
     if args.method == "pretrain":
