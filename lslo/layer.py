@@ -8,6 +8,7 @@ without padding to the largest rank, so the whole mixed batch goes to one groupe
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from collections.abc import Iterable
@@ -269,29 +270,31 @@ class LSLoLinear(nn.Module):
         if self.merged_language is not None:
             self._check_merged_ids(x, lang)
             return self.base_layer(x)
-        if x.dtype != self.lora_A.dtype:
+        lora_a, lora_b = self.lora_A, self.lora_B
+        autocast = x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
+        if autocast:
+            # Mixed precision (torch.autocast / accelerate): the LoRA term runs in the autocast dtype like
+            # the base Linear; the fp32 master factors get their gradients through these casts. The op
+            # itself then runs with autocast off: its kernels choose their own accumulation precision.
+            compute = torch.get_autocast_dtype(x.device.type)
+            x, lora_a, lora_b = x.to(compute), lora_a.to(compute), lora_b.to(compute)
+        elif x.dtype != self.lora_A.dtype:
             raise TypeError(f"x dtype {x.dtype} != adapter dtype {self.lora_A.dtype}; cast the module or the input")
         if x.device != self.lora_A.device:
             raise ValueError(f"x is on {x.device} but the adapter is on {self.lora_A.device}")
         routing = self._resolve_lang(x, lang)
         base_out = self.base_layer(x).reshape(-1, self.out_features)
+        if base_out.dtype != x.dtype:  # autocast may leave the base in another dtype than asked
+            base_out = base_out.to(x.dtype)
         lead = x.shape[:-1]
         # Reduced widths: the op sees only the adapted slices (same kernel, narrower factors);
         # the un-adapted output features pass through from the base.
         x_rows = x.reshape(-1, self.in_features)[:, : self.lora_in_features]
         adapted = base_out[:, : self.lora_out_features]
-        y = grouped_lora(
-            x_rows,
-            adapted,
-            self.lora_A,
-            self.lora_B,
-            self.prune_mask,
-            self.scales.float(),
-            self.rank_offsets,
-            routing,
-            self.max_rank,
-            backend=self.backend,
-        )
+        no_autocast = torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext()
+        with no_autocast:
+            y = grouped_lora(x_rows, adapted, lora_a, lora_b, self.prune_mask, self.scales.float(), self.rank_offsets,
+                             routing, self.max_rank, backend=self.backend)
         if self.lora_out_features < self.out_features:
             y = torch.cat([y, base_out[:, self.lora_out_features :]], dim=1)
         return y.reshape(*lead, self.out_features)

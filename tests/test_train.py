@@ -346,3 +346,37 @@ def test_config_file_and_flags(setup, tmp_path):
     with pytest.raises(ValueError, match="max_tokenz"):
         load_config_file(bad)
 
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_autocast_bf16_forward_and_backward_track_fp32(backend):
+    """Mixed precision (accelerate's bf16): LSLo layers follow autocast and their gradients reach the
+    fp32 factors; loss and factor gradients stay close to the fp32 run."""
+    import lslo_kernels
+    from transformers import M2M100ForConditionalGeneration
+
+    from lslo.testing import tiny_config
+
+    if backend not in lslo_kernels.available_backends("cpu"):
+        pytest.skip(f"{backend} backend not built")
+    torch.manual_seed(0)
+    model = M2M100ForConditionalGeneration(tiny_config(vocab_size=64))
+    lslo.apply_lslo(model, lslo.LSLoConfig(languages=["en", "fr", "wo"], ranks=4, backend=backend))
+    with torch.no_grad():
+        for module in lslo.lslo_modules(model).values():
+            module.lora_B.normal_(0.0, 0.3)
+    batch = {"input_ids": torch.randint(4, 60, (3, 7)), "labels": torch.randint(4, 60, (3, 5))}
+    src, tgt = ["en", "fr", "wo"], ["fr", "wo", "en"]
+    loss32 = lslo.forward_with_langs(model, batch, src, tgt).loss
+    loss32.backward()
+    grads32 = {n: m.lora_B.grad.clone() for n, m in lslo.lslo_modules(model).items()}
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss16 = lslo.forward_with_langs(model, batch, src, tgt).loss
+    loss16.backward()
+    assert loss16.item() == pytest.approx(loss32.item(), rel=2e-2)
+    for name, module in lslo.lslo_modules(model).items():
+        assert module.lora_B.grad.dtype == torch.float32
+        # bf16 has 8 bits of mantissa: compare whole gradients by relative norm, not entry by entry.
+        error = (module.lora_B.grad - grads32[name]).norm() / grads32[name].norm()
+        assert error < 0.05, (name, float(error))
