@@ -164,6 +164,9 @@ class TrainArguments:
     groups: str | None = field(default=None, metadata=_help("resource groups of extra languages: 'xx=V,yy=H'"))
     prune: str | None = field(default=None, metadata=_help(
         "final pruning ratio per resource group or language: 'H=0.9,M=0.9' (Gradual Pruning Schedule)"))
+    prune_pool: str = field(default="language", metadata=_help(
+        "language (GPS: one L1 pool per language) or layer (one pool per encoder/decoder layer across languages: "
+        "Intrinsic Subspace Estimation)"))
     prune_start: int = field(default=2, metadata=_help("E: last epoch without pruning"))
     prune_duration: int = field(default=8, metadata=_help("k: epochs over which pruning reaches its ratio"))
     target_modules: str = field(default="all", metadata=_help("all, attn, fc, names or a regex"))
@@ -226,6 +229,8 @@ class TrainArguments:
         self.betas()  # parse now: a bad value must fail before the model loads
         if self.method == "lslo" and self.prune:
             parse_prune_spec(self.prune)
+        if self.prune_pool not in ("language", "layer"):
+            raise ValueError(f"prune_pool must be 'language' or 'layer', got {self.prune_pool!r}")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> TrainArguments:
@@ -250,10 +255,13 @@ class TrainArguments:
         return dataclasses.asdict(self)
 
 
-def parse_prune_spec(spec: str | Mapping[str, float] | None) -> dict[str, float]:
-    """``"H=0.9,M=0.9"`` (groups and/or language codes) -> ``{key: ratio}``; each ratio in [0, 1)."""
-    if not spec:
+def parse_prune_spec(spec: str | float | Mapping[str, float] | None) -> dict[str, float]:
+    """``"H=0.9,M=0.9"`` (groups and/or language codes) -> ``{key: ratio}``; each ratio in [0, 1).
+    A bare number (``"0.7"``) applies to every language: key ``"*"``."""
+    if spec is None or spec == "":
         return {}
+    if isinstance(spec, (int, float)) or (isinstance(spec, str) and "=" not in spec and "," not in spec):
+        spec = {"*": spec}
     if isinstance(spec, Mapping):
         items = list(spec.items())
     else:
@@ -302,6 +310,8 @@ def language_prune_targets(config: LSLoConfig, spec) -> dict[str, float]:
     """Per-language final ratio from a ``--prune`` spec of groups and/or codes (a code's own entry wins)."""
     ratios = parse_prune_spec(spec)
     known_groups = set(GROUP_ORDER)
+    if "*" in ratios:
+        return dict.fromkeys(config.languages, ratios["*"])
     for key in ratios:
         if key not in known_groups and key not in config.languages:
             raise ValueError(f"--prune names {key!r}, which is neither a resource group (H, M, L, V) nor one of the "
@@ -720,7 +730,7 @@ class _Run:
                   for code, target in self.prune_targets.items()}
         model = self.accelerator.unwrap_model(self.model)
         # The torch optimizer under accelerate's wrapper: prune() zeroes its moments at pruned entries.
-        prune(model, ratios, pool="language", optimizer=getattr(self.optimizer, "optimizer", self.optimizer))
+        prune(model, ratios, pool=args.prune_pool, optimizer=getattr(self.optimizer, "optimizer", self.optimizer))
         return ratios
 
 

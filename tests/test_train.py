@@ -97,6 +97,7 @@ def test_prune_spec_resolves_groups_and_codes():
         language_prune_targets(config, "M=0.5")  # no medium-resource language here
     with pytest.raises(ValueError, match="'de'"):
         language_prune_targets(config, "de=0.5")
+    assert language_prune_targets(config, "0.7") == dict.fromkeys(LANGS, 0.7)  # every language (ISE)
 
 
 def test_presets_name_the_paper_rows():
