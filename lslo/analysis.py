@@ -969,7 +969,8 @@ def plan_from_scores(scores, budget, *, sharpness: float = 1.0, max_prune: float
     total, described = parse_budget(budget, scores, groups=groups)
     units = total // per_rank
     if units < len(languages):
-        raise ValueError(f"budget {described} = {total:,} parameters is smaller than one rank-1 adapter per language: "
+        budget_text = described if described.endswith(" parameters") else f"{described} = {total:,} parameters"
+        raise ValueError(f"budget {budget_text} is smaller than one rank-1 adapter per language: "
                          f"{len(languages)} languages x {per_rank:,} parameters = {len(languages) * per_rank:,}")
     weights = [max(demands[c]["kept"], 0.0) ** sharpness for c in languages]
     continuous = _water_fill(weights, float(units))

@@ -12,6 +12,11 @@
         ``--method ft-all``, ``--resume``); ``accelerate launch -m lslo train ...`` on several GPUs.
     lslo eval --model M --adapters R/final --flores-dir D [--split devtest] [--num-beams 5]
         spBLEU / chrF++ / BLEU per direction and the direction-group table.
+    lslo estimate --model M --flores-dir D --languages lang12 --pool layer --output-dir O
+        Intrinsic Subspace Estimation (``--pool language``: language-specific pruning): Eq. 6 scores,
+        Figures 2/4/5/6, correlations with bitext sizes (Tables 9-10).
+    lslo plan --scores O --budget "2;2;8" [--output plan.toml]
+        per-language ranks and pruning ratios from ISE scores, as a ``lslo train --config`` file.
     lslo bench [ARGS...]
         runs ``benchmarks.__main__.main(ARGS)`` (the benchmark suite, when it is importable).
 
@@ -217,7 +222,58 @@ def build_parser() -> argparse.ArgumentParser:
                                                "direction, and the paper's direction-group table.")
     _add_dataclass_arguments(evaluate, EvalArguments)
     evaluate.set_defaults(handler=_cmd_eval)
+    _add_analysis_commands(commands)
     return parser
+
+
+def _add_analysis_commands(commands) -> None:
+    """``lslo estimate`` and ``lslo plan`` (lslo.analysis)."""
+    from lslo.analysis import EstimateArguments, PlanArguments
+
+    estimate = commands.add_parser(
+        "estimate", help="Intrinsic Subspace Estimation (--pool layer) or language-specific pruning (--pool language)",
+        description="Train LSLo with one rank everywhere under the Gradual Pruning Schedule, then score every "
+                    "language x module x layer with Eq. 6; writes scores (CSV, JSON), Figures 2/4/5/6 and the "
+                    "correlations with bitext sizes (Tables 9-10) to --output-dir.")
+    _add_dataclass_arguments(estimate, EstimateArguments)
+    estimate.set_defaults(handler=_cmd_estimate)
+    plan = commands.add_parser(
+        "plan", help="per-language ranks and pruning ratios from ISE scores under a parameter budget",
+        description="Turn `lslo estimate --pool layer` scores into a rank and a pruning ratio per language under a "
+                    "budget of trainable parameters; writes a config file for `lslo train --config`.")
+    _add_dataclass_arguments(plan, PlanArguments)
+    plan.set_defaults(handler=_cmd_plan)
+
+
+def _cmd_estimate(args) -> int:
+    import signal
+
+    from lslo.analysis import EstimateArguments, estimate_subspace
+    from lslo.train import Interrupted, TrainingError
+
+    try:
+        result = estimate_subspace(EstimateArguments(**_given(args, EstimateArguments)))
+    except Interrupted as exc:
+        print(f"lslo: interrupted by {signal.Signals(exc.signum).name}; checkpoint {exc.checkpoint}; continue with the "
+              "same command and --resume", file=sys.stderr)
+        return 128 + int(exc.signum)
+    except TrainingError as exc:
+        print(f"lslo: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    if result.summary:
+        print(result.summary)
+    for path in result.files.values():
+        print(f"[lslo] wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _cmd_plan(args) -> int:
+    from lslo.analysis import PlanArguments, format_plan, make_plan
+
+    plan, path = make_plan(PlanArguments(**_given(args, PlanArguments)))
+    print(format_plan(plan))
+    print(f"[lslo] wrote {path}; train with: lslo train --config {path} --model ... --output-dir ...", file=sys.stderr)
+    return 0
 
 
 def _field_type(annotation: str):
