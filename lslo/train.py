@@ -56,6 +56,7 @@ __all__ = [
     "evaluate_run",
     "inverse_sqrt_lr",
     "parse_prune_spec",
+    "plot_training_curves",
     "train",
 ]
 
@@ -63,6 +64,7 @@ METHODS = ("lslo", "ft-all", "pretrain")
 _MIXED_PRECISION = ("no", "bf16", "fp16")
 RUN_CONFIG_NAME = "run_config.json"
 METRICS_NAME = "metrics.jsonl"
+CURVES_NAME = "curves.png"
 CHECKPOINTS_DIR = "checkpoints"
 FINAL_DIR = "final"
 _CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
@@ -820,6 +822,8 @@ def train(args: TrainArguments) -> TrainResult:
         if args.flores_dir is None:
             raise ValueError("--eval-every-epoch evaluates FLORES devtest: give --flores-dir")
         eval_refs = load_flores(args.flores_dir, run.languages, "devtest")
+        if not resume_step:  # Figure 3's dashed line: the model before fine-tuning
+            log.write({"type": "epoch", "epoch": 0, "step": 0, **_epoch_eval(run, eval_refs, group_of, 0)})
 
     if getattr(run, "_resume_rng", None) is not None:
         _set_rng_state(run._resume_rng)
@@ -882,10 +886,10 @@ def train(args: TrainArguments) -> TrainResult:
                       "seconds": elapsed, "tokens_per_s": sums["tokens"] / elapsed if elapsed > 0 else None,
                       **{f"pruned/{k}": v for k, v in _pruned(run).items()}}
             if eval_refs is not None:
-                rows = _evaluate_model(run, eval_refs, args.eval_sentences, group_of)
-                record.update(_group_means(rows, group_of))
-                run.model.train()
+                record.update(_epoch_eval(run, eval_refs, group_of, epoch))
             log.write(record)
+            if eval_refs is not None and run.is_main:
+                plot_training_curves(run.output_dir / METRICS_NAME, run.output_dir / CURVES_NAME)
             epoch += 1
             state = {**state, "epoch": epoch, "step_in_epoch": 0, "epoch_sums": _zero_sums()}
             last_checkpoint = run.save_checkpoint(state)
@@ -903,6 +907,43 @@ def train(args: TrainArguments) -> TrainResult:
     log.close()
     return TrainResult(run.output_dir, final_dir, state["global_step"], state["epoch"] - 1,
                        run.output_dir / METRICS_NAME, stopped_early)
+
+
+def _epoch_eval(run: _Run, references, group_of, epoch: int) -> dict[str, float]:
+    """Evaluate devtest (the --eval-sentences subset) now; per-direction scores to eval/epoch-NNN.*."""
+    from .evaluate import write_scores
+
+    rows = _evaluate_model(run, references, run.args.eval_sentences, group_of)
+    if run.is_main:
+        write_scores(rows, run.output_dir / "eval", name=f"epoch-{epoch:03d}", group_of=group_of,
+                     metadata={"epoch": epoch, "eval_sentences": run.args.eval_sentences})
+    run.model.train()
+    return _group_means(rows, group_of)
+
+
+def plot_training_curves(metrics_path: str | os.PathLike, out_png: str | os.PathLike, *, system: str | None = None,
+                         groups: Sequence[str] = ("H2H", "V2V")):
+    """Figure 3 from a run's ``metrics.jsonl``: per-epoch group scores, epoch 0 (the model before
+    fine-tuning) as the dashed "Pretrain" line. Uses spBLEU when it was measured, else chrF++.
+
+    Returns:
+        The figure, or None when the log holds no evaluated epoch.
+    """
+    from .evaluate import plot_epoch_curves
+
+    records = [json.loads(line) for line in Path(metrics_path).read_text(encoding="utf-8").splitlines()
+               if _parsed_step(line) is not None]
+    epochs = {r["epoch"]: r for r in records if r.get("type") == "epoch"}
+    metric = "spbleu" if any(k.startswith("spbleu/") for r in epochs.values() for k in r) else "chrf++"
+    scores = {e: {k.split("/", 1)[1]: v for k, v in r.items() if k.startswith(metric + "/")} for e, r in epochs.items()}
+    trained = {e: s for e, s in scores.items() if e >= 1 and s}
+    if not trained:
+        return None
+    available = set().union(*trained.values())
+    panels = [g for g in groups if g in available] or sorted(available)[:2]
+    name = system or Path(metrics_path).resolve().parent.name
+    return plot_epoch_curves({name: trained}, out_png, groups=panels, metric=metric, pretrained=scores.get(0) or None,
+                             title=f"{name}: devtest score per epoch")
 
 
 def _pruned(run: _Run) -> dict[str, float]:

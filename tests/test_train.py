@@ -381,3 +381,69 @@ def test_autocast_bf16_forward_and_backward_track_fp32(backend):
         # bf16 has 8 bits of mantissa: compare whole gradients by relative norm, not entry by entry.
         error = (module.lora_B.grad - grads32[name]).norm() / grads32[name].norm()
         assert error < 0.05, (name, float(error))
+
+
+def test_eval_every_epoch_logs_group_scores_and_draws_figure3(setup, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "curves"
+    train(_args(setup, out, epochs=2, eval_every_epoch=True, eval_sentences=2, num_beams=1))
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = {r["epoch"]: r for r in epochs if r["type"] == "epoch"}
+    assert sorted(epochs) == [0, 1, 2]
+    for record in epochs.values():
+        # chrF++ and BLEU under their own names; no spBLEU without the FLORES SentencePiece model
+        assert {"chrf++/H2H", "chrf++/V2V", "bleu/H2V"} <= set(record)
+        assert not any(k.startswith("spbleu") for k in record)
+    for epoch in (0, 1, 2):
+        scores = json.loads((out / "eval" / f"epoch-{epoch:03d}.json").read_text())
+        assert len(scores["rows"]) == 12 and all(row["n"] == 2 for row in scores["rows"])
+    with Image.open(out / "curves.png") as image:
+        assert image.format == "PNG" and image.size[0] > 400
+
+
+# --------------------------------------------------------------------- CLI
+def test_cli_train_then_eval(setup, tmp_path, capsys):
+    from lslo.cli import main
+
+    out = tmp_path / "cli"
+    flags = ["--model", setup["model"], "--flores-dir", setup["flores"], "--languages", ",".join(LANGS),
+             "--ranks", "2;8", "--prune", "H=0.5", "--epochs", "1", "--max-tokens", "160", "--output-dir", str(out),
+             "--no-progress", "--cpu", "--max-steps", "3", "--save-every", "2"]
+    assert main(["train", *flags]) == 0
+    assert "final weights in" in capsys.readouterr().out
+    assert json.loads((out / "run_config.json").read_text())["prune"] == "H=0.5"
+    assert main(["train", *flags]) == 2  # the folder holds a run now
+    assert "already holds another run" in capsys.readouterr().err
+    assert main(["eval", "--model", setup["model"], "--adapters", str(out / "final"), "--flores-dir", setup["flores"],
+                 "--num-beams", "1", "--eval-sentences", "2", "--no-progress", "--output-dir", str(tmp_path / "ev")]) == 0
+    printed = capsys.readouterr().out
+    assert "chrF++" in printed and "H2V" in printed and "spBLEU" not in printed
+    rows = json.loads((tmp_path / "ev" / "scores_devtest.json").read_text())["rows"]
+    assert {(r["src"], r["tgt"]) for r in rows} == {(s, t) for s in LANGS for t in LANGS if s != t}
+
+
+def test_cli_train_errors_are_one_line(setup, tmp_path, capsys):
+    from lslo.cli import main
+
+    base = ["train", "--model", setup["model"], "--flores-dir", setup["flores"], "--languages", ",".join(LANGS),
+            "--output-dir", str(tmp_path / "x"), "--no-progress", "--cpu"]
+    for extra, needle in ((["--ranks", "2;2;8"], "resource groups"), (["--prune", "H=2"], "[0, 1)"),
+                          (["--preset", "nope"], "unknown preset"), (["--languages", "en,zz"], "zz")):
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("lslo: error: ") and needle in err and err.count("\n") == 1, err
+    assert main(["train", "--list-presets"]) == 0
+    assert "lang12-2-2-8-gps0.9" in capsys.readouterr().out
+
+
+def test_cli_config_file_sits_under_flags(setup, tmp_path):
+    from lslo.cli import main
+
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"model": setup["model"], "flores_dir": setup["flores"], "languages": ",".join(LANGS),
+                                  "ranks": "2;8", "epochs": 5, "max_tokens": 160, "cpu": True, "progress": False}))
+    out = tmp_path / "cfg"
+    assert main(["train", "--config", str(config), "--epochs", "1", "--max-steps", "2", "--output-dir", str(out)]) == 0
+    saved = json.loads((out / "run_config.json").read_text())
+    assert saved["epochs"] == 1 and saved["max_tokens"] == 160 and saved["ranks"] == "2;8"
