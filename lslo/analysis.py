@@ -524,8 +524,8 @@ def read_sizes(path: str | os.PathLike) -> dict[str, float]:
             parts = [p for p in re.split(r"[\t,=; ]+", line) if p]
             if len(parts) != 2:
                 raise ValueError(f"--sizes {path} line {number}: expected 'code size', got {line!r}")
-            if number == 1 and not re.match(r"^[0-9.]", parts[1]):
-                continue  # a header
+            if not items and not re.fullmatch(r"[a-z]{2,3}(_[A-Za-z]{4})?", parts[0]):
+                continue  # a header such as "language,size": its first cell is no language code
             items.append((parts[0], parts[1]))
     sizes = {}
     for code, value in items:
@@ -1064,9 +1064,9 @@ class PlanArguments:
 
     scores: str | None = field(default=None, metadata=_help(
         "ISE scores: subspace_scores.json or the lslo estimate --pool layer output folder"))
-    budget: str = field(default="2;2;8", metadata=_help(
-        "trainable-parameter budget: ranks whose cost to match ('2;2;8' per resource group, 'en=2,oc=8') or a "
-        "number ('15.3M')"))
+    budget: str = field(default="H=2,M=2,L=8,V=8", metadata=_help(
+        "trainable-parameter budget: ranks whose cost to match ('2;2;8' per resource group present, 'en=2,oc=8', "
+        "'H=2,V=8') or a number ('15.3M'); default the paper's ranks per group"))
     output: str | None = field(default=None, metadata=_help(
         "the config file to write, .toml or .json (default: <scores folder>/plan.toml)"))
     sharpness: float = field(default=1.0, metadata=_help("ranks grow as demand ** sharpness"))
@@ -1108,7 +1108,7 @@ def _group_means(totals: Mapping[str, float], group_of) -> dict[str, float]:
 def run_analyses(model_dir: str | os.PathLike, flores_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                  languages: str | Sequence[str] | None = None, resource_sizes: Mapping[str, float] | None = None,
                  group_of=None, epochs: int = 6, prune_start: int = 1, prune_duration: int = 3, rank: int = 8,
-                 prune_ratio: float = 0.7, budget: str = "2;2;8", lr: float = 3e-3, max_tokens: int = 1024,
+                 prune_ratio: float = 0.7, budget: str = "H=2,M=2,L=8,V=8", lr: float = 3e-3, max_tokens: int = 1024,
                  warmup_updates: int = 20, seed: int = 1, progress: bool = False,
                  train_overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """ISE and a plan on a small set-up (the demo's), and whether ISE recovers the known resource levels.
@@ -1133,7 +1133,8 @@ def run_analyses(model_dir: str | os.PathLike, flores_dir: str | os.PathLike, ou
         group_of: code -> resource group (default: the paper's groups) for the group means.
         epochs, prune_start, prune_duration, rank, prune_ratio: the ISE run (defaults sized for a tiny
             model on a CPU; the paper's are 15, 2, 8, 8, 0.7).
-        budget: the plan's budget (see :func:`parse_budget`).
+        budget: the plan's budget (see :func:`parse_budget`); default the paper's ranks of the resource
+            groups present (2;2;8 on lang12), so the plan competes with them at equal size.
         lr, max_tokens, warmup_updates, seed, progress, train_overrides: training settings.
 
     Returns:
