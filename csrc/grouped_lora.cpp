@@ -1,7 +1,13 @@
-// CPU backend of the grouped language-specific LoRA op (ops lslo_cpp::forward / lslo_cpp::backward).
+// CPU backend of the grouped language-specific LoRA op. Ops (schemas: lslo_kernels/spec.py, checked
+// against these by tests/test_contract.py):
+//   lslo_cpp::forward   -> (y, h)                                   training forward
+//   lslo_cpp::backward  -> (grad_x, grad_a, grad_b, grad_scales)
+//   lslo_cpp::add_      out += LoRA term in place, no h              inference
+//   lslo_cpp::lora      -> y, with a C++ autograd node calling backward: training without a Python layer
 //
-// Same math, signatures and output dtypes as lslo_kernels/reference.py:
+// Same math and output dtypes as lslo_kernels/reference.py:
 //   h_t = A_l x_t  (fp32, fp64 for fp64 inputs)        y_t = base_out_t + s_l (B_l * M_l) h_t
+//   d s_l = sum over tokens t of language l of <dy_t, (B_l * M_l) h_t>
 //
 // Plan of one call:
 //   1. Validate, and copy the small routing metadata to the host (rank_offsets, lang_offsets).
@@ -18,6 +24,8 @@
 // Kernels are compiled for the baseline ISA and for AVX2+FMA, picked at run time (ISA dispatch).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -43,9 +51,18 @@ namespace {
 constexpr int kTokensPerChunk = 8;
 // Rows of dB transposed back per parallel task.
 constexpr int64_t kTransposeRows = 64;
-// Below this many streamed elements (~10 us of work) run on the calling thread: a fork/join costs
-// a few us even when the other threads are spinning, and much more when they have gone to sleep.
-constexpr int64_t kMinParallelWork = 1 << 15;
+// Below this many streamed elements run on the calling thread: a fork/join costs a few us even
+// when the other threads are spinning, and much more when they have gone to sleep or the cores are
+// busy. Adjustable with _C.set_min_parallel_work (benchmarks/crossover.py measures the crossover).
+std::atomic<int64_t>& min_parallel_work_setting() {
+  static std::atomic<int64_t> work{int64_t(1) << 15};
+  return work;
+}
+
+int64_t set_min_parallel_work(int64_t work) {
+  TORCH_CHECK(work >= 0, "lslo_kernels._C.set_min_parallel_work: expected work >= 0, got ", work);
+  return min_parallel_work_setting().exchange(work);
+}
 
 // ------------------------------------------------------------------------------------------ checks
 void check_activation(const at::Tensor& t, const char* op, const char* name) {
@@ -53,6 +70,14 @@ void check_activation(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D, got shape ", t.sizes());
   TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous (call .contiguous()), got strides ",
               t.strides());
+}
+
+// Rows with a stride: unit column stride, row stride >= the row length (e.g. a column slice).
+void check_rows(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
+  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D, got shape ", t.sizes());
+  TORCH_CHECK((t.stride(1) == 1 || t.size(1) <= 1) && (t.stride(0) >= t.size(1) || t.size(0) <= 1), op, ": ",
+              name, " must have contiguous rows (unit column stride), got strides ", t.strides());
 }
 
 void check_index(const at::Tensor& t, const char* op, const char* name) {
@@ -64,21 +89,26 @@ void check_index(const at::Tensor& t, const char* op, const char* name) {
 // Host view of the validated problem.
 struct Problem {
   int64_t T = 0, k = 0, d = 0, R = 0, L = 0, max_rank = 0;
+  int64_t ldx = 0;                    // row stride of x
+  int64_t present_rank = 0;           // sum of the ranks of the languages with tokens
   std::vector<int64_t> rank_offsets;  // L + 1
-  std::vector<int64_t> lang_of_rank;  // R: language owning each rank row of A / column of B
   // Groups in routing order: group 0 = tokens with id -1, group l + 1 = language l.
   // Group g owns sorted positions [group_bounds[g], group_bounds[g + 1]).
   std::vector<int64_t> group_bounds;  // L + 2
   std::vector<double> scales;         // L
   const int64_t* sorted_token_idx = nullptr;
-  at::Tensor sorted_token_idx_holder, scales_holder;
+  at::Tensor sorted_token_idx_holder;
 };
 
+// strided_x: x may be a column slice (rows with a stride), as add_ accepts.
 Problem check_problem(const char* op, const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
                       const at::Tensor& prune_mask, const at::Tensor& scales, const at::Tensor& rank_offsets,
-                      const at::Tensor& lang, const at::Tensor& sorted_token_idx, const at::Tensor& lang_offsets,
-                      int64_t max_rank) {
-  check_activation(x, op, "x");
+                      const at::Tensor& sorted_token_idx, const at::Tensor& lang_offsets, int64_t max_rank,
+                      bool strided_x = false) {
+  if (strided_x)
+    check_rows(x, op, "x");
+  else
+    check_activation(x, op, "x");
   check_activation(lora_a, op, "lora_a");
   check_activation(lora_b, op, "lora_b");
   check_activation(prune_mask, op, "prune_mask");
@@ -93,6 +123,7 @@ Problem check_problem(const char* op, const at::Tensor& x, const at::Tensor& lor
   Problem p;
   p.T = x.size(0);
   p.k = x.size(1);
+  p.ldx = p.T > 1 ? x.stride(0) : p.k;
   p.R = lora_a.size(0);
   p.d = lora_b.size(0);
   p.max_rank = max_rank;
@@ -111,12 +142,10 @@ Problem check_problem(const char* op, const at::Tensor& x, const at::Tensor& lor
   TORCH_CHECK(scales.device().is_cpu(), op, ": scales must be a CPU tensor, got device ", scales.device());
   TORCH_CHECK(scales.dim() == 1 && scales.numel() == p.L, op, ": scales must be (L,) = (", p.L,
               ",), one per language, got shape ", scales.sizes());
-  TORCH_CHECK(at::isFloatingType(scales.scalar_type()), op, ": scales must be floating point, got ",
-              scales.scalar_type());
-  check_index(lang, op, "lang");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kDouble, op,
+              ": scales must be float32 or float64, got ", scales.scalar_type());
   check_index(sorted_token_idx, op, "sorted_token_idx");
   check_index(lang_offsets, op, "lang_offsets");
-  TORCH_CHECK(lang.numel() == p.T, op, ": lang must have one id per token (", p.T, "), got ", lang.numel());
   TORCH_CHECK(sorted_token_idx.numel() == p.T, op, ": sorted_token_idx must have ", p.T, " entries, got ",
               sorted_token_idx.numel());
   TORCH_CHECK(lang_offsets.numel() == p.L + 1, op, ": lang_offsets must have L + 1 = ", p.L + 1,
@@ -131,9 +160,6 @@ Problem check_problem(const char* op, const at::Tensor& x, const at::Tensor& lor
     TORCH_CHECK(r >= 0, op, ": rank_offsets must be non-decreasing, got ", rank_offsets);
     TORCH_CHECK(r <= max_rank, op, ": language ", l, " has rank ", r, " > max_rank = ", max_rank);
   }
-  p.lang_of_rank.resize(p.R);
-  for (int64_t l = 0; l < p.L; ++l)
-    for (int64_t c = p.rank_offsets[l]; c < p.rank_offsets[l + 1]; ++c) p.lang_of_rank[c] = l;
 
   const auto lo = lang_offsets.contiguous();
   const int64_t* lo_ptr = lo.data_ptr<int64_t>();
@@ -145,30 +171,34 @@ Problem check_problem(const char* op, const at::Tensor& x, const at::Tensor& lor
                 ": lang_offsets must be non-decreasing and >= 0, got ", lang_offsets);
   TORCH_CHECK(p.group_bounds[p.L + 1] == p.T, op, ": lang_offsets[L] must equal the number of tokens ", p.T,
               ", got ", lang_offsets);
+  for (int64_t l = 0; l < p.L; ++l)
+    if (p.group_bounds[l + 2] > p.group_bounds[l + 1]) p.present_rank += p.rank_offsets[l + 1] - p.rank_offsets[l];
 
   // The kernels write y / dx rows through sorted_token_idx from several threads: an index out of
   // range would write outside the output and a repeated one would race, so the routing must be a
-  // permutation whose groups agree with lang. O(T), negligible next to the O(T * (k + d)) work.
+  // permutation. O(T), negligible next to the O(T * (k + d)) work. (Which language each token
+  // belongs to is the routing's business: the ids were checked once per batch where they entered.)
   p.sorted_token_idx_holder = sorted_token_idx.contiguous();
   p.sorted_token_idx = p.sorted_token_idx_holder.data_ptr<int64_t>();
-  const auto lang_c = lang.contiguous();
-  const int64_t* lang_ptr = lang_c.data_ptr<int64_t>();
   std::vector<char> seen(p.T, 0);
-  for (int64_t g = 0; g <= p.L; ++g) {
-    for (int64_t pos = p.group_bounds[g]; pos < p.group_bounds[g + 1]; ++pos) {
-      const int64_t tok = p.sorted_token_idx[pos];
-      TORCH_CHECK(tok >= 0 && tok < p.T, op, ": sorted_token_idx[", pos, "] = ", tok, " is out of range for ",
-                  p.T, " tokens");
-      TORCH_CHECK(!seen[tok], op, ": sorted_token_idx is not a permutation: token ", tok, " appears twice");
-      seen[tok] = 1;
-      TORCH_CHECK(lang_ptr[tok] == g - 1, op, ": routing does not match lang: token ", tok, " has id ",
-                  lang_ptr[tok], " but lang_offsets put it in group ", g - 1,
-                  " (rebuild the routing with build_routing)");
-    }
+  for (int64_t pos = 0; pos < p.T; ++pos) {
+    const int64_t tok = p.sorted_token_idx[pos];
+    TORCH_CHECK(tok >= 0 && tok < p.T, op, ": sorted_token_idx[", pos, "] = ", tok, " is out of range for ", p.T,
+                " tokens");
+    TORCH_CHECK(!seen[tok], op, ": sorted_token_idx is not a permutation: token ", tok, " appears twice");
+    seen[tok] = 1;
   }
 
-  p.scales_holder = scales.to(at::kDouble).contiguous();
-  p.scales.assign(p.scales_holder.data_ptr<double>(), p.scales_holder.data_ptr<double>() + p.L);
+  // Read in place: a converted copy (scales.to(double)) cost an allocation per call.
+  p.scales.resize(p.L);
+  const auto scales_c = scales.contiguous();
+  if (scales.scalar_type() == at::kDouble) {
+    const double* sp = scales_c.data_ptr<double>();
+    for (int64_t l = 0; l < p.L; ++l) p.scales[l] = sp[l];
+  } else {
+    const float* sp = scales_c.data_ptr<float>();
+    for (int64_t l = 0; l < p.L; ++l) p.scales[l] = sp[l];
+  }
   return p;
 }
 
@@ -188,7 +218,7 @@ struct WorkSplit {
 };
 
 int choose_parts(int64_t work) {
-  if (at::in_parallel_region() || work < kMinParallelWork) return 1;
+  if (at::in_parallel_region() || work < min_parallel_work_setting().load(std::memory_order_relaxed)) return 1;
   return std::max(1, at::get_num_threads());
 }
 
@@ -437,13 +467,15 @@ VectorBuffer<acc_t> aligned_vectors(int64_t count) {
 // Per-part buffers, allocated before the parallel region (nothing may throw inside it).
 template <typename acc_t>
 struct ChunkBuffers {
-  explicit ChunkBuffers(int64_t max_rank)
+  explicit ChunkBuffers(int64_t max_rank, int64_t num_languages = 0)
       : acc(aligned_vectors<acc_t>(kTokensPerChunk * max_rank)),
         coef(kTokensPerChunk * max_rank),
-        hs(kTokensPerChunk * max_rank) {}
+        hs(kTokensPerChunk * max_rank),
+        grad_scales(num_languages, 0.0) {}
   VectorBuffer<acc_t> acc;  // lane-wise partial dots (h or g), (token, rank)
   std::vector<acc_t> coef;  // finished g, (token, rank)
-  std::vector<acc_t> hs;    // s * h, (token, rank)
+  std::vector<acc_t> hs;    // s * h, (token, rank); the forward's h when it is not kept
+  std::vector<double> grad_scales;  // backward: this part's share of d s_l
 };
 
 // --------------------------------------------------------------------------- forward pieces
@@ -451,12 +483,13 @@ template <typename scalar_t, typename acc_t>
 struct ForwardArgs {
   const scalar_t* x;
   const scalar_t* base;
-  scalar_t* y;
-  acc_t* h;
+  scalar_t* y;  // may be base (add_: in place)
+  acc_t* h;     // null: not kept (add_)
   int64_t lda, ldb;
   const int64_t* sorted_token_idx;
   const int64_t* rank_offsets;
   int64_t k, d, max_rank;
+  int64_t ldx, ldbase, ldy;  // row strides
   bool stream;  // write y with non-temporal stores
 };
 
@@ -481,8 +514,10 @@ LSLO_INLINE void forward_piece(const ForwardArgs<scalar_t, acc_t>& a, const Stag
   if (piece.group == 0) {  // no adapter: y = base_out, h = 0
     for (int64_t pos = piece.begin; pos < piece.end; ++pos) {
       const int64_t tok = sti[pos];
-      std::memcpy(static_cast<void*>(a.y + tok * d), a.base + tok * d, sizeof(scalar_t) * d);
-      for (int64_t j = 0; j < max_rank; ++j) a.h[tok * max_rank + j] = acc_t(0);
+      if (a.y != a.base)
+        std::memcpy(static_cast<void*>(a.y + tok * a.ldy), a.base + tok * a.ldbase, sizeof(scalar_t) * d);
+      if (a.h)
+        for (int64_t j = 0; j < max_rank; ++j) a.h[tok * max_rank + j] = acc_t(0);
     }
     return;
   }
@@ -497,13 +532,14 @@ LSLO_INLINE void forward_piece(const ForwardArgs<scalar_t, acc_t>& a, const Stag
     const int64_t tok = sti[pos];
     const bool has_next = pos + 1 < piece.end;
     const int64_t next = has_next ? sti[pos + 1] : 0;
-    acc_t* h_t = a.h + tok * max_rank;
+    acc_t* h_t = a.h ? a.h + tok * max_rank : buf.hs.data();
     for (int64_t j = 0; j < r; ++j) hacc[j] = V{};
-    dot_rows<acc_t>(a.x + tok * k, a_l, lda, k, r, hacc, has_next ? a.x + next * k : nullptr);
+    dot_rows<acc_t>(a.x + tok * a.ldx, a_l, lda, k, r, hacc, has_next ? a.x + next * a.ldx : nullptr);
     finish_dots<acc_t>(hacc, r, h_t);
-    for (int64_t j = r; j < max_rank; ++j) h_t[j] = acc_t(0);
-    combine_rows<true, acc_t>(a.y + tok * d, a.base + tok * d, h_t, bmt_l, a.ldb, d, r,
-                              has_next ? a.base + next * d : nullptr, a.stream);
+    if (a.h)
+      for (int64_t j = r; j < max_rank; ++j) h_t[j] = acc_t(0);
+    combine_rows<true, acc_t>(a.y + tok * a.ldy, a.base + tok * a.ldbase, h_t, bmt_l, a.ldb, d, r,
+                              has_next ? a.base + next * a.ldbase : nullptr, a.stream);
   }
 }
 
@@ -525,8 +561,9 @@ struct BackwardArgs {
   bool stream;  // write grad_x with non-temporal stores
 };
 
-// kTokensPerChunk tokens at a time: g_t = s (B_l * M_l)^T dy_t and dx_t = A_l^T g_t per token, then
-// dA_l += g^T x and dB_l^T += (s h)^T dy for the chunk, so the language's dA/dB^T rows are loaded
+// kTokensPerChunk tokens at a time: u_t = (B_l * M_l)^T dy_t, d s_l += <u_t, h_t>, g_t = s u_t and
+// dx_t = A_l^T g_t per token, then dA_l += g^T x and dB_l^T += (s h)^T dy for the chunk, so the
+// language's dA/dB^T rows are loaded
 // and stored once per chunk, and the chunk's rows are still in L1/L2 for that second use. (Cutting
 // the rows into 1 KiB tiles, to keep the weight rows of rank 8 in L1, was 5-10% slower.)
 template <typename scalar_t, typename acc_t>
@@ -565,11 +602,19 @@ LSLO_INLINE void backward_piece(const BackwardArgs<scalar_t, acc_t>& a, const St
       const bool has_next = pos + t + 1 < piece.end;
       dy_rows[t] = a.grad_out + tok * d;
       x_rows[t] = a.x + tok * k;
-      for (int64_t j = 0; j < r; ++j) hs[t * r + j] = s * a.h[tok * max_rank + j];
-      // g_t (s is folded into bmt), prefetching the next token's grad_out row
+      // u_t (B staged without the scale), prefetching the next token's grad_out row
       for (int64_t j = 0; j < r; ++j) gacc[j] = V{};
       dot_rows<acc_t>(dy_rows[t], bmt_l, a.ldb, d, r, gacc, has_next ? a.grad_out + sti[pos + t + 1] * d : nullptr);
-      finish_dots<acc_t>(gacc, r, g + t * r);
+      acc_t* g_t = g + t * r;
+      finish_dots<acc_t>(gacc, r, g_t);
+      const acc_t* h_t = a.h + tok * max_rank;
+      acc_t ds = 0;
+      for (int64_t j = 0; j < r; ++j) {
+        ds += g_t[j] * h_t[j];
+        g_t[j] *= s;
+        hs[t * r + j] = s * h_t[j];
+      }
+      buf.grad_scales[l] += static_cast<double>(ds);
       // dx_t, prefetching x_t for the dA update below
       combine_rows<false, acc_t>(a.grad_x + tok * k, static_cast<const scalar_t*>(nullptr), g + t * r, a_l, lda, k,
                                  r, x_rows[t], a.stream);
@@ -635,88 +680,132 @@ Kernels<scalar_t, acc_t> select_kernels() {
 }
 
 // ------------------------------------------------------------------------------------- forward
+// Host scratch (staged weights, accumulators): aligned, not zeroed. A torch tensor per buffer cost
+// an allocator round trip and a TensorImpl each, a few us per call at decoding sizes.
+template <typename T>
+using HostBuffer = std::unique_ptr<T[], FreeDeleter>;
+
+template <typename T>
+HostBuffer<T> host_buffer(int64_t count) {
+  const size_t bytes = ((std::max<int64_t>(count, 1) * sizeof(T) + 63) / 64) * 64;
+  void* ptr = std::aligned_alloc(64, bytes);
+  TORCH_CHECK(ptr != nullptr, "lslo_cpp: out of memory allocating ", bytes, " bytes");
+  return HostBuffer<T>(static_cast<T*>(ptr));
+}
+
+// y = base + LoRA term (y may be base: add_), h kept when non-null. Rows of x, base and y may be
+// strided (ldx, ldbase, ldy).
 template <typename scalar_t>
-void forward_impl(const Problem& p, const at::Tensor& x, const at::Tensor& base_out, const at::Tensor& lora_a,
-                  const at::Tensor& lora_b, const at::Tensor& prune_mask, at::Tensor& y, at::Tensor& h) {
+void forward_impl(const Problem& p, const scalar_t* x, const scalar_t* base, int64_t ldbase, scalar_t* y, int64_t ldy,
+                  bool stream, const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& prune_mask,
+                  typename std::conditional_t<std::is_same_v<scalar_t, double>, double, float>* h) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const int64_t T = p.T, k = p.k, d = p.d;
   const int64_t lda = padded_ld<acc_t>(k), ldb = padded_ld<acc_t>(d);
 
   // Cost per token in streamed elements: read x and base_out, write y; the rank-r products run
   // from cache at roughly a quarter of the cost per element. Staging a language's weights: read
-  // and write r rows of A and of B.
+  // and write r rows of A and of B (only languages with tokens are staged).
   std::vector<double> cost(p.L + 1), fixed(p.L + 1, 0.0);
-  cost[0] = double(2 * d);
+  cost[0] = y == base ? 0.0 : double(2 * d);
   for (int64_t l = 0; l < p.L; ++l) {
     const double r = double(p.rank_offsets[l + 1] - p.rank_offsets[l]);
     cost[l + 1] = double(k + 2 * d) + 0.25 * r * double(k + d);
     fixed[l + 1] = 2.0 * r * double(k + d);
   }
-  const int parts = choose_parts(T * (k + 2 * d) + p.R * (k + d));
+  const int parts = choose_parts(T * (k + 2 * d) + p.present_rank * (k + d));
   const WorkSplit split = split_work(p, cost, fixed, parts, std::vector<int64_t>(p.L, 0));
   const std::vector<acc_t> scale = column_scales<acc_t>(p);
   int64_t staged_a = 0, staged_b = 0;
   const bool a_is_acc = std::is_same_v<scalar_t, acc_t>;
   const auto stages = plan_stages<acc_t>(p, split, scale, a_is_acc, lda, ldb, staged_a, staged_b);
-  const auto acc_options = x.options().dtype(accum_type(x.scalar_type()));
-  at::Tensor a_buf = at::empty({staged_a}, acc_options);
-  at::Tensor b_buf = at::empty({staged_b}, acc_options);
+  HostBuffer<acc_t> a_buf = host_buffer<acc_t>(staged_a);
+  HostBuffer<acc_t> b_buf = host_buffer<acc_t>(staged_b);
   std::vector<ChunkBuffers<acc_t>> buffers;  // allocated here: nothing may throw inside the region
   for (int part = 0; part < parts; ++part) buffers.emplace_back(p.max_rank);
 
-  const ForwardArgs<scalar_t, acc_t> args{x.data_ptr<scalar_t>(), base_out.data_ptr<scalar_t>(),
-                                          y.data_ptr<scalar_t>(), h.data_ptr<acc_t>(), lda, ldb,
-                                          p.sorted_token_idx, p.rank_offsets.data(), k, d, p.max_rank,
-                                          use_streaming_stores(y, d)};
+  const ForwardArgs<scalar_t, acc_t> args{x, base, y, h, lda, ldb, p.sorted_token_idx, p.rank_offsets.data(), k, d,
+                                          p.max_rank, p.ldx, ldbase, ldy, stream};
   const Kernels<scalar_t, acc_t> kernels = select_kernels<scalar_t, acc_t>();
   const scalar_t* a_src = lora_a.data_ptr<scalar_t>();
   const acc_t* a_in_place = nullptr;
   if constexpr (std::is_same_v<scalar_t, acc_t>) a_in_place = a_src;
   const scalar_t* b_src = lora_b.data_ptr<scalar_t>();
   const bool* mask = prune_mask.data_ptr<bool>();
-  acc_t* a_dst = a_buf.data_ptr<acc_t>();
-  acc_t* b_dst = b_buf.data_ptr<acc_t>();
+  acc_t* a_dst = a_buf.get();
+  acc_t* b_dst = b_buf.get();
 
-#pragma omp parallel for num_threads(parts) schedule(static, 1) if (parts > 1)
-  for (int part = 0; part < parts; ++part) {
+  auto run_part = [&](int part) {
     const PartStage<acc_t>& st = stages[part];
     stage_a_rows(a_dst + st.offset_a, lda, st.col0, a_src, k, st.a_rows);
     kernels.stage_bmt(b_dst + st.offset_b, ldb, st.col0, b_src, mask, p.R, st.cols, 0, d);
     const StagedWeights<acc_t> w{a_dst + st.offset_a, b_dst + st.offset_b, st.col0, a_in_place};
     for (const Piece& piece : split.pieces[part]) kernels.forward_piece(args, w, piece, buffers[part]);
     fence_streaming_stores();
+  };
+  if (parts == 1) {  // no OpenMP region at all: even a team of one costs a call into the runtime
+    run_part(0);
+    return;
   }
+#pragma omp parallel for num_threads(parts) schedule(static, 1)
+  for (int part = 0; part < parts; ++part) run_part(part);
+}
+
+void check_output_like(const at::Tensor& t, const Problem& p, const at::Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " dtype ", t.scalar_type(), " != x dtype ",
+              x.scalar_type());
+  TORCH_CHECK(t.size(0) == p.T && t.size(1) == p.d, op, ": ", name, " must be (T, d) = (", p.T, ", ", p.d,
+              "), got ", t.sizes());
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x, const at::Tensor& base_out,
                                                const at::Tensor& lora_a, const at::Tensor& lora_b,
                                                const at::Tensor& prune_mask, const at::Tensor& scales,
-                                               const at::Tensor& rank_offsets, const at::Tensor& lang,
-                                               const at::Tensor& sorted_token_idx, const at::Tensor& lang_offsets,
-                                               int64_t max_rank) {
+                                               const at::Tensor& rank_offsets, const at::Tensor& sorted_token_idx,
+                                               const at::Tensor& lang_offsets, int64_t max_rank) {
   constexpr const char* op = "lslo_cpp::forward";
-  const Problem p = check_problem(op, x, lora_a, lora_b, prune_mask, scales, rank_offsets, lang, sorted_token_idx,
+  const Problem p = check_problem(op, x, lora_a, lora_b, prune_mask, scales, rank_offsets, sorted_token_idx,
                                   lang_offsets, max_rank);
   check_activation(base_out, op, "base_out");
-  TORCH_CHECK(base_out.scalar_type() == x.scalar_type(), op, ": base_out dtype ", base_out.scalar_type(),
-              " != x dtype ", x.scalar_type());
-  TORCH_CHECK(base_out.size(0) == p.T && base_out.size(1) == p.d, op, ": base_out must be (T, d) = (", p.T, ", ",
-              p.d, "), got ", base_out.sizes());
+  check_output_like(base_out, p, x, op, "base_out");
 
   at::Tensor y = at::empty({p.T, p.d}, x.options());
   at::Tensor h = at::empty({p.T, p.max_rank}, x.options().dtype(accum_type(x.scalar_type())));
   if (p.T == 0) return {y, h};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lslo_cpp_forward", [&] {
-    forward_impl<scalar_t>(p, x, base_out, lora_a, lora_b, prune_mask, y, h);
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    forward_impl<scalar_t>(p, x.data_ptr<scalar_t>(), base_out.data_ptr<scalar_t>(), p.d, y.data_ptr<scalar_t>(),
+                           p.d, use_streaming_stores(y, p.d), lora_a, lora_b, prune_mask, h.data_ptr<acc_t>());
   });
   return {y, h};
+}
+
+// Inference: out += LoRA term in place, nothing kept for a backward. out and x may be column
+// slices (rows with a stride): the reduced LoRA widths of LSLoLinear need no copy.
+void add_cpu(const at::Tensor& out, const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
+             const at::Tensor& prune_mask, const at::Tensor& scales, const at::Tensor& rank_offsets,
+             const at::Tensor& sorted_token_idx, const at::Tensor& lang_offsets, int64_t max_rank) {
+  constexpr const char* op = "lslo_cpp::add_";
+  const Problem p = check_problem(op, x, lora_a, lora_b, prune_mask, scales, rank_offsets, sorted_token_idx,
+                                  lang_offsets, max_rank, /*strided_x=*/true);
+  check_rows(out, op, "out");
+  check_output_like(out, p, x, op, "out");
+  if (p.T == 0 || p.d == 0) return;
+  const int64_t ldo = p.T > 1 ? out.stride(0) : p.d;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lslo_cpp_add_", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    scalar_t* o = out.data_ptr<scalar_t>();
+    // Streaming stores would evict a line that was just read: no gain in place.
+    forward_impl<scalar_t>(p, x.data_ptr<scalar_t>(), o, ldo, o, ldo, false, lora_a, lora_b, prune_mask,
+                           static_cast<acc_t*>(nullptr));
+  });
 }
 
 // ------------------------------------------------------------------------------------ backward
 template <typename scalar_t>
 void backward_impl(const Problem& p, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& h,
                    const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& prune_mask,
-                   at::Tensor& grad_x, at::Tensor& grad_a, at::Tensor& grad_b) {
+                   at::Tensor& grad_x, at::Tensor& grad_a, at::Tensor& grad_b, std::vector<double>& grad_scales) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const int64_t k = p.k, d = p.d, R = p.R;
   const int64_t lda = padded_ld<acc_t>(k), ldb = padded_ld<acc_t>(d);
@@ -734,28 +823,29 @@ void backward_impl(const Problem& p, const at::Tensor& grad_out, const at::Tenso
   }
   const int parts = choose_parts(p.T * (d + 2 * k) + R * (k + d));
   const WorkSplit split = split_work(p, cost, fixed, parts, scratch_per_lang);
-  const std::vector<acc_t> scale = column_scales<acc_t>(p);
+  // B^T is staged without the scales: the kernel needs (B * M)^T dy unscaled for d s_l, and
+  // applies s_l to the r-wide result instead.
+  const std::vector<acc_t> scale(R, acc_t(1));
   int64_t staged_a = 0, staged_b = 0;
   const bool a_is_acc = std::is_same_v<scalar_t, acc_t>;
   const auto stages = plan_stages<acc_t>(p, split, scale, a_is_acc, lda, ldb, staged_a, staged_b);
-  const auto acc_options = x.options().dtype(accum_type(x.scalar_type()));
-  at::Tensor a_buf = at::empty({staged_a}, acc_options);
-  at::Tensor b_buf = at::empty({staged_b}, acc_options);
+  HostBuffer<acc_t> a_buf = host_buffer<acc_t>(staged_a);
+  HostBuffer<acc_t> b_buf = host_buffer<acc_t>(staged_b);
   // dA and dB^T accumulate in the accumulation type, with the staged strides; dB transposed so that
   // each language's rows are contiguous, like dA's. Every row is written before it is read: by the
   // part that owns the language, by the sum of a split language's scratch, or zeroed (no tokens).
-  at::Tensor ga = at::empty({R, lda}, acc_options);
-  at::Tensor gbt = at::empty({R, ldb}, acc_options);
-  at::Tensor scratch = at::empty({split.scratch_size}, acc_options);
+  HostBuffer<acc_t> ga = host_buffer<acc_t>(R * lda);
+  HostBuffer<acc_t> gbt = host_buffer<acc_t>(R * ldb);
+  HostBuffer<acc_t> scratch = host_buffer<acc_t>(split.scratch_size);
   std::vector<ChunkBuffers<acc_t>> buffers;  // allocated here: nothing may throw inside the region
-  for (int part = 0; part < parts; ++part) buffers.emplace_back(p.max_rank);
+  for (int part = 0; part < parts; ++part) buffers.emplace_back(p.max_rank, p.L);
   std::vector<int64_t> unwritten_langs = split.shared_langs;  // summed from scratch, or zeroed
   for (int64_t l = 0; l < p.L; ++l)
     if (p.group_bounds[l + 2] == p.group_bounds[l + 1]) unwritten_langs.push_back(l);
 
   const BackwardArgs<scalar_t, acc_t> args{grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
                                            h.data_ptr<acc_t>(), grad_x.data_ptr<scalar_t>(),
-                                           ga.data_ptr<acc_t>(), gbt.data_ptr<acc_t>(), scratch.data_ptr<acc_t>(),
+                                           ga.get(), gbt.get(), scratch.get(),
                                            lda, ldb, p.sorted_token_idx, p.rank_offsets.data(), p.scales.data(), k, d,
                                            p.max_rank, use_streaming_stores(grad_x, k)};
   const Kernels<scalar_t, acc_t> kernels = select_kernels<scalar_t, acc_t>();
@@ -764,11 +854,11 @@ void backward_impl(const Problem& p, const at::Tensor& grad_out, const at::Tenso
   if constexpr (std::is_same_v<scalar_t, acc_t>) a_in_place = a_src;
   const scalar_t* b_src = lora_b.data_ptr<scalar_t>();
   const bool* mask = prune_mask.data_ptr<bool>();
-  acc_t* a_dst = a_buf.data_ptr<acc_t>();
-  acc_t* b_dst = b_buf.data_ptr<acc_t>();
-  acc_t* ga_ptr = ga.data_ptr<acc_t>();
-  acc_t* gbt_ptr = gbt.data_ptr<acc_t>();
-  const acc_t* scratch_ptr = scratch.data_ptr<acc_t>();
+  acc_t* a_dst = a_buf.get();
+  acc_t* b_dst = b_buf.get();
+  acc_t* ga_ptr = ga.get();
+  acc_t* gbt_ptr = gbt.get();
+  const acc_t* scratch_ptr = scratch.get();
   scalar_t* grad_a_ptr = grad_a.data_ptr<scalar_t>();
   scalar_t* grad_b_ptr = grad_b.data_ptr<scalar_t>();
   const int64_t b_tasks = (d + kTransposeRows - 1) / kTransposeRows;
@@ -811,21 +901,21 @@ void backward_impl(const Problem& p, const at::Tensor& grad_out, const at::Tenso
       kernels.unstage_grad_b(grad_b_ptr, gbt_ptr, ldb, mask, R, i0, std::min(d, i0 + kTransposeRows));
     }
   }
+  // Parts in a fixed order: the sum does not depend on scheduling.
+  for (int part = 0; part < parts; ++part)
+    for (int64_t l = 0; l < p.L; ++l) grad_scales[l] += buffers[part].grad_scales[l];
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& h, const at::Tensor& lora_a,
     const at::Tensor& lora_b, const at::Tensor& prune_mask, const at::Tensor& scales, const at::Tensor& rank_offsets,
-    const at::Tensor& lang, const at::Tensor& sorted_token_idx, const at::Tensor& lang_offsets, int64_t max_rank) {
+    const at::Tensor& sorted_token_idx, const at::Tensor& lang_offsets, int64_t max_rank) {
   constexpr const char* op = "lslo_cpp::backward";
-  const Problem p = check_problem(op, x, lora_a, lora_b, prune_mask, scales, rank_offsets, lang, sorted_token_idx,
+  const Problem p = check_problem(op, x, lora_a, lora_b, prune_mask, scales, rank_offsets, sorted_token_idx,
                                   lang_offsets, max_rank);
   check_activation(grad_out, op, "grad_out");
   check_activation(h, op, "h");
-  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), op, ": grad_out dtype ", grad_out.scalar_type(),
-              " != x dtype ", x.scalar_type());
-  TORCH_CHECK(grad_out.size(0) == p.T && grad_out.size(1) == p.d, op, ": grad_out must be (T, d) = (", p.T, ", ",
-              p.d, "), got ", grad_out.sizes());
+  check_output_like(grad_out, p, x, op, "grad_out");
   const auto acc = accum_type(x.scalar_type());
   TORCH_CHECK(h.scalar_type() == acc, op, ": h must be ", acc, " (the forward's intermediate), got ",
               h.scalar_type());
@@ -835,34 +925,120 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   at::Tensor grad_x = at::empty({p.T, p.k}, x.options());
   at::Tensor grad_a = at::empty({p.R, p.k}, lora_a.options());
   at::Tensor grad_b = at::empty({p.d, p.R}, lora_b.options());
+  std::vector<double> grad_scales(p.L, 0.0);
   if (p.T == 0) {  // nothing routed: zero dA, dB
     grad_a.zero_();
     grad_b.zero_();
-    return {grad_x, grad_a, grad_b};
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lslo_cpp_backward", [&] {
+      backward_impl<scalar_t>(p, grad_out, x, h, lora_a, lora_b, prune_mask, grad_x, grad_a, grad_b, grad_scales);
+    });
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lslo_cpp_backward", [&] {
-    backward_impl<scalar_t>(p, grad_out, x, h, lora_a, lora_b, prune_mask, grad_x, grad_a, grad_b);
-  });
-  return {grad_x, grad_a, grad_b};
+  at::Tensor gs = at::empty({p.L}, scales.options());
+  if (scales.scalar_type() == at::kDouble) {
+    double* ptr = gs.data_ptr<double>();
+    for (int64_t l = 0; l < p.L; ++l) ptr[l] = grad_scales[l];
+  } else {
+    float* ptr = gs.data_ptr<float>();
+    for (int64_t l = 0; l < p.L; ++l) ptr[l] = static_cast<float>(grad_scales[l]);
+  }
+  return {grad_x, grad_a, grad_b, gs};
+}
+
+// ------------------------------------------------------------------------------ training entry
+// y = forward(...)[0] with the backward as a C++ autograd node: a training call reaches the kernels
+// without a Python custom-op or autograd.Function layer. forward/backward are called through the
+// dispatcher (not directly), so that tracing (torch.compile, opcheck) sees them and uses their
+// fake implementations.
+class LoraFunction : public torch::autograd::Function<LoraFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& base_out,
+                            const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& prune_mask,
+                            const at::Tensor& scales, const at::Tensor& rank_offsets,
+                            const at::Tensor& sorted_token_idx, const at::Tensor& lang_offsets, int64_t max_rank) {
+    static const auto fwd = c10::Dispatcher::singleton()
+                                .findSchemaOrThrow("lslo_cpp::forward", "")
+                                .typed<std::tuple<at::Tensor, at::Tensor>(
+                                    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                    const at::Tensor&, int64_t)>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, h] = fwd.call(x, base_out, lora_a, lora_b, prune_mask, scales, rank_offsets, sorted_token_idx,
+                           lang_offsets, max_rank);
+    ctx->save_for_backward({x, h, lora_a, lora_b, prune_mask, scales, rank_offsets, sorted_token_idx, lang_offsets});
+    ctx->saved_data["max_rank"] = max_rank;
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    static const auto bwd = c10::Dispatcher::singleton()
+                                .findSchemaOrThrow("lslo_cpp::backward", "")
+                                .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                                    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                    const at::Tensor&, const at::Tensor&, int64_t)>();
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor grad_y = grads[0].contiguous();
+    at::Tensor grad_x, grad_a, grad_b, grad_scales;
+    if (ctx->needs_input_grad(0) || ctx->needs_input_grad(2) || ctx->needs_input_grad(3) ||
+        ctx->needs_input_grad(5)) {
+      std::tie(grad_x, grad_a, grad_b, grad_scales) =
+          bwd.call(grad_y, saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], saved[6], saved[7], saved[8],
+                   ctx->saved_data["max_rank"].toInt());
+    }
+    auto keep = [&](int i, const at::Tensor& g) { return ctx->needs_input_grad(i) ? g : at::Tensor(); };
+    // y = base_out + LoRA term: the gradient of base_out is grad_y itself.
+    return {keep(0, grad_x), keep(1, grads[0]), keep(2, grad_a), keep(3, grad_b), at::Tensor(),
+            keep(5, grad_scales), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor lora_autograd(const at::Tensor& x, const at::Tensor& base_out, const at::Tensor& lora_a,
+                         const at::Tensor& lora_b, const at::Tensor& prune_mask, const at::Tensor& scales,
+                         const at::Tensor& rank_offsets, const at::Tensor& sorted_token_idx,
+                         const at::Tensor& lang_offsets, int64_t max_rank) {
+  return LoraFunction::apply(x, base_out, lora_a, lora_b, prune_mask, scales, rank_offsets, sorted_token_idx,
+                             lang_offsets, max_rank);
+}
+
+at::Tensor lora_cpu(const at::Tensor& x, const at::Tensor& base_out, const at::Tensor& lora_a,
+                    const at::Tensor& lora_b, const at::Tensor& prune_mask, const at::Tensor& scales,
+                    const at::Tensor& rank_offsets, const at::Tensor& sorted_token_idx, const at::Tensor& lang_offsets,
+                    int64_t max_rank) {
+  return std::get<0>(forward_cpu(x, base_out, lora_a, lora_b, prune_mask, scales, rank_offsets, sorted_token_idx,
+                                 lang_offsets, max_rank));
 }
 
 }  // namespace
 }  // namespace lslo
 
+// The schemas are lslo_kernels/spec.py's FORWARD, BACKWARD, ADD and LORA (tests/test_contract.py).
 TORCH_LIBRARY(lslo_cpp, m) {
   m.def(
       "forward(Tensor x, Tensor base_out, Tensor lora_a, Tensor lora_b, Tensor prune_mask, Tensor scales, "
-      "Tensor rank_offsets, Tensor lang, Tensor sorted_token_idx, Tensor lang_offsets, int max_rank) "
-      "-> (Tensor, Tensor)");
+      "Tensor rank_offsets, Tensor sorted_token_idx, Tensor lang_offsets, int max_rank) -> (Tensor, Tensor)");
   m.def(
       "backward(Tensor grad_out, Tensor x, Tensor h, Tensor lora_a, Tensor lora_b, Tensor prune_mask, "
-      "Tensor scales, Tensor rank_offsets, Tensor lang, Tensor sorted_token_idx, Tensor lang_offsets, "
-      "int max_rank) -> (Tensor, Tensor, Tensor)");
+      "Tensor scales, Tensor rank_offsets, Tensor sorted_token_idx, Tensor lang_offsets, int max_rank) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "add_(Tensor(a!) out, Tensor x, Tensor lora_a, Tensor lora_b, Tensor prune_mask, Tensor scales, "
+      "Tensor rank_offsets, Tensor sorted_token_idx, Tensor lang_offsets, int max_rank) -> ()");
+  m.def(
+      "lora(Tensor x, Tensor base_out, Tensor lora_a, Tensor lora_b, Tensor prune_mask, Tensor scales, "
+      "Tensor rank_offsets, Tensor sorted_token_idx, Tensor lang_offsets, int max_rank) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lslo_cpp, CPU, m) {
   m.impl("forward", &lslo::forward_cpu);
   m.impl("backward", &lslo::backward_cpu);
+  m.impl("add_", &lslo::add_cpu);
+  m.impl("lora", &lslo::lora_cpu);
+}
+
+TORCH_LIBRARY_IMPL(lslo_cpp, Autograd, m) {
+  m.impl("lora", &lslo::lora_autograd);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -881,4 +1057,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_streaming_min_bytes", &lslo::set_streaming_min_bytes, pybind11::arg("bytes"),
         "Outputs (y, grad_x) of at least this many bytes are written with non-temporal stores "
         "(default 8 MiB). Returns the previous threshold.");
+  m.def("set_min_parallel_work", &lslo::set_min_parallel_work, pybind11::arg("work"),
+        "Calls with less estimated work (streamed elements) than this run on the calling thread, without an "
+        "OpenMP fork. Returns the previous threshold.");
 }

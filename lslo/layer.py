@@ -1,9 +1,17 @@
-"""``LSLoLinear``: a drop-in ``nn.Linear`` with one LoRA pair per language.
+"""LSLo layers: drop-in ``nn.Linear`` replacements with one LoRA pair per language.
 
-    y = base(x) + s_l * (B_l * M_l) @ A_l @ x,   l = language of x's sentence (source or target)
+    LSLoLinear:      y = base(x) + s_l * (B_l * M_l) @ A_l @ x,   l = language of x's sentence (source or target)
+    LSLoDualLinear:  y = base(x) + w_src * LSLo_src(x) + w_tgt * LSLo_tgt(x)   (Weight Learning, paper Eq. 5)
 
 Factors of all languages live packed in one A of (sum r_l, in) and one B of (out, sum r_l),
 without padding to the largest rank, so the whole mixed batch goes to one grouped kernel call.
+
+Hot path: the routing comes from the one cache of ``lslo.route`` (built and range-checked once
+per batch); without autograd (``no_grad``, ``inference_mode``, frozen adapters) the LoRA term is
+added into the base layer's output in place by the backend's kernel (``lslo_kernels.ops.lora_add_call``:
+no custom-op or autograd layer, no output copy); in training the backend's compiled autograd
+entry is called directly where it has one (``cpp``). Under ``torch.compile`` the layers use the
+custom op, which traces.
 """
 
 from __future__ import annotations
@@ -11,102 +19,81 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-from collections.abc import Iterable
-from typing import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 import lslo_kernels
-from lslo_kernels import build_routing, check_lang_ids, grouped_lora
+from lslo_kernels import Routing, resolve_backend, route_tokens
+from lslo_kernels.ops import lora_add_call, lora_call
 
 from .context import current_route, expand_lang_ids
 
-__all__ = ["LSLoLinear"]
+__all__ = ["LSLoDualLinear", "LSLoFactors", "LSLoLinear", "LSLoMix"]
 
 _INITS = ("lora", "reference")
 _INDEXES = ("src", "tgt")
+_SCALE_DTYPES = (torch.float32, torch.float64)
 
 
-class LSLoLinear(nn.Module):
-    """Language-specific LoRA around a frozen ``nn.Linear``.
+def _unit_rows(t: torch.Tensor) -> torch.Tensor:
+    # The in-place kernels take rows with a stride (a column slice) but not other layouts.
+    if t.stride(-1) == 1 and (t.shape[0] <= 1 or t.stride(0) >= t.shape[1]):
+        return t
+    return t.contiguous()
 
-    Args:
-        base: the ``nn.Linear`` to adapt; wrapped, never copied. Its parameters are frozen
-            unless ``freeze_base=False``.
-        ranks: rank r_l of each language, all >= 1; ``len(ranks)`` is the number of languages L.
-        index: ``"src"`` or ``"tgt"``: which ids of :func:`lslo.route` this layer follows.
-        scale: s_l, one float for all languages or one per language.
-        init: ``"lora"`` (A Kaiming-uniform with fan_in = in_features, B = 0) or ``"reference"``
-            (the paper authors' code: A ~ U(-1/sqrt(r_l), 1/sqrt(r_l)), B = 0).
-        backend: ``"auto"``, ``"reference"``, ``"cpp"`` or ``"triton"``.
-        validate: check language ids (a host sync) on every call; turn off for CUDA graphs.
-        lora_in_features: adapt only the first ``lora_in_features`` input features (default: all).
-        lora_out_features: adapt only the first ``lora_out_features`` output features (default: all).
-            With either set, A is (sum r_l, lora_in_features), B is (lora_out_features, sum r_l):
-            the authors' code adapts fc1's first d_model outputs and fc2's first d_model inputs.
 
-    Shapes:
-        x: (..., in_features); lang: (x.shape[0],) per sequence, x.shape[:-1] per token, or
-        (n,) with x.shape[0] a multiple of n (beam search); -1 = no adapter for that row.
-        output: (..., out_features); with reduced LoRA widths,
-        ``output[..., :lora_out] = base(x)[..., :lora_out] + LoRA(x[..., :lora_in])`` and the
-        other output features are ``base(x)``'s.
+def _inference(*tensors: torch.Tensor) -> bool:
+    """Whether no autograd graph is needed (so the LoRA term may go into the base output in place)."""
+    if torch.compiler.is_compiling():
+        return False  # the custom op (with a fake implementation) is what traces
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+class _LanguageFactors:
+    """The packed adapter storage of one routing (src or tgt) and everything that touches only it.
+
+    Mixed into :class:`LSLoLinear` and :class:`LSLoFactors` (nn.Modules). Attributes: ``lora_A``
+    (R, lora_in_features), ``lora_B`` (lora_out_features, R), buffers ``prune_mask``
+    (lora_out_features, R) bool with True = kept, ``rank_offsets`` (L + 1,), ``scales`` (L,) float32
+    (a Parameter when ``learn_scales``), and ``ranks``, ``index``, ``init``, ``backend``, ``validate``.
     """
 
-    def __init__(
-        self,
-        base: nn.Linear,
-        ranks: Sequence[int],
-        *,
-        index: str = "tgt",
-        scale: float | Sequence[float] = 1.0,
-        init: str = "lora",
-        backend: str = "auto",
-        freeze_base: bool = True,
-        validate: bool = True,
-        lora_in_features: int | None = None,
-        lora_out_features: int | None = None,
-    ):
-        super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
-        ranks = _check_ranks(ranks)
+    def _init_factors(self, ranks, *, lora_in_features: int, lora_out_features: int, index: str, init: str,
+                      backend: str, validate: bool, scales: list[float], learn_scales: bool, device, dtype) -> None:
         if index not in _INDEXES:
             raise ValueError(f"index must be one of {_INDEXES}, got {index!r}")
         if init not in _INITS:
             raise ValueError(f"init must be one of {_INITS}, got {init!r}")
         if backend != "auto":
             lslo_kernels.get_backend(backend)  # unknown name -> ValueError now, not at first call
-        num_languages = len(ranks)
-        scales = _check_scales(scale, num_languages)
-
-        self.base_layer = base
-        if freeze_base:
-            for p in base.parameters():
-                p.requires_grad_(False)
-        self.in_features = base.in_features
-        self.out_features = base.out_features
-        self.lora_in_features = _check_width(lora_in_features, base.in_features, "lora_in_features")
-        self.lora_out_features = _check_width(lora_out_features, base.out_features, "lora_out_features")
+        if not isinstance(learn_scales, bool):
+            raise TypeError(f"learn_scales must be a bool, got {learn_scales!r}")
+        self.lora_in_features = lora_in_features
+        self.lora_out_features = lora_out_features
         self.ranks = tuple(ranks)
         self.index = index
         self.init = init
         self.backend = backend
         self.validate = validate
         self.max_rank = max(ranks)
-        self.merged_language: int | None = None
+        self._backend_key = None
+        self._backend_name = None
 
         total = sum(ranks)
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(total, self.lora_in_features, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(self.lora_out_features, total, **factory))
+        self.lora_A = nn.Parameter(torch.empty(total, lora_in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(lora_out_features, total, device=device, dtype=dtype))
         offsets = [0]
         for r in ranks:
             offsets.append(offsets[-1] + r)
-        self.register_buffer("rank_offsets", torch.tensor(offsets, dtype=torch.int64, device=factory["device"]))
-        self.register_buffer("prune_mask", torch.ones(self.lora_out_features, total, dtype=torch.bool, device=factory["device"]))
-        self.register_buffer("scales", torch.tensor(scales, dtype=torch.float32, device=factory["device"]))
+        self.register_buffer("rank_offsets", torch.tensor(offsets, dtype=torch.int64, device=device))
+        self.register_buffer("prune_mask", torch.ones(lora_out_features, total, dtype=torch.bool, device=device))
+        scales_t = torch.tensor(scales, dtype=torch.float32, device=device)
+        if learn_scales:
+            self.scales = nn.Parameter(scales_t)
+        else:  # a buffer by default: saved adapters and frozen-scale training as before
+            self.register_buffer("scales", scales_t)
         self.reset_parameters()
 
     # ------------------------------------------------------------------ set-up
@@ -114,9 +101,14 @@ class LSLoLinear(nn.Module):
     def num_languages(self) -> int:
         return len(self.ranks)
 
+    @property
+    def learn_scales(self) -> bool:
+        """Whether ``scales`` is a trainable Parameter (else a buffer)."""
+        return isinstance(self.scales, nn.Parameter)
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Re-initialise A (per ``init``), zero B, clear the pruning mask."""
+        """Re-initialise A (per ``init``), zero B, clear the pruning mask (every entry kept)."""
         if self.init == "lora":
             # Same bound as nn.Linear's default (kaiming_uniform_ with a=sqrt(5)) on
             # fan_in = lora_in_features (= in_features unless reduced).
@@ -144,25 +136,197 @@ class LSLoLinear(nn.Module):
 
         Returns:
             A_l: (r_l, lora_in_features), B_l: (lora_out_features, r_l),
-            M_l: (lora_out_features, r_l) bool.
+            M_l: (lora_out_features, r_l) bool, True = entry of B_l kept.
         """
         r0, r1 = self._span(lang_id)
         return self.lora_A[r0:r1], self.lora_B[:, r0:r1], self.prune_mask[:, r0:r1]
 
+    @property
+    def keep_mask(self) -> torch.Tensor:
+        """(lora_out_features, sum r_l) bool: True where an entry of B is KEPT, False where pruned.
+
+        The same tensor as the ``prune_mask`` buffer (the name saved in adapter files), under a
+        name that says which way it points.
+        """
+        return self.prune_mask
+
     @torch.no_grad()
-    def set_prune_mask(self, mask: torch.Tensor) -> None:
-        """Install a pruning mask for B and zero the pruned entries.
+    def set_prune_mask(self, mask: torch.Tensor | None = None, *, keep: torch.Tensor | None = None) -> None:
+        """Install the pruning mask of B and zero the pruned entries.
+
+        Give the mask either way, both meaning True = KEPT (never "True = pruned"):
+        ``set_prune_mask(mask)`` or, unmistakably, ``set_prune_mask(keep=mask)``.
 
         Args:
-            mask: (lora_out_features, sum r_l) bool (or 0/1), False = pruned.
+            mask: (lora_out_features, sum r_l) bool (or 0/1): True/1 = entry kept, False/0 = pruned.
+            keep: the same, by keyword.
         """
+        if (mask is None) == (keep is None):
+            raise TypeError("set_prune_mask takes exactly one mask: set_prune_mask(mask) or set_prune_mask(keep=mask), "
+                            "True = entry of B kept")
+        mask = keep if mask is None else mask
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"the keep mask must be a tensor, got {type(mask).__name__}")
         if mask.shape != self.prune_mask.shape:
             raise ValueError(f"mask shape {tuple(mask.shape)} != B shape {tuple(self.prune_mask.shape)}")
         self.prune_mask.copy_(mask.to(torch.bool))
         self.lora_B.mul_(self.prune_mask)
 
     def mask_density(self) -> float:
+        """Share of B's entries kept (1.0 = nothing pruned)."""
         return float(self.prune_mask.float().mean()) if self.prune_mask.numel() else 1.0
+
+    # ------------------------------------------------------------ adapter i/o
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter alone (no base weight): factors, mask (key ``prune_mask``, True = kept), ranks and scales."""
+        return {
+            "lora_A": self.lora_A.detach(),
+            "lora_B": self.lora_B.detach(),
+            "prune_mask": self.prune_mask,
+            "ranks": torch.tensor(self.ranks, dtype=torch.int64),
+            "scales": self.scales.detach(),
+        }
+
+    @torch.no_grad()
+    def load_adapter_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load what :meth:`adapter_state_dict` saved; the ranks must match this layer's."""
+        missing = {"lora_A", "lora_B", "prune_mask", "ranks", "scales"} - set(state)
+        if missing:
+            raise ValueError(f"adapter state is missing {sorted(missing)}")
+        ranks = tuple(int(r) for r in state["ranks"].tolist())
+        if ranks != self.ranks:
+            raise ValueError(f"adapter ranks {ranks} != layer ranks {self.ranks}")
+        for name in ("lora_A", "lora_B", "prune_mask"):
+            if tuple(state[name].shape) != tuple(getattr(self, name).shape):
+                raise ValueError(f"adapter {name} shape {tuple(state[name].shape)} != {tuple(getattr(self, name).shape)}")
+        self.lora_A.copy_(state["lora_A"])
+        self.lora_B.copy_(state["lora_B"])
+        self.prune_mask.copy_(state["prune_mask"].to(torch.bool))
+        self.scales.copy_(state["scales"])
+
+    # ---------------------------------------------------------------- the op
+    def _backend_for(self, x: torch.Tensor) -> str:
+        key = (self.backend, x.device, x.dtype)
+        if key != self._backend_key:  # resolved once per (backend, device, dtype), not per call
+            self._backend_name = resolve_backend(self.backend, x.device, x.dtype)
+            self._backend_key = key
+        return self._backend_name
+
+    def _scales_arg(self) -> torch.Tensor:
+        scales = self.scales
+        return scales if scales.dtype in _SCALE_DTYPES else scales.float()
+
+    def _routing(self, x: torch.Tensor, lang, lead) -> Routing:
+        if lang is None:
+            ctx = current_route()
+            if ctx is None:
+                raise ValueError(
+                    f"{type(self).__name__} called without language ids: pass lang=... or call it inside "
+                    "`with lslo.route(src=..., tgt=...)`"
+                )
+            return ctx.routing_for(self.index, lead, self.num_languages, x.device, self.validate)
+        if isinstance(lang, Routing):  # built by the caller (route_tokens), e.g. shared by its layers
+            tokens = math.prod(lead)
+            if lang.num_tokens != tokens or lang.num_languages != self.num_languages:
+                raise ValueError(f"routing covers {lang.num_tokens} tokens of {lang.num_languages} languages; this "
+                                 f"input has {tokens} tokens and the layer {self.num_languages} languages")
+            return lang
+        return route_tokens(lang, lead, self.num_languages, validate=self.validate, device=x.device, name="lang")
+
+    def _lora_into(self, x_rows: torch.Tensor, out_rows: torch.Tensor, routing: Routing, lora_a: torch.Tensor,
+                   lora_b: torch.Tensor, scales: torch.Tensor, backend: str, in_place: bool) -> torch.Tensor:
+        """out_rows (T, out) plus this set's LoRA term of x_rows (T, in); in place when ``in_place``.
+
+        With reduced LoRA widths only ``out[:, :lora_out]`` gets the term of ``x[:, :lora_in]``.
+        """
+        lora_out, lora_in = self.lora_out_features, self.lora_in_features
+        x_used = x_rows[:, :lora_in] if lora_in < x_rows.shape[1] else x_rows
+        if in_place:
+            target = out_rows[:, :lora_out] if lora_out < out_rows.shape[1] else out_rows
+            lora_add_call(target, _unit_rows(x_used), lora_a, lora_b, self.prune_mask, scales, self.rank_offsets,
+                          routing.sorted_token_idx, routing.lang_offsets, self.max_rank, backend)
+            return out_rows
+        adapted = out_rows[:, :lora_out] if lora_out < out_rows.shape[1] else out_rows
+        y = lora_call(x_used.contiguous(), adapted.contiguous(), lora_a, lora_b, self.prune_mask, scales,
+                      self.rank_offsets, routing.sorted_token_idx, routing.lang_offsets, self.max_rank, backend)
+        if lora_out < out_rows.shape[1]:
+            y = torch.cat([y, out_rows[:, lora_out:]], dim=1)
+        return y
+
+class LSLoLinear(_LanguageFactors, nn.Module):
+    """Language-specific LoRA around a frozen ``nn.Linear``.
+
+    Args:
+        base: the ``nn.Linear`` to adapt; wrapped, never copied. Its parameters are frozen
+            unless ``freeze_base=False``.
+        ranks: rank r_l of each language, all >= 1; ``len(ranks)`` is the number of languages L.
+        index: ``"src"`` or ``"tgt"``: which ids of :func:`lslo.route` this layer follows.
+        scale: s_l, one float for all languages or one per language.
+        init: ``"lora"`` (A Kaiming-uniform with fan_in = in_features, B = 0) or ``"reference"``
+            (the paper authors' code: A ~ U(-1/sqrt(r_l), 1/sqrt(r_l)), B = 0).
+        backend: ``"auto"``, ``"reference"``, ``"cpp"`` or ``"triton"``.
+        freeze_base: freeze the base layer's parameters.
+        validate: range-check language ids (one host read per batch); turn off for CUDA graphs.
+        lora_in_features: adapt only the first ``lora_in_features`` input features (default: all).
+        lora_out_features: adapt only the first ``lora_out_features`` output features (default: all).
+            With either set, A is (sum r_l, lora_in_features), B is (lora_out_features, sum r_l):
+            the authors' code adapts fc1's first d_model outputs and fc2's first d_model inputs.
+        learn_scales: hold ``scales`` as a trainable ``nn.Parameter`` (the op returns its gradient,
+            ``d s_l = sum over tokens t of language l of <dy_t, (B_l * M_l) h_t>``); default: a buffer.
+
+    Shapes:
+        x: (..., in_features); lang: (x.shape[0],) per sequence, x.shape[:-1] per token, or
+        (n,) with x.shape[0] a multiple of n (beam search); -1 = no adapter for that row; or a
+        :class:`lslo_kernels.Routing` built for these tokens.
+        output: (..., out_features); with reduced LoRA widths,
+        ``output[..., :lora_out] = base(x)[..., :lora_out] + LoRA(x[..., :lora_in])`` and the
+        other output features are ``base(x)``'s.
+
+    Pruning: ``prune_mask`` (alias :attr:`keep_mask`) is True for entries of B that are KEPT.
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        ranks: Sequence[int],
+        *,
+        index: str = "tgt",
+        scale: float | Sequence[float] = 1.0,
+        init: str = "lora",
+        backend: str = "auto",
+        freeze_base: bool = True,
+        validate: bool = True,
+        lora_in_features: int | None = None,
+        lora_out_features: int | None = None,
+        learn_scales: bool = False,
+    ):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
+        ranks = _check_ranks(ranks)
+        if index not in _INDEXES:
+            raise ValueError(f"index must be one of {_INDEXES}, got {index!r}")
+        if init not in _INITS:
+            raise ValueError(f"init must be one of {_INITS}, got {init!r}")
+        if backend != "auto":
+            lslo_kernels.get_backend(backend)  # unknown name -> ValueError now, not at first call
+        num_languages = len(ranks)
+        scales = _check_scales(scale, num_languages)
+
+        self.base_layer = base
+        if freeze_base:
+            for p in base.parameters():
+                p.requires_grad_(False)
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.merged_language: int | None = None
+        self._init_factors(
+            ranks,
+            lora_in_features=_check_width(lora_in_features, base.in_features, "lora_in_features"),
+            lora_out_features=_check_width(lora_out_features, base.out_features, "lora_out_features"),
+            index=index, init=init, backend=backend, validate=validate, scales=scales, learn_scales=learn_scales,
+            device=base.weight.device, dtype=base.weight.dtype,
+        )
 
     def delta_weight(self, lang_id: int) -> torch.Tensor:
         """s_l (B_l * M_l) A_l: (out_features, in_features), the update this language adds to W.
@@ -171,7 +335,7 @@ class LSLoLinear(nn.Module):
         """
         a, b, m = self.language_factors(lang_id)
         acc = torch.float64 if a.dtype == torch.float64 else torch.float32
-        delta = self.scales[lang_id].to(acc) * ((b * m).to(acc) @ a.to(acc))
+        delta = self.scales[lang_id].detach().to(acc) * ((b * m).to(acc) @ a.to(acc))
         if delta.shape != (self.out_features, self.in_features):
             full = delta.new_zeros(self.out_features, self.in_features)
             full[: self.lora_out_features, : self.lora_in_features] = delta
@@ -200,7 +364,9 @@ class LSLoLinear(nn.Module):
     def _check_merged_ids(self, x: torch.Tensor, lang: torch.Tensor | None) -> None:
         # A merged layer is base + one language's update for every row: ids of any other language
         # (or -1) would silently get the merged language's output, so they are refused.
-        if lang is not None:
+        if isinstance(lang, Routing):
+            ids = lang.lang
+        elif lang is not None:
             ids = expand_lang_ids(lang.to(x.device) if isinstance(lang, torch.Tensor) else lang, tuple(x.shape[:-1]),
                                   "lang")
         else:
@@ -217,51 +383,8 @@ class LSLoLinear(nn.Module):
                 "its merged language: call unmerge() to serve a mixed batch"
             )
 
-    # ------------------------------------------------------------ adapter i/o
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """The adapter alone (no base weight): factors, mask, ranks and scales, all tensors."""
-        return {
-            "lora_A": self.lora_A.detach(),
-            "lora_B": self.lora_B.detach(),
-            "prune_mask": self.prune_mask,
-            "ranks": torch.tensor(self.ranks, dtype=torch.int64),
-            "scales": self.scales,
-        }
-
-    @torch.no_grad()
-    def load_adapter_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Load what :meth:`adapter_state_dict` saved; the ranks must match this layer's."""
-        missing = {"lora_A", "lora_B", "prune_mask", "ranks", "scales"} - set(state)
-        if missing:
-            raise ValueError(f"adapter state is missing {sorted(missing)}")
-        ranks = tuple(int(r) for r in state["ranks"].tolist())
-        if ranks != self.ranks:
-            raise ValueError(f"adapter ranks {ranks} != layer ranks {self.ranks}")
-        for name in ("lora_A", "lora_B", "prune_mask"):
-            if tuple(state[name].shape) != tuple(getattr(self, name).shape):
-                raise ValueError(f"adapter {name} shape {tuple(state[name].shape)} != {tuple(getattr(self, name).shape)}")
-        self.lora_A.copy_(state["lora_A"])
-        self.lora_B.copy_(state["lora_B"])
-        self.prune_mask.copy_(state["prune_mask"].to(torch.bool))
-        self.scales.copy_(state["scales"])
-
     # ---------------------------------------------------------------- forward
-    def _resolve_lang(self, x: torch.Tensor, lang: torch.Tensor | None):
-        lead = tuple(x.shape[:-1])
-        if lang is not None:
-            per_token = expand_lang_ids(lang.to(x.device) if isinstance(lang, torch.Tensor) else lang, lead, "lang")
-            if self.validate:
-                check_lang_ids(per_token, self.num_languages, "lang")
-            return build_routing(per_token, self.num_languages)
-        ctx = current_route()
-        if ctx is None:
-            raise ValueError(
-                "LSLoLinear called without language ids: pass lang=... or call it inside "
-                "`with lslo.route(src=..., tgt=...)`"
-            )
-        return ctx.routing_for(self.index, lead, self.num_languages, x.device, self.validate)[1]
-
-    def forward(self, x: torch.Tensor, lang: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lang: torch.Tensor | Routing | None = None) -> torch.Tensor:
         """Args: x: (..., in_features); lang: see the class docstring. Returns (..., out_features)."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a tensor, got {type(x).__name__}")
@@ -278,26 +401,27 @@ class LSLoLinear(nn.Module):
             # itself then runs with autocast off: its kernels choose their own accumulation precision.
             compute = torch.get_autocast_dtype(x.device.type)
             x, lora_a, lora_b = x.to(compute), lora_a.to(compute), lora_b.to(compute)
-        elif x.dtype != self.lora_A.dtype:
-            raise TypeError(f"x dtype {x.dtype} != adapter dtype {self.lora_A.dtype}; cast the module or the input")
-        if x.device != self.lora_A.device:
-            raise ValueError(f"x is on {x.device} but the adapter is on {self.lora_A.device}")
-        routing = self._resolve_lang(x, lang)
-        base_out = self.base_layer(x).reshape(-1, self.out_features)
+        elif x.dtype != lora_a.dtype:
+            raise TypeError(f"x dtype {x.dtype} != adapter dtype {lora_a.dtype}; cast the module or the input")
+        if x.device != lora_a.device:
+            raise ValueError(f"x is on {x.device} but the adapter is on {lora_a.device}")
+        lead = x.shape[:-1]
+        routing = self._routing(x, lang, lead)
+        backend = self._backend_for(x)
+        base_out = self.base_layer(x)
         if base_out.dtype != x.dtype:  # autocast may leave the base in another dtype than asked
             base_out = base_out.to(x.dtype)
-        lead = x.shape[:-1]
-        # Reduced widths: the op sees only the adapted slices (same kernel, narrower factors);
-        # the un-adapted output features pass through from the base.
-        x_rows = x.reshape(-1, self.in_features)[:, : self.lora_in_features]
-        adapted = base_out[:, : self.lora_out_features]
+        out_rows = base_out.reshape(-1, self.out_features)
+        x_rows = x.reshape(-1, self.in_features)
+        scales = self._scales_arg()
         no_autocast = torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext()
         with no_autocast:
-            y = grouped_lora(x_rows, adapted, lora_a, lora_b, self.prune_mask, self.scales.float(), self.rank_offsets,
-                             routing, self.max_rank, backend=self.backend)
-        if self.lora_out_features < self.out_features:
-            y = torch.cat([y, base_out[:, self.lora_out_features :]], dim=1)
-        return y.reshape(*lead, self.out_features)
+            if _inference(out_rows, lora_a, lora_b, scales):
+                # The base output is ours: the LoRA term goes into it, no copy of y.
+                y = self._lora_into(x_rows, out_rows, routing, lora_a, lora_b, scales, backend, in_place=True)
+            else:
+                y = self._lora_into(x_rows, out_rows, routing, lora_a, lora_b, scales, backend, in_place=False)
+        return y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         ranks = _summarise_ranks(self.ranks)
@@ -306,11 +430,195 @@ class LSLoLinear(nn.Module):
         widths = ""
         if (self.lora_in_features, self.lora_out_features) != (self.in_features, self.out_features):
             widths = f"lora_in_features={self.lora_in_features}, lora_out_features={self.lora_out_features}, "
+        learn = ", learn_scales=True" if self.learn_scales else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, {widths}"
             f"languages={self.num_languages}, ranks={ranks}, index={self.index!r}, "
-            f"mask_density={density}, backend={self.backend!r}"
+            f"mask_density={density}, backend={self.backend!r}{learn}"
         )
+
+
+# ------------------------------------------------------------------------------ Weight Learning
+class LSLoFactors(_LanguageFactors, nn.Module):
+    """One routing's factor set of an :class:`LSLoDualLinear` (no base layer of its own).
+
+    Args:
+        in_features, out_features: the widths the LoRA term reads and writes (the base's, or the
+            reduced LoRA widths).
+        ranks, index, scale, init, backend, validate, learn_scales: as :class:`LSLoLinear`.
+        device, dtype: of the factors.
+    """
+
+    def __init__(self, in_features: int, out_features: int, ranks: Sequence[int], *, index: str,
+                 scale: float | Sequence[float] = 1.0, init: str = "lora", backend: str = "auto",
+                 validate: bool = True, learn_scales: bool = False, device=None, dtype=None):
+        super().__init__()
+        ranks = _check_ranks(ranks)
+        self._init_factors(ranks, lora_in_features=in_features, lora_out_features=out_features, index=index,
+                           init=init, backend=backend, validate=validate,
+                           scales=_check_scales(scale, len(ranks)), learn_scales=learn_scales,
+                           device=device, dtype=dtype)
+
+    def extra_repr(self) -> str:
+        density = "n/a" if self.prune_mask.is_meta else f"{self.mask_density():.3f}"
+        return (f"in_features={self.lora_in_features}, out_features={self.lora_out_features}, "
+                f"languages={self.num_languages}, ranks={_summarise_ranks(self.ranks)}, index={self.index!r}, "
+                f"mask_density={density}")
+
+
+class LSLoMix(nn.Module):
+    """Weight Learning's mixing weights ``(w_src, w_tgt) = softmax(logits)`` (paper Section 4.1, Eq. 5).
+
+    One instance is shared by every :class:`LSLoDualLinear` of one encoder (or decoder) layer; it is
+    registered on that layer (see :func:`lslo.model.apply_weight_learning`), the dual layers only
+    refer to it.
+
+    Args:
+        logits: initial (src, tgt) logits; (0, 0) gives weights (0.5, 0.5).
+
+    Attributes:
+        logits: (2,) float32 Parameter.
+    """
+
+    def __init__(self, logits: Sequence[float] = (0.0, 0.0)):
+        super().__init__()
+        values = [float(v) for v in logits]
+        if len(values) != 2 or not all(math.isfinite(v) for v in values):
+            raise ValueError(f"logits must be two finite numbers (src, tgt), got {logits!r}")
+        self.logits = nn.Parameter(torch.tensor(values, dtype=torch.float32))
+
+    def forward(self) -> torch.Tensor:
+        """Returns: (2,) float32, (w_src, w_tgt), summing to 1."""
+        return torch.softmax(self.logits, dim=0)
+
+
+class LSLoDualLinear(nn.Module):
+    """Both routings in one layer: ``y = W x + w_src * LSLo_src(x) + w_tgt * LSLo_tgt(x)``.
+
+    Weight Learning (paper Section 4.1, Eq. 5): a source-indexed and a target-indexed factor set
+    around one frozen ``nn.Linear``, mixed with weights ``(w_src, w_tgt)``. The weights scale the
+    per-language scales (``s_l * w``), so their gradient comes from the op's scale gradient.
+
+    Computed as two chained grouped calls (src then tgt) on the base output: in inference both add
+    into the base output in place; in training the second call takes the first one's y as its base.
+    (Kept over a fused one-pass kernel: see ``benchmarks/dual.py`` for the measurement.)
+
+    Args:
+        base: the ``nn.Linear`` to adapt (wrapped, frozen unless ``freeze_base=False``).
+        ranks: rank of each language (both sets).
+        mix: where ``(w_src, w_tgt)`` come from: an :class:`LSLoMix` shared with the other modules of
+            the encoder/decoder layer (referenced, not registered here: register it on that layer);
+            a fixed (2,) tensor; or None to own an :class:`LSLoMix` (logits 0: weights 0.5/0.5).
+        scale, init, backend, freeze_base, validate, lora_in_features, lora_out_features, learn_scales:
+            as :class:`LSLoLinear`, for both sets.
+
+    Attributes:
+        src, tgt: the two :class:`LSLoFactors` (``index`` "src" and "tgt").
+
+    Shapes:
+        x: (..., in_features); ``src``/``tgt`` ids as :class:`LSLoLinear`'s ``lang`` (or from
+        :func:`lslo.route`); output (..., out_features).
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        ranks: Sequence[int],
+        *,
+        mix: LSLoMix | torch.Tensor | None = None,
+        scale: float | Sequence[float] = 1.0,
+        init: str = "lora",
+        backend: str = "auto",
+        freeze_base: bool = True,
+        validate: bool = True,
+        lora_in_features: int | None = None,
+        lora_out_features: int | None = None,
+        learn_scales: bool = False,
+    ):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
+        self.base_layer = base
+        if freeze_base:
+            for p in base.parameters():
+                p.requires_grad_(False)
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        widths = (_check_width(lora_in_features, base.in_features, "lora_in_features"),
+                  _check_width(lora_out_features, base.out_features, "lora_out_features"))
+        common = {"scale": scale, "init": init, "backend": backend, "validate": validate,
+                  "learn_scales": learn_scales, "device": base.weight.device, "dtype": base.weight.dtype}
+        self.src = LSLoFactors(*widths, ranks, index="src", **common)
+        self.tgt = LSLoFactors(*widths, ranks, index="tgt", **common)
+        self.set_mix(mix)
+
+    def set_mix(self, mix: LSLoMix | torch.Tensor | None) -> None:
+        """Where the mixing weights come from (see the class docstring)."""
+        for name in ("own_mix", "mix_weights"):
+            if name in self._modules:
+                del self._modules[name]
+            if name in self._buffers:
+                del self._buffers[name]
+        object.__setattr__(self, "_shared_mix", None)
+        if mix is None:
+            self.own_mix = LSLoMix()
+        elif isinstance(mix, LSLoMix):
+            object.__setattr__(self, "_shared_mix", mix)  # not a submodule: its layer owns it
+        elif isinstance(mix, torch.Tensor):
+            if mix.shape != (2,) or not mix.dtype.is_floating_point:
+                raise ValueError(f"mix weights must be a float tensor of shape (2,), got {mix.dtype} {tuple(mix.shape)}")
+            self.register_buffer("mix_weights", mix.detach().to(torch.float32))
+        else:
+            raise TypeError(f"mix must be an LSLoMix, a (2,) tensor or None, got {type(mix).__name__}")
+
+    def mix_weights_now(self) -> torch.Tensor:
+        """(2,) float32 (w_src, w_tgt) for the next call (differentiable in the logits)."""
+        if self._shared_mix is not None:
+            return self._shared_mix()
+        if "own_mix" in self._modules:
+            return self.own_mix()
+        return self.mix_weights
+
+    @property
+    def num_languages(self) -> int:
+        return self.src.num_languages
+
+    def forward(self, x: torch.Tensor, src: torch.Tensor | Routing | None = None,
+                tgt: torch.Tensor | Routing | None = None, mix: torch.Tensor | None = None) -> torch.Tensor:
+        """Args: x: (..., in_features); src, tgt: ids (or Routings) of each set, default from
+        :func:`lslo.route`; mix: (2,) weights overriding the layer's for this call.
+
+        Returns: (..., out_features).
+        """
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+        if x.shape[-1:] != (self.in_features,):
+            raise ValueError(f"x has last dimension {tuple(x.shape[-1:])}, expected in_features={self.in_features}")
+        sets = (self.src, self.tgt)
+        if x.dtype != self.src.lora_A.dtype:
+            raise TypeError(f"x dtype {x.dtype} != adapter dtype {self.src.lora_A.dtype}; cast the module or the input")
+        if x.device != self.src.lora_A.device:
+            raise ValueError(f"x is on {x.device} but the adapter is on {self.src.lora_A.device}")
+        weights = self.mix_weights_now() if mix is None else mix
+        lead = x.shape[:-1]
+        routings = [s._routing(x, ids, lead) for s, ids in zip(sets, (src, tgt))]
+        backend = self.src._backend_for(x)
+        base_out = self.base_layer(x)
+        out_rows = base_out.reshape(-1, self.out_features)
+        x_rows = x.reshape(-1, self.in_features)
+        # The mixing weight multiplies each set's scales: (L,) products, differentiable in both.
+        scales = [s._scales_arg() * weights[i].to(s.scales.dtype if s.scales.dtype in _SCALE_DTYPES else torch.float32)
+                  for i, s in enumerate(sets)]
+        params = [t for s in sets for t in (s.lora_A, s.lora_B)]
+        in_place = _inference(out_rows, *params, *scales)
+        y = out_rows
+        for s, routing, sc in zip(sets, routings, scales):
+            y = s._lora_into(x_rows, y, routing, s.lora_A, s.lora_B, sc, backend, in_place=in_place)
+        return y.view(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        where = "shared" if self._shared_mix is not None else ("own" if "own_mix" in self._modules else "fixed")
+        return f"in_features={self.in_features}, out_features={self.out_features}, mix={where}"
 
 
 def _check_width(width, full: int, name: str) -> int:

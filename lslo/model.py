@@ -595,3 +595,95 @@ def load_base_model(name_or_path: str, *, dtype: torch.dtype | None = None, devi
         model = model.to(device)
     return model.eval()
 
+
+
+# ------------------------------------------------------------ weight learning
+_WEIGHT_LEARNING_ATTR = "_lslo_weight_learning"
+MIX_ATTR = "lslo_mix"  # name of the LSLoMix registered on each encoder/decoder layer
+
+
+def apply_weight_learning(model: nn.Module, config: LSLoConfig, *, learn_scales: bool = False,
+                          mix_init: tuple[float, float] = (0.0, 0.0)) -> nn.Module:
+    """Weight Learning (paper Section 4.1, Eq. 5): both routings in every target Linear, mixed per layer.
+
+    Freezes ``model`` and swaps each Linear ``config`` targets for an :class:`~lslo.layer.LSLoDualLinear`
+    (a source-indexed and a target-indexed factor set around the frozen Linear), and registers one
+    :class:`~lslo.layer.LSLoMix` (two logits, ``(w_src, w_tgt) = softmax(logits)``) on every encoder
+    and decoder layer, shared by all the dual modules of that layer:
+    ``y = W x + w_src * LSLo_src(x) + w_tgt * LSLo_tgt(x)``. The config's index plan is not used
+    (learning it is the point); its ranks, targets, scale, init, ffn and backend are.
+
+    Run the model inside ``with lslo.route(src=..., tgt=...)`` (both ids are needed). Trainable after
+    the call: both factor sets, the mixing logits, and the scales when ``learn_scales``.
+    :func:`weight_learning_mixes` reads the learned weights back; :func:`remove_weight_learning`
+    undoes the call.
+
+    Args:
+        model: an M2M-100-architecture model (see :func:`apply_lslo`), without LSLo adapters.
+        config: ranks, targets, scale, init, ffn and backend of both factor sets.
+        learn_scales: hold each set's per-language scales as trainable Parameters.
+        mix_init: initial (src, tgt) logits of every layer.
+
+    Returns:
+        ``model`` itself.
+    """
+    from .layer import LSLoDualLinear, LSLoMix
+
+    if not isinstance(config, LSLoConfig):
+        raise TypeError(f"config must be an LSLoConfig, got {type(config).__name__}")
+    if get_lslo_config(model) is not None or lslo_modules(model):
+        raise ValueError("the model already carries LSLo adapters; call lslo.remove_lslo(model) first")
+    if getattr(model, _WEIGHT_LEARNING_ATTR, None) is not None:
+        raise ValueError("apply_weight_learning was already applied to this model; call remove_weight_learning first")
+    targets = _find_targets(model, config)
+    if not targets:
+        raise ValueError(
+            f"LSLoConfig.target_modules={config.target_modules!r} matched no nn.Linear inside "
+            "encoder.layers.<i> / decoder.layers.<i> of this model"
+        )
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    mixes: dict[str, LSLoMix] = {}
+    for name, linear, _side, _layer, layer_path in targets:
+        layer_name = name[: len(name) - len(layer_path) - 1]  # "...encoder.layers.3"
+        if layer_name not in mixes:
+            mixes[layer_name] = LSLoMix(mix_init).to(linear.weight.device)
+            model.get_submodule(layer_name).add_module(MIX_ATTR, mixes[layer_name])
+        widths = {}
+        if config.ffn == "reference" and layer_path == "fc1":
+            widths["lora_out_features"] = min(linear.in_features, linear.out_features)
+        elif config.ffn == "reference" and layer_path == "fc2":
+            widths["lora_in_features"] = min(linear.in_features, linear.out_features)
+        _set_module(model, name, LSLoDualLinear(
+            linear, config.language_ranks, mix=mixes[layer_name], scale=config.scale, init=config.init,
+            backend=config.backend, learn_scales=learn_scales, **widths,
+        ))
+    setattr(model, _WEIGHT_LEARNING_ATTR, _InjectionState(config=config, requires_grad=requires_grad))
+    return model
+
+
+def weight_learning_mixes(model: nn.Module) -> dict[str, Any]:
+    """The :class:`~lslo.layer.LSLoMix` of every layer, by layer path (e.g. ``"model.encoder.layers.3"``).
+
+    ``mix()`` gives that layer's (2,) weights ``(w_src, w_tgt)``; ``mix.logits`` the trained logits.
+    """
+    from .layer import LSLoMix
+
+    return {name.rpartition(".")[0]: m for name, m in model.named_modules()
+            if isinstance(m, LSLoMix) and name.endswith("." + MIX_ATTR)}
+
+
+def remove_weight_learning(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_weight_learning`: the original Linears back, mixes removed, ``requires_grad`` restored."""
+    from .layer import LSLoDualLinear
+
+    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, LSLoDualLinear)]:
+        _set_module(model, name, module.base_layer)
+    for layer_name in weight_learning_mixes(model):
+        delattr(model.get_submodule(layer_name), MIX_ATTR)
+    state = getattr(model, _WEIGHT_LEARNING_ATTR, None)
+    if state is not None:
+        _restore_requires_grad(model, state)
+        delattr(model, _WEIGHT_LEARNING_ATTR)
+    return model

@@ -1,34 +1,52 @@
 """Registry of the grouped-LoRA backends.
 
-A backend is a pair of plain functions with the signatures of
-:func:`lslo_kernels.reference.lora_forward_reference` and
-:func:`lslo_kernels.reference.lora_backward_reference`, plus a predicate saying which
-devices it runs on. The custom op (``ops.py``) dispatches on the backend's name, so a
-compiled graph records the choice as a constant.
+A backend is a pair of plain functions taking exactly the inputs of the op's contract
+(:data:`lslo_kernels.spec.FORWARD` and :data:`~lslo_kernels.spec.BACKWARD`, e.g.
+:func:`lslo_kernels.reference.lora_forward_reference`), a predicate saying which devices it runs
+on, and optionally two fast entries: ``add_`` (inference, adds the LoRA term into the base output
+in place, :data:`~lslo_kernels.spec.ADD`) and ``autograd`` (training, a differentiable op whose
+autograd lives in compiled code, :data:`~lslo_kernels.spec.LORA`). :func:`register_backend`
+refuses a backend whose functions drift from the contract. The custom op (``ops.py``) dispatches
+on the backend's name, so a compiled graph records the choice as a constant.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from . import reference
+from .spec import ADD, BACKWARD, FORWARD, LORA, check_signature
 
-__all__ = ["Backend", "register_backend", "get_backend", "available_backends", "resolve_backend"]
+__all__ = ["Backend", "available_backends", "check_backend", "get_backend", "register_backend", "resolve_backend"]
 
 logger = logging.getLogger("lslo_kernels")
 
 
 @dataclass(frozen=True)
 class Backend:
+    """One implementation of the op.
+
+    Attributes:
+        name: what ``backend=`` selects.
+        forward: ``spec.FORWARD`` -> (y, h).
+        backward: ``spec.BACKWARD`` -> (grad_x, grad_a, grad_b, grad_scales).
+        supports_device: whether it runs on a device.
+        dtypes: dtypes of x it accepts.
+        add_: optional ``spec.ADD``, inference in place into the base output (no h).
+        autograd: optional ``spec.LORA``, y with its backward registered in compiled code.
+    """
+
     name: str
     forward: Callable
     backward: Callable
     supports_device: Callable[[torch.device], bool]
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+    add_: Callable | None = None
+    autograd: Callable | None = None
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -37,7 +55,19 @@ _AUTO_ORDER = {"cuda": ("triton", "reference"), "cpu": ("cpp", "reference")}
 _unavailable_reasons: dict[str, str] = {}
 
 
+def check_backend(backend: Backend) -> None:
+    """Raise TypeError when a backend's functions do not take the op's contract (``spec.py``)."""
+    check_signature(backend.forward, FORWARD, f"backend {backend.name!r} forward")
+    check_signature(backend.backward, BACKWARD, f"backend {backend.name!r} backward")
+    if backend.add_ is not None:
+        check_signature(backend.add_, ADD, f"backend {backend.name!r} add_")
+    if backend.autograd is not None:
+        check_signature(backend.autograd, LORA, f"backend {backend.name!r} autograd")
+
+
 def register_backend(backend: Backend) -> None:
+    """Add (or replace) a backend; its functions must follow the contract."""
+    check_backend(backend)
     _BACKENDS[backend.name] = backend
 
 
@@ -103,5 +133,6 @@ register_backend(
         forward=reference.lora_forward_reference,
         backward=reference.lora_backward_reference,
         supports_device=lambda device: True,
+        add_=reference.lora_add_reference,
     )
 )

@@ -1,10 +1,15 @@
 """Registers the C++ CPU backend ``cpp`` when the extension ``lslo_kernels._C`` is built.
 
-The kernels live in ``csrc/`` and register the ops ``torch.ops.lslo_cpp.forward`` and
-``torch.ops.lslo_cpp.backward`` (CPU; fp32, bf16, fp16, fp64) when ``_C`` is imported. This
-module adds their fake (meta) implementations, so ``torch.compile`` and ``torch.library.opcheck``
-can trace them, and registers the backend. Without ``_C`` the package keeps working on the
-``reference`` backend and :func:`lslo_kernels.get_backend` reports why ``cpp`` is missing.
+The kernels live in ``csrc/`` and register, when ``_C`` is imported, the ops (schemas: ``spec.py``)
+
+* ``torch.ops.lslo_cpp.forward`` / ``backward``: the backend's forward and backward;
+* ``torch.ops.lslo_cpp.add_``: inference, the LoRA term added into the base output in place;
+* ``torch.ops.lslo_cpp.lora``: training, y with its autograd node in C++.
+
+CPU; fp32, bf16, fp16, fp64. This module adds their fake (meta) implementations from ``spec.py``,
+so ``torch.compile`` and ``torch.library.opcheck`` can trace them, and registers the backend with
+the ops themselves (no Python wrapper on the hot path). Without ``_C`` the package keeps working on
+the ``reference`` backend and :func:`lslo_kernels.get_backend` reports why ``cpp`` is missing.
 """
 
 from __future__ import annotations
@@ -13,55 +18,21 @@ import importlib.util
 
 import torch
 
+from . import spec
 from .backends import Backend, mark_unavailable, register_backend
-from .reference import accum_dtype
 
-__all__ = ["lora_backward_cpp", "lora_forward_cpp"]
+__all__ = ["lora_add_cpp", "lora_autograd_cpp", "lora_backward_cpp", "lora_forward_cpp"]
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
-
-def lora_forward_cpp(x, base_out, lora_a, lora_b, prune_mask, scales, rank_offsets, lang, sorted_token_idx,
-                     lang_offsets, max_rank):
-    """Forward of the grouped op on CPU; arguments and results as
-    :func:`lslo_kernels.reference.lora_forward_reference` (all tensors contiguous, on CPU).
-
-    Returns:
-        y: (T, d) dtype of x; h: (T, max_rank) fp32 (fp64 for fp64 x).
-    """
-    return torch.ops.lslo_cpp.forward(x, base_out, lora_a, lora_b, prune_mask, scales, rank_offsets, lang,
-                                      sorted_token_idx, lang_offsets, max_rank)
-
-
-def lora_backward_cpp(grad_out, x, h, lora_a, lora_b, prune_mask, scales, rank_offsets, lang, sorted_token_idx,
-                      lang_offsets, max_rank):
-    """Backward of the grouped op's LoRA term on CPU; arguments and results as
-    :func:`lslo_kernels.reference.lora_backward_reference`.
-
-    Returns:
-        grad_x: (T, k) dtype of x; grad_a: (R, k) dtype of lora_a; grad_b: (d, R) dtype of lora_b,
-        zero where ``prune_mask`` is False.
-    """
-    return torch.ops.lslo_cpp.backward(grad_out, x, h, lora_a, lora_b, prune_mask, scales, rank_offsets, lang,
-                                       sorted_token_idx, lang_offsets, max_rank)
+# The registered ops (OpOverloads), set when _C loads. Same arguments and results as the
+# reference functions of the same role (lslo_kernels.reference).
+lora_forward_cpp = lora_backward_cpp = lora_add_cpp = lora_autograd_cpp = None
 
 
 def _register_fakes() -> None:
-    @torch.library.register_fake("lslo_cpp::forward")
-    def _(x, base_out, lora_a, lora_b, prune_mask, scales, rank_offsets, lang, sorted_token_idx, lang_offsets,
-          max_rank):
-        y = torch.empty_like(base_out, memory_format=torch.contiguous_format)
-        h = x.new_empty((x.shape[0], max_rank), dtype=accum_dtype(x.dtype))
-        return y, h
-
-    @torch.library.register_fake("lslo_cpp::backward")
-    def _(grad_out, x, h, lora_a, lora_b, prune_mask, scales, rank_offsets, lang, sorted_token_idx, lang_offsets,
-          max_rank):
-        return (
-            torch.empty_like(x, memory_format=torch.contiguous_format),
-            torch.empty_like(lora_a, memory_format=torch.contiguous_format),
-            torch.empty_like(lora_b, memory_format=torch.contiguous_format),
-        )
+    for op in (spec.FORWARD, spec.BACKWARD, spec.ADD, spec.LORA):
+        torch.library.register_fake(f"lslo_cpp::{op.name}")(spec.FAKES[op.name])
 
 
 _BUILD_COMMAND = "`pip install --no-build-isolation -e .` (with torch installed first)"
@@ -75,6 +46,10 @@ except ImportError as exc:  # the package works without it, on the reference bac
         mark_unavailable("cpp", f"C++ extension lslo_kernels._C failed to load ({exc}); rebuild it with {_BUILD_COMMAND}")
 else:
     _register_fakes()
+    lora_forward_cpp = torch.ops.lslo_cpp.forward.default
+    lora_backward_cpp = torch.ops.lslo_cpp.backward.default
+    lora_add_cpp = torch.ops.lslo_cpp.add_.default
+    lora_autograd_cpp = torch.ops.lslo_cpp.lora.default
     register_backend(
         Backend(
             name="cpp",
@@ -82,5 +57,7 @@ else:
             backward=lora_backward_cpp,
             supports_device=lambda device: device.type == "cpu",
             dtypes=DTYPES,
+            add_=lora_add_cpp,
+            autograd=lora_autograd_cpp,
         )
     )

@@ -9,26 +9,26 @@ Notation (shared by every backend):
     base_out:     (T, d)   output of the frozen base layer for those rows
     lora_a:       (R, k)   A factors of all languages stacked along the rank, R = sum_l r_l
     lora_b:       (d, R)   B factors, language l owns columns rank_offsets[l]:rank_offsets[l+1]
-    prune_mask:   (d, R)   bool, 0 = pruned entry of B
+    prune_mask:   (d, R)   bool, True = entry of B kept, False = pruned
     scales:       (L,)     float32, scale s_l of each language
     rank_offsets: (L + 1,) int64, cumulative ranks
-    routing:      lang (T,), sorted_token_idx (T,), lang_offsets (L + 1,)  (see routing.py)
+    routing:      sorted_token_idx (T,), lang_offsets (L + 1,)  (see routing.py)
     max_rank:     int, max_l r_l: width of the saved intermediate h
 
     h_t = A_l x_t                      (r_l,)  kept in fp32 (fp64 for fp64 inputs)
     y_t = base_out_t + s_l (B_l * M_l) h_t
+    d s_l = sum_{t in l} <dy_t, (B_l * M_l) h_t>
+
+The argument lists are the contract of ``spec.py`` (FORWARD, BACKWARD, ADD).
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["accum_dtype", "lora_forward_reference", "lora_backward_reference"]
+from .spec import accum_dtype
 
-
-def accum_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype of the rank-r intermediate and of accumulations: fp32, or fp64 for fp64 inputs."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+__all__ = ["accum_dtype", "lora_add_reference", "lora_backward_reference", "lora_forward_reference"]
 
 
 def _segments(rank_offsets: torch.Tensor, lang_offsets: torch.Tensor):
@@ -47,7 +47,6 @@ def lora_forward_reference(
     prune_mask: torch.Tensor,
     scales: torch.Tensor,
     rank_offsets: torch.Tensor,
-    lang: torch.Tensor,
     sorted_token_idx: torch.Tensor,
     lang_offsets: torch.Tensor,
     max_rank: int,
@@ -83,11 +82,10 @@ def lora_backward_reference(
     prune_mask: torch.Tensor,
     scales: torch.Tensor,
     rank_offsets: torch.Tensor,
-    lang: torch.Tensor,
     sorted_token_idx: torch.Tensor,
     lang_offsets: torch.Tensor,
     max_rank: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of the LoRA term of the grouped op.
 
     Args:
@@ -97,9 +95,11 @@ def lora_backward_reference(
     Returns:
         grad_x: (T, k) LoRA part of dL/dx (the base layer's part comes from its own autograd).
         grad_a: (R, k) dL/dA.
-        grad_b: (d, R) dL/dB, zero where ``prune_mask`` is 0.
+        grad_b: (d, R) dL/dB, zero where ``prune_mask`` is False.
+        grad_scales: (L,) dtype of scales, dL/ds_l = sum_{t in l} <dy_t, (B_l * M_l) h_t>.
     """
     acc = accum_dtype(x.dtype)
+    grad_scales = torch.zeros(scales.shape, dtype=acc, device=x.device)
     grad_x = torch.zeros(x.shape, dtype=acc, device=x.device)
     grad_a = torch.zeros(lora_a.shape, dtype=acc, device=x.device)
     grad_b = torch.zeros(lora_b.shape, dtype=acc, device=x.device)
@@ -112,8 +112,40 @@ def lora_backward_reference(
         m = prune_mask[:, r0:r1].to(acc)
         b = lora_b[:, r0:r1].to(acc) * m
         dy = grad_out[tokens].to(acc)  # (n, d)
-        g = s * (dy @ b)  # (n, r): gradient of h
+        h_l = h[tokens, : r1 - r0].to(acc)  # (n, r)
+        u = dy @ b  # (n, r): (B_l * M_l)^T dy_t
+        g = s * u  # gradient of h
         grad_x[tokens] = g @ a
         grad_a[r0:r1] = g.t() @ x[tokens].to(acc)
-        grad_b[:, r0:r1] = s * (dy.t() @ h[tokens, : r1 - r0].to(acc)) * m
-    return grad_x.to(x.dtype), grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype)
+        grad_b[:, r0:r1] = s * (dy.t() @ h_l) * m
+        grad_scales[lang_id] = (u * h_l).sum()
+    return grad_x.to(x.dtype), grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), grad_scales.to(scales.dtype)
+
+
+def lora_add_reference(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    prune_mask: torch.Tensor,
+    scales: torch.Tensor,
+    rank_offsets: torch.Tensor,
+    sorted_token_idx: torch.Tensor,
+    lang_offsets: torch.Tensor,
+    max_rank: int,
+) -> None:
+    """Inference: ``out_t += s_l (B_l * M_l) A_l x_t`` in place (no h kept).
+
+    Args:
+        out: (T, d) dtype of x, the base output; any row stride, unit column stride.
+        Other arguments as :func:`lora_forward_reference`.
+    """
+    acc = accum_dtype(x.dtype)
+    for lang_id, r0, r1, t0, t1 in _segments(rank_offsets, lang_offsets):
+        if t1 == t0:
+            continue
+        tokens = sorted_token_idx[t0:t1]
+        a = lora_a[r0:r1].to(acc)
+        b = (lora_b[:, r0:r1] * prune_mask[:, r0:r1]).to(acc)
+        delta = scales[lang_id].to(acc) * ((x[tokens].to(acc) @ a.t()) @ b.t())
+        out[tokens] = (out[tokens].to(acc) + delta).to(out.dtype)

@@ -27,7 +27,7 @@ except ImportError as exc:  # built by `pip install --no-build-isolation -e .`
     _IMPORT_ERROR = str(exc)
 else:
     _IMPORT_ERROR = ""
-    from lslo_kernels.cpp_backend import lora_backward_cpp, lora_forward_cpp
+    from lslo_kernels.cpp_backend import lora_add_cpp, lora_backward_cpp, lora_forward_cpp
 
 needs_cpp = pytest.mark.skipif(
     _C is None, reason=f"lslo_kernels._C is not built ({_IMPORT_ERROR}); set LSLO_REQUIRE_CPP=1 to fail instead"
@@ -65,7 +65,7 @@ def kernel_config(isa: str = "baseline", threads: int = 1, stream_min_bytes: int
 
 def _op_args(case):
     r = case["routing"]
-    return (case["prune_mask"], case["scales"], case["rank_offsets"], r.lang, r.sorted_token_idx, r.lang_offsets,
+    return (case["prune_mask"], case["scales"], case["rank_offsets"], r.sorted_token_idx, r.lang_offsets,
             case["max_rank"])
 
 
@@ -79,17 +79,22 @@ def _assert_close(actual, expected, dtype, what):
 
 
 def _check_against_reference(case, dtype):
-    """Forward (y, h) and backward (dx, dA, dB) of the cpp kernels against the reference's."""
+    """Forward (y, h), backward (dx, dA, dB, d scales) and the in-place add_ of the cpp kernels against the
+    reference's."""
     x, base_out, a, b, grad_out = (case[n] for n in ("x", "base_out", "lora_a", "lora_b", "grad_out"))
     rest = _op_args(case)
     y_ref, h_ref = lora_forward_reference(x, base_out, a, b, *rest)
     y, h = lora_forward_cpp(x, base_out, a, b, *rest)
     _assert_close(y, y_ref, dtype, "y")
     _assert_close(h, h_ref, dtype, "h")
+    out = base_out.clone()
+    lora_add_cpp(out, x, a, b, *rest)  # inference, in place: same y
+    _assert_close(out, y_ref, dtype, "add_")
     # the backward gets the same h, so that its own error is measured
     grads_ref = lora_backward_reference(grad_out, x, h_ref, a, b, *rest)
     grads = lora_backward_cpp(grad_out, x, h_ref, a, b, *rest)
-    for name, g, g_ref in zip(("dx", "dA", "dB"), grads, grads_ref):
+    assert len(grads) == 4
+    for name, g, g_ref in zip(("dx", "dA", "dB", "dscales"), grads, grads_ref):
         _assert_close(g, g_ref, dtype, name)
     # exact zeros: pruned entries of B, tokens without adapter, languages without tokens
     assert torch.all(grads[2][~case["prune_mask"]] == 0)
@@ -212,8 +217,8 @@ def test_matches_reference_random_problems(num_tokens, in_features, out_features
 def _grouped_lora(case, **leaves):
     return lslo_kernels.grouped_lora(
         leaves.get("x", case["x"]), leaves.get("base_out", case["base_out"]), leaves.get("lora_a", case["lora_a"]),
-        leaves.get("lora_b", case["lora_b"]), case["prune_mask"], case["scales"], case["rank_offsets"],
-        case["routing"], case["max_rank"], backend="cpp",
+        leaves.get("lora_b", case["lora_b"]), case["prune_mask"], leaves.get("scales", case["scales"]),
+        case["rank_offsets"], case["routing"], case["max_rank"], backend="cpp",
     )
 
 
@@ -222,14 +227,15 @@ def _grouped_lora(case, **leaves):
 def test_end_to_end_autograd_matches_reference(dtype):
     case = make_case(83, 48, 40, MIXED_RANKS, density=0.4, spread="with_none", dtype=dtype, seed=11)
     results = {}
+    names = ("x", "base_out", "lora_a", "lora_b", "scales")
     for backend in ("reference", "cpp"):
-        leaves = {n: case[n].clone().requires_grad_(True) for n in ("x", "base_out", "lora_a", "lora_b")}
+        leaves = {n: case[n].clone().requires_grad_(True) for n in names}
         y = lslo_kernels.grouped_lora(leaves["x"], leaves["base_out"], leaves["lora_a"], leaves["lora_b"],
-                                      case["prune_mask"], case["scales"], case["rank_offsets"], case["routing"],
+                                      case["prune_mask"], leaves["scales"], case["rank_offsets"], case["routing"],
                                       case["max_rank"], backend=backend)
         y.backward(case["grad_out"])
-        results[backend] = (y.detach(), *(leaves[n].grad for n in ("x", "base_out", "lora_a", "lora_b")))
-    for name, got, want in zip(("y", "dx", "dbase", "dA", "dB"), results["cpp"], results["reference"]):
+        results[backend] = (y.detach(), *(leaves[n].grad for n in names))
+    for name, got, want in zip(("y", "dx", "dbase", "dA", "dB", "dscales"), results["cpp"], results["reference"]):
         _assert_close(got, want, dtype, name)
 
 
@@ -249,19 +255,21 @@ def test_tokens_without_adapter_pass_base_out_through():
     case = make_case(50, 33, 21, [3, 8], dtype=torch.bfloat16)
     lang = torch.full((50,), -1, dtype=torch.int64)
     case["routing"] = lslo_kernels.build_routing(lang, 2)
-    y, h, (dx, da, db) = _check_against_reference(case, torch.bfloat16)
+    y, h, (dx, da, db, ds) = _check_against_reference(case, torch.bfloat16)
     assert torch.equal(y, case["base_out"]) and torch.all(h == 0)
-    assert torch.all(dx == 0) and torch.all(da == 0) and torch.all(db == 0)
+    assert torch.all(dx == 0) and torch.all(da == 0) and torch.all(db == 0) and torch.all(ds == 0)
 
 
 @needs_cpp
 def test_gradcheck_fp64():
+    # through the C++ autograd node (torch.ops.lslo_cpp.lora), every differentiable input, scales in fp64
     case = make_case(13, 6, 5, [2, 3, 1, 9], density=0.6, spread="with_none", dtype=torch.float64, seed=3)
+    case["scales"] = case["scales"].double()
 
-    def f(x, base_out, a, b):
-        return _grouped_lora(case, x=x, base_out=base_out, lora_a=a, lora_b=b)
+    def f(x, base_out, a, b, scales):
+        return _grouped_lora(case, x=x, base_out=base_out, lora_a=a, lora_b=b, scales=scales)
 
-    inputs = tuple(case[n].clone().requires_grad_(True) for n in ("x", "base_out", "lora_a", "lora_b"))
+    inputs = tuple(case[n].clone().requires_grad_(True) for n in ("x", "base_out", "lora_a", "lora_b", "scales"))
     assert torch.autograd.gradcheck(f, inputs)
 
 
@@ -275,6 +283,12 @@ def test_opcheck_registered_ops(dtype):
     _y, h = torch.ops.lslo_cpp.forward(*fwd_args)
     bwd_args = (case["grad_out"], case["x"], h, case["lora_a"], case["lora_b"], *rest)
     torch.library.opcheck(torch.ops.lslo_cpp.backward.default, bwd_args)
+    torch.library.opcheck(torch.ops.lslo_cpp.add_.default, (case["base_out"].clone(), *fwd_args[:1], *fwd_args[2:]))
+    # the training entry, with its C++ autograd node
+    leaves = [t.clone().requires_grad_(True) for t in fwd_args[:4]]
+    scales = case["scales"].clone().requires_grad_(True)
+    lora_args = (*leaves, rest[0], scales, *rest[2:])
+    torch.library.opcheck(torch.ops.lslo_cpp.lora.default, lora_args)
 
 
 @needs_cpp
@@ -287,11 +301,8 @@ def test_compiles_with_fullgraph():
 
 # ------------------------------------------------------------------------------ bad input
 def _forward_args(case, **overrides):
-    names = ("x", "base_out", "lora_a", "lora_b", "prune_mask", "scales", "rank_offsets", "lang",
-             "sorted_token_idx", "lang_offsets", "max_rank")
-    r = case["routing"]
+    names = lslo_kernels.spec.FORWARD.inputs
     values = dict(zip(names, (case["x"], case["base_out"], case["lora_a"], case["lora_b"], *_op_args(case))))
-    values.update(lang=r.lang, sorted_token_idx=r.sorted_token_idx, lang_offsets=r.lang_offsets)
     values.update(overrides)
     return tuple(values[n] for n in names)
 
@@ -312,9 +323,9 @@ def _forward_args(case, **overrides):
     (lambda c: {"rank_offsets": torch.tensor([0, -1, 5])}, "non-decreasing"),
     (lambda c: {"rank_offsets": torch.tensor([0, 2, 6])}, "rank_offsets must run from 0 to R"),
     (lambda c: {"max_rank": 2}, "has rank 3 > max_rank = 2"),
-    (lambda c: {"lang": c["routing"].lang[:4]}, "lang must have one id per token"),
-    (lambda c: {"sorted_token_idx": c["routing"].sorted_token_idx.flip(0)}, "routing does not match lang"),
-    (lambda c: {"sorted_token_idx": torch.zeros(9, dtype=torch.int64)}, "not a permutation|does not match"),
+    (lambda c: {"scales": c["scales"].half()}, "scales must be float32 or float64"),
+    (lambda c: {"sorted_token_idx": c["routing"].sorted_token_idx[:4]}, "sorted_token_idx must have 9 entries"),
+    (lambda c: {"sorted_token_idx": torch.zeros(9, dtype=torch.int64)}, "not a permutation"),
     (lambda c: {"sorted_token_idx": torch.full((9,), 99, dtype=torch.int64)}, "out of range"),
     (lambda c: {"lang_offsets": torch.tensor([0, 4, 8])}, "lang_offsets\\[L\\] must equal the number of tokens"),
 ])
@@ -342,10 +353,12 @@ def test_backward_rejects_bad_input():
 
 @needs_cpp
 def test_public_entry_without_validation_still_raises():
+    # The kernels never read the raw ids, but a routing that would make them write out of bounds or
+    # race (not a permutation) is refused whatever the caller checked.
     case = make_case(9, 6, 4, [2, 3], seed=1)
     bad = lslo_kernels.build_routing(torch.zeros(9, dtype=torch.int64), 2)
-    bad = type(bad)(bad.lang, bad.sorted_token_idx, torch.tensor([0, 5, 9]), 2)  # offsets disagree with lang
-    with pytest.raises(RuntimeError, match="routing does not match lang"):
+    bad = type(bad)(bad.lang, torch.zeros(9, dtype=torch.int64), bad.lang_offsets, 2)
+    with pytest.raises(RuntimeError, match="not a permutation"):
         lslo_kernels.grouped_lora(case["x"], case["base_out"], case["lora_a"], case["lora_b"], case["prune_mask"],
                                   case["scales"], case["rank_offsets"], bad, case["max_rank"], backend="cpp",
                                   validate=False)

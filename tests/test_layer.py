@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import lslo
+import lslo_kernels
 from lslo_kernels import build_routing, lora_forward_reference
 
 
@@ -249,6 +250,111 @@ def test_matches_reference_function_directly():
     ids = torch.tensor([0, 1, 2, -1, 0, 2, 2, 1, -1])
     r = build_routing(ids, 3)
     y_ref, _ = lora_forward_reference(x, layer.base_layer(x), layer.lora_A, layer.lora_B, layer.prune_mask,
-                                      layer.scales, layer.rank_offsets, r.lang, r.sorted_token_idx,
+                                      layer.scales, layer.rank_offsets, r.sorted_token_idx,
                                       r.lang_offsets, layer.max_rank)
     torch.testing.assert_close(layer(x, lang=ids), y_ref)
+
+
+# ------------------------------------------------------------------------------- keep mask
+def test_keep_mask_names_the_kept_entries():
+    layer = _layer()
+    keep = torch.rand_like(layer.lora_B) > 0.5
+    layer.set_prune_mask(keep=keep)
+    assert layer.keep_mask is layer.prune_mask and torch.equal(layer.keep_mask, keep)
+    assert torch.all(layer.lora_B[~keep] == 0) and torch.all(layer.lora_B[keep] != 0)
+    assert layer.adapter_state_dict()["prune_mask"] is layer.prune_mask  # file format unchanged
+    with pytest.raises(TypeError, match="exactly one mask"):
+        layer.set_prune_mask(keep, keep=keep)
+    with pytest.raises(TypeError, match="exactly one mask"):
+        layer.set_prune_mask()
+
+
+# ------------------------------------------------------------------------------ fast paths
+def _forbid_custom_op(monkeypatch):
+    from lslo_kernels import ops
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the Python custom op was called on a fast path")
+
+    monkeypatch.setattr(ops, "_grouped_lora_fwd", forbidden)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("widths", [{}, {"lora_out_features": 5, "lora_in_features": 9}])
+def test_inference_reaches_the_kernel_directly_and_equals_the_autograd_path(monkeypatch, backend, widths):
+    if backend not in lslo_kernels.available_backends("cpu"):
+        pytest.skip(f"{backend} not built")
+    layer = _layer(backend=backend, **widths)
+    x = torch.randn(3, 4, 16)
+    ids = torch.tensor([0, 2, -1])
+    y_train = layer(x.requires_grad_(True), lang=ids)  # autograd path (custom op or C++ autograd)
+    _forbid_custom_op(monkeypatch)
+    with torch.no_grad():
+        y_nograd = layer(x, lang=ids)
+    with torch.inference_mode():
+        y_inference = layer(x, lang=ids)
+    frozen = layer.requires_grad_(False)
+    y_frozen = frozen(x.detach(), lang=ids)  # grad mode on, nothing requires grad: inference too
+    for y in (y_nograd, y_inference, y_frozen):
+        torch.testing.assert_close(y, y_train.detach(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(y_train.detach(), _expected(layer, x.detach().reshape(12, 16), ids.repeat_interleave(4))
+                               .reshape(3, 4, 12), atol=1e-5, rtol=1e-5)
+
+
+def test_cpp_training_uses_the_compiled_autograd_node(monkeypatch):
+    if "cpp" not in lslo_kernels.available_backends("cpu"):
+        pytest.skip("cpp not built")
+    ref, fast = _layer(backend="reference", learn_scales=True), _layer(backend="cpp", learn_scales=True)
+    x = torch.randn(5, 16)
+    ids = torch.tensor([0, 1, 2, -1, 1])
+    grads = []
+    for layer in (ref, fast):
+        if layer is fast:
+            _forbid_custom_op(monkeypatch)
+        xl = x.clone().requires_grad_(True)
+        y = layer(xl, lang=ids)
+        y.square().sum().backward()
+        grads.append((y.detach(), xl.grad, layer.lora_A.grad, layer.lora_B.grad, layer.scales.grad))
+    for name, got, want in zip(("y", "dx", "dA", "dB", "dscales"), grads[1], grads[0]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=name)
+
+
+# --------------------------------------------------------------------------- routing checks
+def test_ids_are_checked_once_per_batch(monkeypatch):
+    import lslo.context
+    from lslo_kernels import routing
+
+    calls = []
+    real = routing.lang_id_range
+
+    def counting(*ids):
+        calls.append(len(ids))
+        return real(*ids)
+
+    monkeypatch.setattr(routing, "lang_id_range", counting)
+    monkeypatch.setattr(lslo.context, "lang_id_range", counting)
+    layers = [_layer(index=i, seed=s) for s, i in enumerate(("src", "src", "tgt", "tgt"))]
+    src, tgt = torch.tensor([0, 1]), torch.tensor([2, -1])
+    with lslo.route(src=src, tgt=tgt):
+        for layer in layers:
+            layer(torch.randn(2, 5, 16))
+            layer(torch.randn(2, 16))  # another layout: another routing, no second check
+    assert calls == [1, 1]  # one host read per index, at its first use
+    calls.clear()
+    with lslo.route(src=src, tgt=tgt, num_languages=3):
+        for layer in layers:
+            layer(torch.randn(2, 5, 16))
+    assert calls == [2]  # both checked together where they entered, none in the layers
+    with pytest.raises(ValueError, match=r"lslo.route\(tgt=...\) contains language id 3"), \
+            lslo.route(src=src, tgt=torch.tensor([3, 0]), num_languages=3):
+        pass
+
+
+def test_precomputed_routing_can_be_passed():
+    layer = _layer()
+    x = torch.randn(6, 16)
+    ids = torch.tensor([0, 1, 2, -1, 0, 1])
+    r = lslo_kernels.route_tokens(ids, (6,), 3)
+    torch.testing.assert_close(layer(x, lang=r), layer(x, lang=ids))
+    with pytest.raises(ValueError, match="routing covers 6 tokens"):
+        layer(torch.randn(5, 16), lang=r)

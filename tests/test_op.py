@@ -150,12 +150,12 @@ def test_opcheck_registered_ops(backend, dtype):
     r = case["routing"]
     fwd_args = (case["x"].requires_grad_(True), case["base_out"].requires_grad_(True),
                 case["lora_a"].requires_grad_(True), case["lora_b"].requires_grad_(True),
-                case["prune_mask"], case["scales"], case["rank_offsets"], r.lang, r.sorted_token_idx,
+                case["prune_mask"], case["scales"].requires_grad_(True), case["rank_offsets"], r.sorted_token_idx,
                 r.lang_offsets, case["max_rank"], backend)
     torch.library.opcheck(torch.ops.lslo.grouped_lora_fwd.default, fwd_args)
     _y, h = torch.ops.lslo.grouped_lora_fwd(*(a.detach() if isinstance(a, torch.Tensor) else a for a in fwd_args))
     bwd_args = (case["grad_out"], case["x"].detach(), h, case["lora_a"].detach(), case["lora_b"].detach(),
-                case["prune_mask"], case["scales"], case["rank_offsets"], r.lang, r.sorted_token_idx,
+                case["prune_mask"], case["scales"].detach(), case["rank_offsets"], r.sorted_token_idx,
                 r.lang_offsets, case["max_rank"], backend)
     torch.library.opcheck(torch.ops.lslo.grouped_lora_bwd.default, bwd_args)
 

@@ -63,15 +63,18 @@ def make_case(
     )
 
 
+LEAVES = ("x", "base_out", "lora_a", "lora_b", "scales")
+
+
 def run_op(case: dict, backend: str):
-    """Forward + backward through the public op; returns y and (dx, d_base_out, dA, dB)."""
-    leaves = {k: case[k].detach().clone().requires_grad_(True) for k in ("x", "base_out", "lora_a", "lora_b")}
+    """Forward + backward through the public op; returns y and (dx, d_base_out, dA, dB, d_scales)."""
+    leaves = {k: case[k].detach().clone().requires_grad_(True) for k in LEAVES}
     y = lslo_kernels.grouped_lora(
         leaves["x"], leaves["base_out"], leaves["lora_a"], leaves["lora_b"], case["prune_mask"],
-        case["scales"], case["rank_offsets"], case["routing"], case["max_rank"], backend=backend,
+        leaves["scales"], case["rank_offsets"], case["routing"], case["max_rank"], backend=backend,
     )
     y.backward(case["grad_out"])
-    return y.detach(), tuple(leaves[k].grad for k in ("x", "base_out", "lora_a", "lora_b"))
+    return y.detach(), tuple(leaves[k].grad for k in LEAVES)
 
 
 def dense_truth(case: dict):
@@ -81,7 +84,7 @@ def dense_truth(case: dict):
     ranks = (case["rank_offsets"][1:] - case["rank_offsets"][:-1]).tolist()
     num_languages, max_rank = len(ranks), case["max_rank"]
     k, d = case["lora_a"].shape[1], case["lora_b"].shape[0]
-    leaves = {n: case[n].detach().double().requires_grad_(True) for n in ("x", "base_out", "lora_a", "lora_b")}
+    leaves = {n: case[n].detach().double().requires_grad_(True) for n in LEAVES}
     b_eff = leaves["lora_b"] * case["prune_mask"].double()
     a_pad = torch.zeros(num_languages + 1, max_rank, k, dtype=torch.float64)  # slot L = "no adapter"
     b_pad = torch.zeros(num_languages + 1, d, max_rank, dtype=torch.float64)
@@ -92,12 +95,12 @@ def dense_truth(case: dict):
         b_cols.append(torch.nn.functional.pad(b_eff[:, r0 : r0 + r], (0, max_rank - r)))
     a_pad = torch.cat([torch.stack(a_rows), a_pad[-1:]])
     b_pad = torch.cat([torch.stack(b_cols), b_pad[-1:]])
-    scales = torch.cat([case["scales"].double(), torch.zeros(1, dtype=torch.float64)])
+    scales = torch.cat([leaves["scales"], torch.zeros(1, dtype=torch.float64)])
     slot = torch.where(lang < 0, num_languages, lang)
     h = torch.einsum("tk,trk->tr", leaves["x"], a_pad[slot])
     y = leaves["base_out"] + scales[slot, None] * torch.einsum("tr,tdr->td", h, b_pad[slot])
     y.backward(case["grad_out"].double())
-    return y.detach(), tuple(leaves[n].grad for n in ("x", "base_out", "lora_a", "lora_b"))
+    return y.detach(), tuple(leaves[n].grad for n in LEAVES)
 
 
 def assert_close(actual, expected, dtype, what=""):
