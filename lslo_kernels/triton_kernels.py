@@ -455,7 +455,6 @@ def _check_common(
     prune_mask: torch.Tensor,
     scales: torch.Tensor,
     rank_offsets: torch.Tensor,
-    lang: torch.Tensor,
     sorted_token_idx: torch.Tensor,
     lang_offsets: torch.Tensor,
     max_rank: int,
@@ -487,7 +486,6 @@ def _check_common(
         ("rank_offsets", rank_offsets, num_langs + 1),
         ("lang_offsets", lang_offsets, num_langs + 1),
         ("sorted_token_idx", sorted_token_idx, x.shape[0]),
-        ("lang", lang, x.shape[0]),
     ):
         if t.dtype != torch.int64 or t.shape != (n,):
             raise ValueError(f"{name}: {arg} must be ({n},) int64, got {t.dtype} {tuple(t.shape)}")
@@ -517,7 +515,6 @@ def lora_forward_triton(
     prune_mask: torch.Tensor,
     scales: torch.Tensor,
     rank_offsets: torch.Tensor,
-    lang: torch.Tensor,
     sorted_token_idx: torch.Tensor,
     lang_offsets: torch.Tensor,
     max_rank: int,
@@ -529,7 +526,7 @@ def lora_forward_triton(
         base_out: (T, d) dtype of x, frozen base layer output.
         lora_a: (R, k) packed A factors; lora_b: (d, R) packed B factors; dtype of x.
         prune_mask: (d, R) bool. scales: (L,) float32. rank_offsets: (L + 1,) int64.
-        lang: (T,) int64 (-1 = no adapter); sorted_token_idx: (T,) int64;
+        sorted_token_idx: (T,) int64, tokens grouped by language (id -1 first);
             lang_offsets: (L + 1,) int64 (see ``routing.py``).
         max_rank: int >= every language's rank.
 
@@ -537,7 +534,7 @@ def lora_forward_triton(
         y: (T, d) dtype of x, ``base_out`` plus each token's LoRA term.
         h: (T, max_rank) float32, ``A_l x_t`` in the first ``r_l`` columns, zero elsewhere.
     """
-    _check_common("lora_forward_triton", x, lora_a, lora_b, prune_mask, scales, rank_offsets, lang,
+    _check_common("lora_forward_triton", x, lora_a, lora_b, prune_mask, scales, rank_offsets,
                   sorted_token_idx, lang_offsets, max_rank)
     if base_out.shape != (x.shape[0], lora_b.shape[0]) or base_out.dtype != x.dtype:
         raise ValueError(
@@ -641,11 +638,10 @@ def lora_backward_triton(
     prune_mask: torch.Tensor,
     scales: torch.Tensor,
     rank_offsets: torch.Tensor,
-    lang: torch.Tensor,
     sorted_token_idx: torch.Tensor,
     lang_offsets: torch.Tensor,
     max_rank: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of the LoRA term with Triton kernels (same contract as the reference).
 
     Args:
@@ -657,8 +653,9 @@ def lora_backward_triton(
         grad_x: (T, k) dtype of x, the LoRA part of dL/dx (zero rows for id -1 tokens).
         grad_a: (R, k) dtype of lora_a.
         grad_b: (d, R) dtype of lora_b, zero where ``prune_mask`` is False.
+        grad_scales: (L,) dtype of scales, d s_l = sum over tokens of l of <dy_t, (B_l * M_l) h_t>.
     """
-    _check_common("lora_backward_triton", x, lora_a, lora_b, prune_mask, scales, rank_offsets, lang,
+    _check_common("lora_backward_triton", x, lora_a, lora_b, prune_mask, scales, rank_offsets,
                   sorted_token_idx, lang_offsets, max_rank)
     if grad_out.shape != (x.shape[0], lora_b.shape[0]) or grad_out.dtype != x.dtype:
         raise ValueError(
@@ -678,33 +675,45 @@ def lora_backward_triton(
     total_rank = lora_a.shape[0]
 
     if num_tokens == 0 or out_features == 0 or in_features == 0 or total_rank == 0 or max_rank == 0:
-        return torch.zeros_like(x), torch.zeros_like(lora_a), torch.zeros_like(lora_b)
+        return torch.zeros_like(x), torch.zeros_like(lora_a), torch.zeros_like(lora_b), torch.zeros_like(scales)
 
     cfg = _config_for(x, num_langs, in_features, out_features, max_rank)
-    # g_t = s_l (B_l * M_l)^T dy_t: the forward's shrink kernel with B read transposed
-    # (rank j, feature f at lora_b[f, r0 + j]).
+    # u_t = (B_l * M_l)^T dy_t, unscaled (d s_l needs it): the forward's shrink kernel with B read
+    # transposed (rank j, feature f at lora_b[f, r0 + j]). The gradient of h is g_t = s_l u_t: the
+    # scale is applied by the two kernels that consume it (APPLY_SCALE), never to u itself.
     grad_h = torch.empty((num_tokens, max_rank), dtype=torch.float32, device=x.device)
     partial = _rank_partials(grad_h, cfg.bwd_shrink, out_features)
     _launch_shrink(cfg, cfg.bwd_shrink, grad_out, lora_b, (lora_b.stride(1), lora_b.stride(0)), keep, scales,
                    rank_offsets, sorted_token_idx, lang_offsets, partial, out_features, has_mask=True,
-                   apply_scale=True)
-    # grad_x_t = A_l^T g_t: the forward's expand kernel with A read transposed (feature f, rank j
-    # at lora_a[r0 + j, f]); every row is written (zeros for id -1); split-K partials of g are
+                   apply_scale=False)
+    # grad_x_t = s_l A_l^T u_t: the forward's expand kernel with A read transposed (feature f, rank j
+    # at lora_a[r0 + j, f]); every row is written (zeros for id -1); split-K partials of u are
     # summed into grad_h on the way.
     grad_x = torch.empty_like(x)
     _launch_expand(cfg, cfg.bwd_expand, partial, lora_a, (lora_a.stride(1), lora_a.stride(0)), keep, None,
                    scales, rank_offsets, sorted_token_idx, lang_offsets, grad_x, grad_h, has_mask=False,
-                   apply_scale=False)
+                   apply_scale=True)
     # Every language writes all of its rank rows/columns (zeros when absent from the batch),
     # and the languages' ranges tile [0, R), so the outputs need no zero fill.
     grad_a = torch.empty_like(lora_a)
     grad_b = torch.empty_like(lora_b)
-    # dA_l = sum_t g_t x_t^T: rank j, feature f at grad_a[r0 + j, f].
+    # dA_l = s_l sum_t u_t x_t^T: rank j, feature f at grad_a[r0 + j, f].
     _launch_weight_grad(cfg, cfg.grad_a, grad_h, x, keep, scales, rank_offsets, sorted_token_idx, lang_offsets,
                         grad_a, (grad_a.stride(0), grad_a.stride(1)), in_features, has_mask=False,
-                        apply_scale=False)
+                        apply_scale=True)
     # dB_l^T = s_l sum_t h_t dy_t^T (* M_l^T): rank j, feature f at grad_b[f, r0 + j].
     _launch_weight_grad(cfg, cfg.grad_b, h, grad_out, keep, scales, rank_offsets, sorted_token_idx, lang_offsets,
                         grad_b, (grad_b.stride(1), grad_b.stride(0)), out_features, has_mask=True,
                         apply_scale=True)
-    return grad_x, grad_a, grad_b
+    return grad_x, grad_a, grad_b, _scale_grad(grad_h, h, scales, sorted_token_idx, lang_offsets)
+
+
+def _scale_grad(u: torch.Tensor, h: torch.Tensor, scales: torch.Tensor, sorted_token_idx: torch.Tensor,
+                lang_offsets: torch.Tensor) -> torch.Tensor:
+    """d s_l = sum over tokens t of language l of <u_t, h_t>, from the backward's u (T, max_rank)
+    and the forward's h: a row dot and per-language sums in sorted order (segment_reduce: no
+    atomics, deterministic; no host sync). Rows of id -1 tokens fall in the dropped segment 0."""
+    rowdot = (u * h).sum(dim=1)[sorted_token_idx]
+    bounds = torch.cat([lang_offsets.new_zeros(1), lang_offsets])
+    # a fresh tensor (not a view at offset 1): outputs of a custom op must not alias
+    return torch.segment_reduce(rowdot, "sum", offsets=bounds, axis=0)[1:].to(scales.dtype, copy=True)

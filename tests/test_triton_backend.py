@@ -63,7 +63,7 @@ def _compare(case: dict, dtype: torch.dtype) -> None:
         assert _launches() == before + 6, "triton kernels did not run"  # 2 forward + 4 backward
     assert y.dtype == dtype and y.shape == y_ref.shape
     assert_close(y, y_ref, dtype, "triton y")
-    for name, g, g_ref in zip(("dx", "dbase", "dA", "dB"), grads, grads_ref):
+    for name, g, g_ref in zip(("dx", "dbase", "dA", "dB", "dscales"), grads, grads_ref):
         assert g.dtype == g_ref.dtype and g.shape == g_ref.shape, name
         assert_close(g, g_ref, dtype, f"triton {name}")
     assert torch.all(grads[3][~case["prune_mask"]] == 0), "pruned entries of B got a gradient"
@@ -72,7 +72,7 @@ def _compare(case: dict, dtype: torch.dtype) -> None:
 def _direct_args(case: dict):
     r = case["routing"]
     return (case["lora_a"], case["lora_b"], case["prune_mask"], case["scales"], case["rank_offsets"],
-            r.lang, r.sorted_token_idx, r.lang_offsets, case["max_rank"])
+            r.sorted_token_idx, r.lang_offsets, case["max_rank"])
 
 
 # ------------------------------------------------------------------ registration
@@ -264,7 +264,7 @@ def test_opcheck_registered_ops():
     case = _to_device(make_case(13, 6, 5, [2, 1, 4], density=0.5, spread="with_none", seed=2))
     r = case["routing"]
     leaves = [case[n].clone().requires_grad_(True) for n in ("x", "base_out", "lora_a", "lora_b")]
-    fwd_args = (*leaves, case["prune_mask"], case["scales"], case["rank_offsets"], r.lang,
+    fwd_args = (*leaves, case["prune_mask"], case["scales"], case["rank_offsets"],
                 r.sorted_token_idx, r.lang_offsets, case["max_rank"], "triton")
     torch.library.opcheck(torch.ops.lslo.grouped_lora_fwd.default, fwd_args)
     _y, h = torch.ops.lslo.grouped_lora_fwd(*(a.detach() if isinstance(a, torch.Tensor) else a for a in fwd_args))
@@ -320,11 +320,11 @@ def test_gpu_cuda_graph_replay_with_new_routing():
     torch.backends.cuda.matmul.allow_tf32 = False
     case = _to_device(make_case(512, 256, 256, LANG30, density=0.1, spread="with_none", dtype=torch.bfloat16))
     r = case["routing"]
-    static = {"lang": r.lang.clone(), "sorted": r.sorted_token_idx.clone(), "offsets": r.lang_offsets.clone()}
+    static = {"sorted": r.sorted_token_idx.clone(), "offsets": r.lang_offsets.clone()}
 
     def args():
         return (case["lora_a"], case["lora_b"], case["prune_mask"], case["scales"], case["rank_offsets"],
-                static["lang"], static["sorted"], static["offsets"], case["max_rank"])
+                static["sorted"], static["offsets"], case["max_rank"])
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -336,7 +336,6 @@ def test_gpu_cuda_graph_replay_with_new_routing():
         y, h = triton_kernels.lora_forward_triton(case["x"], case["base_out"], *args())
     new_lang = torch.randint(-1, 30, (512,), device=DEVICE)
     new = lslo_kernels.build_routing(new_lang, 30)
-    static["lang"].copy_(new.lang)
     static["sorted"].copy_(new.sorted_token_idx)
     static["offsets"].copy_(new.lang_offsets)
     graph.replay()
