@@ -1,0 +1,964 @@
+"""One training step at the M2M-124 615M shape: LSLo vs full fine-tuning vs the frozen model (issue 8).
+
+Three systems on the same mixed-lang12 batch, the same random M2M-124 615M-shaped model (256,206
+tokens of vocabulary, as the released ``facebook/flores101_mm100_615M``; fp32 weights), dropout 0.1
+and train mode as ``lslo train``:
+
+- ``lslo``: ``apply_lslo`` with the paper's Table 1 row ``2;2;8+WL+GPS(0.9)`` (H and M languages of
+  rank 2, V of rank 8, the paper's index plan, ``init="reference"``, ``ffn="reference"``), B
+  drawn small and 90% of every H and M language's B entries pruned with ``lslo.pruning.prune``
+  (one L1 pool per language, the schedule's final ratio); Adam (0.9, 0.98) on the adapters.
+- ``ft-all``: every parameter trainable (the tied 256k embedding included), Adam.
+- ``frozen``: "the cost LSLo cannot avoid": the same model with every LSLo layer swapped back to
+  its frozen ``nn.Linear`` and no parameter requiring grad; the outputs of the encoder's and the
+  decoder's token embeddings are made leaves that require grad, so that the loss's backward runs
+  through every frozen layer down to the inputs of encoder layer 0 and decoder layer 0, where the
+  lowest adapters sit, computing activation gradients only (no weight gradient, no optimizer).
+
+A step is what ``lslo.train._Run.train_step`` does with one process and ``update_freq`` 1:
+``lslo.data.collate`` of the batch, ``shift_tokens_right``, the forward inside ``lslo.route`` (and
+the autocast context when asked), ``lslo.train._label_smoothed_loss`` (epsilon 0.2), the backward
+inside ``lslo.route``, the inverse-sqrt learning rate, ``optimizer.step()``, ``zero_grad`` and the
+loss read back as a float. The batch is the median batch (by target tokens) of
+``lslo.data.make_batches`` over the lang12 FLORES dev corpus (132 directions x 997 lines, tokenized by
+a SentencePiece proxy of the M2M-124 tokenizer, see :func:`proxy_tokenizer`) at a token budget
+(``--max-tokens``, default 1024 on CPU: ~32 sentences of ~30 tokens), its ids replaced by random
+ones over the 256k vocabulary. Without FLORES the lengths come from per-language means measured
+with that proxy (:data:`LANG12_PROXY_MEAN_PIECES`).
+
+Measured per system: the step time (p20/p50/p80 over interleaved rounds, the order rotated each
+round), its peak memory (torch's allocator: on CPU summed from ``torch.profiler(profile_memory=True)``
+allocation events of one step, on CUDA ``max_memory_allocated``, both above what was live before the
+step; plus the resident parameters, buffers and optimizer state, counted from the tensors), the
+optimizer-state bytes after the warm-up (every tensor of ``optimizer.state``), the FLOPs of a step
+(``torch.utils.flop_counter``; the grouped LoRA op is not counted, ~1% of a layer's FLOPs) and the
+share of the machine's CPU other processes used while it ran (``benchmarks.suite``'s measure; a
+round above ``--max-foreign`` is run again after waiting for quiet, the quieter attempt kept, and
+flagged when it stays busy). Ratios are p20/p50/p80 of per-round ratios (both systems in the same
+round). Then: training tokens/s of ``lslo.train.train`` itself on the tests' tiny set-up (one
+thread, read from ``metrics.jsonl``), and the cost of the paper's lang12 recipe (15 epochs over the
+dev corpus) projected from the measured step times: CPU-hours here, GPU-hours with ``--device cuda``.
+
+    PYTHONPATH=. python benchmarks/bench_train_step.py                  # CPU, 2 threads (~15-30 min)
+    PYTHONPATH=. python benchmarks/bench_train_step.py --readme         # ... and the table into README.md
+    PYTHONPATH=. python benchmarks/bench_train_step.py --device cuda --precision bf16   # < 3 min on an H100
+    PYTHONPATH=. python benchmarks/bench_train_step.py --shape tiny --rounds 2 --tiny-steps 20   # smoke run
+
+Results: ``<out>/steps.csv``, ``ratios.csv``, ``recipe.csv``, ``tiny_train.csv``, ``results.md``
+and ``run.json`` (every round's time), default ``runs/bench_train_step/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import csv
+import datetime as dt
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make `benchmarks` and `lslo` importable from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+__all__ = [
+    "LANG12_PROXY_MEAN_PIECES",
+    "main",
+    "proxy_tokenizer",
+    "recipe_cost",
+    "run_steps",
+    "run_tiny_train",
+    "step_corpus",
+]
+
+ROOT = Path(__file__).resolve().parent.parent
+README = Path(__file__).resolve().parent / "README.md"
+DEFAULT_FLORES = ROOT.parent / "shared" / "data" / "flores101_dataset.tar.xz"
+README_BEGIN = "<!-- BEGIN TRAIN-STEP RESULTS: generated by benchmarks/bench_train_step.py --readme; do not edit -->"
+README_END = "<!-- END TRAIN-STEP RESULTS -->"
+M2M124_VOCAB = 256_206  # facebook/flores101_mm100_615M's vocabulary: the embedding is 262M of its 615M parameters
+RECIPE_EPOCHS = 15
+PAPER_ROW = "lang12 2;2;8+WL+GPS(0.9)"
+
+# SentencePiece pieces per line of lang12 FLORES dev (language token and eos not included) under the proxy
+# (BPE, 32,000 pieces, trained on lang12 devtest), measured 2026-11-27 with sentencepiece 0.2: the
+# lengths of the synthetic corpus when FLORES is not at hand (a device machine).
+LANG12_PROXY_MEAN_PIECES = {"en": 34.4, "fr": 42.1, "de": 41.0, "it": 40.4, "zh": 32.1, "nl": 37.8, "ja": 34.8,
+                            "ko": 34.7, "oc": 41.1, "or": 36.2, "sd": 37.0, "wo": 37.0}
+# The same at 16k and 64k pieces: the proxy's sensitivity to its vocabulary size (average pieces per line).
+LANG12_PROXY_AVERAGE_BY_VOCAB = {16_000: 42.28, 32_000: 37.38, 64_000: 34.28}
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+# ------------------------------------------------------------------------------ data
+def _flores_dir(path: str | os.PathLike | None, workdir: Path) -> Path | None:
+    """A FLORES-101 folder: ``path`` itself, or the tarball unpacked under ``workdir`` (never the repo)."""
+    if path is None:
+        return None
+    path = Path(path)
+    if path.is_dir():
+        return path
+    if not path.is_file():
+        return None
+    target = workdir / "flores"
+    if not (target / "flores101_dataset" / "dev").is_dir():
+        target.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(path) as tar:
+            try:
+                tar.extractall(target, filter="data")
+            except TypeError:  # Python without extraction filters (< 3.10.12): a trusted, read-only file
+                tar.extractall(target)
+    return target / "flores101_dataset"
+
+
+def proxy_tokenizer(flores_dir: Path, languages: Sequence[str], workdir: Path, vocab_size: int = 32_000):
+    """An ``M2M100Tokenizer`` over a SentencePiece BPE model trained on the languages' FLORES devtest.
+
+    The proxy of M2M-124's tokenizer (a 256k-piece SentencePiece BPE model over ~100 languages,
+    not available offline here): 32,000 pieces over 12 languages is ~2.7k pieces a language, about
+    M2M-124's share per language. Trained on devtest so that the dev text it counts is held out.
+    """
+    from lslo import data
+    from lslo.testing import make_tokenizer
+
+    texts = data.load_flores(flores_dir, languages, "devtest")
+    return make_tokenizer(workdir / f"proxy_spm_{vocab_size}", vocab_size=vocab_size,
+                          texts=[line for code in languages for line in texts[code]])
+
+
+def _proxy_sensitivity(flores_dir: Path, languages: Sequence[str], workdir: Path, vocab_sizes: Sequence[int]) -> dict:
+    """Target tokens of one lang12 epoch (language token and eos included) under proxies of other sizes."""
+    import sentencepiece
+
+    from lslo import data
+
+    dev = data.load_flores(flores_dir, languages, "dev")
+    devtest = data.load_flores(flores_dir, languages, "devtest")
+    out = {}
+    for vocab in vocab_sizes:
+        prefix = str(workdir / f"sensitivity_{vocab}")
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter([line for code in languages for line in devtest[code]]), model_prefix=prefix,
+            vocab_size=vocab, model_type="bpe", character_coverage=1.0, minloglevel=2, hard_vocab_limit=False)
+        processor = sentencepiece.SentencePieceProcessor(model_file=prefix + ".model")
+        per_language = {code: sum(len(p) + 2 for p in processor.encode(dev[code])) for code in languages}
+        # Every language is the target of (L - 1) directions, each over all of its lines.
+        out[vocab] = (len(languages) - 1) * sum(per_language.values())
+    return out
+
+
+def _synthetic_corpus(languages: Sequence[str], lines: int, seed: int):
+    """A multi-way parallel EncodedCorpus with FLORES-like lengths (no text): line i of language l has
+    ``round(mean_l * b_i)`` pieces, ``b_i`` log-normal with mean 1 (sentence i is long in every language)."""
+    from lslo.data import EncodedCorpus, all_directions
+
+    generator = torch.Generator().manual_seed(seed)
+    sigma = 0.45
+    factor = torch.exp(torch.randn(lines, generator=generator, dtype=torch.float64) * sigma - sigma**2 / 2)
+    lengths = []
+    for code in languages:
+        mean = LANG12_PROXY_MEAN_PIECES.get(code, statistics.mean(LANG12_PROXY_MEAN_PIECES.values()))
+        lengths.append((factor * mean).round().clamp(1, 254).long() + 2)  # + language token and eos
+    lengths = torch.stack(lengths)  # (L, lines)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.reshape(-1).cumsum(0)])
+    tokens = torch.randint(4, 30_000, (int(offsets[-1]),), generator=generator, dtype=torch.int32)
+    directions = all_directions(list(languages))
+    index = {code: i for i, code in enumerate(languages)}
+    line = torch.arange(lines, dtype=torch.int32)
+    src = torch.cat([index[s] * lines + line for s, _ in directions]).to(torch.int32)
+    tgt = torch.cat([index[t] * lines + line for _, t in directions]).to(torch.int32)
+    direction = torch.arange(len(directions), dtype=torch.int32).repeat_interleave(lines)
+    return EncodedCorpus(languages=languages, directions=directions, tokens=tokens, segment_offsets=offsets,
+                         src_segment=src, tgt_segment=tgt, direction=direction)
+
+
+@dataclass
+class Corpus:
+    """The lang12 dev corpus the steps are drawn from, and how it was made."""
+
+    corpus: object  # lslo.data.EncodedCorpus
+    source: str
+    pad_token_id: int
+    sensitivity: dict = field(default_factory=dict)  # proxy vocabulary -> target tokens of one epoch
+
+
+def step_corpus(flores: str | os.PathLike | None, workdir: Path, *, proxy_vocab: int = 32_000,
+                sensitivity: Sequence[int] = (), seed: int = 0) -> Corpus:
+    """The lang12 dev corpus (FLORES through the proxy tokenizer, else synthetic lengths)."""
+    from lslo import LANGUAGE_SETS, data
+
+    languages = LANGUAGE_SETS["lang12"]
+    flores_dir = _flores_dir(flores, workdir)
+    if flores_dir is None:
+        log("[corpus] no FLORES-101 folder or tarball: synthetic lengths from the proxy's per-language means")
+        return Corpus(_synthetic_corpus(languages, 997, seed), "synthetic (proxy means, no FLORES at hand)", 1)
+    t0 = time.perf_counter()
+    tokenizer = proxy_tokenizer(flores_dir, languages, workdir, proxy_vocab)
+    corpus = data.flores_corpus(tokenizer, flores_dir, languages, "dev", max_length=256)  # lslo train's default cut
+    source = (f"FLORES-101 dev, lang12, SentencePiece BPE proxy of {proxy_vocab:,} pieces trained on lang12 devtest "
+              "(the M2M-124 tokenizer is not available offline)")
+    extra = {}
+    if sensitivity:
+        extra = _proxy_sensitivity(flores_dir, languages, workdir, sensitivity)
+    log(f"[corpus] {corpus}, {int(corpus.tgt_lengths.sum()):,} target tokens per epoch ({time.perf_counter() - t0:.0f} s)")
+    return Corpus(corpus, source, tokenizer.pad_token_id, extra)
+
+
+def _pick_batch(corpus, max_tokens: int, vocab_size: int, seed: int) -> tuple[list[int], object]:
+    """The median batch (by target tokens) of one ``make_batches`` epoch, and a copy of the corpus
+    whose piece ids are random over ``vocab_size`` (the language token and eos of each line kept)."""
+    from lslo.data import EncodedCorpus, make_batches
+
+    batches = make_batches(corpus, max_tokens=max_tokens, epoch=1, seed=1)
+    ordered = sorted(batches, key=lambda b: int(corpus.tgt_lengths[torch.as_tensor(b)].sum()))
+    batch = ordered[len(ordered) // 2]
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(4, vocab_size, corpus.tokens.shape, generator=generator, dtype=torch.int32)
+    ends = corpus.segment_offsets
+    keep = torch.zeros(tokens.shape[0], dtype=torch.bool)
+    keep[ends[:-1]] = True
+    keep[ends[1:] - 1] = True
+    tokens = torch.where(keep, corpus.tokens.clamp(max=vocab_size - 1), tokens)
+    randomized = EncodedCorpus(languages=corpus.languages, directions=corpus.directions, tokens=tokens,
+                               segment_offsets=corpus.segment_offsets, src_segment=corpus.src_segment,
+                               tgt_segment=corpus.tgt_segment, direction=corpus.direction)
+    return batch, randomized
+
+
+# ---------------------------------------------------------------------------- systems
+def _set_module(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _tensor_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            continue
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.untyped_storage().nbytes()
+    return total
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer | None) -> int:
+    """Bytes of every tensor in ``optimizer.state`` (Adam: exp_avg, exp_avg_sq, step)."""
+    if optimizer is None:
+        return 0
+    return sum(t.numel() * t.element_size() for state in optimizer.state.values()
+               for t in state.values() if isinstance(t, torch.Tensor))
+
+
+@dataclass
+class System:
+    name: str
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer | None
+    lr: float
+    activate: Callable[[], None]  # puts the shared model in this system's form
+    weights: Callable[[], list]   # tensors this system keeps resident (parameters, buffers)
+    trainable: int = 0
+    steps_done: int = 0
+    times: list[float] = field(default_factory=list)
+    foreign: list[float] = field(default_factory=list)
+    flops: float | None = None
+    step_peak: int | None = None
+    note: str = ""
+
+
+class _FrozenInputs:
+    """Forward hooks that make the token-embedding outputs leaves requiring grad, so that the loss's
+    backward through a fully frozen model reaches encoder layer 0 and decoder layer 0 (where LSLo's
+    lowest adapters sit); removed when LSLo's form is active."""
+
+    def __init__(self, model):
+        self.modules = [model.model.encoder.embed_tokens, model.model.decoder.embed_tokens]
+        self.handles = []
+
+    @staticmethod
+    def _hook(module, args, output):
+        return output.detach().requires_grad_(True)
+
+    def on(self):
+        if not self.handles:
+            self.handles = [m.register_forward_hook(self._hook) for m in self.modules]
+
+    def off(self):
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+def build_systems(shape: str, vocab_size: int, device: torch.device, systems: Sequence[str], seed: int,
+                  dropout: float = 0.1) -> tuple[dict[str, System], dict]:
+    """The three systems; ``lslo`` and ``frozen`` share one model (and its base weights)."""
+    from transformers import M2M100ForConditionalGeneration
+
+    import lslo
+    import lslo_kernels
+    from lslo.pruning import prune, pruning_summary
+    from lslo.testing import m2m124_config, tiny_config
+    from lslo.train import TrainArguments, _set_dropout, language_prune_targets
+
+    config = m2m124_config(vocab_size=vocab_size) if shape == "m2m124" else tiny_config(vocab_size)
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    with torch.device(device):
+        base = M2M100ForConditionalGeneration(config)
+    base.float()
+    _set_dropout(base, dropout)  # as lslo train (--dropout 0.1); attention dropout stays the config's
+    base.train()
+    info = {"parameters": sum(p.numel() for p in base.parameters()), "model_config": shape,
+            "vocab_size": vocab_size, "d_model": config.d_model, "layers": f"{config.encoder_layers}+{config.decoder_layers}"}
+    log(f"[model] {shape}: {info['parameters'] / 1e6:.1f}M parameters, vocab {vocab_size:,} "
+        f"({time.perf_counter() - t0:.0f} s to build)")
+    out: dict[str, System] = {}
+    lslo_args, ft_args = TrainArguments(), TrainArguments(method="ft-all")
+
+    if "ft-all" in systems:
+        full = copy.deepcopy(base)
+        for p in full.parameters():
+            p.requires_grad_(True)
+        params = [p for p in full.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(params, lr=ft_args.peak_lr(), betas=ft_args.betas(), eps=ft_args.adam_eps)
+        out["ft-all"] = System("ft-all", full, optimizer, ft_args.peak_lr(), lambda: None,
+                               lambda: [*full.parameters(), *full.buffers()], trainable=sum(p.numel() for p in params),
+                               note="every parameter trainable (tied 256k embedding included), Adam")
+
+    if "lslo" in systems or "frozen" in systems:
+        lslo_config = lslo.LSLoConfig(languages="lang12", ranks="2;2;8", init="reference", ffn="reference")
+        lslo.apply_lslo(base, lslo_config)
+        layers = lslo.lslo_modules(base)
+        with torch.no_grad():  # small random B so that the L1 pools choose among real magnitudes
+            generator = torch.Generator(device="cpu").manual_seed(seed + 1)
+            for layer in layers.values():
+                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator) * 1e-3)
+        prune(base, language_prune_targets(lslo_config, "H=0.9,M=0.9"), pool="language")
+        pruned = pruning_summary(base)
+        frozen_inputs = _FrozenInputs(base)
+        state = {"adapters": True}
+
+        def use_adapters(on: bool) -> None:
+            if state["adapters"] == on:
+                return
+            for name, layer in layers.items():
+                _set_module(base, name, layer if on else layer.base_layer)
+            state["adapters"] = on
+
+        def activate_lslo():
+            frozen_inputs.off()
+            use_adapters(True)
+
+        def activate_frozen():
+            use_adapters(False)
+            frozen_inputs.on()
+
+        report = lslo.parameter_report(base)
+        backends = sorted({lslo_kernels.resolve_backend(m.backend, m.lora_A.device) for m in layers.values()})
+        info.update({"lslo_parameters": report["total"], "lslo_modules": len(layers), "lslo_backend": "/".join(backends),
+                     "pruned": {k: round(v, 4) for k, v in pruned.items()}})
+        adapter_ids = {id(t) for m in layers.values() for t in (m.lora_A, m.lora_B, m.prune_mask, m.scales)}
+        base_tensors = [t for t in [*base.parameters(), *base.buffers()] if id(t) not in adapter_ids]
+        if "lslo" in systems:
+            params = [p for p in base.parameters() if p.requires_grad]
+            optimizer = torch.optim.Adam(params, lr=lslo_args.peak_lr(), betas=lslo_args.betas(), eps=lslo_args.adam_eps)
+            out["lslo"] = System("lslo", base, optimizer, lslo_args.peak_lr(), activate_lslo,
+                                 lambda: [*base.parameters(), *base.buffers()], trainable=sum(p.numel() for p in params),
+                                 note=f"{PAPER_ROW}, init/ffn reference, {len(layers)} layers, backend {info['lslo_backend']}")
+        if "frozen" in systems:
+            out["frozen"] = System("frozen", base, None, 0.0, activate_frozen, lambda: base_tensors,
+                                   note="frozen model, backward to the embedding outputs (no weight gradient)")
+    order = [s for s in ("lslo", "ft-all", "frozen") if s in out]
+    return {name: out[name] for name in order}, info
+
+
+# ------------------------------------------------------------------------------- step
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_step(system: System, corpus, indices: list[int], languages, pad_token_id: int, device: torch.device,
+              autocast_dtype: torch.dtype | None, label_smoothing: float, warmup_updates: int):
+    """One step of ``system``, as ``lslo.train._Run.train_step`` does it (one process, update_freq 1)."""
+    from transformers.models.m2m_100.modeling_m2m_100 import shift_tokens_right
+
+    from lslo import route
+    from lslo.data import collate
+    from lslo.train import _label_smoothed_loss, inverse_sqrt_lr
+
+    model, optimizer = system.model, system.optimizer
+    config = model.config
+
+    def autocast():
+        if autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=autocast_dtype)
+
+    def step() -> dict:
+        system.steps_done += 1
+        if optimizer is not None:
+            lr = inverse_sqrt_lr(system.steps_done, system.lr, warmup_updates)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        batch = collate(corpus, indices, pad_token_id=pad_token_id, languages=languages)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        decoder_input_ids = shift_tokens_right(batch["labels"], config.pad_token_id, config.decoder_start_token_id)
+        with route(src=batch["src_lang_ids"], tgt=batch["tgt_lang_ids"]), autocast():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           decoder_input_ids=decoder_input_ids).logits
+            loss, nll, tokens = _label_smoothed_loss(logits, batch["labels"], label_smoothing)
+        del logits
+        with route(src=batch["src_lang_ids"], tgt=batch["tgt_lang_ids"]):
+            loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return {"loss": float(loss.detach()), "nll": float(nll), "tokens": tokens}
+
+    return step
+
+
+def _memory_of_step(step: Callable[[], dict], device: torch.device) -> int:
+    """Peak bytes held by torch's allocator during one step above what was live before it."""
+    if device.type == "cuda":
+        _sync(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.suite import _quiet_fd2
+
+    with _quiet_fd2(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def _flops_of_step(step: Callable[[], dict]) -> float | None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    try:
+        with FlopCounterMode(display=False) as counter:
+            step()
+        return float(counter.get_total_flops())
+    except Exception as exc:  # noqa: BLE001 - a counter that cannot trace an op must not sink the run
+        log(f"  flop counter failed ({type(exc).__name__}: {str(exc)[:120]}); the step ran without it")
+        step()
+        return None
+
+
+def _quantiles(values: Sequence[float]) -> tuple[float, float, float]:
+    if not values:
+        return (math.nan,) * 3
+    t = torch.tensor(values, dtype=torch.float64)
+    q = torch.quantile(t, torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64))
+    return float(q[0]), float(q[1]), float(q[2])
+
+
+@dataclass
+class Options:
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    rounds: int
+    warmup: int
+    max_foreign: float = 0.15
+    quiet_wait_s: float = 60.0
+    retries: int = 1
+    deadline: float | None = None  # perf_counter time after which no new round starts (>= 3 rounds done)
+    memory: bool = True
+    label_smoothing: float = 0.2
+    warmup_updates: int = 4000
+
+
+def run_steps(systems: dict[str, System], corpus: Corpus, max_tokens: int, vocab_size: int, opts: Options,
+              seed: int = 0) -> dict:
+    """Warm-up, memory and interleaved timed rounds of every system on one batch; returns the case."""
+    from benchmarks.suite import _cpu_snapshot, foreign_cpu_share, wait_for_quiet
+    from lslo import LANGUAGE_SETS
+
+    languages = LANGUAGE_SETS["lang12"]
+    indices, randomized = _pick_batch(corpus.corpus, max_tokens, vocab_size, seed)
+    idx = torch.as_tensor(indices)
+    src_tokens = int(randomized.src_lengths[idx].sum())
+    tgt_tokens = int(randomized.tgt_lengths[idx].sum())
+    shape = (len(indices), int(randomized.src_lengths[idx].max()), int(randomized.tgt_lengths[idx].max()))
+    directions = len({int(d) for d in randomized.direction[idx]})
+    case = {"max_tokens": max_tokens, "sentences": len(indices), "src_tokens": src_tokens, "tgt_tokens": tgt_tokens,
+            "padded": f"{shape[0]}x{shape[1]} -> {shape[0]}x{shape[2]}", "directions": directions}
+    log(f"[case] max_tokens {max_tokens}: {len(indices)} sentences over {directions} directions, "
+        f"{src_tokens} source + {tgt_tokens} target tokens (padded {case['padded']})")
+    steps = {name: make_step(s, randomized, indices, languages, corpus.pad_token_id, opts.device, opts.autocast_dtype,
+                             opts.label_smoothing, opts.warmup_updates) for name, s in systems.items()}
+    for s in systems.values():
+        s.times, s.foreign = [], []
+
+    for name, system in systems.items():
+        system.activate()
+        t0 = time.perf_counter()
+        system.flops = _flops_of_step(steps[name])  # the first warm-up step, counted
+        for _ in range(opts.warmup - 1):
+            steps[name]()
+        _sync(opts.device)
+        log(f"  warm-up {name}: {time.perf_counter() - t0:.1f} s, "
+            f"{(system.flops or 0) / 1e9:.0f} GFLOP/step, optimizer state {optimizer_state_bytes(system.optimizer) / 2**20:.1f} MiB")
+        if opts.memory:
+            system.step_peak = _memory_of_step(steps[name], opts.device)
+            log(f"  memory {name}: step peak {system.step_peak / 2**20:.0f} MiB above the resident "
+                f"{(_tensor_bytes(system.weights()) + optimizer_state_bytes(system.optimizer)) / 2**20:.0f} MiB")
+
+    names = list(systems)
+    rounds: list[dict] = []
+    r = 0
+    while r < opts.rounds:
+        if opts.deadline is not None and r >= 3 and time.perf_counter() > opts.deadline:
+            log(f"  time cap reached after {r} rounds")
+            break
+        order = names[r % len(names):] + names[: r % len(names)]
+        best = None
+        for attempt in range(opts.retries + 1):
+            result = {}
+            for name in order:
+                systems[name].activate()
+                _sync(opts.device)
+                start = _cpu_snapshot()
+                t0 = time.perf_counter()
+                steps[name]()
+                _sync(opts.device)
+                elapsed = time.perf_counter() - t0
+                result[name] = (elapsed, foreign_cpu_share(start, _cpu_snapshot()))
+            busiest = max(f for _, f in result.values())
+            if best is None or busiest < best[0]:
+                best = (busiest, result)
+            if not busiest > opts.max_foreign or attempt == opts.retries:
+                break
+            log(f"  round {r + 1}: other processes took up to {busiest:.0%} of the CPU; waiting for quiet, then again")
+            wait_for_quiet(opts.max_foreign / 2, opts.quiet_wait_s)
+        busiest, result = best
+        for name, (elapsed, foreign) in result.items():
+            systems[name].times.append(elapsed)
+            systems[name].foreign.append(foreign)
+        rounds.append({"round": r + 1, "order": order, **{n: {"s": e, "foreign": f} for n, (e, f) in result.items()}})
+        log(f"  round {r + 1}: " + ", ".join(f"{n} {result[n][0]:.3f} s ({result[n][1]:.0%} foreign)" for n in order)
+            + (" [busy]" if busiest > opts.max_foreign else ""))
+        r += 1
+    case["rounds"] = rounds
+    case["systems"] = {}
+    for name, system in systems.items():
+        p20, p50, p80 = _quantiles(system.times)
+        resident = _tensor_bytes(system.weights()) + optimizer_state_bytes(system.optimizer)
+        case["systems"][name] = {
+            "step_s_p20": p20, "step_s_p50": p50, "step_s_p80": p80, "rounds": len(system.times),
+            "tgt_tokens_per_s": tgt_tokens / p50, "tokens_per_s": (src_tokens + tgt_tokens) / p50,
+            "step_peak_mib": system.step_peak / 2**20 if system.step_peak is not None else None,
+            "resident_mib": resident / 2**20,
+            "peak_total_mib": (resident + system.step_peak) / 2**20 if system.step_peak is not None else None,
+            "optimizer_state_mib": optimizer_state_bytes(system.optimizer) / 2**20,
+            "optimizer_state_bytes": optimizer_state_bytes(system.optimizer),
+            "trainable_params": system.trainable,
+            "gflop_per_step": system.flops / 1e9 if system.flops else None,
+            "achieved_gflops": system.flops / 1e9 / p50 if system.flops else None,
+            "foreign_cpu_p50": statistics.median(system.foreign) if system.foreign else None,
+            "foreign_cpu_max": max(system.foreign) if system.foreign else None,
+            "busy_rounds": sum(f > opts.max_foreign for f in system.foreign),
+            "note": system.note,
+        }
+    case["ratios"] = _ratios(systems, case)
+    return case
+
+
+RATIO_TARGETS = (
+    ("lslo_step / ft-all_step", "lslo", "ft-all", "time", 0.8),
+    ("lslo_step / frozen_fwd+bwd", "lslo", "frozen", "time", 1.15),
+    ("lslo_optimizer_state / ft-all_optimizer_state", "lslo", "ft-all", "optimizer", 0.05),
+    ("lslo_peak_memory / ft-all_peak_memory", "lslo", "ft-all", "memory", None),
+    ("lslo_peak_memory / frozen_peak_memory", "lslo", "frozen", "memory", None),
+)
+
+
+def _ratios(systems: dict[str, System], case: dict) -> list[dict]:
+    rows = []
+    for label, a, b, kind, target in RATIO_TARGETS:
+        if a not in systems or b not in systems:
+            continue
+        if kind == "time":
+            per_round = [x / y for x, y in zip(systems[a].times, systems[b].times)]
+            p20, p50, p80 = _quantiles(per_round)
+        else:
+            key = "optimizer_state_bytes" if kind == "optimizer" else "peak_total_mib"
+            x, y = case["systems"][a][key], case["systems"][b][key]
+            if x is None or y in (None, 0):
+                continue
+            p20 = p50 = p80 = x / y
+        rows.append({"ratio": label, "p20": p20, "p50": p50, "p80": p80, "target": target,
+                     "meets_target": None if target is None else bool(p50 <= target)})
+    return rows
+
+
+# ---------------------------------------------------------------------------- recipe
+def recipe_cost(corpus: Corpus, case: dict, device_name: str, epochs: int = RECIPE_EPOCHS) -> list[dict]:
+    """Hours of the paper's lang12 recipe (``epochs`` over the dev corpus) at the measured step times.
+
+    Two projections per system: tokens (recipe target tokens / measured target tokens per second)
+    and steps (``make_batches`` batches per epoch at the case's token budget x the median step time).
+    """
+    from lslo.data import make_batches
+
+    c = corpus.corpus
+    tgt_epoch, src_epoch = int(c.tgt_lengths.sum()), int(c.src_lengths.sum())
+    batches = len(make_batches(c, max_tokens=case["max_tokens"], epoch=1, seed=1))
+    rows = []
+    for name, s in case["systems"].items():
+        if name == "frozen":
+            continue
+        hours_tokens = epochs * tgt_epoch / s["tgt_tokens_per_s"] / 3600
+        hours_steps = epochs * batches * s["step_s_p50"] / 3600
+        rows.append({"system": name, "device": device_name, "max_tokens": case["max_tokens"], "epochs": epochs,
+                     "tgt_tokens_per_epoch": tgt_epoch, "src_tokens_per_epoch": src_epoch,
+                     "batches_per_epoch": batches, "tgt_tokens_per_s": s["tgt_tokens_per_s"],
+                     "hours_by_tokens": hours_tokens, "hours_by_steps": hours_steps,
+                     "corpus": corpus.source})
+    return rows
+
+
+# ------------------------------------------------------------------------ tiny lslo train
+def _write_tiny_flores(root: Path, languages: dict[str, str], dev_lines: int, devtest_lines: int = 8) -> Path:
+    """A FLORES-layout folder of generated text, as tests/test_train.py builds it."""
+    from lslo.testing import make_sentences
+
+    for split, n, seed in (("dev", dev_lines, 1), ("devtest", devtest_lines, 2)):
+        (root / split).mkdir(parents=True, exist_ok=True)
+        base = make_sentences(n, seed=seed, max_words=6)
+        for k, (code, stem) in enumerate(languages.items()):
+            lines = [" ".join(w[::-1] if k % 2 else w for w in s.split()) + f" {code}" * k for s in base]
+            (root / split / f"{stem}.{split}").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+def run_tiny_train(workdir: Path, steps: int = 300, dev_lines: int = 100, max_tokens: int = 160) -> list[dict]:
+    """``lslo.train.train`` (LSLo 2;8 with GPS 0.9 on H, and ft-all) on the tests' tiny set-up, one thread.
+
+    The set-up of tests/test_train.py: a tokenizer trained in place (lslo.testing.make_tokenizer), a
+    d_model-32 model (lslo.testing.tiny_model), a generated FLORES-layout folder of en, fr, oc, wo.
+    Returns one row per method: tokens/s from ``metrics.jsonl`` (target tokens, as lslo train counts).
+    """
+    from lslo.testing import make_tokenizer, tiny_model
+    from lslo.train import TrainArguments, train
+
+    languages = {"en": "eng", "fr": "fra", "oc": "oci", "wo": "wol"}
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tokenizer = make_tokenizer(workdir / "tiny_spm")
+        model = tiny_model(tokenizer, dtype=torch.float32, weight_std=0.1)
+        model.save_pretrained(workdir / "tiny_model")
+        tokenizer.save_pretrained(workdir / "tiny_model")
+        flores = _write_tiny_flores(workdir / "tiny_flores", languages, dev_lines)
+        rows = []
+        for method, extra in (("lslo", {"ranks": "2;8", "prune": "H=0.9", "prune_start": 1, "prune_duration": 1}),
+                              ("ft-all", {})):
+            out = workdir / f"tiny_run_{method}"
+            args = TrainArguments(model=str(workdir / "tiny_model"), flores_dir=str(flores), languages=",".join(languages),
+                                  method=method, output_dir=str(out), overwrite=True, epochs=1000, max_steps=steps,
+                                  max_tokens=max_tokens, warmup_updates=4, progress=False, log_every=10, cpu=True,
+                                  seed=3, **extra)
+            t0 = time.perf_counter()
+            result = train(args)
+            wall = time.perf_counter() - t0
+            records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+            epochs = [r for r in records if r.get("type") == "epoch"]
+            per_step = [r["tokens_per_s"] for r in records if r.get("type") == "train" and r.get("tokens_per_s")]
+            tokens = sum(r["tokens"] for r in epochs)
+            seconds = sum(r["seconds"] for r in epochs)
+            rows.append({"method": method, "steps": result.global_step, "epochs_done": len(epochs),
+                         "epoch_tokens_per_s": tokens / seconds if seconds else None,
+                         "step_tokens_per_s_p50": statistics.median(per_step) if per_step else None,
+                         "train_call_s": wall, "threads": 1,
+                         "note": "target tokens; epoch rate = sum of epoch tokens / sum of epoch seconds (metrics.jsonl)"})
+            log(f"[tiny] lslo train --method {method}: {result.global_step} steps, "
+                f"{rows[-1]['epoch_tokens_per_s'] or float('nan'):.0f} tokens/s over {len(epochs)} whole epochs, "
+                f"p50 of logged steps {rows[-1]['step_tokens_per_s_p50'] or float('nan'):.0f}; train() took {wall:.1f} s")
+        return rows
+    finally:
+        torch.set_num_threads(previous)
+
+
+# --------------------------------------------------------------------------- reports
+def _fmt(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in row.items()})
+
+
+def markdown(result: dict) -> str:
+    """The tables of one run (README section and results.md)."""
+    meta = result["meta"]
+    model = meta["model"]
+    shape = "M2M-124 615M shape" if model["model_config"] == "m2m124" else "tiny (smoke run)"
+    header = (
+        f"Run `{meta['run_id']}` ({meta['date']}): {meta['device_name']}, {meta['threads']} threads, "
+        f"{meta['precision']}, torch {meta['torch']}, git `{meta['git']}`. Model: {shape} "
+        f"({model['parameters'] / 1e6:.1f}M parameters, vocabulary {model['vocab_size']:,}), random weights, "
+        f"fp32 master weights, dropout 0.1, train mode. LSLo: {PAPER_ROW} "
+        f"({model.get('lslo_parameters', 0) / 1e6:.2f}M adapter parameters, {model.get('lslo_modules', 0)} layers, "
+        f"backend {model.get('lslo_backend', '?')}). Batches: {result['corpus']}."
+    )
+    lines = [header, "", f"Machine load: {meta['contention']}", ""]
+    for case in result["cases"]:
+        batch = (
+            f"**Batch** (`--max-tokens {case['max_tokens']}`, the median batch of `make_batches`): "
+            f"{case['sentences']} sentences over {case['directions']} directions, {case['src_tokens']} source + "
+            f"{case['tgt_tokens']} target tokens, padded {case['padded']}."
+        )
+        columns = (
+            "| system | step p50 (p20-p80) | target tokens/s | step peak above resident "
+            "| resident (weights + opt. state) | peak total | optimizer state | trainable | GFLOP/step "
+            "| other processes' CPU (p50 / max) |"
+        )
+        lines += [batch, "", columns, "|---|---|---|---|---|---|---|---|---|---|"]
+        for name, s in case["systems"].items():
+            foreign = "" if s["foreign_cpu_p50"] is None else f"{s['foreign_cpu_p50']:.0%} / {s['foreign_cpu_max']:.0%}"
+            if s["busy_rounds"]:
+                foreign += f" ({s['busy_rounds']} busy rounds)"
+            lines.append(
+                f"| `{name}` | {_fmt(s['step_s_p50'])} s ({_fmt(s['step_s_p20'])}-{_fmt(s['step_s_p80'])}), "
+                f"{s['rounds']} rounds | {_fmt(s['tgt_tokens_per_s'])} | {_fmt(s['step_peak_mib'], 4)} MiB | "
+                f"{_fmt(s['resident_mib'], 4)} MiB | {_fmt(s['peak_total_mib'], 4)} MiB | "
+                f"{_fmt(s['optimizer_state_mib'], 4)} MiB | {s['trainable_params']:,} | "
+                f"{_fmt(s['gflop_per_step'], 4)} | {foreign} |"
+            )
+        lines += ["", "| ratio (same run) | p50 (p20-p80 of per-round ratios) | target | met |", "|---|---|---|---|"]
+        for row in case["ratios"]:
+            spread = "" if row["p20"] == row["p80"] else f" ({_fmt(row['p20'])}-{_fmt(row['p80'])})"
+            target = "" if row["target"] is None else f"<= {row['target']}"
+            met = "" if row["meets_target"] is None else ("yes" if row["meets_target"] else "**no**")
+            lines.append(f"| {row['ratio']} | {_fmt(row['p50'], 4)}{spread} | {target} | {met} |")
+        lines.append("")
+    if result.get("recipe"):
+        first = result["recipe"][0]
+        intro = (
+            f"**The paper's lang12 recipe** ({RECIPE_EPOCHS} epochs over lang12 dev, 132 directions x 997 lines; "
+            f"{first['tgt_tokens_per_epoch']:,} target and {first['src_tokens_per_epoch']:,} source tokens per epoch "
+            "under the proxy tokenizer) at the measured step time, on one device:"
+        )
+        columns = "| system | device | --max-tokens | batches/epoch | target tokens/s | hours (tokens) | hours (steps) |"
+        lines += [intro, "", columns, "|---|---|---|---|---|---|---|"]
+        for row in result["recipe"]:
+            lines.append(
+                f"| `{row['system']}` | {row['device']} | {row['max_tokens']} | {row['batches_per_epoch']:,} | "
+                f"{_fmt(row['tgt_tokens_per_s'])} | {_fmt(row['hours_by_tokens'])} | {_fmt(row['hours_by_steps'])} |"
+            )
+        if result.get("sensitivity"):
+            parts = ", ".join(f"{v:,} pieces: {n * RECIPE_EPOCHS / 1e6:.1f}M" for v, n in result["sensitivity"].items())
+            lines += ["", f"Target tokens of the whole recipe under proxies of other sizes (hours scale with them): {parts}."]
+        lines.append("")
+    if result.get("tiny"):
+        intro = (
+            "**`lslo train` itself on the tests' tiny set-up** (d_model 32, 2+2 layers, en/fr/oc/wo, "
+            "`--max-tokens 160`, 1 thread; tokens = target tokens, as metrics.jsonl counts them):"
+        )
+        lines += [intro, "", "| method | steps | tokens/s over whole epochs | p50 of logged steps | train() wall |",
+                  "|---|---|---|---|---|"]
+        for row in result["tiny"]:
+            lines.append(
+                f"| `{row['method']}` | {row['steps']} | {_fmt(row['epoch_tokens_per_s'])} | "
+                f"{_fmt(row['step_tokens_per_s_p50'])} | {_fmt(row['train_call_s'])} s |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def update_readme(text: str, readme: Path = README) -> None:
+    """Replace the block between this script's markers in benchmarks/README.md (the rest untouched)."""
+    content = readme.read_text(encoding="utf-8")
+    if README_BEGIN not in content or README_END not in content:
+        raise ValueError(f"{readme} has no '## Training step (issue 8)' result markers; add the section first")
+    head, rest = content.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    readme.write_text(f"{head}{README_BEGIN}\n{text}\n{README_END}{tail}", encoding="utf-8")
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def _contention_probe(seconds: float = 5.0) -> dict:
+    from benchmarks.suite import _cpu_snapshot, foreign_cpu_share
+
+    start = _cpu_snapshot()
+    time.sleep(seconds)
+    share = foreign_cpu_share(start, _cpu_snapshot())
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = (math.nan,) * 3
+    return {"foreign_share": share, "loadavg": [round(v, 2) for v in load]}
+
+
+# ------------------------------------------------------------------------------- main
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: torch.autocast as accelerate's mixed_precision=bf16 (fp32 master weights)")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    parser.add_argument("--max-tokens", default=None,
+                        help="token budgets of the measured batches, comma-separated (default cpu 1024, cuda 1024,4096)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default cpu 5, cuda 15)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps per system (default cpu 1, cuda 3)")
+    parser.add_argument("--systems", default="lslo,ft-all,frozen")
+    parser.add_argument("--shape", choices=("m2m124", "tiny"), default="m2m124", help="tiny: a smoke run of the script")
+    parser.add_argument("--vocab-size", type=int, default=None, help=f"default {M2M124_VOCAB:,} (m2m124), 2000 (tiny)")
+    parser.add_argument("--flores", default=str(DEFAULT_FLORES),
+                        help="FLORES-101 folder or tarball (default ../shared/data/flores101_dataset.tar.xz); absent: "
+                             "synthetic lengths")
+    parser.add_argument("--proxy-vocab", type=int, default=32_000)
+    parser.add_argument("--sensitivity", default="16000,64000", help="other proxy sizes to count the recipe with ('' = none)")
+    parser.add_argument("--tiny-steps", type=int, default=None, help="steps of the tiny lslo train run (0 = skip; "
+                        "default 300 on cpu, 0 on cuda)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the profiled memory step")
+    parser.add_argument("--max-foreign", type=float, default=0.15, help="CPU share of other processes that makes a round busy")
+    parser.add_argument("--quiet-wait", type=float, default=30.0, help="seconds to wait for quiet before re-running a busy round")
+    parser.add_argument("--time-cap", type=float, default=None, help="no new round after this many seconds (default cuda 150)")
+    parser.add_argument("--out", default="runs/bench_train_step")
+    parser.add_argument("--readme", action="store_true", help="write the tables into benchmarks/README.md's section")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--git-rev", default=None, help="revision to record when run outside the git checkout (a snapshot)")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    cuda = device.type == "cuda"
+    torch.set_num_threads(args.threads)
+    vocab = args.vocab_size or (M2M124_VOCAB if args.shape == "m2m124" else 2000)
+    budgets = [int(v) for v in (args.max_tokens or ("1024,4096" if cuda else "1024")).split(",")]
+    tiny_steps = args.tiny_steps if args.tiny_steps is not None else (0 if cuda else 300)
+    time_cap = args.time_cap if args.time_cap is not None else (150.0 if cuda else None)
+    started = time.perf_counter()
+    opts = Options(device=device, autocast_dtype=torch.bfloat16 if args.precision == "bf16" else None,
+                   rounds=args.rounds or (15 if cuda else 5), warmup=args.warmup or (3 if cuda else 1),
+                   max_foreign=args.max_foreign, quiet_wait_s=args.quiet_wait, memory=not args.no_memory,
+                   deadline=None if time_cap is None else started + time_cap)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    from benchmarks.suite import _git_rev
+
+    probe = _contention_probe()
+    log(f"[machine] {_device_name(device)}; before the run other processes took {probe['foreign_share']:.0%} of the CPU, "
+        f"load average {probe['loadavg']}")
+    now = dt.datetime.now(dt.timezone.utc)
+    meta = {"run_id": now.strftime("%Y%m%dT%H%M%SZ"), "date": now.strftime("%Y-%m-%d"), "device": str(device),
+            "device_name": _device_name(device), "threads": args.threads,
+            "precision": "bf16 autocast" if args.precision == "bf16" else "fp32", "torch": torch.__version__,
+            "git": args.git_rev or _git_rev(), "python": platform.python_version(), "probe_before": probe}
+    result: dict = {"meta": meta, "cases": [], "recipe": [], "tiny": [], "sensitivity": {}}
+
+    with tempfile.TemporaryDirectory(prefix="bench_train_step_") as tmp:
+        workdir = Path(tmp)
+        if tiny_steps:
+            result["tiny"] = run_tiny_train(workdir, steps=tiny_steps)
+            torch.set_num_threads(args.threads)
+        sensitivity = [int(v) for v in args.sensitivity.split(",") if v.strip()] if args.shape == "m2m124" else []
+        corpus = step_corpus(args.flores, workdir, proxy_vocab=args.proxy_vocab, sensitivity=sensitivity, seed=args.seed)
+    result["corpus"] = corpus.source
+    result["sensitivity"] = corpus.sensitivity
+
+    systems, model_info = build_systems(args.shape, vocab, device, [s.strip() for s in args.systems.split(",")], args.seed)
+    meta["model"] = model_info
+    for budget in budgets:
+        case = run_steps(systems, corpus, budget, vocab, opts, seed=args.seed)
+        result["cases"].append(case)
+        result["recipe"] += recipe_cost(corpus, case, meta["device_name"] + (f", {args.threads} threads" if not cuda else ""))
+        for row in case["ratios"]:
+            log(f"  {row['ratio']}: {row['p50']:.3f} (p20 {row['p20']:.3f}, p80 {row['p80']:.3f})"
+                + ("" if row["target"] is None else f", target <= {row['target']}: {'met' if row['meets_target'] else 'NOT met'}"))
+
+    after = _contention_probe(3.0)
+    shares = [s["foreign"] for c in result["cases"] for r in c["rounds"] for k, s in r.items() if isinstance(s, dict)]
+    busy = sum(f > args.max_foreign for f in shares)
+    meta["probe_after"] = after
+    meta["contention"] = (
+        f"other processes took {probe['foreign_share']:.0%} of the CPU before the run (load average "
+        f"{probe['loadavg'][0]}) and {after['foreign_share']:.0%} after it; during the timed steps median "
+        f"{statistics.median(shares) if shares else math.nan:.0%}, max {max(shares) if shares else math.nan:.0%}; "
+        f"{busy} of {len(shares)} timed steps above {args.max_foreign:.0%}"
+        + (" (flagged: timings inflated by contention)" if busy else ""))
+    meta["elapsed_s"] = time.perf_counter() - started
+    log(f"[machine] {meta['contention']}")
+
+    step_rows, ratio_rows = [], []
+    for case in result["cases"]:
+        keys = {k: case[k] for k in ("max_tokens", "sentences", "src_tokens", "tgt_tokens", "padded", "directions")}
+        for name, s in case["systems"].items():
+            step_rows.append({"run_id": meta["run_id"], "device": meta["device_name"], "threads": args.threads,
+                              "precision": meta["precision"], **keys, "system": name, **s})
+        for row in case["ratios"]:
+            ratio_rows.append({"run_id": meta["run_id"], "device": meta["device_name"], **keys, **row})
+    _write_csv(out / "steps.csv", step_rows)
+    _write_csv(out / "ratios.csv", ratio_rows)
+    _write_csv(out / "recipe.csv", result["recipe"])
+    _write_csv(out / "tiny_train.csv", result["tiny"])
+    text = markdown(result)
+    (out / "results.md").write_text(text + "\n", encoding="utf-8")
+    (out / "run.json").write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
+    log("\n" + text)
+    log(f"[out] {out}/steps.csv, ratios.csv, recipe.csv, tiny_train.csv, results.md, run.json "
+        f"({meta['elapsed_s'] / 60:.1f} min)")
+    if args.readme:
+        update_readme(text)
+        log(f"[out] {README} updated")
+    return result
+
+
+if __name__ == "__main__":
+    main()
