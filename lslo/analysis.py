@@ -47,28 +47,41 @@ __all__ = [
     "SCORES_FORMAT",
     "EstimateArguments",
     "EstimateResult",
+    "LearnIndexArguments",
+    "LearnIndexResult",
     "PlanArguments",
     "check_equal_ranks",
+    "derive_index_plan",
     "estimate_subspace",
     "format_correlations",
+    "format_index_weights",
     "format_plan",
     "format_score_summary",
     "language_demands",
+    "learn_index",
+    "learned_mix_weights",
+    "load_weight_learning",
     "make_plan",
     "module_correlations",
     "module_label",
     "parse_budget",
     "parse_size",
     "plan_from_scores",
+    "plot_index_weights",
     "plot_language_modules",
     "plot_layer_modules",
     "plot_per_language",
     "plot_per_layer",
+    "read_index_plan",
     "read_scores",
     "read_sizes",
     "run_analyses",
+    "save_weight_learning",
     "score_matrix",
     "score_model",
+    "weight_learning_config",
+    "weight_learning_state",
+    "write_index_plan",
     "write_plan_config",
     "write_scores",
 ]
@@ -1109,15 +1122,18 @@ def run_analyses(model_dir: str | os.PathLike, flores_dir: str | os.PathLike, ou
                  languages: str | Sequence[str] | None = None, resource_sizes: Mapping[str, float] | None = None,
                  group_of=None, epochs: int = 6, prune_start: int = 1, prune_duration: int = 3, rank: int = 8,
                  prune_ratio: float = 0.7, budget: str = "H=2,M=2,L=8,V=8", lr: float = 3e-3, max_tokens: int = 1024,
-                 warmup_updates: int = 20, seed: int = 1, progress: bool = False,
-                 train_overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """ISE and a plan on a small set-up (the demo's), and whether ISE recovers the known resource levels.
+                 warmup_updates: int = 20, seed: int = 1, progress: bool = False, weight_learning: bool = True,
+                 wl_epochs: int | None = None, train_overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """ISE, a plan and Weight Learning on a small set-up (the demo's), and whether ISE recovers the known
+    resource levels.
 
     Runs :func:`estimate_subspace` (pool ``"layer"``, rank ``rank`` everywhere, GPS to ``prune_ratio``
     over ``epochs`` epochs) into ``out_dir/ise``, correlates each language's score with its
     ``resource_sizes`` (e.g. the pretraining sentences of the demo's synthetic languages: the analogue
     of Tables 9-10), and makes a plan (:func:`plan_from_scores`) at the budget of ``budget`` ranks,
-    written to ``out_dir/plan.toml``.
+    written to ``out_dir/plan.toml``. With ``weight_learning`` (and an lslo that has the dual-routing
+    layers) it first runs :func:`learn_index` into ``out_dir/wl`` and the plan's config uses the learned
+    index plan.
 
     "Recovered" means: the overall Pearson correlation between each language's total score and
     log10(size) is positive with p < 0.05 (lower resource -> more negative score -> more space).
@@ -1136,11 +1152,13 @@ def run_analyses(model_dir: str | os.PathLike, flores_dir: str | os.PathLike, ou
         budget: the plan's budget (see :func:`parse_budget`); default the paper's ranks of the resource
             groups present (2;2;8 on lang12), so the plan competes with them at equal size.
         lr, max_tokens, warmup_updates, seed, progress, train_overrides: training settings.
+        weight_learning: also run Weight Learning (skipped, with a note, when lslo lacks the dual layers).
+        wl_epochs: epochs of Weight Learning (default ``epochs``).
 
     Returns:
         ``{"estimate": EstimateResult, "correlation_log": {...}, "correlation_raw": {...},
-        "group_means": {group: mean total score}, "recovered": bool, "plan": plan dict,
-        "plan_config": path, "summary": str}``.
+        "group_means": {group: mean total score}, "groups_ordered": bool, "recovered": bool,
+        "plan": plan dict, "plan_config": path, "index": LearnIndexResult or None, "summary": str}``.
     """
     out = Path(out_dir)
     group_of = group_of or RESOURCE_GROUPS.get
@@ -1160,6 +1178,18 @@ def run_analyses(model_dir: str | os.PathLike, flores_dir: str | os.PathLike, ou
                              prune_start=prune_start, prune_duration=prune_duration, epochs=epochs, lr=lr,
                              max_tokens=max_tokens, warmup_updates=warmup_updates, seed=seed, cpu=True,
                              sizes=str(sizes_file) if sizes_file else None, overwrite=True, progress=progress)
+    index = None
+    notes = []
+    if weight_learning:
+        try:
+            _weight_learning_api()
+        except RuntimeError as exc:
+            notes.append(f"Weight Learning skipped: {exc}")
+        else:
+            index = learn_index(LearnIndexArguments(
+                model=str(model_dir), output_dir=str(out / "wl"), flores_dir=str(flores_dir), languages=languages,
+                rank=rank, epochs=wl_epochs or epochs, lr=lr, max_tokens=max_tokens, warmup_updates=warmup_updates,
+                seed=seed, cpu=True, overwrite=True, progress=progress), train_overrides=train_overrides)
     estimate = estimate_subspace(args, train_overrides=train_overrides)
     scores = estimate.scores
     # The demo's sizes are the truth of its languages: the paper's numbers must not fill gaps.
@@ -1171,10 +1201,11 @@ def run_analyses(model_dir: str | os.PathLike, flores_dir: str | os.PathLike, ou
     overall = correlation_log["overall"]
     recovered = bool(math.isfinite(overall["r"]) and overall["r"] > 0 and overall["p"] < 0.05)
     plan = plan_from_scores(scores, budget)
-    plan_path = write_plan_config(plan, out / "plan.toml")
+    plan_path = write_plan_config(plan, out / "plan.toml",
+                                  index_plan=str(index.files["index_plan"]) if index is not None else None)
     ordered = [g for g in GROUP_ORDER if g in group_means]
     monotone = all(group_means[a] >= group_means[b] for a, b in itertools.pairwise(ordered))
-    lines = [estimate.summary, "",
+    lines = [*notes, *([index.summary, ""] if index is not None else []), estimate.summary, "",
              (f"ISE vs resource sizes (each language's total score): log10 sizes r = {overall['r']:.2f} "
               f"(p = {overall['p']:.3g}); raw sizes r = {correlation_raw['overall']['r']:.2f} "
               f"(p = {correlation_raw['overall']['p']:.3g}); n = {overall['n']}"),
@@ -1184,4 +1215,407 @@ def run_analyses(model_dir: str | os.PathLike, flores_dir: str | os.PathLike, ou
              f"plan config: {plan_path}"]
     return {"estimate": estimate, "correlation_raw": correlation_raw, "correlation_log": correlation_log,
             "group_means": group_means, "groups_ordered": monotone, "recovered": recovered, "plan": plan,
-            "plan_config": plan_path, "summary": "\n".join(lines)}
+            "plan_config": plan_path, "index": index, "summary": "\n".join(lines)}
+
+
+# ============================================================ weight learning
+WL_FORMAT = "lslo-weight-learning"
+WL_CONFIG_NAME = "lslo_weight_learning.json"
+WL_WEIGHTS_NAME = "lslo_weight_learning.safetensors"
+INDEX_PLAN_FORMAT = "lslo-index-plan"
+_WL_LAYER = re.compile(r"(?:^|\.)(encoder|decoder)\.layers\.(\d+)$")
+
+
+def _weight_learning_api():
+    """(apply_weight_learning, weight_learning_mixes, the injection-state attribute) of lslo.model."""
+    from . import model as model_module
+
+    apply = getattr(model_module, "apply_weight_learning", None)
+    mixes = getattr(model_module, "weight_learning_mixes", None)
+    if apply is None or mixes is None:
+        raise RuntimeError("Weight Learning needs lslo.model.apply_weight_learning / weight_learning_mixes "
+                           "(the dual-routing layers), which this lslo lacks")
+    return apply, mixes, model_module._WEIGHT_LEARNING_ATTR
+
+
+def weight_learning_config(model: nn.Module):
+    """The :class:`lslo.LSLoConfig` :func:`lslo.model.apply_weight_learning` used on ``model``, or None."""
+    _, _, attribute = _weight_learning_api()
+    state = getattr(model, attribute, None)
+    return None if state is None else state.config
+
+
+def _dual_modules(model: nn.Module) -> dict[str, nn.Module]:
+    from .layer import LSLoDualLinear
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, LSLoDualLinear)}
+
+
+def weight_learning_state(model: nn.Module) -> dict[str, Any]:
+    """Every tensor Weight Learning trains or needs to reload: ``{name}.src.lora_A`` ... of each dual
+    module (factors, mask, ranks, scales of both sets) and ``{layer}.lslo_mix.logits`` of each layer."""
+    config = weight_learning_config(model)
+    if config is None:
+        raise ValueError("the model carries no Weight Learning layers (lslo.model.apply_weight_learning)")
+    _, mixes, _ = _weight_learning_api()
+    tensors = {}
+    for name, module in _dual_modules(model).items():
+        for index in ("src", "tgt"):
+            for key, tensor in getattr(module, index).adapter_state_dict().items():
+                tensors[f"{name}.{index}.{key}"] = tensor.detach().to("cpu").contiguous()
+    for layer, mix in mixes(model).items():
+        tensors[f"{layer}.lslo_mix.logits"] = mix.logits.detach().to("cpu").contiguous()
+    return tensors
+
+
+def save_weight_learning(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Write a Weight-Learning model's trainable state (safetensors) and config (JSON), all-or-nothing.
+
+    The training engine saves ``method="weight-learning"`` runs (checkpoints and ``final/``) with it;
+    :func:`load_weight_learning` reads it back onto a fresh base model.
+    """
+    from safetensors.torch import save_file
+
+    from .io import atomic_directory
+    from .model import model_fingerprint
+
+    tensors = weight_learning_state(model)
+    meta = {"format": WL_FORMAT, "version": 1, "config": weight_learning_config(model).to_dict(),
+            "base_model": model_fingerprint(model), "mix_weights": _mix_weights_json(learned_mix_weights(model))}
+    text = json.dumps(meta, indent=2, allow_nan=False)
+    with atomic_directory(directory, replaceable=(WL_CONFIG_NAME, WL_WEIGHTS_NAME)) as staging:
+        save_file(tensors, os.path.join(staging, WL_WEIGHTS_NAME))
+        Path(staging, WL_CONFIG_NAME).write_text(text, encoding="utf-8")
+
+
+def load_weight_learning(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Load what :func:`save_weight_learning` wrote into ``model`` (applying Weight Learning if needed).
+
+    Refused with ValueError: another base model, another config than the one already applied, a
+    tensor file that does not cover exactly the model's dual layers and mixes. Returns ``model``.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    from .config import LSLoConfig
+    from .io import recover_directory
+    from .model import model_fingerprint
+
+    apply, mixes, _ = _weight_learning_api()
+    directory = Path(directory)
+    recover_directory(directory)
+    config_path, weights_path = directory / WL_CONFIG_NAME, directory / WL_WEIGHTS_NAME
+    if not config_path.is_file() or not weights_path.is_file():
+        raise ValueError(f"{directory} holds no Weight-Learning state ({WL_CONFIG_NAME} and {WL_WEIGHTS_NAME})")
+    try:
+        meta = json.loads(config_path.read_text(encoding="utf-8"))
+        config = LSLoConfig.from_dict(meta["config"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{config_path} is damaged or not a Weight-Learning config ({exc})") from None
+    if meta.get("format") != WL_FORMAT:
+        raise ValueError(f"{config_path} is not a Weight-Learning config (format {meta.get('format')!r})")
+    fingerprint = model_fingerprint(model)
+    differences = [k for k, v in meta.get("base_model", {}).items() if fingerprint.get(k) != v]
+    if differences:
+        raise ValueError(f"{directory} was saved for a different base model (differs in {differences})")
+    current = weight_learning_config(model)
+    if current is None:
+        apply(model, config)
+    elif current.to_dict() != config.to_dict():
+        raise ValueError(f"{directory} holds Weight Learning of another config than the model's")
+    try:
+        tensors = load_file(str(weights_path))
+    except Exception as exc:  # noqa: BLE001 (any failure to deserialise means a damaged file)
+        raise ValueError(f"{weights_path}: damaged or not a safetensors file ({exc})") from None
+    expected = set(weight_learning_state(model))
+    if set(tensors) != expected:
+        missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        raise ValueError(f"{weights_path} does not match the model's Weight-Learning layers: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    with torch.no_grad():
+        for name, module in _dual_modules(model).items():
+            for index in ("src", "tgt"):
+                prefix = f"{name}.{index}."
+                getattr(module, index).load_adapter_state_dict(
+                    {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        for layer, mix in mixes(model).items():
+            mix.logits.copy_(tensors[f"{layer}.lslo_mix.logits"])
+    return model
+
+
+def learned_mix_weights(model: nn.Module) -> dict[str, list[tuple[float, float]]]:
+    """Each layer's ``(w_src, w_tgt) = softmax(logits)`` (Eq. 5), by side, in layer order.
+
+    Returns:
+        ``{"encoder": [(w_src, w_tgt), ...], "decoder": [...]}``; ValueError when the model has no
+        mixes or a layer of a side has none (every layer needs a weight for an index plan).
+    """
+    import torch
+
+    _, mixes, _ = _weight_learning_api()
+    found: dict[str, dict[int, tuple[float, float]]] = {}
+    for layer, mix in mixes(model).items():
+        match = _WL_LAYER.search(layer)
+        if match is None:
+            continue
+        with torch.no_grad():
+            w = mix().double().tolist()
+        found.setdefault(match.group(1), {})[int(match.group(2))] = (float(w[0]), float(w[1]))
+    if not found:
+        raise ValueError("the model has no Weight-Learning mixes (lslo.model.apply_weight_learning)")
+    out = {}
+    for side in _SIDES:
+        if side not in found:
+            continue
+        layers = found[side]
+        missing = [i for i in range(max(layers) + 1) if i not in layers]
+        if missing:
+            raise ValueError(f"{side} layers {missing} have no Weight-Learning mix: no index can be derived for them")
+        out[side] = [layers[i] for i in range(len(layers))]
+    return out
+
+
+def _mix_weights_json(weights: Mapping[str, Sequence[Sequence[float]]]) -> dict[str, list[dict[str, float]]]:
+    return {side: [{"layer": i + 1, "w_src": w[0], "w_tgt": w[1]} for i, w in enumerate(values)]
+            for side, values in weights.items()}
+
+
+def _check_weights(weights: Mapping[str, Sequence[Sequence[float]]]) -> dict[str, list[tuple[float, float]]]:
+    if not isinstance(weights, Mapping) or not weights:
+        raise ValueError("mix weights must be {'encoder': [(w_src, w_tgt), ...], 'decoder': [...]}")
+    out = {}
+    for side, values in weights.items():
+        if side not in _SIDES:
+            raise ValueError(f"mix weights: unknown side {side!r}; use 'encoder' and 'decoder'")
+        pairs = []
+        for i, pair in enumerate(values):
+            pair = (pair["w_src"], pair["w_tgt"]) if isinstance(pair, Mapping) else tuple(pair)
+            if len(pair) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in pair):
+                raise ValueError(f"mix weights[{side!r}][{i}] must be two finite numbers (w_src, w_tgt), got {pair!r}")
+            pairs.append((float(pair[0]), float(pair[1])))
+        if not pairs:
+            raise ValueError(f"mix weights[{side!r}] is empty")
+        out[side] = pairs
+    return out
+
+
+def derive_index_plan(weights: Mapping[str, Sequence[Sequence[float]]]) -> dict[str, list[str]]:
+    """The index with the larger weight in every layer (paper Section 4.1): ``"src"`` where
+    ``w_src > w_tgt``, else ``"tgt"`` (a tie, as untrained logits give, keeps the target index that
+    every decoder layer and the top of the encoder follow in the paper's Figure 1).
+
+    Returns:
+        ``{"encoder": ["src", ...], "decoder": [...]}``, as ``LSLoConfig.index_plan`` takes it.
+    """
+    return {side: ["src" if w_src > w_tgt else "tgt" for w_src, w_tgt in pairs]
+            for side, pairs in _check_weights(weights).items()}
+
+
+def plot_index_weights(weights: Mapping[str, Sequence[Sequence[float]]], out_png: str | os.PathLike, *,
+                       title: str | None = None, dpi: int = 120):
+    """Figure 1 of the paper: enc_src, enc_tgt, dec_src and dec_tgt weights over the layers.
+
+    Returns:
+        The matplotlib ``Figure`` (one axes, two lines per side), already saved.
+    """
+    new_figure, save_figure = _figure_tools()
+    weights = _check_weights(weights)
+    figure = new_figure(figsize=(6.0, 3.8))
+    ax = figure.subplots()
+    styles = {"encoder": ("enc", "-"), "decoder": ("dec", "--")}
+    for side, pairs in weights.items():
+        prefix, style = styles[side]
+        layers = list(range(1, len(pairs) + 1))
+        ax.plot(layers, [p[0] for p in pairs], style, marker="o", markersize=3, label=f"{prefix}_src weights")
+        ax.plot(layers, [p[1] for p in pairs], style, marker="s", markersize=3, label=f"{prefix}_tgt weights")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("Layer")
+    ax.set_ylabel("Weight")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    ax.set_title(title or "Weight Learning: source vs target index per layer")
+    save_figure(figure, out_png, dpi)
+    return figure
+
+
+def write_index_plan(weights: Mapping[str, Sequence[Sequence[float]]], path: str | os.PathLike) -> Path:
+    """Write the derived index plan as ``lslo train --index-plan FILE`` reads it (JSON, atomically):
+    ``{"format", "index_plan": {"encoder": [...], "decoder": [...]}, "num_layers", "weights"}``."""
+    weights = _check_weights(weights)
+    plan = derive_index_plan(weights)
+    document = {"format": INDEX_PLAN_FORMAT, "index_plan": plan,
+                "num_layers": {side: len(v) for side, v in plan.items()}, "weights": _mix_weights_json(weights)}
+    path = Path(path)
+    if path.suffix != ".json":
+        raise ValueError(f"index plan {path}: use a .json file name (lslo train --index-plan reads JSON)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(document, indent=1)
+    atomic_write_file(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return path
+
+
+def read_index_plan(path: str | os.PathLike, *, num_encoder_layers: int | None = None,
+                    num_decoder_layers: int | None = None) -> dict[str, list[str] | str]:
+    """An index plan file (``{"index_plan": {...}}`` or the plan itself), checked against a model's depth.
+
+    ValueError naming the file when it is not JSON, holds no valid plan, or was learned for another
+    number of encoder/decoder layers than given.
+    """
+    from .config import LSLoConfig
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"index plan file {path} does not exist")
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"index plan file {path} is not valid JSON ({exc})") from None
+    plan = document.get("index_plan", document) if isinstance(document, dict) else document
+    try:
+        plan = LSLoConfig(languages=["en"], ranks=1, index_plan=plan).index_plan
+    except ValueError as exc:
+        raise ValueError(f"index plan file {path}: {exc}") from None
+    for side, depth in (("encoder", num_encoder_layers), ("decoder", num_decoder_layers)):
+        value = plan.get(side) if isinstance(plan, Mapping) else None
+        if depth is not None and isinstance(value, list) and len(value) != depth:
+            raise ValueError(f"index plan file {path} was learned for a {len(value)}-layer {side}; this model's "
+                             f"{side} has {depth} layers")
+    return plan
+
+
+def _help_field(default, text: str):
+    return field(default=default, metadata=_help(text))
+
+
+@dataclass
+class LearnIndexArguments:
+    """Everything ``lslo learn-index`` takes (Weight Learning, paper Sections 4.1 and 6.1)."""
+
+    model: str = _help_field("facebook/flores101_mm100_615M", "base model: hub id or folder")
+    output_dir: str | None = _help_field(None, "where the weights, Figure 1 and the index plan go (the run in "
+                                               "<output-dir>/run)")
+    flores_dir: str | None = _help_field(None, "FLORES-101/200 folder (dev/ trains)")
+    train_tsv: str | None = _help_field(None, "training pairs TSV instead of FLORES dev")
+    languages: str | None = _help_field(None, "lang12, lang30, all, or comma-separated codes")
+    groups: str | None = _help_field(None, "resource groups of extra languages: 'xx=V,yy=H'")
+    rank: int = _help_field(8, "rank of every language in both the source- and the target-indexed LSLo")
+    epochs: int = _help_field(15, "training epochs")
+    target_modules: str = _help_field("all", "all, attn, fc, names or a regex")
+    ffn: str = _help_field("full", "full or reference (adapt only d_model units of fc1/fc2)")
+    init: str = _help_field("lora", "lora or reference (the authors' A initialisation)")
+    lr: float | None = _help_field(None, "peak learning rate (default 3e-3)")
+    max_tokens: int | None = _help_field(None, "token budget of a batch per process (default 4096)")
+    warmup_updates: int | None = _help_field(None, "inverse-sqrt warm-up steps (default 4000)")
+    max_steps: int | None = _help_field(None, "stop after this many optimizer steps")
+    seed: int = _help_field(1, "random seed")
+    mixed_precision: str = _help_field("no", "no, bf16 or fp16 (GPU)")
+    cpu: bool = _help_field(False, "train on the CPU even when a GPU is present")
+    train_config: str | None = _help_field(None, "a toml/json/yaml file of further `lslo train` settings")
+    adapters: str | None = _help_field(None, "read the weights of an earlier Weight-Learning run's final/ "
+                                             "instead of training")
+    resume: bool = _help_field(False, "continue the training run in <output-dir>/run")
+    overwrite: bool = _help_field(False, "replace an earlier run in <output-dir>/run")
+    progress: bool = _help_field(True, "progress bars")
+
+    def __post_init__(self) -> None:
+        for name in ("rank", "epochs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+    def train_arguments(self, overrides: Mapping[str, Any] | None = None):
+        """The :class:`lslo.train.TrainArguments` of the Weight-Learning run (``method="weight-learning"``)."""
+        from .train import TrainArguments, load_config_file
+
+        if self.output_dir is None:
+            raise ValueError("--output-dir is required")
+        values = load_config_file(self.train_config) if self.train_config else {}
+        for name in ("ranks", "prune", "method", "index_plan"):
+            if name in values:
+                raise ValueError(f"--train-config sets {name!r}, which lslo learn-index decides")
+        values.update({
+            "model": self.model, "output_dir": str(Path(self.output_dir) / "run"), "method": "weight-learning",
+            "ranks": str(self.rank), "epochs": self.epochs, "target_modules": self.target_modules, "ffn": self.ffn,
+            "init": self.init, "seed": self.seed, "mixed_precision": self.mixed_precision, "cpu": self.cpu,
+            "resume": self.resume, "overwrite": self.overwrite, "progress": self.progress,
+        })
+        for name in ("flores_dir", "train_tsv", "languages", "groups", "lr", "max_tokens", "warmup_updates",
+                     "max_steps"):
+            if getattr(self, name) is not None:
+                values[name] = getattr(self, name)
+        values.update(overrides or {})
+        return TrainArguments(**values)
+
+
+@dataclass
+class LearnIndexResult:
+    """What :func:`learn_index` produced: the weights per layer, the derived plan, the files written."""
+
+    output_dir: Path
+    weights: dict[str, list[tuple[float, float]]]
+    index_plan: dict[str, list[str]]
+    files: dict[str, Path]
+    summary: str
+    run_dir: Path | None = None
+
+
+def format_index_weights(weights: Mapping[str, Sequence[Sequence[float]]]) -> str:
+    """The learned weights and the derived index per layer, as a table."""
+    plan = derive_index_plan(weights)
+    lines = [f"{'side':<8} {'layer':>5} {'w_src':>7} {'w_tgt':>7}  index"]
+    for side, pairs in _check_weights(weights).items():
+        for i, (w_src, w_tgt) in enumerate(pairs):
+            lines.append(f"{side:<8} {i + 1:>5} {w_src:>7.3f} {w_tgt:>7.3f}  {plan[side][i]}")
+    return "\n".join(lines)
+
+
+def learn_index(args: LearnIndexArguments, *, train_overrides: Mapping[str, Any] | None = None) -> LearnIndexResult:
+    """Weight Learning: train source- and target-indexed LSLo mixed per layer (Eq. 5), derive the index plan.
+
+    Trains through :func:`lslo.train.train` (``method="weight-learning"``; equal ranks, every target
+    module, both routings, two logits per encoder/decoder layer shared by its modules), unless
+    ``args.adapters`` names an earlier run's ``final/``; then writes to ``args.output_dir``:
+    ``mix_weights.json`` (w_src, w_tgt per layer), ``fig1_index_weights.png`` (Figure 1) and
+    ``index_plan.json`` (the larger weight per layer) for ``lslo train --index-plan``.
+
+    Returns:
+        A :class:`LearnIndexResult` (empty on the non-main processes of a multi-process run).
+    """
+    from .model import load_base_model
+
+    if args.output_dir is None:
+        raise ValueError("--output-dir is required")
+    _weight_learning_api()  # fail before training when this lslo has no dual layers
+    out = Path(args.output_dir)
+    run_dir = None
+    if args.adapters is not None:
+        state_dir = Path(args.adapters)
+        if not (state_dir / WL_CONFIG_NAME).is_file():
+            raise ValueError(f"{state_dir} holds no Weight-Learning state ({WL_CONFIG_NAME}); give a learn-index "
+                             "run's final/ folder")
+    else:
+        from .train import train
+
+        result = train(args.train_arguments(train_overrides))
+        run_dir, state_dir = result.output_dir, result.final_dir
+        from accelerate import PartialState
+
+        if not PartialState().is_main_process:
+            return LearnIndexResult(out, {}, {}, {}, "", run_dir)
+    model = load_base_model(args.model)
+    load_weight_learning(model, state_dir)
+    weights = learned_mix_weights(model)
+    plan = derive_index_plan(weights)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"weights": out / "mix_weights.json", "figure1": out / "fig1_index_weights.png",
+             "index_plan": out / "index_plan.json"}
+    text = json.dumps({"weights": _mix_weights_json(weights), "state": str(state_dir)}, indent=1)
+    atomic_write_file(files["weights"], lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    plot_index_weights(weights, files["figure1"])
+    write_index_plan(weights, files["index_plan"])
+    summary = (f"Weight Learning (Eq. 5): softmax mixing weights per layer and the index with the larger one\n"
+               f"{format_index_weights(weights)}\n"
+               f"train with it: lslo train --index-plan {files['index_plan']} ...")
+    return LearnIndexResult(out, weights, plan, files, summary, run_dir)

@@ -15,6 +15,9 @@
     lslo estimate --model M --flores-dir D --languages lang12 --pool layer --output-dir O
         Intrinsic Subspace Estimation (``--pool language``: language-specific pruning): Eq. 6 scores,
         Figures 2/4/5/6, correlations with bitext sizes (Tables 9-10).
+    lslo learn-index --model M --flores-dir D --languages lang12 --output-dir O
+        Weight Learning (Eq. 5): per-layer source/target weights, Figure 1, and O/index_plan.json for
+        ``lslo train --index-plan``.
     lslo plan --scores O --budget "2;2;8" [--output plan.toml]
         per-language ranks and pruning ratios from ISE scores, as a ``lslo train --config`` file.
     lslo bench [ARGS...]
@@ -227,8 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_analysis_commands(commands) -> None:
-    """``lslo estimate`` and ``lslo plan`` (lslo.analysis)."""
-    from lslo.analysis import EstimateArguments, PlanArguments
+    """``lslo estimate``, ``lslo plan`` and ``lslo learn-index`` (lslo.analysis)."""
+    from lslo.analysis import EstimateArguments, LearnIndexArguments, PlanArguments
 
     estimate = commands.add_parser(
         "estimate", help="Intrinsic Subspace Estimation (--pool layer) or language-specific pruning (--pool language)",
@@ -243,16 +246,35 @@ def _add_analysis_commands(commands) -> None:
                     "budget of trainable parameters; writes a config file for `lslo train --config`.")
     _add_dataclass_arguments(plan, PlanArguments)
     plan.set_defaults(handler=_cmd_plan)
+    learn = commands.add_parser(
+        "learn-index", help="Weight Learning: learn per layer whether LSLo follows the source or the target language",
+        description="Train a source- and a target-indexed LSLo in every module, mixed by two softmax logits per "
+                    "encoder/decoder layer (paper Eq. 5); writes the learned weights (JSON), Figure 1 and the "
+                    "index plan that `lslo train --index-plan FILE` reads.")
+    _add_dataclass_arguments(learn, LearnIndexArguments)
+    learn.set_defaults(handler=_cmd_learn_index)
 
 
 def _cmd_estimate(args) -> int:
+    from lslo.analysis import EstimateArguments, estimate_subspace
+
+    return _run_analysis(lambda: estimate_subspace(EstimateArguments(**_given(args, EstimateArguments))))
+
+
+def _cmd_learn_index(args) -> int:
+    from lslo.analysis import LearnIndexArguments, learn_index
+
+    return _run_analysis(lambda: learn_index(LearnIndexArguments(**_given(args, LearnIndexArguments))))
+
+
+def _run_analysis(run) -> int:
+    """Run an analysis that trains: print its summary and files; interruptions as ``lslo train``."""
     import signal
 
-    from lslo.analysis import EstimateArguments, estimate_subspace
     from lslo.train import Interrupted, TrainingError
 
     try:
-        result = estimate_subspace(EstimateArguments(**_given(args, EstimateArguments)))
+        result = run()
     except Interrupted as exc:
         print(f"lslo: interrupted by {signal.Signals(exc.signum).name}; checkpoint {exc.checkpoint}; continue with the "
               "same command and --resume", file=sys.stderr)

@@ -60,7 +60,7 @@ __all__ = [
     "train",
 ]
 
-METHODS = ("lslo", "ft-all", "pretrain")
+METHODS = ("lslo", "ft-all", "pretrain", "weight-learning")
 _MIXED_PRECISION = ("no", "bf16", "fp16")
 RUN_CONFIG_NAME = "run_config.json"
 METRICS_NAME = "metrics.jsonl"
@@ -159,7 +159,9 @@ class TrainArguments:
         "training pairs 'src_lang<TAB>tgt_lang<TAB>source<TAB>target' instead of FLORES dev"))
     languages: str | None = field(default=None, metadata=_help(
         "lang12, lang30, all, or comma-separated codes (default: lang12 on FLORES, the TSV's languages)"))
-    method: str = field(default="lslo", metadata=_help("lslo, ft-all (full fine-tuning) or pretrain (evaluation only)"))
+    method: str = field(default="lslo", metadata=_help(
+        "lslo, ft-all (full fine-tuning), pretrain (evaluation only) or weight-learning (both routings mixed per "
+        "layer, Eq. 5; see lslo learn-index)"))
     preset: str | None = field(default=None, metadata=_help("a paper row by name (see --list-presets)"))
     ranks: str | None = field(default=None, metadata=_help(
         "ranks per resource group present, H;M;L;V order ('2;2;8'), one int, or 'en=2,oc=8,H=2'"))
@@ -565,7 +567,11 @@ class _Run:
         if args.flores_dir is not None:
             data.load_flores(args.flores_dir, self.languages, "devtest")  # checks files and line counts
         self.lslo_config = None
-        if args.method == "lslo":
+        # Weight Learning (lslo.analysis.learn_index): LSLo's config, injected as dual-routing layers.
+        self.weight_learning = args.method == "weight-learning"
+        if self.weight_learning and args.prune:
+            raise ValueError("--prune does not apply to --method weight-learning (it learns the index plan)")
+        if args.method in ("lslo", "weight-learning"):
             groups = _parse_mapping(args.groups, "--groups") or None
             ranks = _parse_ranks(args.ranks)
             kwargs = {"ranks": ranks} if ranks is not None else {}
@@ -590,13 +596,34 @@ class _Run:
         model = load_base_model(args.model)
         model.float()
         _set_dropout(model, args.dropout)
-        if self.lslo_config is not None:
+        if self.weight_learning:
+            from .model import apply_weight_learning
+
+            apply_weight_learning(model, self.lslo_config)
+        elif self.lslo_config is not None:
             apply_lslo(model, self.lslo_config)
         elif args.method == "ft-all":
             for p in model.parameters():
                 p.requires_grad_(True)
         self.model = model
         self.fingerprint = model_fingerprint(model)
+
+    def save_trained(self, model: torch.nn.Module, directory: Path) -> None:
+        """The adapters (or, for weight-learning, both routings and the mixing logits) into ``directory``."""
+        if self.weight_learning:
+            from .analysis import save_weight_learning
+
+            save_weight_learning(model, directory)
+        else:
+            save_adapters(model, directory)
+
+    def load_trained(self, model: torch.nn.Module, directory: Path) -> None:
+        if self.weight_learning:
+            from .analysis import load_weight_learning
+
+            load_weight_learning(model, directory)
+        else:
+            load_adapters(model, directory)
 
     def build_optimizer(self) -> None:
         args = self.args
@@ -620,7 +647,7 @@ class _Run:
             with atomic_directory(path) as tmp:
                 tmp = Path(tmp)
                 if self.lslo_config is not None:
-                    save_adapters(model, tmp / "adapters")
+                    self.save_trained(model, tmp / "adapters")
                 else:
                     model.save_pretrained(tmp / "model", safe_serialization=True)
                 torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
@@ -651,7 +678,7 @@ class _Run:
                              f"{self.world}; resume with the same number of processes")
         model = self.accelerator.unwrap_model(self.model)
         if self.lslo_config is not None:
-            load_adapters(model, path / "adapters")
+            self.load_trained(model, path / "adapters")
         else:
             from safetensors.torch import load_model
 
@@ -898,7 +925,7 @@ def train(args: TrainArguments) -> TrainResult:
     if run.is_main:
         model = accelerator.unwrap_model(run.model)
         if run.lslo_config is not None:
-            save_adapters(model, final_dir)
+            run.save_trained(model, final_dir)
         else:
             with atomic_directory(final_dir) as tmp:
                 model.save_pretrained(tmp, safe_serialization=True)
@@ -947,7 +974,7 @@ def plot_training_curves(metrics_path: str | os.PathLike, out_png: str | os.Path
 
 
 def _pruned(run: _Run) -> dict[str, float]:
-    if run.lslo_config is None:
+    if run.lslo_config is None or run.weight_learning:
         return {}
     return pruning_summary(run.accelerator.unwrap_model(run.model))
 

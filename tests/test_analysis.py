@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -351,7 +352,7 @@ def test_cli_estimate_then_plan(hf_setup, tmp_path, capsys):
 def test_run_analyses_reports_recovery(hf_setup, tmp_path):
     sizes = {"en": 1e6, "fr": 5e5, "oc": 2e3, "wo": 8e2}
     result = analysis.run_analyses(hf_setup["model"], hf_setup["flores"], tmp_path, resource_sizes=sizes, epochs=3,
-                                   prune_start=1, prune_duration=2, max_tokens=160, warmup_updates=4)
+                                   prune_start=1, prune_duration=2, max_tokens=160, warmup_updates=4, wl_epochs=1)
     assert isinstance(result["recovered"], bool)
     overall = result["correlation_log"]["overall"]
     totals = analysis.language_demands(result["estimate"].scores)
@@ -363,3 +364,169 @@ def test_run_analyses_reports_recovery(hf_setup, tmp_path):
     assert set(result["group_means"]) == {"H", "V"}
     assert result["plan_config"].is_file() and "ISE recovers the resource levels" in result["summary"]
     assert result["plan"]["parameters"] <= result["plan"]["budget"]
+    # Weight Learning ran first and the plan's config trains with its index plan.
+    assert result["index"] is not None and result["index"].files["index_plan"].is_file()
+    assert "index_plan" in result["plan_config"].read_text()
+
+
+# --------------------------------------------------------- weight learning
+def wl_model(dtype=torch.float32, seed=0):
+    """A tiny M2M-100 with Weight Learning (both routings, rank 4) and random B in both sets."""
+    from transformers import M2M100ForConditionalGeneration
+
+    from lslo.model import apply_weight_learning
+
+    torch.manual_seed(seed)
+    model = M2M100ForConditionalGeneration(tiny_config(vocab_size=64)).eval()
+    apply_weight_learning(model, lslo.LSLoConfig(languages=list(LANGS), ranks=4))
+    model.to(dtype)  # the mixing logits too
+    with torch.no_grad():
+        for module in analysis._dual_modules(model).values():
+            for factors in (module.src, module.tgt):
+                factors.lora_B.normal_(0.0, 0.3)
+    return model
+
+
+def _wl_loss(model, batch):
+    with lslo.route(src=batch["src"], tgt=batch["tgt"]):
+        logits = model(input_ids=batch["input_ids"], decoder_input_ids=batch["decoder_input_ids"]).logits
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1))
+
+
+def _wl_batch(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(4, 64, (4, 7), generator=generator),
+            "decoder_input_ids": torch.randint(4, 64, (4, 5), generator=generator),
+            "labels": torch.randint(4, 64, (4, 5), generator=generator),
+            "src": torch.tensor([0, 1, 2, 3]), "tgt": torch.tensor([3, 2, 1, 0])}
+
+
+def test_mixing_logits_get_gradients_and_are_shared_by_the_layer():
+    from lslo.model import weight_learning_mixes
+
+    model = wl_model(torch.float64)
+    mixes = weight_learning_mixes(model)
+    assert sorted(mixes) == [f"model.{side}.layers.{i}" for side in ("decoder", "encoder") for i in range(2)]
+    logits = [name for name, p in model.named_parameters() if p.requires_grad and name.endswith("logits")]
+    assert len(logits) == 4  # two logits per layer, none per module
+    for name, module in analysis._dual_modules(model).items():
+        layer = re.match(r"(.*\.layers\.\d+)\.", name).group(1)
+        with torch.no_grad():
+            mixes[layer].logits.add_(torch.tensor([0.25, -0.5]))  # moving a layer's logits moves all its modules...
+            torch.testing.assert_close(module.mix_weights_now().double(), torch.softmax(mixes[layer].logits.double(), 0))
+            mixes[layer].logits.sub_(torch.tensor([0.25, -0.5]))
+    batch = _wl_batch()
+    loss = _wl_loss(model, batch)
+    loss.backward()
+    for layer, mix in mixes.items():
+        assert mix.logits.grad is not None and bool(torch.isfinite(mix.logits.grad).all()), layer
+        assert mix.logits.grad.abs().max() > 0, layer
+    # ...and the gradient is that of the loss through every module of the layer (central differences).
+    mix = mixes["model.encoder.layers.1"]
+    eps = 1e-5
+    with torch.no_grad():
+        mix.logits[0] += eps
+        up = _wl_loss(model, batch)
+        mix.logits[0] -= 2 * eps
+        down = _wl_loss(model, batch)
+        mix.logits[0] += eps
+    assert mix.logits.dtype == torch.float64
+    assert float(mix.logits.grad[0]) == pytest.approx(float(up - down) / (2 * eps), rel=1e-6)
+
+
+def test_index_plan_is_the_argmax_per_layer_and_lslo_train_reads_it(tmp_path):
+    from lslo.model import weight_learning_mixes
+    from lslo.train import _load_index_plan
+
+    model = wl_model()
+    chosen = {"model.encoder.layers.0": (1.0, -1.0), "model.encoder.layers.1": (-0.5, 0.5),
+              "model.decoder.layers.0": (0.3, 0.2), "model.decoder.layers.1": (-2.0, 0.1)}
+    with torch.no_grad():
+        for layer, values in chosen.items():
+            weight_learning_mixes(model)[layer].logits.copy_(torch.tensor(values))
+    weights = analysis.learned_mix_weights(model)
+    for side in ("encoder", "decoder"):
+        for i, pair in enumerate(weights[side]):
+            expected = torch.softmax(torch.tensor(chosen[f"model.{side}.layers.{i}"], dtype=torch.float64), 0)
+            assert pair == pytest.approx(tuple(expected.tolist()))
+    plan = analysis.derive_index_plan(weights)
+    assert plan == {"encoder": ["src", "tgt"], "decoder": ["src", "tgt"]}
+    generator = torch.Generator().manual_seed(1)
+    table = torch.softmax(torch.randn(12, 2, generator=generator), dim=1)
+    derived = analysis.derive_index_plan({"encoder": table.tolist()})["encoder"]
+    assert derived == [("src", "tgt")[int(i)] for i in torch.argmax(table, dim=1)]
+
+    path = analysis.write_index_plan(weights, tmp_path / "index_plan.json")
+    target = bare_model(index_plan=_load_index_plan(str(path)))
+    for name, module in lslo.lslo_modules(target).items():
+        side = "encoder" if ".encoder." in name else "decoder"
+        layer = int(name.split(".layers.")[1].split(".")[0])
+        assert module.index == plan[side][layer], name
+    assert analysis.read_index_plan(path, num_encoder_layers=2, num_decoder_layers=2) == plan
+    figure = analysis.plot_index_weights(weights, tmp_path / "fig1.png")
+    _check_png(tmp_path / "fig1.png")
+    assert len(figure.axes[0].get_lines()) == 4
+
+
+def test_weight_learning_state_round_trips(tmp_path):
+    from transformers import M2M100ForConditionalGeneration
+
+    from lslo.model import weight_learning_mixes
+
+    model = wl_model()
+    with torch.no_grad():
+        for mix in weight_learning_mixes(model).values():
+            mix.logits.normal_()
+    analysis.save_weight_learning(model, tmp_path / "wl")
+
+    torch.manual_seed(0)  # the base weights of wl_model
+    fresh = M2M100ForConditionalGeneration(tiny_config(vocab_size=64)).eval()
+    analysis.load_weight_learning(fresh, tmp_path / "wl")
+    before, after = analysis.weight_learning_state(model), analysis.weight_learning_state(fresh)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    batch = _wl_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(_wl_loss(fresh, batch), _wl_loss(model, batch))
+
+
+def test_index_plan_of_another_depth_is_refused(tmp_path):
+    from lslo.train import _load_index_plan
+
+    path = analysis.write_index_plan({"encoder": [(0.6, 0.4)] * 3, "decoder": [(0.2, 0.8)] * 3}, tmp_path / "p.json")
+    with pytest.raises(ValueError, match="learned for a 3-layer encoder; this model's encoder has 2 layers"):
+        analysis.read_index_plan(path, num_encoder_layers=2, num_decoder_layers=2)
+    with pytest.raises(ValueError, match="3 entries for a 2-layer encoder"):
+        bare_model(index_plan=_load_index_plan(str(path)))
+    (tmp_path / "bad.json").write_text('{"index_plan": {"encoder": ["up", "down"]}}')
+    with pytest.raises(ValueError, match="bad.json"):
+        analysis.read_index_plan(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="two finite numbers"):
+        analysis.derive_index_plan({"encoder": [(0.5, float("nan"))]})
+
+
+def test_cli_learn_index(hf_setup, tmp_path, capsys):
+    from lslo.cli import main
+    from lslo.train import TrainArguments
+
+    out = tmp_path / "wl"
+    status = main(["learn-index", "--model", hf_setup["model"], "--flores-dir", hf_setup["flores"], "--languages",
+                   ",".join(LANGS), "--output-dir", str(out), "--epochs", "1", "--max-tokens", "160",
+                   "--warmup-updates", "4", "--lr", "0.03", "--cpu", "--no-progress"])
+    printed = capsys.readouterr()
+    assert status == 0, printed.err
+    assert "w_src" in printed.out
+    for name in ("mix_weights.json", "fig1_index_weights.png", "index_plan.json"):
+        assert (out / name).is_file(), name
+    document = json.loads((out / "index_plan.json").read_text())
+    weights = json.loads((out / "mix_weights.json").read_text())["weights"]
+    for side in ("encoder", "decoder"):
+        assert len(document["index_plan"][side]) == 2
+        for entry, index in zip(weights[side], document["index_plan"][side]):
+            assert entry["w_src"] + entry["w_tgt"] == pytest.approx(1.0)
+            assert index == ("src" if entry["w_src"] > entry["w_tgt"] else "tgt")
+            assert entry["w_src"] != 0.5  # the logits trained
+    with pytest.raises(ValueError, match="--prune does not apply"):
+        from lslo.train import train
+
+        train(TrainArguments(model=hf_setup["model"], flores_dir=hf_setup["flores"], languages=",".join(LANGS),
+                             output_dir=str(tmp_path / "bad"), method="weight-learning", prune="0.5", cpu=True))
