@@ -110,9 +110,10 @@ def _cmd_translate(args) -> int:
     if args.output == "-":
         sys.stdout.write(text)
         sys.stdout.flush()
-    else:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(text)
+    else:  # all-or-nothing: a killed run never leaves a half-written translation file
+        from lslo.io import atomic_write_file
+
+        atomic_write_file(args.output, lambda tmp: open(tmp, "w", encoding="utf-8").write(text))
     return 0
 
 
