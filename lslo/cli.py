@@ -111,9 +111,11 @@ def _cmd_translate(args) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()
     else:  # all-or-nothing: a killed run never leaves a half-written translation file
+        from pathlib import Path
+
         from lslo.io import atomic_write_file
 
-        atomic_write_file(args.output, lambda tmp: open(tmp, "w", encoding="utf-8").write(text))
+        atomic_write_file(args.output, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return 0
 
 
