@@ -15,10 +15,14 @@ language-specific pruning (LSP), their figures and correlations, and per-languag
 - **Plans** (:func:`plan_from_scores`): the paper's Limitations ask for per-language ranks and pruning
   ratios in place of coarse resource groups; a plan turns ISE scores into both under a parameter
   budget and writes a config file ``lslo train --config`` reads.
+- **Weight Learning** (Section 4.1, Eq. 5; Figure 1): a source- and a target-indexed LSLo in every
+  module, mixed by ``softmax`` of two logits per encoder/decoder layer (:func:`lslo.model.apply_weight_learning`),
+  trained by the engine (``method="weight-learning"``); the larger weight per layer gives the index plan
+  ``lslo train --index-plan`` reads (:func:`learn_index`).
 
 Everything runs through :func:`lslo.train.train` (the same engine, CPU to many GPUs) and reads the
-masks :func:`lslo.pruning.prune` wrote; the CLI verbs ``lslo estimate`` and ``lslo plan`` only parse
-arguments and call :func:`estimate_subspace` and :func:`make_plan`.
+masks :func:`lslo.pruning.prune` wrote; the CLI verbs ``lslo estimate``, ``lslo plan`` and ``lslo learn-index``
+only parse arguments and call :func:`estimate_subspace`, :func:`make_plan` and :func:`learn_index`.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ __all__ = [
     "parse_budget",
     "parse_size",
     "plan_from_scores",
+    "plan_train_config",
     "plot_index_weights",
     "plot_language_modules",
     "plot_layer_modules",
@@ -81,6 +86,7 @@ __all__ = [
     "score_model",
     "weight_learning_config",
     "weight_learning_state",
+    "write_analysis",
     "write_index_plan",
     "write_plan_config",
     "write_scores",
