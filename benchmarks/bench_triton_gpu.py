@@ -191,10 +191,11 @@ def time_eager(fn, leaves, quick: bool):
                                    grad_to_none=leaves or None)
 
 
-def time_graph(fn, quick: bool):
+def time_graph(fn, quick: bool, leaves=()):
     import triton.testing
 
-    return triton.testing.do_bench_cudagraph(fn, rep=20 if quick else 60, quantiles=[0.2, 0.5, 0.8])
+    return triton.testing.do_bench_cudagraph(fn, rep=20 if quick else 60, quantiles=[0.2, 0.5, 0.8],
+                                             grad_to_none=list(leaves) or None)
 
 
 class Deadline:
@@ -224,51 +225,62 @@ def _row(provider, mode, metric, tokens, shape, q, note="", ratio=""):
 
 
 def _time_mode(prov, x, meta, mode, leaves, grad_out, quick):
-    """p20/p50/p80 ms of one provider call: eager forward, eager forward+backward, or graph replay."""
-    if mode == "fwd+bwd":
-        return time_eager(lambda: prov.run(x, meta).backward(grad_out), leaves, quick)
+    """p20/p50/p80 ms of one provider call in ``mode``: ``fwd``/``fwd+bwd`` eager, ``-graph``
+    suffixed ones replayed from a CUDA graph."""
+    train = mode.startswith("fwd+bwd")
 
-    def forward():
-        with torch.no_grad():
-            prov.run(x, meta)
+    def call():
+        if train:
+            prov.run(x, meta).backward(grad_out)
+        else:
+            with torch.no_grad():
+                prov.run(x, meta)
 
-    return time_graph(forward, quick) if mode == "fwd-graph" else time_eager(forward, [], quick)
+    if mode.endswith("-graph"):
+        return time_graph(call, quick, leaves)
+    return time_eager(call, leaves, quick)
 
 
 def bench_case(shape, num_tokens, modes, names, deadline, quick, rows):
-    """Check then time every provider of one (shape, T) for the given modes; appends CSV rows."""
+    """Check then time every provider of one (shape, T) for the given modes; appends CSV rows.
+
+    Modes run one after the other over all providers, graph modes last: a provider whose capture
+    fails cannot then disturb an eager measurement.
+    """
     problem = make_layer_problem(*shape, num_tokens, torch.bfloat16)
     gen = torch.Generator(device=DEVICE).manual_seed(1)
     grad_out = torch.randn(num_tokens, shape[1], device=DEVICE, generator=gen).to(torch.bfloat16)
-    training = "fwd+bwd" in modes
+    training = any(m.startswith("fwd+bwd") for m in modes)
     truths = _truth(problem, grad_out if training else None)
-    base_p50 = {}
+    prepared = {}
     for name in names:
-        if deadline.passed():
-            rows.append(_row(name, "/".join(modes), "skipped", num_tokens, shape, None, "time cap reached"))
-            continue
         try:
             prov = prepare(name, problem)
         except P.Skip as exc:
             rows.append(_row(name, "/".join(modes), "skipped", num_tokens, shape, None, str(exc)))
             continue
-        meta = prov.prepare(problem.lang)
-        checked: dict[bool, str] = {}
-        for mode in modes:
-            train = mode == "fwd+bwd"
+        prepared[name] = (prov, prov.prepare(problem.lang))
+    checked: dict[tuple[str, bool], str] = {}
+    base_p50 = {}
+    for mode in sorted(modes, key=lambda m: m.endswith("-graph")):
+        train = mode.startswith("fwd+bwd")
+        for name, (prov, meta) in prepared.items():
+            if deadline.passed():
+                rows.append(_row(name, mode, "skipped", num_tokens, shape, None, "time cap reached"))
+                continue
             if train and not prov.training:
                 rows.append(_row(name, mode, "skipped", num_tokens, shape, None, prov.skip_training_reason))
                 continue
-            if mode == "fwd-graph" and name not in GRAPHABLE:
+            if mode.endswith("-graph") and name not in GRAPHABLE:
                 continue
-            if train not in checked:
+            if (name, train) not in checked:
                 y_ref, grads_ref = truths["base" if name == "base" else "lora"]
                 try:
-                    checked[train] = check_provider(prov, problem, meta, (y_ref, grads_ref if train else None),
-                                                    grad_out)
+                    checked[name, train] = check_provider(prov, problem, meta,
+                                                          (y_ref, grads_ref if train else None), grad_out)
                 except Exception as exc:  # noqa: BLE001 - a provider that crashes is reported, not fatal
-                    checked[train] = f"{type(exc).__name__}: {exc}"
-            why = checked[train]
+                    checked[name, train] = f"{type(exc).__name__}: {exc}"
+            why = checked[name, train]
             if why:
                 rows.append(_row(name, mode, "failed", num_tokens, shape, None, why))
                 print(f"  {shape} T={num_tokens} {mode} {name}: {why}", file=sys.stderr)
@@ -277,18 +289,19 @@ def bench_case(shape, num_tokens, modes, names, deadline, quick, rows):
             for param in prov.params:
                 param.requires_grad_(train)
             leaves = [x, *prov.params] if train else []
-
             try:
                 q = _time_mode(prov, x, meta, mode, leaves, grad_out, quick)
             except Exception as exc:  # noqa: BLE001 - e.g. a graph capture the provider does not allow
                 rows.append(_row(name, mode, "failed", num_tokens, shape, None, f"{type(exc).__name__}: {exc}"))
+                print(f"  {shape} T={num_tokens} {mode} {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
                 continue
             if name == "base":
                 base_p50[mode] = q[1]
             ratio = f"{q[1] / base_p50[mode]:.3f}" if mode in base_p50 else ""
             rows.append(_row(name, mode, "ms", num_tokens, shape, q, ratio=ratio))
-            print(f"  {shape[0]}->{shape[1]} T={num_tokens} {mode:9s} {name:11s} p50={q[1]:.4f} ms "
+            print(f"  {shape[0]}->{shape[1]} T={num_tokens} {mode:13s} {name:11s} p50={q[1]:.4f} ms "
                   f"({ratio}x base)", file=sys.stderr, flush=True)
+    del prepared
     torch.cuda.empty_cache()
 
 
@@ -323,11 +336,14 @@ def print_table(rows):
 SWEEP_CANDIDATES = {
     # (block_t, block_f, num_warps, num_stages); shrinks are also swept over split-K factors.
     "shrink": [(16, 64, 4, 3), (16, 128, 4, 3), (32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 8, 3), (64, 128, 8, 3),
-               (64, 64, 4, 4), (128, 64, 8, 3), (32, 256, 4, 3)],
+               (64, 64, 4, 4), (128, 64, 8, 3), (32, 256, 4, 3), (64, 128, 4, 4), (32, 128, 4, 4), (64, 64, 4, 3),
+               (128, 128, 8, 3)],
     "expand": [(16, 64, 4, 2), (16, 128, 4, 2), (16, 256, 4, 2), (32, 128, 4, 2), (64, 64, 8, 2), (64, 128, 4, 2),
-               (64, 128, 8, 2), (128, 64, 8, 2), (128, 128, 8, 2), (64, 256, 8, 2)],
+               (64, 128, 8, 2), (128, 64, 8, 2), (128, 128, 8, 2), (64, 256, 8, 2), (64, 256, 4, 2), (128, 256, 8, 2),
+               (32, 256, 4, 2)],
     "wgrad": [(32, 32, 4, 3), (32, 64, 4, 3), (64, 32, 4, 3), (64, 64, 4, 3), (64, 64, 8, 3), (128, 32, 4, 3),
-              (128, 64, 8, 3), (64, 128, 8, 3), (32, 128, 4, 3), (128, 128, 8, 3)],
+              (128, 64, 8, 3), (64, 128, 8, 3), (32, 128, 4, 3), (128, 128, 8, 3), (128, 128, 8, 4), (64, 128, 4, 3),
+              (64, 256, 8, 3), (128, 64, 4, 3)],
 }
 ROLE_KIND = {"fwd_shrink": "shrink", "fwd_expand": "expand", "bwd_shrink": "shrink", "bwd_expand": "expand",
              "grad_a": "wgrad", "grad_b": "wgrad"}
@@ -362,7 +378,7 @@ def sweep(shapes, tokens_list, deadline, quick, rows):
                     kc = K.KernelConfig(*cand)
                     if kind == "shrink":
                         # Split-K only pays where token tiles are fewer than multiprocessors.
-                        splits = SPLITS if num_tokens < 1024 else SPLITS[:2]
+                        splits = SPLITS if num_tokens < 1024 else SPLITS[:3]
                         variants += [(f"{cand}+s{s}", dataclasses.replace(kc, num_splits=s))
                                      for s in splits if s == 1 or num_features // (s * kc.block_f) >= 1]
                     else:
@@ -406,17 +422,89 @@ def sweep(shapes, tokens_list, deadline, quick, rows):
             torch.cuda.empty_cache()
 
 
+# ---------------------------------------------------------------------------------- profile
+def profile(shape, train_tokens, decode_tokens, calls: int = 50):
+    """Where an eager call's time goes: host time per call (enqueue only, and with the GPU's work
+    waited for), then a cProfile of lslo's path and torch.profiler tables (CPU and GPU)."""
+    import cProfile
+    import io
+    import pstats
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    for num_tokens, train in ((train_tokens, True), (decode_tokens, False)):
+        problem = make_layer_problem(*shape, num_tokens, torch.bfloat16)
+        gen = torch.Generator(device=DEVICE).manual_seed(1)
+        grad_out = torch.randn(num_tokens, shape[1], device=DEVICE, generator=gen).to(torch.bfloat16)
+        label = f"{shape[0]}->{shape[1]} T={num_tokens} {'fwd+bwd' if train else 'fwd'}"
+        for name in ("base", "grouped_mm", "triton"):
+            prov = prepare(name, problem)
+            meta = prov.prepare(problem.lang)
+            x = problem.x.detach().clone().requires_grad_(train)
+            leaves = [x, *prov.params]
+            for param in prov.params:
+                param.requires_grad_(train)
+
+            def call(prov=prov, meta=meta, x=x, leaves=leaves, train=train, grad_out=grad_out):
+                for leaf in leaves:
+                    leaf.grad = None
+                if train:
+                    prov.run(x, meta).backward(grad_out)
+                else:
+                    with torch.no_grad():
+                        prov.run(x, meta)
+
+            for _ in range(5):
+                call()
+            torch.cuda.synchronize()
+            n = calls
+            t0 = time.perf_counter()
+            for _ in range(n):
+                call()
+            enqueue = (time.perf_counter() - t0) / n
+            torch.cuda.synchronize()
+            total = (time.perf_counter() - t0) / n
+            print(f"{label} {name:10s} host enqueue {enqueue * 1e6:7.1f} us/call, with GPU work waited for "
+                  f"{total * 1e6:7.1f} us/call", flush=True)
+            if name != "triton":
+                continue
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(n):
+                call()
+            prof.disable()
+            torch.cuda.synchronize()
+            out = io.StringIO()
+            pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(22)
+            print(f"\n--- cProfile, {n} calls of triton, {label} ---\n{out.getvalue()}")
+            with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as tprof:
+                for _ in range(10):
+                    call()
+                torch.cuda.synchronize()
+            averages = tprof.key_averages()
+            print(f"--- torch.profiler, 10 calls of triton, {label}: by self CPU time ---")
+            print(averages.table(sort_by="self_cpu_time_total", row_limit=18))
+            print(f"--- torch.profiler, 10 calls of triton, {label}: by self GPU time ---")
+            try:
+                print(averages.table(sort_by="self_device_time_total", row_limit=14))
+            except Exception:  # noqa: BLE001 - older torch names it after CUDA
+                print(averages.table(sort_by="self_cuda_time_total", row_limit=14))
+
+
 # ------------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", default=[f"{k}x{d}" for k, d in SHAPES],
                         help="in x out features, e.g. 1024x4096 (default: the three M2M-124 shapes)")
     parser.add_argument("--train-tokens", type=int, default=TRAIN_TOKENS)
-    parser.add_argument("--decode-tokens", type=int, default=DECODE_TOKENS)
+    parser.add_argument("--decode-tokens", type=int, default=DECODE_TOKENS, help="0: no decoding case (sweep)")
     parser.add_argument("--time-cap", type=float, default=None,
                         help="seconds after which no new measurement starts (the table and CSV are still written)")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--sweep", action="store_true", help="time the Triton kernels' launch-config candidates")
+    parser.add_argument("--profile", action="store_true",
+                        help="host time per call and profiler tables of the triton path (first shape)")
     parser.add_argument("--csv", type=Path, default=RESULTS_CSV)
     args = parser.parse_args(argv)
 
@@ -438,11 +526,14 @@ def main(argv=None) -> int:
     deadline = Deadline(args.time_cap)
     rows: list[dict] = []
     try:
-        if args.sweep:
-            sweep(shapes, [args.train_tokens, args.decode_tokens], deadline, args.quick, rows)
+        if args.profile:
+            profile(shapes[0], args.train_tokens, args.decode_tokens)
+        elif args.sweep:
+            sweep(shapes, [t for t in (args.train_tokens, args.decode_tokens) if t > 0], deadline, args.quick, rows)
         else:
             for shape in shapes:
-                bench_case(shape, args.train_tokens, ("fwd+bwd",), TRAIN_PROVIDERS, deadline, args.quick, rows)
+                bench_case(shape, args.train_tokens, ("fwd+bwd", "fwd+bwd-graph"), TRAIN_PROVIDERS, deadline,
+                           args.quick, rows)
                 bench_case(shape, args.decode_tokens, ("fwd", "fwd-graph"), DECODE_PROVIDERS, deadline, args.quick,
                            rows)
     finally:  # what was measured before a failure or a kill still reaches the CSV
@@ -454,7 +545,7 @@ def main(argv=None) -> int:
                 writer.writeheader()
             writer.writerows(rows)
         print(f"\nappended {len(rows)} rows to {args.csv}", file=sys.stderr)
-    if not args.sweep:
+    if not (args.sweep or args.profile):
         print_table(rows)
     return 0
 

@@ -249,9 +249,11 @@ def _expand_kernel(
             keep = tl.load(keep_ptr + w_off, mask=w_ok, other=0)
             w = tl.where(keep != 0, w, tl.zeros_like(w))
         if not WRITE_H:
+            # h_cols bounds the read even if a caller's max_rank is below a rank (checked on the
+            # host only where that costs no sync): no read past the row, never out of bounds.
             h = tl.load(
                 h_ptr + tokens[:, None] * stride_h_t + cols[None, :],
-                mask=row_ok[:, None] & col_ok[None, :],
+                mask=row_ok[:, None] & (col_ok & (cols < h_cols))[None, :],
                 other=0.0,
             )
         acc = _dot(h.to(w.dtype), w, acc, INPUT_PRECISION, BF16_AS_FP32)
@@ -267,7 +269,7 @@ def _expand_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rank_src_cols"])
 def _weight_grad_kernel(
     rank_src_ptr,  # (T, >= rank) fp32 rows: g (for dA) or h (for dB)
     feat_src_ptr,  # (T, F) rows: x (for dA) or dy (for dB)
@@ -278,6 +280,7 @@ def _weight_grad_kernel(
     lang_offsets_ptr,
     out_ptr,  # rank j of language l, feature f at out_ptr + (r0 + j) * stride_or + f * stride_of
     num_features,
+    rank_src_cols,
     stride_rank_src_t,
     stride_feat_src_t,
     stride_or,
@@ -313,7 +316,7 @@ def _weight_grad_kernel(
         )
         p = tl.load(
             rank_src_ptr + tokens[:, None] * stride_rank_src_t + cols[None, :],
-            mask=row_ok[:, None] & col_ok[None, :],
+            mask=row_ok[:, None] & (col_ok & (cols < rank_src_cols))[None, :],
             other=0.0,
         )
         acc = _dot(tl.trans(p.to(q.dtype)), q, acc, INPUT_PRECISION, BF16_AS_FP32)
@@ -368,16 +371,26 @@ class _LaunchConfig:
     grad_b: KernelConfig  # dB over out_features: (L, cdiv(d, block_f)) programs
 
 
+# Host-side integer helpers: triton.cdiv / next_power_of_2 are ConstexprFunctions whose host calls
+# cost ~3 us each (triton 3.9 on this project's CPU machine), paid on every launch.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (max(1, n) - 1).bit_length()
+
+
 def _num_tiles(num_tokens: int, num_langs: int, block_t: int) -> int:
     """Grid size over token tiles: cdiv(T, block_t) + L bounds sum_s cdiv(n_s, block_t)."""
-    return triton.cdiv(num_tokens, block_t) + num_langs
+    return _cdiv(num_tokens, block_t) + num_langs
 
 
 def _num_splits(num_tiles: int, num_features: int, block_f: int, num_sms: int) -> int:
     """Split-K factor of a shrink: enough programs for two per multiprocessor, each split at least
-    four loop steps long (shorter ones pay more in partial traffic than they gain)."""
-    wanted = triton.cdiv(2 * num_sms, max(1, num_tiles))
-    return max(1, min(wanted, num_features // (4 * block_f)))
+    two loop steps long (shorter ones pay more in partial traffic than they gain)."""
+    wanted = _cdiv(2 * num_sms, max(1, num_tiles))
+    return max(1, min(wanted, num_features // (2 * block_f)))
 
 
 @functools.lru_cache(maxsize=256)
@@ -387,44 +400,57 @@ def _launch_config(
 ) -> _LaunchConfig:
     # tl.dot needs every operand dim >= 16, so lang30's ranks (2 and 8) share the 16 bucket;
     # the masked padding costs registers and MMA cycles, never memory traffic.
-    block_r = max(16, triton.next_power_of_2(max(int(max_rank), 1)))
+    block_r = max(16, _next_pow2(max(int(max_rank), 1)))
     # Tiles never straddle a language, so a tile much larger than a language's share of the
     # batch is mostly masked rows: at decoding sizes (T=160, 30 languages: ~5 tokens each) 16
-    # rows waste least, big batches want 64 rows to reuse each weight tile. Wide rank buckets
-    # shrink the tile so the (block_t, block_r) fp32 accumulator stays in registers.
+    # rows waste least, big batches want 64 rows. Wide rank buckets shrink the tile so the
+    # (block_t, block_r) fp32 accumulator stays in registers.
     per_lang = max(1, num_tokens // max(1, num_langs))
-    block_t = min(64, max(16, triton.next_power_of_2(per_lang)), max(16, 2048 // block_r))
-    # Register counts from compiling for sm_90 offline (ptxas -res-usage): with 4 warps the bf16
-    # shrink at 64 x 64 spilled 200 B of stack, fp32 (FMA dots under "ieee") at 64 x 64 with a
-    # 64-wide chunk spilled 6 KB; the choices here compile without spills. Rank buckets of 256 and
-    # up also halve the feature blocks.
+    tile_t = min(64, max(16, _next_pow2(per_lang)), max(16, 2048 // block_r))
     is_fp32 = dtype == torch.float32
     wide = 2 if block_r >= 256 else 1
-    tile_warps = 8 if block_t * block_r >= 1024 else 4
-    shrink_f = (16 if is_fp32 else 64) // wide
-    tiles = _num_tiles(num_tokens, num_langs, block_t)
 
-    def shrink(num_features: int) -> KernelConfig:
-        splits = _num_splits(tiles, num_features, shrink_f, num_sms)
-        return KernelConfig(block_t, shrink_f, tile_warps, 3, splits)
+    def shrink(block_t: int, block_f: int, num_warps: int, num_stages: int, num_features: int) -> KernelConfig:
+        tiles = _num_tiles(num_tokens, num_langs, block_t)
+        return KernelConfig(block_t, block_f, num_warps, num_stages,
+                            _num_splits(tiles, num_features, block_f, num_sms))
 
-    expand = KernelConfig(block_t, 64 // wide, tile_warps, 2)
-    # Weight grads: narrow feature blocks give more programs when few languages are present;
-    # splitting a language's tokens over programs would need atomics and cost determinism.
-    wgrad = KernelConfig(32, 32 // wide, 8 if block_r >= 128 else 4, 3)
+    if is_fp32 or block_r > 16:
+        # fp32 dots run on FMA under "ieee" and wide rank buckets hold big accumulators: register
+        # counts from compiling for sm_90 offline (ptxas -res-usage) chose these, no spills (the
+        # bf16 shrink at 64 x 64 with 4 warps spilled 200 B, fp32 with a 64-wide chunk 6 KB).
+        # Untuned on a GPU: the sweep below covered bf16 at lang30 ranks only.
+        tile_warps = 8 if tile_t * block_r >= 1024 else 4
+        shrink_f = (16 if is_fp32 else 64) // wide
+        expand = KernelConfig(tile_t, 64 // wide, tile_warps, 2)
+        wgrad = KernelConfig(32, 32 // wide, 8 if block_r >= 128 else 4, 3)
+        return _LaunchConfig(
+            block_r=block_r, block_seg=_next_pow2(num_langs + 1),
+            # "ieee" keeps fp32 dots in true fp32 (TF32 off, as the reference computes); for
+            # 16-bit operands the setting has no effect.
+            precision="ieee" if is_fp32 else "tf32", bf16_as_fp32=INTERPRETED and dtype == torch.bfloat16,
+            fwd_shrink=shrink(tile_t, shrink_f, tile_warps, 3, in_features), fwd_expand=expand,
+            bwd_shrink=shrink(tile_t, shrink_f, tile_warps, 3, out_features), bwd_expand=expand,
+            grad_a=wgrad, grad_b=wgrad,
+        )
+    # 16-bit inputs, ranks <= 16: the best of `bench_triton_gpu.py --sweep` on an H100 80GB HBM3
+    # (triton 3.6, bf16, lang30 ranks, the three M2M-124 shapes; graph-replayed launcher times,
+    # default -> chosen, T=8192 unless said):
+    #   fwd shrink  (64,64,8w,3st) -> (32,128,4w,3st): 88.0 -> 84.0 us at 1024->4096, same elsewhere
+    #   fwd expand  (64,64,8w) -> (64,128,8w): 87.0 -> 80.2 us at 1024->4096; T=160: 16 rows best
+    #   bwd shrink  (64,64,8w,3st,s2) -> (64,64,4w,4st,s2): 146.2 -> 131.1 us at 1024->4096
+    #   bwd expand  (64,64,8w) -> (32,128,4w): 144.3 -> 123.8 us at 4096->1024
+    #   dA / dB     (32,32,4w,3st) -> (64,128,8w,3st): 144.2 -> 124.1 / 146.1 -> 123.4 us
+    # Split-K at T=160 (~40 tiles): s2-s4 beat s1 by up to 2x (9.1 vs 19.8 us at 4096->1024).
     return _LaunchConfig(
-        block_r=block_r,
-        block_seg=triton.next_power_of_2(num_langs + 1),
-        # "ieee" keeps fp32 dots in true fp32 (TF32 off, as the reference computes); for 16-bit
-        # operands the setting has no effect.
-        precision="ieee" if is_fp32 else "tf32",
+        block_r=block_r, block_seg=_next_pow2(num_langs + 1), precision="tf32",
         bf16_as_fp32=INTERPRETED and dtype == torch.bfloat16,
-        fwd_shrink=shrink(in_features),
-        fwd_expand=expand,
-        bwd_shrink=shrink(out_features),
-        bwd_expand=expand,
-        grad_a=wgrad,
-        grad_b=wgrad,
+        fwd_shrink=shrink(min(32, tile_t), 128, 4, 3, in_features),
+        fwd_expand=KernelConfig(tile_t, 128, 8 if tile_t >= 64 else 4, 2),
+        bwd_shrink=shrink(tile_t, 64, 4, 4, out_features),
+        bwd_expand=KernelConfig(min(32, tile_t), 128, 4, 2),
+        grad_a=KernelConfig(64, 128, 8, 3),
+        grad_b=KernelConfig(64, 128, 8, 3),
     )
 
 
@@ -443,8 +469,8 @@ def _config_for(x: torch.Tensor, num_langs: int, in_features: int, out_features:
 
 def _split_features(num_features: int, cfg: KernelConfig) -> tuple[int, int]:
     """(features per split, rounded up to block_f; number of non-empty splits)."""
-    per_split = triton.cdiv(triton.cdiv(num_features, cfg.num_splits), cfg.block_f) * cfg.block_f
-    return per_split, triton.cdiv(num_features, per_split)
+    per_split = _cdiv(_cdiv(num_features, cfg.num_splits), cfg.block_f) * cfg.block_f
+    return per_split, _cdiv(num_features, per_split)
 
 
 def _check_common(
@@ -601,7 +627,7 @@ def _launch_expand(cfg, kcfg, partial, weight, weight_feature_rank_strides, keep
     num_langs = scales.shape[0]
     splits = partial.shape[0]
     has_base = base is not None
-    _expand_kernel[(_num_tiles(num_tokens, num_langs, kcfg.block_t), triton.cdiv(num_features, kcfg.block_f))](
+    _expand_kernel[(_num_tiles(num_tokens, num_langs, kcfg.block_t), _cdiv(num_features, kcfg.block_f))](
         partial, weight, keep, base if has_base else out, scales, rank_offsets, sorted_token_idx, lang_offsets,
         out, rank_rows,
         num_langs, num_features, splits, partial.shape[2],
@@ -619,9 +645,9 @@ def _launch_weight_grad(cfg, kcfg, rank_src, feat_src, keep, scales, rank_offset
                         lang_offsets, out, out_rank_feature_strides, num_features, *, has_mask, apply_scale):
     """out_l[j, f] = s_l? * sum_t rank_src[t, j] feat_src[t, f] (* M?) over language l's tokens."""
     num_langs = scales.shape[0]
-    _weight_grad_kernel[(num_langs, triton.cdiv(num_features, kcfg.block_f))](
+    _weight_grad_kernel[(num_langs, _cdiv(num_features, kcfg.block_f))](
         rank_src, feat_src, keep, scales, rank_offsets, sorted_token_idx, lang_offsets, out,
-        num_features, rank_src.stride(0), feat_src.stride(0), *out_rank_feature_strides,
+        num_features, rank_src.shape[1], rank_src.stride(0), feat_src.stride(0), *out_rank_feature_strides,
         HAS_MASK=has_mask, APPLY_SCALE=apply_scale, INPUT_PRECISION=cfg.precision,
         BF16_AS_FP32=cfg.bf16_as_fp32, BLOCK_T=kcfg.block_t, BLOCK_F=kcfg.block_f, BLOCK_R=cfg.block_r,
         num_warps=kcfg.num_warps, num_stages=kcfg.num_stages,
@@ -715,5 +741,4 @@ def _scale_grad(u: torch.Tensor, h: torch.Tensor, scales: torch.Tensor, sorted_t
     atomics, deterministic; no host sync). Rows of id -1 tokens fall in the dropped segment 0."""
     rowdot = (u * h).sum(dim=1)[sorted_token_idx]
     bounds = torch.cat([lang_offsets.new_zeros(1), lang_offsets])
-    # a fresh tensor (not a view at offset 1): outputs of a custom op must not alias
-    return torch.segment_reduce(rowdot, "sum", offsets=bounds, axis=0)[1:].to(scales.dtype, copy=True)
+    return torch.segment_reduce(rowdot, "sum", offsets=bounds, axis=0)[1:].to(scales.dtype)

@@ -5,9 +5,11 @@
 #
 #   OUT=/tmp/gpu_out scripts/gpu_check.sh                  # all stages
 #   STAGES="tests bench" BENCH_CAP=90 scripts/gpu_check.sh  # a subset
+#   STAGES="profile" scripts/gpu_check.sh                  # where an eager call's time goes
 #
-# Files in $OUT (8 at most, flat): env.txt, bench.md (table), bench.csv, bench.log,
-# sweep.csv, sweep.log, tests.log, junit.xml. Exit status: the worst stage's.
+# Files in $OUT: env.txt, bench.log (progress, then the markdown table), bench.csv, sweep.csv,
+# sweep.log, profile.log, train.log + train/{results.md,steps.csv}, tests.log, junit.xml (the device
+# tool brings back 8 files: pick STAGES accordingly). Exit status: the last failing stage's.
 # Needs torch with CUDA, triton, pytest (pytest-xdist and pytest-timeout are used when present)
 # and, for the peft row, peft. Nothing is built: the Triton backend compiles its kernels at run time.
 set -u
@@ -56,19 +58,45 @@ PY
 fi
 
 if want bench; then
-  stamp "bench (cap ${BENCH_CAP}s) -> $OUT/bench.md, bench.csv, bench.log"
+  stamp "bench (cap ${BENCH_CAP}s) -> $OUT/bench.log, bench.csv"
   timeout -k 10 $((BENCH_CAP + 90)) "$PY" benchmarks/bench_triton_gpu.py --time-cap "$BENCH_CAP" \
-      --csv "$OUT/bench.csv" > "$OUT/bench.md" 2> "$OUT/bench.log"
-  rc=$?; [ $rc -ne 0 ] && { stamp "bench exit $rc"; tail -20 "$OUT/bench.log"; status=$rc; }
-  cat "$OUT/bench.md"
+      --csv "$OUT/bench.csv" > "$OUT/bench.log" 2>&1
+  rc=$?; [ $rc -ne 0 ] && { stamp "bench exit $rc"; status=$rc; }
+  sed -n '/^bf16, lang30/,$p' "$OUT/bench.log"
+  grep -E "failed|Error" "$OUT/bench.log" | head -20
+fi
+
+if want profile; then
+  stamp "profile -> $OUT/profile.log"
+  timeout -k 10 120 "$PY" benchmarks/bench_triton_gpu.py --profile --shapes "${PROFILE_SHAPE:-1024x4096}" \
+      --csv "$OUT/profile.csv" > "$OUT/profile.log" 2>&1
+  rc=$?; [ $rc -ne 0 ] && { stamp "profile exit $rc"; tail -20 "$OUT/profile.log"; status=$rc; }
+  rm -f "$OUT/profile.csv"
+  grep -E "us/call" "$OUT/profile.log"
 fi
 
 if want sweep; then
   stamp "sweep (cap ${SWEEP_CAP}s) -> $OUT/sweep.csv, sweep.log"
+  # SWEEP_ARGS narrows it, e.g. "--shapes 1024x4096 --decode-tokens 0".
+  # shellcheck disable=SC2086
   timeout -k 10 $((SWEEP_CAP + 90)) "$PY" benchmarks/bench_triton_gpu.py --sweep --quick --time-cap "$SWEEP_CAP" \
-      --csv "$OUT/sweep.csv" > "$OUT/sweep.log" 2>&1
+      ${SWEEP_ARGS:-} --csv "$OUT/sweep.csv" > "$OUT/sweep.log" 2>&1
   rc=$?; [ $rc -ne 0 ] && { stamp "sweep exit $rc"; status=$rc; }
   grep -E "best|Error|error" "$OUT/sweep.log" | tail -40
+fi
+
+if want train; then
+  # One whole-model training step at the M2M-124 615M shape (random weights): LSLo vs ft-all vs
+  # the frozen model, time and peak memory (benchmarks/bench_train_step.py, issue 8). Run from a
+  # full checkout (it needs the lslo package). TRAIN_ARGS adds options, e.g. "--rounds 5".
+  # shellcheck disable=SC2086
+  stamp "train step (cap ${TRAIN_CAP:-100}s) -> $OUT/train.log, train/results.md, train/steps.csv"
+  timeout -k 10 $((${TRAIN_CAP:-100} + 120)) "$PY" benchmarks/bench_train_step.py --device cuda --precision bf16 \
+      --time-cap "${TRAIN_CAP:-100}" --tiny-steps 0 --sensitivity "" ${TRAIN_ARGS:-} --out "$OUT/train" \
+      > "$OUT/train.log" 2>&1
+  rc=$?; [ $rc -ne 0 ] && { stamp "train exit $rc"; tail -20 "$OUT/train.log"; status=$rc; }
+  find "$OUT/train" -type f ! -name results.md ! -name steps.csv -delete 2>/dev/null
+  cat "$OUT/train/results.md" 2>/dev/null | head -40
 fi
 
 if want tests; then

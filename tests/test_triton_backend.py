@@ -280,8 +280,9 @@ def test_launcher_rejects_bad_input():
     with pytest.raises(TypeError, match="float64"):
         triton_kernels.lora_forward_triton(x.double(), base.double(), *_direct_args(
             {**case, "lora_a": case["lora_a"].double(), "lora_b": case["lora_b"].double()}))
-    with pytest.raises(ValueError, match="max_rank=2"):
-        triton_kernels.lora_forward_triton(x, base, *args[:-1], 2)
+    if args[4].device.type == "cpu":  # on CUDA the check would cost a host sync: the kernels clamp instead
+        with pytest.raises(ValueError, match="max_rank=2"):
+            triton_kernels.lora_forward_triton(x, base, *args[:-1], 2)
     with pytest.raises(ValueError, match="rank_offsets"):
         triton_kernels.lora_forward_triton(x, base, *args[:4], args[4].int(), *args[5:])
     with pytest.raises(ValueError, match="prune_mask"):
