@@ -1,10 +1,17 @@
-"""``python -m benchmarks``: run the benchmark suite, append to the CSV, redraw plots and the README table.
+"""``python -m benchmarks``: run the benchmark suite into an output folder: CSV, plots, table.
+
+Each run writes ``results.csv``, the PNG plots and ``README.md`` (the tables) into ``--out``
+(default ``runs/benchmarks/<UTC time>`` under the current directory) and ends its terminal output
+with the summary table. Files of the checkout are written only on request: ``--readme`` regenerates
+the committed table of ``benchmarks/README.md`` from this run and appends its rows to the committed
+``benchmarks/results/results.csv``.
 
 Examples::
 
     python -m benchmarks --quick                  # ~5 min on 2 CPU cores
     python -m benchmarks                          # every sweep + end to end (long)
     python -m benchmarks --quick --providers naive,reference,cpp --only headline
+    python -m benchmarks --quick --readme         # ... and publish it as the committed table
     python -m benchmarks --list                   # the cases, without running them
 
 ``lslo bench`` forwards its arguments to :func:`main`.
@@ -13,6 +20,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
 from pathlib import Path
 
 import torch
@@ -20,7 +28,7 @@ import torch
 __all__ = ["main"]
 
 _HERE = Path(__file__).resolve().parent
-DEFAULT_OUT = _HERE / "results"
+HISTORY_CSV = _HERE / "results" / "results.csv"  # committed: rows of the runs published with --readme
 DEFAULT_README = _HERE / "README.md"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -39,11 +47,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                        help="folder of results.csv and the PNG plots (default benchmarks/results)")
-    parser.add_argument("--readme", type=Path, default=None,
-                        help="markdown file whose results block is regenerated (default benchmarks/README.md, "
-                             "or <out>/README.md when --out is given)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder of this run's results.csv, PNG plots and README.md table "
+                             "(default runs/benchmarks/<UTC time>)")
+    parser.add_argument("--readme", type=Path, nargs="?", const=DEFAULT_README, default=None,
+                        help="also regenerate the results block of this markdown file (default when given "
+                             "without a path: the committed benchmarks/README.md) and append the run's rows to "
+                             "benchmarks/results/results.csv")
     parser.add_argument("--only", action="append", default=[],
                         help="run only cases whose sweep or name contains this text (repeatable)")
     parser.add_argument("--reps", type=int, default=None, help="maximum repetitions per case and mode")
@@ -102,10 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.budget is not None:
         opts.budget_s = args.budget
 
-    out = args.out
-    readme = args.readme or (DEFAULT_README if out.resolve() == DEFAULT_OUT.resolve() else out / "README.md")
-    run_suite(cases, opts, out, readme, mode_name="quick" if args.quick else "full",
-              plots=not args.no_plots, e2e=not args.quick and not args.no_e2e)
+    out = args.out or Path("runs") / "benchmarks" / _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    run_suite(cases, opts, out, args.readme, history_csv=HISTORY_CSV if args.readme else None,
+              mode_name="quick" if args.quick else "full", plots=not args.no_plots,
+              e2e=not args.quick and not args.no_e2e)
     return 0
 
 

@@ -18,8 +18,12 @@ They differ in how the factors are laid out and how the mixed batch is evaluated
                      largest rank (rounded up to 16 bytes, which the op requires).
 ``dense_blockmask``  one dense all-languages GEMM ``x @ A_all^T`` (T, R), times a token-language
                      block mask that also carries the scales, then ``@ (B_all * M)^T``.
-``reference`` ...    lslo's own backends through :func:`lslo_kernels.grouped_lora` (``reference``,
-                     ``cpp``, ``triton``: whichever are registered for the device).
+``reference`` ...    lslo's own backends through the layer a model uses, :class:`lslo.LSLoLinear`
+                     with ``backend=`` ``reference``, ``cpp`` or ``triton`` (whichever are
+                     registered for the device): its fast paths included (in place into the base
+                     output without autograd, the compiled autograd entry in training).
+``dual``             (cases that ask for it) :class:`lslo.layer.LSLoDualLinear`: both routings,
+                     source and target, in one layer, mixed by softmax(logits) (Weight Learning).
 
 Each provider is split in two, like a real model would use it:
 
@@ -43,7 +47,7 @@ import torch
 from torch import nn
 
 import lslo_kernels
-from lslo_kernels import Routing, build_routing, grouped_lora
+from lslo_kernels import build_routing, grouped_lora, route_tokens
 
 __all__ = [
     "BASELINES",
@@ -343,6 +347,8 @@ class PreparedProvider:
     skip_training_reason: str = ""
     packed_grads: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
     has_prep: bool = True  # False: ``prepare`` passes the ids through (nothing to report)
+    # (x, metadata) -> what ``run`` must return, when it is not lslo's single-routing op (``dual``)
+    expected: Callable[[torch.Tensor, Any], torch.Tensor] | None = None
 
     def __post_init__(self):
         if self.packed_grads is None and len(self.params) == 2:
@@ -524,18 +530,19 @@ def prepare_provider(name: str, problem: LayerProblem) -> PreparedProvider:
             run=lambda x, block: dense_blockmask(x, base, a, b, p.prune_mask, block),
         )
 
+    if name == "dual":
+        return _prepare_dual(p)
+
     if name in lslo_kernels.available_backends():
         if name not in lslo_backends(p.device):
             raise Skip(f"lslo backend {name!r} does not run on {p.device}")
-        a, b = p.lora_a.clone(), p.lora_b.clone()
-        num_languages, max_rank = p.num_languages, p.max_rank
-
-        def run(x, routing: Routing):
-            return grouped_lora(
-                x, base(x), a, b, p.prune_mask, p.scales, p.rank_offsets, routing, max_rank, backend=name
-            )
-
-        return PreparedProvider(name, [a, b], prepare=lambda lang: build_routing(lang, num_languages), run=run)
+        layer = _lslo_layer(p, name)
+        num_languages, tokens = p.num_languages, p.x.shape[0]
+        return PreparedProvider(
+            name, [layer.lora_A, layer.lora_B],
+            prepare=lambda lang: route_tokens(lang, (tokens,), num_languages),  # once per batch, with the id check
+            run=lambda x, routing: layer(x, lang=routing),
+        )
 
     if name in ("cpp", "triton"):
         try:
@@ -543,3 +550,57 @@ def prepare_provider(name: str, problem: LayerProblem) -> PreparedProvider:
         except ValueError as exc:
             raise Skip(str(exc)) from None
     raise ValueError(f"unknown provider {name!r}; known: {', '.join(available_providers(p.device))}")
+
+
+def _lslo_layer(p: LayerProblem, backend: str):
+    """An ``lslo.LSLoLinear`` around the problem's base holding a copy of its factors, mask and scales."""
+    import lslo
+
+    layer = lslo.LSLoLinear(p.base, p.ranks, backend=backend)
+    with torch.no_grad():
+        layer.lora_A.copy_(p.lora_a)
+        layer.lora_B.copy_(p.lora_b)
+        layer.set_prune_mask(keep=p.prune_mask)
+        layer.scales.copy_(p.scales)
+    return layer
+
+
+def _prepare_dual(p: LayerProblem) -> PreparedProvider:
+    """Weight Learning's layer: both routings around the base, trainable mixing logits (softmax).
+
+    The source-indexed set holds the problem's factors, the target-indexed set another copy; the
+    target language of each token is a fixed permutation of its source language, so both routings
+    differ. Checked against base + w_src * LoRA_src + w_tgt * LoRA_tgt from lslo's reference op.
+    """
+    from lslo.layer import LSLoDualLinear, LSLoMix
+
+    if "cpp" not in lslo_kernels.available_backends(p.device) and p.device.type == "cpu":
+        raise Skip("the dual layer is measured on the cpp backend, which is not built")
+    mix = LSLoMix((0.3, -0.2))
+    layer = LSLoDualLinear(p.base, p.ranks, mix=mix)
+    with torch.no_grad():
+        for factors in (layer.src, layer.tgt):
+            factors.lora_A.copy_(p.lora_a)
+            factors.lora_B.copy_(p.lora_b)
+            factors.set_prune_mask(keep=p.prune_mask)
+            factors.scales.copy_(p.scales)
+    num_languages, tokens = p.num_languages, p.x.shape[0]
+    shift = torch.roll(torch.arange(num_languages, device=p.device), 1)
+
+    def prepare(lang):
+        tgt = torch.where(lang < 0, lang, shift[lang.clamp(min=0)])
+        return (route_tokens(lang, (tokens,), num_languages), route_tokens(tgt, (tokens,), num_languages))
+
+    def expected(x, routings):
+        w = mix().detach()
+        y = p.base(x)
+        for weight, routing in zip(w, routings):
+            y = y + weight * grouped_lora(x, torch.zeros_like(y), p.lora_a, p.lora_b, p.prune_mask, p.scales,
+                                          p.rank_offsets, routing, p.max_rank, backend="reference")
+        return y
+
+    return PreparedProvider(
+        "dual", [layer.src.lora_A, layer.src.lora_B, layer.tgt.lora_A, layer.tgt.lora_B, mix.logits],
+        prepare=prepare, run=lambda x, routings: layer(x, *routings), expected=expected,
+        packed_grads=lambda: (layer.src.lora_A.grad, layer.src.lora_B.grad),
+    )

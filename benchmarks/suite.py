@@ -34,6 +34,10 @@ Metrics written for each (case, mode, provider):
 ``prep_ms``           the per-batch metadata build described above.
 ``max_abs_err``       max |y - y_ref| of the provider's forward against lslo's reference backend
                       on the case's inputs (a provider computing the wrong thing shows here).
+``above_base_us``     (sweep ``fixed_cost``) quantiles of the per-round difference provider - base, in
+                      microseconds: the fixed cost a layer call adds to its base ``nn.Linear``.
+``ratio_vs_single``   (provider ``dual``) quantiles of the per-round ratio dual / ``cpp``: a layer
+                      with both routings (Weight Learning) against one routing, same step.
 ``skipped``           the provider could not run the case; ``note`` says why.
 ``foreign_cpu``       (provider ``-``) share of the machine's CPU that other processes used while
                       the case ran (from /proc/stat): on a shared machine, the trust to give it.
@@ -88,7 +92,8 @@ CSV_FIELDS = [
 
 UNITS = {
     "time_ms": "ms", "ratio_vs_base": "x", "speedup_vs_naive": "x", "peak_mb": "MiB",
-    "saved_mb": "MiB", "prep_ms": "ms", "max_abs_err": "abs", "skipped": "",
+    "saved_mb": "MiB", "prep_ms": "ms", "max_abs_err": "abs", "skipped": "", "above_base_us": "us",
+    "ratio_vs_single": "x",
 }
 
 
@@ -154,6 +159,7 @@ class Case:
     spread: str = "uniform"
     density: float = 1.0  # ignored when the ranks label fixes the mask (lang30)
     modes: tuple[str, ...] = ("fwd+bwd",)
+    extra_providers: tuple[str, ...] = ()  # measured in this case only (e.g. "dual")
 
     @property
     def x_value(self):
@@ -183,6 +189,8 @@ def quick_cases() -> list[Case]:
     cases += [Case("L", "L", 1024, 1024, 2048, languages=n, ranks="r8") for n in (1, 100)]
     cases += [Case("spread", "spread", 1024, 1024, 2048, spread=s) for s in ("zipf", "single", "tiny")]
     cases += [Case("ranks", "ranks", 1024, 1024, 2048, ranks="mix2/8/64")]
+    cases += [Case("fixed_cost", "T", 32, 32, t, modes=("fwd",)) for t in (1, 5)]
+    cases += [Case("weight_learning", "shape", 1024, 1024, 2048, extra_providers=("dual",))]
     return cases
 
 
@@ -204,6 +212,8 @@ def full_cases() -> list[Case]:
               for s in SPREADS for t, m in ((2048, "fwd+bwd"), (160, "fwd"))]
     cases += [Case("density", "density", 1024, 1024, t, ranks="r8", density=dens, modes=(m,))
               for dens in (1.0, 0.1) for t, m in ((2048, "fwd+bwd"), (160, "fwd"))]
+    cases += [Case("fixed_cost", "T", 32, 32, t, modes=("fwd",)) for t in (1, 5, 160)]
+    cases += [Case("weight_learning", "shape", k, d, 2048, extra_providers=("dual",)) for k, d in SHAPES]
     return cases
 
 
@@ -385,6 +395,7 @@ def measure_case(case: Case, mode: str, opts: Options) -> list[dict]:
     for required in ("base",):  # every ratio is against it
         if required not in names:
             names.insert(0, required)
+    names += [p for p in case.extra_providers if p not in names]
     training = mode != "fwd"
     rows: list[dict] = []
 
@@ -399,7 +410,7 @@ def measure_case(case: Case, mode: str, opts: Options) -> list[dict]:
     tolerance = 1e-3 if opts.dtype in (torch.float32, torch.float64) else 5e-2
     with torch.no_grad():
         ref = P.prepare_provider("reference", problem)
-        expected = ref.run(problem.x, ref.prepare(problem.lang))
+        reference_out = ref.run(problem.x, ref.prepare(problem.lang))
 
     x = problem.x.detach().clone().requires_grad_(training)
     grad = torch.randn(case.tokens, case.out_features, device=device, dtype=opts.dtype) if training else None
@@ -430,6 +441,7 @@ def measure_case(case: Case, mode: str, opts: Options) -> list[dict]:
                 _sync(device)
                 check_s = time.perf_counter() - t0
             if name != "base":
+                expected = pp.expected(problem.x, meta) if pp.expected is not None else reference_out
                 err = float((y.float() - expected.float()).abs().max())
                 row(name, "max_abs_err", (err, err, err), reps=1,
                     note="" if err <= tolerance * max(1.0, float(expected.abs().max())) else "WRONG OUTPUT")
@@ -481,11 +493,17 @@ def measure_case(case: Case, mode: str, opts: Options) -> list[dict]:
 
     base_times = entries["base"].times if "base" in entries else None
     naive_times = entries["naive"].times if "naive" in entries else None
+    single_times = entries["cpp"].times if "cpp" in entries else None
     for name, entry in entries.items():
         ms = [1e3 * t for t in entry.times]
         row(name, "time_ms", _quantiles(ms), reps=reps)
         if base_times and name != "base":
             row(name, "ratio_vs_base", _quantiles([t / b for t, b in zip(entry.times, base_times)]), reps=reps)
+            if case.sweep == "fixed_cost":
+                row(name, "above_base_us", _quantiles([1e6 * (t - b) for t, b in zip(entry.times, base_times)]),
+                    reps=reps)
+        if single_times and name == "dual":
+            row(name, "ratio_vs_single", _quantiles([t / s for t, s in zip(entry.times, single_times)]), reps=reps)
         if naive_times and name not in ("naive", "base"):
             row(name, "speedup_vs_naive", _quantiles([n / t for t, n in zip(entry.times, naive_times)]), reps=reps)
         _clear_grads(x, entry.provider.params)
@@ -691,11 +709,16 @@ def read_rows(csv_path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def run_suite(cases: Sequence[Case], opts: Options, out_dir: Path, readme: Path, *, mode_name: str = "quick",
-              plots: bool = True, e2e: bool = False) -> str:
-    """Measure ``cases``, append to ``out_dir/results.csv``, redraw plots and the README block.
+def run_suite(cases: Sequence[Case], opts: Options, out_dir: Path, readme: Path | None = None, *,
+              history_csv: Path | None = None, mode_name: str = "quick", plots: bool = True,
+              e2e: bool = False) -> str:
+    """Measure ``cases``; write ``out_dir/results.csv``, the plots and ``out_dir/README.md`` (the table).
 
-    Rows are appended case by case, so an interrupted run keeps what it measured.
+    Rows are appended case by case, so an interrupted run keeps what it measured. Nothing outside
+    ``out_dir`` is written unless asked: ``readme`` (a markdown file whose results block is
+    regenerated from this run, e.g. the committed ``benchmarks/README.md``) and ``history_csv``
+    (a CSV this run's rows are appended to, e.g. the committed ``benchmarks/results/results.csv``).
+    The log ends with the summary table (see :func:`benchmarks.report.terminal_summary`).
 
     Returns:
         The run id of this run (the ``run_id`` column of its rows).
@@ -775,10 +798,21 @@ def run_suite(cases: Sequence[Case], opts: Options, out_dir: Path, readme: Path,
                             "unit": "s", "p20": wall, "p50": wall, "p80": wall,
                             "note": f"1-min load average {load:.2f} at start, {load_end:.2f} at end; "
                                     f"providers {' '.join(names)}"}])
-    log(f"done in {wall / 60:.1f} min; results appended to {csv_path}")
+    rows = read_rows(csv_path)
+    run_rows = [r for r in rows if r.get("run_id") == info["run_id"]]
     if plots:
         for path in plotting.plot_all(csv_path, out_dir, info["run_id"]):
             log(f"plot: {path}")
-    report.update_readme(readme, report.render(read_rows(csv_path), info["run_id"]))
-    log(f"table: {readme}")
+    markdown = report.render(rows, info["run_id"])
+    table = out_dir / "README.md"
+    report.update_readme(table, markdown)
+    log(f"done in {wall / 60:.1f} min; results: {csv_path}; table: {table}")
+    if history_csv is not None:
+        append_rows(history_csv, run_rows)
+        log(f"rows appended to {history_csv}")
+    if readme is not None and Path(readme).resolve() != table.resolve():
+        report.update_readme(readme, markdown)
+        log(f"table regenerated in {readme}")
+    log("")
+    log(report.terminal_summary(run_rows, info["run_id"]))
     return info["run_id"]

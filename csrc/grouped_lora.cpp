@@ -51,11 +51,14 @@ namespace {
 constexpr int kTokensPerChunk = 8;
 // Rows of dB transposed back per parallel task.
 constexpr int64_t kTransposeRows = 64;
-// Below this many streamed elements run on the calling thread: a fork/join costs a few us even
-// when the other threads are spinning, and much more when they have gone to sleep or the cores are
-// busy. Adjustable with _C.set_min_parallel_work (benchmarks/crossover.py measures the crossover).
+// Below this many streamed elements (T * (k + 2 d) + present ranks * (k + d)) a call runs on the
+// calling thread: a fork/join costs a few us even when the other threads spin, and milliseconds
+// when the other cores are busy. benchmarks/crossover.py, 2 idle Xeon cores, in-place forward,
+// lang30: fork / no fork = 1.38 at work 19456 (1024->1024, T=1), 1.02 at 38912 (T=2), 0.87 at
+// 65536 (T=4), 1.25 at 50176 (1024->4096, T=1), 0.68 at 100352 (T=2); 32->32 never gains (1.11-1.60
+// up to T=160, work 24576). Adjustable with _C.set_min_parallel_work.
 std::atomic<int64_t>& min_parallel_work_setting() {
-  static std::atomic<int64_t> work{int64_t(1) << 15};
+  static std::atomic<int64_t> work{int64_t(1) << 16};
   return work;
 }
 

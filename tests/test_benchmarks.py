@@ -127,15 +127,23 @@ def test_spreads(spread):
 def test_suite_writes_csv_plot_and_readme(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# hand-written intro\n\nkept.\n")
+    out = tmp_path / "out"
     cases = [
         Case("headline", "shape", 32, 48, 40, modes=("fwd+bwd", "fwd")),
         Case("T_decode", "T", 32, 48, 7, modes=("fwd",)),
         Case("L", "L", 32, 48, 24, languages=3, ranks="mix2/8/64", spread="tiny", modes=("bwd",)),
     ]
-    opts = Options(threads=1, min_reps=2, max_reps=2, budget_s=0.1, min_measure_s=0.0, log=lambda msg: None)
-    run_id = run_suite(cases, opts, tmp_path, readme, mode_name="test")
+    log = []
+    opts = Options(threads=1, min_reps=2, max_reps=2, budget_s=0.1, min_measure_s=0.0, log=log.append)
+    run_id = run_suite(cases, opts, out, readme, history_csv=tmp_path / "history.csv", mode_name="test")
 
-    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert list(csv.DictReader((tmp_path / "history.csv").open())) == rows  # published: the run's rows
+    # the terminal output ends with the summary table, what the ratio means, and the providers
+    summary = log[-1]
+    assert "32->48 T=40" in summary and "ratio = provider time / base nn.Linear time" in summary
+    assert "providers:" in summary and "naive" in summary.split("providers:")[1]
+    assert (out / "README.md").read_text().count(report.BEGIN) == 1
     assert {r["run_id"] for r in rows} == {run_id}
     layer = [r for r in rows if r["op"] == "lslo_linear"]
     timed = {(r["provider"], r["mode"]) for r in layer if r["metric"] == "time_ms"}
@@ -151,7 +159,7 @@ def test_suite_writes_csv_plot_and_readme(tmp_path):
     assert all(float(r["p20"]) <= float(r["p50"]) <= float(r["p80"]) for r in layer if r["metric"] == "time_ms")
     assert rows[-1]["op"] == "suite" and float(rows[-1]["p50"]) > 0
 
-    assert (tmp_path / "ratio_vs_base.png").stat().st_size > 0
+    assert (out / "ratio_vs_base.png").stat().st_size > 0
     text = readme.read_text()
     assert text.startswith("# hand-written intro\n\nkept.\n")
     assert report.BEGIN in text and report.END in text
@@ -188,7 +196,8 @@ def test_a_crashing_backend_is_excluded_not_fatal(monkeypatch):
 def test_time_cap_records_unmeasured_cases(tmp_path):
     cases = [Case("headline", "shape", 32, 48, 40, modes=("fwd",)), Case("T_decode", "T", 32, 48, 7, modes=("fwd",))]
     opts = Options(threads=1, hard_stop_s=0.0, log=lambda msg: None)
-    run_suite(cases, opts, tmp_path, tmp_path / "README.md", mode_name="test")
+    run_suite(cases, opts, tmp_path, mode_name="test")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "results.csv"]  # nothing else written
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
     skipped = [r for r in rows if r["op"] == "lslo_linear"]
     assert len(skipped) == 2 and all(r["metric"] == "skipped" and "cap" in r["note"] for r in skipped)
@@ -222,3 +231,32 @@ def test_e2e_on_a_toy_model():
         return
     assert train["lslo"]["metric"] == "tokens_per_s", train["lslo"].get("note")
     assert train["naive"]["metric"] == "tokens_per_s" and train["peft"]["metric"] == "skipped"
+
+
+def test_cli_writes_under_runs_by_default_and_publishes_only_on_request(monkeypatch, tmp_path):
+    from benchmarks import __main__ as cli
+    from benchmarks import suite
+
+    calls = []
+    monkeypatch.setattr(suite, "run_suite", lambda cases, opts, out, readme, **kw: calls.append((out, readme, kw)))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["--quick", "--only", "fixed_cost"]) == 0
+    out, readme, kw = calls[-1]
+    assert out.parts[:2] == ("runs", "benchmarks") and readme is None and kw["history_csv"] is None
+    assert cli.main(["--quick", "--only", "fixed_cost", "--readme"]) == 0
+    out, readme, kw = calls[-1]
+    assert readme == cli.DEFAULT_README and kw["history_csv"] == cli.HISTORY_CSV
+
+
+def test_fixed_cost_and_dual_cases_report_their_metrics(tmp_path):
+    if "cpp" not in lslo_kernels.available_backends("cpu"):
+        pytest.skip("cpp not built")
+    opts = Options(threads=1, min_reps=2, max_reps=2, budget_s=0.1, min_measure_s=0.0, measure_memory=False,
+                   providers=["cpp"], log=lambda msg: None)
+    fixed = measure_case(Case("fixed_cost", "T", 16, 16, 3, languages=4, ranks="r2", modes=("fwd",)), "fwd", opts)
+    assert any(r["provider"] == "cpp" and r["metric"] == "above_base_us" for r in fixed)
+    dual = measure_case(Case("weight_learning", "shape", 16, 24, 40, languages=4, ranks="mix2/8",
+                             extra_providers=("dual",)), "fwd+bwd", opts)
+    metrics = {(r["provider"], r["metric"]): r for r in dual}
+    assert ("dual", "ratio_vs_single") in metrics and ("dual", "time_ms") in metrics
+    assert not metrics[("dual", "max_abs_err")]["note"]  # checked against two weighted reference calls
