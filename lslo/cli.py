@@ -228,6 +228,23 @@ def build_parser() -> argparse.ArgumentParser:
                                                "direction, and the paper's direction-group table.")
     _add_dataclass_arguments(evaluate, EvalArguments)
     evaluate.set_defaults(handler=_cmd_eval)
+
+    demo = commands.add_parser("demo", help="the paper's experiment on synthetic languages, on a CPU, no downloads",
+                               description="Synthetic languages, a tiny pretrained M2M-100, then Pretrain / Ft-all / "
+                                           "LSLo (equal ranks, 2;2;8, 2;2;8+GPS) fine-tuned with `lslo train` and "
+                                           "scored by direction group.")
+    demo.add_argument("--output-dir", default="runs/demo", help="where everything goes (default: runs/demo)")
+    demo.add_argument("--quick", action="store_true", help="small settings (about 2 minutes)")
+    demo.add_argument("--model", help="a real base model instead of the synthetic one (with --flores-dir)")
+    demo.add_argument("--flores-dir", help="FLORES-101 folder instead of the synthetic corpus (with --model)")
+    demo.add_argument("--languages", help="codes or lang12/lang30 (default: the synthetic languages; lang12 with FLORES)")
+    demo.add_argument("--epochs", type=int, help="fine-tuning epochs (default: 8, --quick 2)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the corpus, pretraining and runs (default: 0)")
+    demo.add_argument("--overwrite", action="store_true", help="start again in an output dir that holds a run")
+    demo.add_argument("--resume", action="store_true", help="continue an interrupted demo (stages done are kept)")
+    demo.add_argument("--analyses", action="store_true", help="also Weight Learning, ISE and a rank plan")
+    demo.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    demo.set_defaults(handler=_cmd_demo)
     _add_analysis_commands(commands)
     return parser
 
@@ -365,6 +382,24 @@ def _cmd_train(args) -> int:
         from lslo.evaluate import format_table
 
         print(format_table({values.get("method", "pretrain"): result.scores}, style="plain"))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    import signal
+
+    from lslo.demo.run import run_demo
+    from lslo.train import Interrupted
+
+    try:
+        run_demo(args.output_dir, quick=args.quick, model=args.model, flores_dir=args.flores_dir,
+                 languages=args.languages, epochs=args.epochs, seed=args.seed, overwrite=args.overwrite,
+                 resume=args.resume, analyses=args.analyses, progress=args.progress)
+    except (Interrupted, KeyboardInterrupt) as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        print(f"lslo: demo interrupted; what is done is saved in {args.output_dir}; continue with "
+              f"`lslo demo --output-dir {args.output_dir} --resume`", file=sys.stderr)
+        return 128 + int(signum)
     return 0
 
 

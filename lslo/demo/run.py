@@ -1,0 +1,415 @@
+"""``lslo demo``: the paper's experiment end to end on a laptop CPU, no downloads.
+
+Stages (each recorded in ``<output-dir>/demo_state.json`` when done, so an interrupted demo resumes
+where it stopped with ``--resume``):
+
+1. ``data``: the synthetic multi-way corpus (:mod:`lslo.demo.synthetic`) in the FLORES-101 layout,
+   plus an imbalanced pretraining TSV;
+2. ``pretrain``: a tiny M2M-100 pretrained many-to-many on it (:mod:`lslo.demo.base_model`, through
+   :func:`lslo.train.train`), so that it starts out knowing the high-resource languages well;
+3. one stage per system, fine-tuned on the balanced ``dev`` split with :func:`lslo.train.train` exactly
+   as ``lslo train`` would on FLORES, and scored on ``devtest`` with beam search through
+   :func:`lslo.evaluate.evaluate`: ``Pretrain`` (zero-shot), ``Ft-all``, LSLo with equal ranks, LSLo
+   with heterogeneous ranks, and heterogeneous ranks + the Gradual Pruning Schedule on the high- and
+   medium-resource languages;
+4. ``report``: the direction-group table (terminal and ``report.md``), per-direction CSV/JSON, the
+   per-epoch H2H/V2V curves (Figure 3) and a bar chart of the table.
+
+With ``model=`` and ``flores_dir=`` the same systems run on a real model and FLORES-101 (stages 1-2
+skipped). Scores on the artificial languages are BLEU and chrF++ with sacrebleu's standard
+tokenizers, labelled as such; nothing is tuned to echo the paper's numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from ..io import atomic_write_file
+
+__all__ = ["FULL", "QUICK", "DemoSettings", "DemoSystem", "run_demo"]
+
+STATE_FILE = "demo_state.json"
+
+
+@dataclass(frozen=True)
+class DemoSystem:
+    """One row of the table: a name, and the :class:`lslo.train.TrainArguments` fields it sets."""
+
+    name: str
+    train: Mapping[str, Any] | None  # None: evaluation of the base model only (zero-shot)
+
+    @property
+    def slug(self) -> str:
+        return "".join(c if c.isalnum() else "-" for c in self.name.lower()).strip("-").replace("--", "-")
+
+
+def _systems(prune_start: int, prune_duration: int, ft_lr: float, lslo_lr: float) -> tuple[DemoSystem, ...]:
+    gps = {"prune": "H=0.9,M=0.9", "prune_start": prune_start, "prune_duration": prune_duration}
+    return (
+        DemoSystem("Pretrain", None),
+        DemoSystem("Ft-all", {"method": "ft-all", "lr": ft_lr}),
+        DemoSystem("LSLo 8;8;8", {"ranks": "8;8;8", "lr": lslo_lr}),
+        DemoSystem("LSLo 2;2;8", {"ranks": "2;2;8", "lr": lslo_lr}),
+        DemoSystem("LSLo 2;2;8+GPS(0.9)", {"ranks": "2;2;8", "lr": lslo_lr, **gps}),
+    )
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Sizes and schedule of a demo run (:data:`FULL`, :data:`QUICK`)."""
+
+    dev_size: int
+    devtest_size: int
+    pretrain_size: int
+    pretrain_steps: int
+    epochs: int
+    max_tokens: int
+    curve_sentences: int  # devtest sentences per direction in the per-epoch curves
+    eval_sentences: int  # devtest sentences per direction in the final table
+    num_beams: int
+    systems: tuple[DemoSystem, ...]
+    warmup_updates: int = 30
+    threads: int = 1  # tiny models run fastest on one intra-op thread
+    model_shape: Mapping[str, int] = field(default_factory=dict)  # PretrainConfig fields (d_model, layers, ...)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["systems"] = [{"name": s.name, "train": dict(s.train) if s.train else None} for s in self.systems]
+        data["model_shape"] = dict(self.model_shape)
+        return data
+
+
+FULL = DemoSettings(dev_size=300, devtest_size=200, pretrain_size=150_000, pretrain_steps=1200, epochs=8,
+                    max_tokens=2048, curve_sentences=20, eval_sentences=100, num_beams=4,
+                    systems=_systems(prune_start=2, prune_duration=4, ft_lr=1e-3, lslo_lr=3e-3))
+# A smoke run of every stage (tests, a first look): a smaller model, fewer sentences, greedy decoding.
+QUICK = DemoSettings(dev_size=24, devtest_size=8, pretrain_size=4_000, pretrain_steps=60, epochs=2,
+                     max_tokens=1024, curve_sentences=2, eval_sentences=4, num_beams=1, warmup_updates=10,
+                     systems=_systems(prune_start=1, prune_duration=1, ft_lr=1e-3, lslo_lr=3e-3),
+                     model_shape={"d_model": 32, "layers": 2, "ffn_dim": 64, "vocab_size": 400})
+
+
+@dataclass
+class DemoResult:
+    output_dir: Path
+    table: str
+    summary: str
+    seconds: dict[str, float] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+class _State:
+    """``demo_state.json``: the settings of the run and the stages done (with their seconds)."""
+
+    def __init__(self, path: Path, settings: dict[str, Any], resume: bool):
+        self.path = path
+        self.data = {"settings": settings, "done": {}}
+        if resume and path.is_file():
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            differing = sorted(k for k in set(saved.get("settings", {})) | set(settings)
+                               if saved.get("settings", {}).get(k) != settings.get(k))
+            if differing:
+                raise ValueError(f"--resume: {path.parent} holds a demo with other settings ({', '.join(differing)}); "
+                                 "pass --overwrite to start again")
+            self.data = saved
+
+    def done(self, stage: str) -> bool:
+        return stage in self.data["done"]
+
+    def mark(self, stage: str, seconds: float, **info) -> None:
+        self.data["done"][stage] = {"seconds": seconds, **info}
+        atomic_write_file(self.path, lambda tmp: Path(tmp).write_text(json.dumps(self.data, indent=2)))
+
+    def seconds(self) -> dict[str, float]:
+        return {stage: info["seconds"] for stage, info in self.data["done"].items()}
+
+
+def run_demo(
+    output_dir: str = "runs/demo",
+    *,
+    quick: bool = False,
+    model: str | None = None,
+    flores_dir: str | None = None,
+    languages: str | Sequence[str] | None = None,
+    epochs: int | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    resume: bool = False,
+    analyses: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> DemoResult:
+    """Run the demo (see the module docstring) into ``output_dir``.
+
+    Args:
+        output_dir: where everything goes; refused when it holds another run, unless ``overwrite``
+            (start again) or ``resume`` (continue, stages already done are kept).
+        quick: the small settings (:data:`QUICK`: about 2 minutes) instead of :data:`FULL`.
+        model, flores_dir: a real base model and FLORES-101 folder instead of the synthetic set-up
+            (both or neither).
+        languages: codes or a set name (default: the synthetic languages, or lang12 with FLORES).
+        epochs: fine-tuning epochs (default: the settings').
+        seed: seed of the corpus, the pretraining and every run.
+        analyses: also run Weight Learning, Intrinsic Subspace Estimation and a rank plan
+            (:func:`lslo.analysis.run_analyses`) and report whether ISE recovers the resource levels.
+        progress: progress bars.
+        log: receives one-line progress messages.
+
+    Returns:
+        A :class:`DemoResult` (the printed table and summary, stage times, written files).
+    """
+    import torch
+
+    if (model is None) != (flores_dir is None):
+        raise ValueError("give both --model and --flores-dir (a real model on FLORES-101), or neither (the synthetic demo)")
+    settings = QUICK if quick else FULL
+    if epochs is not None:
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+        settings = replace(settings, epochs=epochs)
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output-dir {out} is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (overwrite or resume):
+        raise ValueError(f"--output-dir {out} already holds a run; pass --resume to continue it or --overwrite to "
+                         "start again")
+    if overwrite and out.is_dir():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if flores_dir is not None:
+        from ..data import load_flores, resolve_languages
+
+        codes = list(resolve_languages(languages or "lang12", flores_dir=flores_dir))
+        load_flores(flores_dir, codes, "dev")  # a folder not in the FLORES layout fails here, before any work
+        load_flores(flores_dir, codes, "devtest")
+    else:
+        from .synthetic import DEFAULT_LANGUAGES
+
+        codes = list(DEFAULT_LANGUAGES) if languages is None else (
+            languages.split(",") if isinstance(languages, str) else list(languages))
+    run_settings = {**settings.to_dict(), "seed": seed, "languages": codes, "model": model, "flores_dir": flores_dir,
+                    "analyses": analyses}
+    state = _State(out / STATE_FILE, run_settings, resume)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)
+    try:
+        corpus_dir, base_dir = _prepare(out, state, settings, codes, seed, model, flores_dir, progress, log)
+        rows = {}
+        for system in settings.systems:
+            rows[system.name] = _run_system(out, state, settings, system, codes, seed, base_dir, corpus_dir,
+                                            progress, log)
+        analysis = _analyses(out, state, base_dir, corpus_dir, codes, seed, log) if analyses else None
+        return _report(out, state, settings, codes, base_dir, rows, analysis, synthetic=flores_dir is None, log=log)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _prepare(out, state, settings, codes, seed, model, flores_dir, progress, log) -> tuple[Path, Path]:
+    if flores_dir is not None:
+        return Path(flores_dir), Path(model)
+    from .base_model import PretrainConfig, pretrain_base_model
+    from .synthetic import CorpusSpec, write_corpus
+
+    corpus_dir, base_dir = out / "data", out / "base_model"
+    if not state.done("data"):
+        clock = time.perf_counter()
+        log("[demo] 1/4 generating the synthetic languages and corpus")
+        write_corpus(corpus_dir, CorpusSpec(languages=tuple(codes), dev_size=settings.dev_size,
+                                            devtest_size=settings.devtest_size,
+                                            pretrain_size=settings.pretrain_size, seed=seed))
+        state.mark("data", time.perf_counter() - clock)
+    if not state.done("pretrain"):
+        clock = time.perf_counter()
+        log(f"[demo] 2/4 pretraining the tiny base model ({settings.pretrain_steps} steps, imbalanced corpus)")
+        config = PretrainConfig(steps=settings.pretrain_steps, seed=seed, threads=settings.threads,
+                                **settings.model_shape)
+        result = pretrain_base_model(corpus_dir, base_dir, config,
+                                     progress=progress, log=log)
+        state.mark("pretrain", time.perf_counter() - clock, steps=result.steps, parameters=result.num_parameters)
+    return corpus_dir, base_dir
+
+
+def _load_system(base_dir: Path, final_dir: Path | None, method: str | None):
+    from ..model import load_adapters, load_base_model
+
+    if final_dir is not None and method == "ft-all":
+        return load_base_model(str(final_dir))
+    model = load_base_model(str(base_dir))
+    if final_dir is not None:
+        load_adapters(model, final_dir)
+    return model
+
+
+def _run_system(out, state, settings, system: DemoSystem, codes, seed, base_dir, corpus_dir, progress, log):
+    from transformers import AutoTokenizer
+
+    from ..data import load_flores
+    from ..evaluate import Scorer, evaluate, write_scores
+    from ..model import get_lslo_config, parameter_report
+    from ..train import TrainArguments, train
+
+    stage = f"system:{system.name}"
+    run_dir = out / "systems" / system.slug
+    scores_path = run_dir / "scores.json"
+    if state.done(stage):
+        return json.loads(scores_path.read_text(encoding="utf-8"))["rows"]
+    clock = time.perf_counter()
+    final_dir = None
+    if system.train is not None:
+        log(f"[demo] 3/4 fine-tuning {system.name} ({settings.epochs} epochs on dev)")
+        values = {
+            "model": str(base_dir), "flores_dir": str(corpus_dir), "languages": ",".join(codes),
+            "output_dir": str(run_dir / "run"), "epochs": settings.epochs, "max_tokens": settings.max_tokens,
+            "warmup_updates": settings.warmup_updates, "seed": seed + 1, "cpu": True, "progress": progress,
+            "eval_every_epoch": True, "eval_sentences": settings.curve_sentences, "num_beams": 1, "log_every": 20,
+            **system.train,
+        }
+        resume = (run_dir / "run").is_dir()
+        result = train(TrainArguments(**values, resume=resume))
+        final_dir = result.final_dir
+    else:
+        log(f"[demo] 3/4 evaluating {system.name} (the base model, zero-shot)")
+    model = _load_system(base_dir, final_dir, (system.train or {}).get("method"))
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    references = load_flores(corpus_dir, codes, "devtest")
+    rows = evaluate(model, tokenizer, references, None, num_beams=settings.num_beams, max_new_tokens=96,
+                    max_sentences=settings.eval_sentences, scorer=Scorer(warn=False), progress=progress)
+    config = get_lslo_config(model)
+    params = parameter_report(model)["total"] if config is not None else (
+        sum(p.numel() for p in model.parameters()) if system.train else None)
+    write_scores(rows, run_dir, name="scores", metadata={"system": system.name, "params": params,
+                                                         "num_beams": settings.num_beams,
+                                                         "eval_sentences": settings.eval_sentences})
+    state.mark(stage, time.perf_counter() - clock, params=params)
+    return rows
+
+
+def _analyses(out, state, base_dir, corpus_dir, codes, seed, log) -> dict[str, Any] | None:
+    from ..analysis import run_analyses
+
+    path = out / "analyses" / "summary.json"
+    if state.done("analyses"):
+        return json.loads(path.read_text(encoding="utf-8"))
+    clock = time.perf_counter()
+    log("[demo] analyses: Weight Learning, Intrinsic Subspace Estimation, rank plan")
+    sizes = None
+    info = Path(corpus_dir) / "languages.json"
+    if info.is_file():  # the synthetic languages' true pretraining sizes: what ISE should recover
+        sizes = {c: v["pretrain_sentences"] for c, v in json.loads(info.read_text())["languages"].items() if c in codes}
+    result = run_analyses(base_dir, corpus_dir, out / "analyses", languages=codes, resource_sizes=sizes, seed=seed + 2)
+    summary = {k: v for k, v in result.items() if isinstance(v, (str, int, float, bool, dict, list, type(None)))}
+    atomic_write_file(path, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2, default=str)))
+    state.mark("analyses", time.perf_counter() - clock)
+    return summary
+
+
+def _summary_line(tables: Mapping[str, Mapping[str, Any]], metric_label: str) -> str:
+    """What the table shows, in one line, from the numbers (whichever way they came out)."""
+    def score(system, column):
+        table = tables.get(system)
+        return None if table is None else table["scores"].get(column)
+
+    parts = []
+    base_h, ft_h = score("Pretrain", "H2H"), score("Ft-all", "H2H")
+    if base_h is not None and ft_h is not None:
+        parts.append(f"Ft-all {'lowers' if ft_h < base_h else 'raises'} H2H {metric_label} from {base_h:.1f} to {ft_h:.1f}")
+    best = "LSLo 2;2;8+GPS(0.9)"
+    gps_h, gps_v, ft_v = score(best, "H2H"), score(best, "V2V"), score("Ft-all", "V2V")
+    if gps_h is not None and ft_h is not None:
+        parts.append(f"{best} reaches H2H {gps_h:.1f} ({gps_h - ft_h:+.1f} vs Ft-all)")
+    if gps_v is not None and ft_v is not None:
+        parts.append(f"V2V {gps_v:.1f} ({gps_v - ft_v:+.1f} vs Ft-all)")
+    avgs = {s: t["avg_directions"] for s, t in tables.items() if t.get("avg_directions") is not None}
+    if avgs:
+        top = max(avgs, key=avgs.get)
+        parts.append(f"best average: {top} ({avgs[top]:.1f})")
+    return "; ".join(parts) + "." if parts else "no comparable scores."
+
+
+def _report(out, state, settings, codes, base_dir, rows, analysis, *, synthetic: bool, log) -> DemoResult:
+    from ..evaluate import format_table, group_table, plot_epoch_curves, plot_group_bars
+    from ..model import format_parameter_report, parameter_report
+    from ..train import METRICS_NAME
+
+    clock = time.perf_counter()
+    params = {}
+    for system in settings.systems:
+        info = state.data["done"].get(f"system:{system.name}", {})
+        params[system.name] = info.get("params")
+    metric = "bleu"
+    tables = {name: group_table(r, metric=metric) for name, r in rows.items()}
+    table_text = format_table(rows, params=params, style="plain")
+    table_md = format_table(rows, params=params, style="markdown")
+    summary = _summary_line(tables, "BLEU")
+
+    files = {}
+    history = {}
+    for system in settings.systems:
+        metrics = out / "systems" / system.slug / "run" / METRICS_NAME
+        if system.train is None or not metrics.is_file():
+            continue
+        epochs = {}
+        for line in metrics.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            if record.get("type") == "epoch" and record["epoch"] >= 1:
+                epochs[record["epoch"]] = {k.split("/", 1)[1]: v for k, v in record.items() if k.startswith("bleu/")}
+        if epochs:
+            history[system.name] = epochs
+    pretrain_table = tables.get("Pretrain")
+    if history:
+        files["curves"] = out / "curves.png"
+        plot_epoch_curves(history, files["curves"], groups=("H2H", "V2V"), metric=metric,
+                          pretrained=pretrain_table["scores"] if pretrain_table else None,
+                          title=f"devtest BLEU per epoch ({settings.curve_sentences} sentences per direction, greedy)")
+    files["table_png"] = out / "table.png"
+    plot_group_bars(rows, files["table_png"], metric=metric, title="BLEU by direction group (devtest)")
+
+    lslo_system = next((s for s in reversed(settings.systems) if s.train and s.train.get("method") != "ft-all"), None)
+    param_text = ""
+    if lslo_system is not None:
+        model = _load_system(base_dir, out / "systems" / lslo_system.slug / "run" / "final", "lslo")
+        param_text = f"{lslo_system.name}:\n" + format_parameter_report(parameter_report(model))
+    seconds = state.seconds()
+    labels = ("BLEU and chrF++ with sacrebleu's standard tokenizers (13a / chrF word_order=2) on ARTIFICIAL "
+              "languages; not spBLEU, and not comparable with the paper's numbers" if synthetic else
+              "see the metric named in each table")
+    lines = [
+        "# lslo demo report", "",
+        f"Languages: {', '.join(codes)}" + (" (artificial stand-ins, see data/languages.json)" if synthetic else ""),
+        (f"Metric: {labels}. Beam {settings.num_beams}, first {settings.eval_sentences} devtest sentences per "
+         f"direction; fine-tuning {settings.epochs} epochs on dev ({settings.dev_size} sentences per language)."), "",
+        f"**What the table shows:** {summary}", "",
+        table_md, "",
+        "## Parameters", "", "```", param_text, "```", "",
+        "## Stage times (this machine)", "",
+        "| stage | seconds |", "|---|---|",
+        *[f"| {stage} | {secs:.1f} |" for stage, secs in seconds.items()],
+        f"| total | {sum(seconds.values()):.1f} |", "",
+        "## Files", "",
+        ("- `systems/<system>/scores.csv|json`: per-direction scores; `systems/<system>/run/`: the training run "
+         "(metrics.jsonl, checkpoints, final adapters or model)"),
+        "- `curves.png`: H2H and V2V per epoch (the paper's Figure 3); `table.png`: the table as bars",
+        "- `base_model/`: the pretrained tiny model; `data/`: the synthetic corpus" if synthetic else "",
+    ]
+    if analysis is not None:
+        lines += ["", "## Analyses (Weight Learning, Intrinsic Subspace Estimation, plan)", "",
+                  "```", json.dumps(analysis.get("summary", analysis), indent=2, default=str)[:4000], "```"]
+    report = "\n".join(lines) + "\n"
+    files["report"] = out / "report.md"
+    atomic_write_file(files["report"], lambda tmp: Path(tmp).write_text(report, encoding="utf-8"))
+    state.mark("report", time.perf_counter() - clock)
+
+    log("")
+    log(table_text)
+    if param_text:
+        log(param_text)
+    log(f"What the table shows: {summary}")
+    log(f"Metric: {labels}.")
+    log(f"[demo] total {sum(state.seconds().values()):.0f} s; report: {files['report']}")
+    return DemoResult(out, table_text, summary, state.seconds(), files)
