@@ -60,4 +60,5 @@ from lslo_kernels.backends import _unavailable_reasons
 print("[lslo] backends available on cpu:", ", ".join(lslo_kernels.available_backends("cpu")))
 if "cpp" not in lslo_kernels.available_backends("cpu"):
     print("[lslo] WARNING: C++ backend missing:", _unavailable_reasons.get("cpp"))
+    print("[lslo] (set-up is skipped while nothing changes: LSLO_SETUP_FORCE=1 retries the build)")
 PY
