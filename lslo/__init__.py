@@ -6,9 +6,10 @@ import importlib
 
 from .config import LANGUAGE_SETS, RESOURCE_GROUPS, LSLoConfig
 from .context import current_route, route
-from .layer import LSLoLinear
+from .layer import LSLoDualLinear, LSLoLinear, LSLoMix
 from .model import (
     apply_lslo,
+    apply_weight_learning,
     format_parameter_report,
     forward_with_langs,
     get_lslo_config,
@@ -19,12 +20,17 @@ from .model import (
     parameter_report,
     remove_lslo,
     save_adapters,
+    weight_learning_mixes,
 )
+from .pruning import gradual_pruning_ratio, prune, pruning_summary, subspace_scores
 
 __version__ = "0.1.0"
 
 # Names whose modules import transformers: loaded on first use so that `import lslo` stays light.
-_LAZY = {"translate": ".inference", "ForcedLanguageTokens": ".inference", "lang_token_id": ".inference"}
+# (The engine's `train` function is not one of them: `lslo.train` is its module; use
+# `from lslo.train import train`.)
+_LAZY = {"translate": ".inference", "ForcedLanguageTokens": ".inference", "lang_token_id": ".inference",
+         "TrainArguments": ".train", "evaluate_run": ".train", "EvalArguments": ".train"}
 
 
 def __getattr__(name: str):
@@ -38,23 +44,34 @@ def __getattr__(name: str):
 __all__ = [
     "LANGUAGE_SETS",
     "RESOURCE_GROUPS",
+    "EvalArguments",
     "ForcedLanguageTokens",
     "LSLoConfig",
+    "LSLoDualLinear",
     "LSLoLinear",
+    "LSLoMix",
+    "TrainArguments",
     "__version__",
     "apply_lslo",
+    "apply_weight_learning",
     "current_route",
+    "evaluate_run",
     "format_parameter_report",
     "forward_with_langs",
     "get_lslo_config",
+    "gradual_pruning_ratio",
     "lang_token_id",
     "load_adapters",
     "load_base_model",
     "lslo_modules",
     "merge_direction",
     "parameter_report",
+    "prune",
+    "pruning_summary",
     "remove_lslo",
     "route",
     "save_adapters",
+    "subspace_scores",
     "translate",
+    "weight_learning_mixes",
 ]
