@@ -95,14 +95,58 @@ PAPER_ROW = "lang12 2;2;8+WL+GPS(0.9)"
 # SentencePiece pieces per line of lang12 FLORES dev (language token and eos not included) under the proxy
 # (BPE, 32,000 pieces, trained on lang12 devtest), measured 2026-11-27 with sentencepiece 0.2: the
 # lengths of the synthetic corpus when FLORES is not at hand (a device machine).
-LANG12_PROXY_MEAN_PIECES = {"en": 34.4, "fr": 42.1, "de": 41.0, "it": 40.4, "zh": 32.1, "nl": 37.8, "ja": 34.8,
-                            "ko": 34.7, "oc": 41.1, "or": 36.2, "sd": 37.0, "wo": 37.0}
+LANG12_PROXY_MEAN_PIECES = {
+    "en": 34.4,
+    "fr": 42.1,
+    "de": 41.0,
+    "it": 40.4,
+    "zh": 32.1,
+    "nl": 37.8,
+    "ja": 34.8,
+    "ko": 34.7,
+    "oc": 41.1,
+    "or": 36.2,
+    "sd": 37.0,
+    "wo": 37.0,
+}
 # The same at 16k and 64k pieces: the proxy's sensitivity to its vocabulary size (average pieces per line).
 LANG12_PROXY_AVERAGE_BY_VOCAB = {16_000: 42.28, 32_000: 37.38, 64_000: 34.28}
 
 
 def log(message: str) -> None:
     print(message, flush=True)
+
+
+def _suite():
+    """``benchmarks.suite`` (its machine-load measure, profiler silencer, git revision), or None when it
+    does not import (another engineer's work in progress on a device machine): load is then not measured."""
+    try:
+        from benchmarks import suite
+    except Exception as exc:  # noqa: BLE001
+        log(
+            f"[machine] benchmarks.suite does not import ({type(exc).__name__}: {str(exc)[:120]}): "
+            "the load of other processes is not measured in this run"
+        )
+        return None
+    return suite
+
+
+def _snapshot():
+    suite = _suite()
+    return suite._cpu_snapshot() if suite is not None else None
+
+
+def _foreign_share(start, end=None) -> float:
+    suite = _suite()
+    if suite is None:
+        return math.nan
+    return suite.foreign_cpu_share(start, end if end is not None else suite._cpu_snapshot())
+
+
+def _own_cpu_s(start, end) -> float:
+    """CPU seconds this process used between two snapshots (all its threads): under contention a
+    second view of a step's cost, less inflated than its wall time (spin-waiting threads still count)."""
+    return end[1] - start[1] if start is not None and end is not None else math.nan
 
 
 # ------------------------------------------------------------------------------ data
@@ -137,8 +181,11 @@ def proxy_tokenizer(flores_dir: Path, languages: Sequence[str], workdir: Path, v
     from lslo.testing import make_tokenizer
 
     texts = data.load_flores(flores_dir, languages, "devtest")
-    return make_tokenizer(workdir / f"proxy_spm_{vocab_size}", vocab_size=vocab_size,
-                          texts=[line for code in languages for line in texts[code]])
+    return make_tokenizer(
+        workdir / f"proxy_spm_{vocab_size}",
+        vocab_size=vocab_size,
+        texts=[line for code in languages for line in texts[code]],
+    )
 
 
 def _proxy_sensitivity(flores_dir: Path, languages: Sequence[str], workdir: Path, vocab_sizes: Sequence[int]) -> dict:
@@ -153,8 +200,14 @@ def _proxy_sensitivity(flores_dir: Path, languages: Sequence[str], workdir: Path
     for vocab in vocab_sizes:
         prefix = str(workdir / f"sensitivity_{vocab}")
         sentencepiece.SentencePieceTrainer.train(
-            sentence_iterator=iter([line for code in languages for line in devtest[code]]), model_prefix=prefix,
-            vocab_size=vocab, model_type="bpe", character_coverage=1.0, minloglevel=2, hard_vocab_limit=False)
+            sentence_iterator=iter([line for code in languages for line in devtest[code]]),
+            model_prefix=prefix,
+            vocab_size=vocab,
+            model_type="bpe",
+            character_coverage=1.0,
+            minloglevel=2,
+            hard_vocab_limit=False,
+        )
         processor = sentencepiece.SentencePieceProcessor(model_file=prefix + ".model")
         per_language = {code: sum(len(p) + 2 for p in processor.encode(dev[code])) for code in languages}
         # Every language is the target of (L - 1) directions, each over all of its lines.
@@ -164,16 +217,21 @@ def _proxy_sensitivity(flores_dir: Path, languages: Sequence[str], workdir: Path
 
 def _synthetic_corpus(languages: Sequence[str], lines: int, seed: int):
     """A multi-way parallel EncodedCorpus with FLORES-like lengths (no text): line i of language l has
-    ``round(mean_l * b_i)`` pieces, ``b_i`` log-normal with mean 1 (sentence i is long in every language)."""
+    ``round(mean_l * b_i * e_li)`` pieces, ``b_i`` (sentence i is long in every language) and ``e_li``
+    log-normal with mean 1 and the spreads the proxy gives on lang12 dev (log sd 0.335 and 0.123)."""
     from lslo.data import EncodedCorpus, all_directions
 
     generator = torch.Generator().manual_seed(seed)
-    sigma = 0.45
-    factor = torch.exp(torch.randn(lines, generator=generator, dtype=torch.float64) * sigma - sigma**2 / 2)
+
+    def lognormal(shape, sigma):
+        return torch.exp(torch.randn(shape, generator=generator, dtype=torch.float64) * sigma - sigma**2 / 2)
+
+    factor = lognormal((lines,), 0.335)
     lengths = []
     for code in languages:
         mean = LANG12_PROXY_MEAN_PIECES.get(code, statistics.mean(LANG12_PROXY_MEAN_PIECES.values()))
-        lengths.append((factor * mean).round().clamp(1, 254).long() + 2)  # + language token and eos
+        pieces = (factor * lognormal((lines,), 0.123) * mean).round().clamp(1, 254).long()
+        lengths.append(pieces + 2)  # + language token and eos
     lengths = torch.stack(lengths)  # (L, lines)
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.reshape(-1).cumsum(0)])
     tokens = torch.randint(4, 30_000, (int(offsets[-1]),), generator=generator, dtype=torch.int32)
@@ -183,8 +241,15 @@ def _synthetic_corpus(languages: Sequence[str], lines: int, seed: int):
     src = torch.cat([index[s] * lines + line for s, _ in directions]).to(torch.int32)
     tgt = torch.cat([index[t] * lines + line for _, t in directions]).to(torch.int32)
     direction = torch.arange(len(directions), dtype=torch.int32).repeat_interleave(lines)
-    return EncodedCorpus(languages=languages, directions=directions, tokens=tokens, segment_offsets=offsets,
-                         src_segment=src, tgt_segment=tgt, direction=direction)
+    return EncodedCorpus(
+        languages=languages,
+        directions=directions,
+        tokens=tokens,
+        segment_offsets=offsets,
+        src_segment=src,
+        tgt_segment=tgt,
+        direction=direction,
+    )
 
 
 @dataclass
@@ -197,8 +262,14 @@ class Corpus:
     sensitivity: dict = field(default_factory=dict)  # proxy vocabulary -> target tokens of one epoch
 
 
-def step_corpus(flores: str | os.PathLike | None, workdir: Path, *, proxy_vocab: int = 32_000,
-                sensitivity: Sequence[int] = (), seed: int = 0) -> Corpus:
+def step_corpus(
+    flores: str | os.PathLike | None,
+    workdir: Path,
+    *,
+    proxy_vocab: int = 32_000,
+    sensitivity: Sequence[int] = (),
+    seed: int = 0,
+) -> Corpus:
     """The lang12 dev corpus (FLORES through the proxy tokenizer, else synthetic lengths)."""
     from lslo import LANGUAGE_SETS, data
 
@@ -210,12 +281,17 @@ def step_corpus(flores: str | os.PathLike | None, workdir: Path, *, proxy_vocab:
     t0 = time.perf_counter()
     tokenizer = proxy_tokenizer(flores_dir, languages, workdir, proxy_vocab)
     corpus = data.flores_corpus(tokenizer, flores_dir, languages, "dev", max_length=256)  # lslo train's default cut
-    source = (f"FLORES-101 dev, lang12, SentencePiece BPE proxy of {proxy_vocab:,} pieces trained on lang12 devtest "
-              "(the M2M-124 tokenizer is not available offline)")
+    source = (
+        f"FLORES-101 dev, lang12, SentencePiece BPE proxy of {proxy_vocab:,} pieces trained on lang12 devtest "
+        "(the M2M-124 tokenizer is not available offline)"
+    )
     extra = {}
     if sensitivity:
         extra = _proxy_sensitivity(flores_dir, languages, workdir, sensitivity)
-    log(f"[corpus] {corpus}, {int(corpus.tgt_lengths.sum()):,} target tokens per epoch ({time.perf_counter() - t0:.0f} s)")
+    log(
+        f"[corpus] {corpus}, {int(corpus.tgt_lengths.sum()):,} target tokens per epoch "
+        f"({time.perf_counter() - t0:.0f} s)"
+    )
     return Corpus(corpus, source, tokenizer.pad_token_id, extra)
 
 
@@ -234,9 +310,15 @@ def _pick_batch(corpus, max_tokens: int, vocab_size: int, seed: int) -> tuple[li
     keep[ends[:-1]] = True
     keep[ends[1:] - 1] = True
     tokens = torch.where(keep, corpus.tokens.clamp(max=vocab_size - 1), tokens)
-    randomized = EncodedCorpus(languages=corpus.languages, directions=corpus.directions, tokens=tokens,
-                               segment_offsets=corpus.segment_offsets, src_segment=corpus.src_segment,
-                               tgt_segment=corpus.tgt_segment, direction=corpus.direction)
+    randomized = EncodedCorpus(
+        languages=corpus.languages,
+        directions=corpus.directions,
+        tokens=tokens,
+        segment_offsets=corpus.segment_offsets,
+        src_segment=corpus.src_segment,
+        tgt_segment=corpus.tgt_segment,
+        direction=corpus.direction,
+    )
     return batch, randomized
 
 
@@ -263,8 +345,12 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer | None) -> int:
     """Bytes of every tensor in ``optimizer.state`` (Adam: exp_avg, exp_avg_sq, step)."""
     if optimizer is None:
         return 0
-    return sum(t.numel() * t.element_size() for state in optimizer.state.values()
-               for t in state.values() if isinstance(t, torch.Tensor))
+    return sum(
+        t.numel() * t.element_size()
+        for state in optimizer.state.values()
+        for t in state.values()
+        if isinstance(t, torch.Tensor)
+    )
 
 
 @dataclass
@@ -274,11 +360,12 @@ class System:
     optimizer: torch.optim.Optimizer | None
     lr: float
     activate: Callable[[], None]  # puts the shared model in this system's form
-    weights: Callable[[], list]   # tensors this system keeps resident (parameters, buffers)
+    weights: Callable[[], list]  # tensors this system keeps resident (parameters, buffers)
     trainable: int = 0
     steps_done: int = 0
     times: list[float] = field(default_factory=list)
     foreign: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
     flops: float | None = None
     step_peak: int | None = None
     note: str = ""
@@ -307,8 +394,9 @@ class _FrozenInputs:
         self.handles = []
 
 
-def build_systems(shape: str, vocab_size: int, device: torch.device, systems: Sequence[str], seed: int,
-                  dropout: float = 0.1) -> tuple[dict[str, System], dict]:
+def build_systems(
+    shape: str, vocab_size: int, device: torch.device, systems: Sequence[str], seed: int, dropout: float = 0.1
+) -> tuple[dict[str, System], dict]:
     """The three systems; ``lslo`` and ``frozen`` share one model (and its base weights)."""
     from transformers import M2M100ForConditionalGeneration
 
@@ -326,10 +414,17 @@ def build_systems(shape: str, vocab_size: int, device: torch.device, systems: Se
     base.float()
     _set_dropout(base, dropout)  # as lslo train (--dropout 0.1); attention dropout stays the config's
     base.train()
-    info = {"parameters": sum(p.numel() for p in base.parameters()), "model_config": shape,
-            "vocab_size": vocab_size, "d_model": config.d_model, "layers": f"{config.encoder_layers}+{config.decoder_layers}"}
-    log(f"[model] {shape}: {info['parameters'] / 1e6:.1f}M parameters, vocab {vocab_size:,} "
-        f"({time.perf_counter() - t0:.0f} s to build)")
+    info = {
+        "parameters": sum(p.numel() for p in base.parameters()),
+        "model_config": shape,
+        "vocab_size": vocab_size,
+        "d_model": config.d_model,
+        "layers": f"{config.encoder_layers}+{config.decoder_layers}",
+    }
+    log(
+        f"[model] {shape}: {info['parameters'] / 1e6:.1f}M parameters, vocab {vocab_size:,} "
+        f"({time.perf_counter() - t0:.0f} s to build)"
+    )
     out: dict[str, System] = {}
     lslo_args, ft_args = TrainArguments(), TrainArguments(method="ft-all")
 
@@ -339,9 +434,16 @@ def build_systems(shape: str, vocab_size: int, device: torch.device, systems: Se
             p.requires_grad_(True)
         params = [p for p in full.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(params, lr=ft_args.peak_lr(), betas=ft_args.betas(), eps=ft_args.adam_eps)
-        out["ft-all"] = System("ft-all", full, optimizer, ft_args.peak_lr(), lambda: None,
-                               lambda: [*full.parameters(), *full.buffers()], trainable=sum(p.numel() for p in params),
-                               note="every parameter trainable (tied 256k embedding included), Adam")
+        out["ft-all"] = System(
+            "ft-all",
+            full,
+            optimizer,
+            ft_args.peak_lr(),
+            lambda: None,
+            lambda: [*full.parameters(), *full.buffers()],
+            trainable=sum(p.numel() for p in params),
+            note="every parameter trainable (tied 256k embedding included), Adam",
+        )
 
     if "lslo" in systems or "frozen" in systems:
         lslo_config = lslo.LSLoConfig(languages="lang12", ranks="2;2;8", init="reference", ffn="reference")
@@ -373,19 +475,41 @@ def build_systems(shape: str, vocab_size: int, device: torch.device, systems: Se
 
         report = lslo.parameter_report(base)
         backends = sorted({lslo_kernels.resolve_backend(m.backend, m.lora_A.device) for m in layers.values()})
-        info.update({"lslo_parameters": report["total"], "lslo_modules": len(layers), "lslo_backend": "/".join(backends),
-                     "pruned": {k: round(v, 4) for k, v in pruned.items()}})
+        info.update(
+            {
+                "lslo_parameters": report["total"],
+                "lslo_modules": len(layers),
+                "lslo_backend": "/".join(backends),
+                "pruned": {k: round(v, 4) for k, v in pruned.items()},
+            }
+        )
         adapter_ids = {id(t) for m in layers.values() for t in (m.lora_A, m.lora_B, m.prune_mask, m.scales)}
         base_tensors = [t for t in [*base.parameters(), *base.buffers()] if id(t) not in adapter_ids]
         if "lslo" in systems:
             params = [p for p in base.parameters() if p.requires_grad]
-            optimizer = torch.optim.Adam(params, lr=lslo_args.peak_lr(), betas=lslo_args.betas(), eps=lslo_args.adam_eps)
-            out["lslo"] = System("lslo", base, optimizer, lslo_args.peak_lr(), activate_lslo,
-                                 lambda: [*base.parameters(), *base.buffers()], trainable=sum(p.numel() for p in params),
-                                 note=f"{PAPER_ROW}, init/ffn reference, {len(layers)} layers, backend {info['lslo_backend']}")
+            optimizer = torch.optim.Adam(
+                params, lr=lslo_args.peak_lr(), betas=lslo_args.betas(), eps=lslo_args.adam_eps
+            )
+            out["lslo"] = System(
+                "lslo",
+                base,
+                optimizer,
+                lslo_args.peak_lr(),
+                activate_lslo,
+                lambda: [*base.parameters(), *base.buffers()],
+                trainable=sum(p.numel() for p in params),
+                note=f"{PAPER_ROW}, init/ffn reference, {len(layers)} layers, backend {info['lslo_backend']}",
+            )
         if "frozen" in systems:
-            out["frozen"] = System("frozen", base, None, 0.0, activate_frozen, lambda: base_tensors,
-                                   note="frozen model, backward to the embedding outputs (no weight gradient)")
+            out["frozen"] = System(
+                "frozen",
+                base,
+                None,
+                0.0,
+                activate_frozen,
+                lambda: base_tensors,
+                note="frozen model, backward to the embedding outputs (no weight gradient)",
+            )
     order = [s for s in ("lslo", "ft-all", "frozen") if s in out]
     return {name: out[name] for name in order}, info
 
@@ -396,8 +520,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_step(system: System, corpus, indices: list[int], languages, pad_token_id: int, device: torch.device,
-              autocast_dtype: torch.dtype | None, label_smoothing: float, warmup_updates: int):
+def make_step(
+    system: System,
+    corpus,
+    indices: list[int],
+    languages,
+    pad_token_id: int,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+    label_smoothing: float,
+    warmup_updates: int,
+):
     """One step of ``system``, as ``lslo.train._Run.train_step`` does it (one process, update_freq 1)."""
     from transformers.models.m2m_100.modeling_m2m_100 import shift_tokens_right
 
@@ -423,8 +556,11 @@ def make_step(system: System, corpus, indices: list[int], languages, pad_token_i
         batch = {k: v.to(device) for k, v in batch.items()}
         decoder_input_ids = shift_tokens_right(batch["labels"], config.pad_token_id, config.decoder_start_token_id)
         with route(src=batch["src_lang_ids"], tgt=batch["tgt_lang_ids"]), autocast():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           decoder_input_ids=decoder_input_ids).logits
+            logits = model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                decoder_input_ids=decoder_input_ids,
+            ).logits
             loss, nll, tokens = _label_smoothed_loss(logits, batch["labels"], label_smoothing)
         del logits
         with route(src=batch["src_lang_ids"], tgt=batch["tgt_lang_ids"]):
@@ -448,12 +584,15 @@ def _memory_of_step(step: Callable[[], dict], device: torch.device) -> int:
         return torch.cuda.max_memory_allocated(device) - before
     from torch.profiler import ProfilerActivity, profile
 
-    from benchmarks.suite import _quiet_fd2
-
-    with _quiet_fd2(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    suite = _suite()
+    quiet = suite._quiet_fd2() if suite is not None else contextlib.nullcontext()
+    with quiet, profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    events = [e for e in prof.profiler.kineto_results.events()
-              if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")]
+    events = [
+        e
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")
+    ]
     live = peak = 0
     for event in sorted(events, key=lambda e: e.start_ns()):
         live += event.nbytes()
@@ -497,10 +636,10 @@ class Options:
     warmup_updates: int = 4000
 
 
-def run_steps(systems: dict[str, System], corpus: Corpus, max_tokens: int, vocab_size: int, opts: Options,
-              seed: int = 0) -> dict:
+def run_steps(
+    systems: dict[str, System], corpus: Corpus, max_tokens: int, vocab_size: int, opts: Options, seed: int = 0
+) -> dict:
     """Warm-up, memory and interleaved timed rounds of every system on one batch; returns the case."""
-    from benchmarks.suite import _cpu_snapshot, foreign_cpu_share, wait_for_quiet
     from lslo import LANGUAGE_SETS
 
     languages = LANGUAGE_SETS["lang12"]
@@ -510,14 +649,34 @@ def run_steps(systems: dict[str, System], corpus: Corpus, max_tokens: int, vocab
     tgt_tokens = int(randomized.tgt_lengths[idx].sum())
     shape = (len(indices), int(randomized.src_lengths[idx].max()), int(randomized.tgt_lengths[idx].max()))
     directions = len({int(d) for d in randomized.direction[idx]})
-    case = {"max_tokens": max_tokens, "sentences": len(indices), "src_tokens": src_tokens, "tgt_tokens": tgt_tokens,
-            "padded": f"{shape[0]}x{shape[1]} -> {shape[0]}x{shape[2]}", "directions": directions}
-    log(f"[case] max_tokens {max_tokens}: {len(indices)} sentences over {directions} directions, "
-        f"{src_tokens} source + {tgt_tokens} target tokens (padded {case['padded']})")
-    steps = {name: make_step(s, randomized, indices, languages, corpus.pad_token_id, opts.device, opts.autocast_dtype,
-                             opts.label_smoothing, opts.warmup_updates) for name, s in systems.items()}
+    case = {
+        "max_tokens": max_tokens,
+        "sentences": len(indices),
+        "src_tokens": src_tokens,
+        "tgt_tokens": tgt_tokens,
+        "padded": f"{shape[0]}x{shape[1]} -> {shape[0]}x{shape[2]}",
+        "directions": directions,
+    }
+    log(
+        f"[case] max_tokens {max_tokens}: {len(indices)} sentences over {directions} directions, "
+        f"{src_tokens} source + {tgt_tokens} target tokens (padded {case['padded']})"
+    )
+    steps = {
+        name: make_step(
+            s,
+            randomized,
+            indices,
+            languages,
+            corpus.pad_token_id,
+            opts.device,
+            opts.autocast_dtype,
+            opts.label_smoothing,
+            opts.warmup_updates,
+        )
+        for name, s in systems.items()
+    }
     for s in systems.values():
-        s.times, s.foreign = [], []
+        s.times, s.foreign, s.cpu = [], [], []
 
     for name, system in systems.items():
         system.activate()
@@ -526,12 +685,17 @@ def run_steps(systems: dict[str, System], corpus: Corpus, max_tokens: int, vocab
         for _ in range(opts.warmup - 1):
             steps[name]()
         _sync(opts.device)
-        log(f"  warm-up {name}: {time.perf_counter() - t0:.1f} s, "
-            f"{(system.flops or 0) / 1e9:.0f} GFLOP/step, optimizer state {optimizer_state_bytes(system.optimizer) / 2**20:.1f} MiB")
+        log(
+            f"  warm-up {name}: {time.perf_counter() - t0:.1f} s, "
+            f"{(system.flops or 0) / 1e9:.0f} GFLOP/step, "
+            f"optimizer state {optimizer_state_bytes(system.optimizer) / 2**20:.1f} MiB"
+        )
         if opts.memory:
             system.step_peak = _memory_of_step(steps[name], opts.device)
-            log(f"  memory {name}: step peak {system.step_peak / 2**20:.0f} MiB above the resident "
-                f"{(_tensor_bytes(system.weights()) + optimizer_state_bytes(system.optimizer)) / 2**20:.0f} MiB")
+            log(
+                f"  memory {name}: step peak {system.step_peak / 2**20:.0f} MiB above the resident "
+                f"{(_tensor_bytes(system.weights()) + optimizer_state_bytes(system.optimizer)) / 2**20:.0f} MiB"
+            )
 
     names = list(systems)
     rounds: list[dict] = []
@@ -540,33 +704,46 @@ def run_steps(systems: dict[str, System], corpus: Corpus, max_tokens: int, vocab
         if opts.deadline is not None and r >= 3 and time.perf_counter() > opts.deadline:
             log(f"  time cap reached after {r} rounds")
             break
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         best = None
         for attempt in range(opts.retries + 1):
             result = {}
             for name in order:
                 systems[name].activate()
                 _sync(opts.device)
-                start = _cpu_snapshot()
+                start = _snapshot()
                 t0 = time.perf_counter()
                 steps[name]()
                 _sync(opts.device)
                 elapsed = time.perf_counter() - t0
-                result[name] = (elapsed, foreign_cpu_share(start, _cpu_snapshot()))
-            busiest = max(f for _, f in result.values())
+                end = _snapshot()
+                result[name] = (elapsed, _foreign_share(start, end), _own_cpu_s(start, end))
+            busiest = max(f for _, f, _ in result.values())
             if best is None or busiest < best[0]:
                 best = (busiest, result)
             if not busiest > opts.max_foreign or attempt == opts.retries:
                 break
             log(f"  round {r + 1}: other processes took up to {busiest:.0%} of the CPU; waiting for quiet, then again")
-            wait_for_quiet(opts.max_foreign / 2, opts.quiet_wait_s)
+            _suite().wait_for_quiet(opts.max_foreign / 2, opts.quiet_wait_s)
         busiest, result = best
-        for name, (elapsed, foreign) in result.items():
+        for name, (elapsed, foreign, cpu) in result.items():
             systems[name].times.append(elapsed)
             systems[name].foreign.append(foreign)
-        rounds.append({"round": r + 1, "order": order, **{n: {"s": e, "foreign": f} for n, (e, f) in result.items()}})
-        log(f"  round {r + 1}: " + ", ".join(f"{n} {result[n][0]:.3f} s ({result[n][1]:.0%} foreign)" for n in order)
-            + (" [busy]" if busiest > opts.max_foreign else ""))
+            systems[name].cpu.append(cpu)
+        rounds.append(
+            {
+                "round": r + 1,
+                "order": order,
+                **{n: {"s": e, "foreign": f, "cpu_s": c} for n, (e, f, c) in result.items()},
+            }
+        )
+        log(
+            f"  round {r + 1}: "
+            + ", ".join(
+                f"{n} {result[n][0]:.3f} s (CPU {result[n][2]:.1f} s, {result[n][1]:.0%} foreign)" for n in order
+            )
+            + (" [busy]" if busiest > opts.max_foreign else "")
+        )
         r += 1
     case["rounds"] = rounds
     case["systems"] = {}
@@ -574,8 +751,12 @@ def run_steps(systems: dict[str, System], corpus: Corpus, max_tokens: int, vocab
         p20, p50, p80 = _quantiles(system.times)
         resident = _tensor_bytes(system.weights()) + optimizer_state_bytes(system.optimizer)
         case["systems"][name] = {
-            "step_s_p20": p20, "step_s_p50": p50, "step_s_p80": p80, "rounds": len(system.times),
-            "tgt_tokens_per_s": tgt_tokens / p50, "tokens_per_s": (src_tokens + tgt_tokens) / p50,
+            "step_s_p20": p20,
+            "step_s_p50": p50,
+            "step_s_p80": p80,
+            "rounds": len(system.times),
+            "tgt_tokens_per_s": tgt_tokens / p50,
+            "tokens_per_s": (src_tokens + tgt_tokens) / p50,
             "step_peak_mib": system.step_peak / 2**20 if system.step_peak is not None else None,
             "resident_mib": resident / 2**20,
             "peak_total_mib": (resident + system.step_peak) / 2**20 if system.step_peak is not None else None,
@@ -584,6 +765,7 @@ def run_steps(systems: dict[str, System], corpus: Corpus, max_tokens: int, vocab
             "trainable_params": system.trainable,
             "gflop_per_step": system.flops / 1e9 if system.flops else None,
             "achieved_gflops": system.flops / 1e9 / p50 if system.flops else None,
+            "own_cpu_s_p50": statistics.median(system.cpu) if system.cpu else None,
             "foreign_cpu_p50": statistics.median(system.foreign) if system.foreign else None,
             "foreign_cpu_max": max(system.foreign) if system.foreign else None,
             "busy_rounds": sum(f > opts.max_foreign for f in system.foreign),
@@ -597,6 +779,8 @@ RATIO_TARGETS = (
     ("lslo_step / ft-all_step", "lslo", "ft-all", "time", 0.8),
     ("lslo_step / frozen_fwd+bwd", "lslo", "frozen", "time", 1.15),
     ("lslo_optimizer_state / ft-all_optimizer_state", "lslo", "ft-all", "optimizer", 0.05),
+    ("lslo_cpu_seconds / ft-all_cpu_seconds", "lslo", "ft-all", "cpu", None),
+    ("lslo_cpu_seconds / frozen_cpu_seconds", "lslo", "frozen", "cpu", None),
     ("lslo_peak_memory / ft-all_peak_memory", "lslo", "ft-all", "memory", None),
     ("lslo_peak_memory / frozen_peak_memory", "lslo", "frozen", "memory", None),
 )
@@ -607,8 +791,11 @@ def _ratios(systems: dict[str, System], case: dict) -> list[dict]:
     for label, a, b, kind, target in RATIO_TARGETS:
         if a not in systems or b not in systems:
             continue
-        if kind == "time":
-            per_round = [x / y for x, y in zip(systems[a].times, systems[b].times)]
+        if kind in ("time", "cpu"):
+            xs, ys = (systems[a].times, systems[b].times) if kind == "time" else (systems[a].cpu, systems[b].cpu)
+            per_round = [x / y for x, y in zip(xs, ys) if y > 0]  # NaN CPU times (no /proc/stat) drop out
+            if not per_round:
+                continue
             p20, p50, p80 = _quantiles(per_round)
         else:
             key = "optimizer_state_bytes" if kind == "optimizer" else "peak_total_mib"
@@ -616,8 +803,16 @@ def _ratios(systems: dict[str, System], case: dict) -> list[dict]:
             if x is None or y in (None, 0):
                 continue
             p20 = p50 = p80 = x / y
-        rows.append({"ratio": label, "p20": p20, "p50": p50, "p80": p80, "target": target,
-                     "meets_target": None if target is None else bool(p50 <= target)})
+        rows.append(
+            {
+                "ratio": label,
+                "p20": p20,
+                "p50": p50,
+                "p80": p80,
+                "target": target,
+                "meets_target": None if target is None else bool(p50 <= target),
+            }
+        )
     return rows
 
 
@@ -639,11 +834,21 @@ def recipe_cost(corpus: Corpus, case: dict, device_name: str, epochs: int = RECI
             continue
         hours_tokens = epochs * tgt_epoch / s["tgt_tokens_per_s"] / 3600
         hours_steps = epochs * batches * s["step_s_p50"] / 3600
-        rows.append({"system": name, "device": device_name, "max_tokens": case["max_tokens"], "epochs": epochs,
-                     "tgt_tokens_per_epoch": tgt_epoch, "src_tokens_per_epoch": src_epoch,
-                     "batches_per_epoch": batches, "tgt_tokens_per_s": s["tgt_tokens_per_s"],
-                     "hours_by_tokens": hours_tokens, "hours_by_steps": hours_steps,
-                     "corpus": corpus.source})
+        rows.append(
+            {
+                "system": name,
+                "device": device_name,
+                "max_tokens": case["max_tokens"],
+                "epochs": epochs,
+                "tgt_tokens_per_epoch": tgt_epoch,
+                "src_tokens_per_epoch": src_epoch,
+                "batches_per_epoch": batches,
+                "tgt_tokens_per_s": s["tgt_tokens_per_s"],
+                "hours_by_tokens": hours_tokens,
+                "hours_by_steps": hours_steps,
+                "corpus": corpus.source,
+            }
+        )
     return rows
 
 
@@ -681,13 +886,28 @@ def run_tiny_train(workdir: Path, steps: int = 300, dev_lines: int = 100, max_to
         tokenizer.save_pretrained(workdir / "tiny_model")
         flores = _write_tiny_flores(workdir / "tiny_flores", languages, dev_lines)
         rows = []
-        for method, extra in (("lslo", {"ranks": "2;8", "prune": "H=0.9", "prune_start": 1, "prune_duration": 1}),
-                              ("ft-all", {})):
+        for method, extra in (
+            ("lslo", {"ranks": "2;8", "prune": "H=0.9", "prune_start": 1, "prune_duration": 1}),
+            ("ft-all", {}),
+        ):
             out = workdir / f"tiny_run_{method}"
-            args = TrainArguments(model=str(workdir / "tiny_model"), flores_dir=str(flores), languages=",".join(languages),
-                                  method=method, output_dir=str(out), overwrite=True, epochs=1000, max_steps=steps,
-                                  max_tokens=max_tokens, warmup_updates=4, progress=False, log_every=10, cpu=True,
-                                  seed=3, **extra)
+            args = TrainArguments(
+                model=str(workdir / "tiny_model"),
+                flores_dir=str(flores),
+                languages=",".join(languages),
+                method=method,
+                output_dir=str(out),
+                overwrite=True,
+                epochs=1000,
+                max_steps=steps,
+                max_tokens=max_tokens,
+                warmup_updates=4,
+                progress=False,
+                log_every=10,
+                cpu=True,
+                seed=3,
+                **extra,
+            )
             t0 = time.perf_counter()
             result = train(args)
             wall = time.perf_counter() - t0
@@ -696,14 +916,24 @@ def run_tiny_train(workdir: Path, steps: int = 300, dev_lines: int = 100, max_to
             per_step = [r["tokens_per_s"] for r in records if r.get("type") == "train" and r.get("tokens_per_s")]
             tokens = sum(r["tokens"] for r in epochs)
             seconds = sum(r["seconds"] for r in epochs)
-            rows.append({"method": method, "steps": result.global_step, "epochs_done": len(epochs),
-                         "epoch_tokens_per_s": tokens / seconds if seconds else None,
-                         "step_tokens_per_s_p50": statistics.median(per_step) if per_step else None,
-                         "train_call_s": wall, "threads": 1,
-                         "note": "target tokens; epoch rate = sum of epoch tokens / sum of epoch seconds (metrics.jsonl)"})
-            log(f"[tiny] lslo train --method {method}: {result.global_step} steps, "
+            rows.append(
+                {
+                    "method": method,
+                    "steps": result.global_step,
+                    "epochs_done": len(epochs),
+                    "epoch_tokens_per_s": tokens / seconds if seconds else None,
+                    "step_tokens_per_s_p50": statistics.median(per_step) if per_step else None,
+                    "train_call_s": wall,
+                    "threads": 1,
+                    "note": "target tokens; epoch rate = sum of epoch tokens / sum of epoch seconds (metrics.jsonl)",
+                }
+            )
+            log(
+                f"[tiny] lslo train --method {method}: {result.global_step} steps, "
                 f"{rows[-1]['epoch_tokens_per_s'] or float('nan'):.0f} tokens/s over {len(epochs)} whole epochs, "
-                f"p50 of logged steps {rows[-1]['step_tokens_per_s_p50'] or float('nan'):.0f}; train() took {wall:.1f} s")
+                f"p50 of logged steps {rows[-1]['step_tokens_per_s_p50'] or float('nan'):.0f}; "
+                f"train() took {wall:.1f} s"
+            )
         return rows
     finally:
         torch.set_num_threads(previous)
@@ -716,6 +946,9 @@ def _fmt(value, digits: int = 3) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}g}" if abs(value) < 1000 else f"{value:,.0f}"
     return str(value)
+
+
+_OUTPUT_FILES = ("steps.csv", "ratios.csv", "recipe.csv", "tiny_train.csv", "results.md", "run.json")
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -750,18 +983,19 @@ def markdown(result: dict) -> str:
             f"{case['tgt_tokens']} target tokens, padded {case['padded']}."
         )
         columns = (
-            "| system | step p50 (p20-p80) | target tokens/s | step peak above resident "
+            "| system | step p50 (p20-p80) | its process CPU time p50 | target tokens/s | step peak above resident "
             "| resident (weights + opt. state) | peak total | optimizer state | trainable | GFLOP/step "
             "| other processes' CPU (p50 / max) |"
         )
-        lines += [batch, "", columns, "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [batch, "", columns, "|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, s in case["systems"].items():
             foreign = "" if s["foreign_cpu_p50"] is None else f"{s['foreign_cpu_p50']:.0%} / {s['foreign_cpu_max']:.0%}"
             if s["busy_rounds"]:
                 foreign += f" ({s['busy_rounds']} busy rounds)"
             lines.append(
                 f"| `{name}` | {_fmt(s['step_s_p50'])} s ({_fmt(s['step_s_p20'])}-{_fmt(s['step_s_p80'])}), "
-                f"{s['rounds']} rounds | {_fmt(s['tgt_tokens_per_s'])} | {_fmt(s['step_peak_mib'], 4)} MiB | "
+                f"{s['rounds']} rounds | {_fmt(s['own_cpu_s_p50'])} s | {_fmt(s['tgt_tokens_per_s'])} | "
+                f"{_fmt(s['step_peak_mib'], 4)} MiB | "
                 f"{_fmt(s['resident_mib'], 4)} MiB | {_fmt(s['peak_total_mib'], 4)} MiB | "
                 f"{_fmt(s['optimizer_state_mib'], 4)} MiB | {s['trainable_params']:,} | "
                 f"{_fmt(s['gflop_per_step'], 4)} | {foreign} |"
@@ -777,10 +1011,12 @@ def markdown(result: dict) -> str:
         first = result["recipe"][0]
         intro = (
             f"**The paper's lang12 recipe** ({RECIPE_EPOCHS} epochs over lang12 dev, 132 directions x 997 lines; "
-            f"{first['tgt_tokens_per_epoch']:,} target and {first['src_tokens_per_epoch']:,} source tokens per epoch "
-            "under the proxy tokenizer) at the measured step time, on one device:"
+            f"{first['tgt_tokens_per_epoch']:,} target and {first['src_tokens_per_epoch']:,} source tokens per epoch, "
+            "counted as the batches above) at the measured step time, on one device:"
         )
-        columns = "| system | device | --max-tokens | batches/epoch | target tokens/s | hours (tokens) | hours (steps) |"
+        columns = (
+            "| system | device | --max-tokens | batches/epoch | target tokens/s | hours (tokens) | hours (steps) |"
+        )
         lines += [intro, "", columns, "|---|---|---|---|---|---|---|"]
         for row in result["recipe"]:
             lines.append(
@@ -789,15 +1025,22 @@ def markdown(result: dict) -> str:
             )
         if result.get("sensitivity"):
             parts = ", ".join(f"{v:,} pieces: {n * RECIPE_EPOCHS / 1e6:.1f}M" for v, n in result["sensitivity"].items())
-            lines += ["", f"Target tokens of the whole recipe under proxies of other sizes (hours scale with them): {parts}."]
+            lines += [
+                "",
+                f"Target tokens of the whole recipe under proxies of other sizes (hours scale with them): {parts}.",
+            ]
         lines.append("")
     if result.get("tiny"):
         intro = (
             "**`lslo train` itself on the tests' tiny set-up** (d_model 32, 2+2 layers, en/fr/oc/wo, "
             "`--max-tokens 160`, 1 thread; tokens = target tokens, as metrics.jsonl counts them):"
         )
-        lines += [intro, "", "| method | steps | tokens/s over whole epochs | p50 of logged steps | train() wall |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            intro,
+            "",
+            "| method | steps | tokens/s over whole epochs | p50 of logged steps | train() wall |",
+            "|---|---|---|---|---|",
+        ]
         for row in result["tiny"]:
             lines.append(
                 f"| `{row['method']}` | {row['steps']} | {_fmt(row['epoch_tokens_per_s'])} | "
@@ -830,11 +1073,9 @@ def _device_name(device: torch.device) -> str:
 
 
 def _contention_probe(seconds: float = 5.0) -> dict:
-    from benchmarks.suite import _cpu_snapshot, foreign_cpu_share
-
-    start = _cpu_snapshot()
+    start = _snapshot()
     time.sleep(seconds)
-    share = foreign_cpu_share(start, _cpu_snapshot())
+    share = _foreign_share(start)
     try:
         load = os.getloadavg()
     except OSError:
@@ -844,34 +1085,60 @@ def _contention_probe(seconds: float = 5.0) -> dict:
 
 # ------------------------------------------------------------------------------- main
 def main(argv: Sequence[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                        help="bf16: torch.autocast as accelerate's mixed_precision=bf16 (fp32 master weights)")
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="bf16: torch.autocast as accelerate's mixed_precision=bf16 (fp32 master weights)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
-    parser.add_argument("--max-tokens", default=None,
-                        help="token budgets of the measured batches, comma-separated (default cpu 1024, cuda 1024,4096)")
+    parser.add_argument(
+        "--max-tokens",
+        default=None,
+        help="token budgets of the measured batches, comma-separated (default cpu 1024, cuda 1024,4096)",
+    )
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default cpu 5, cuda 15)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps per system (default cpu 1, cuda 3)")
     parser.add_argument("--systems", default="lslo,ft-all,frozen")
     parser.add_argument("--shape", choices=("m2m124", "tiny"), default="m2m124", help="tiny: a smoke run of the script")
     parser.add_argument("--vocab-size", type=int, default=None, help=f"default {M2M124_VOCAB:,} (m2m124), 2000 (tiny)")
-    parser.add_argument("--flores", default=str(DEFAULT_FLORES),
-                        help="FLORES-101 folder or tarball (default ../shared/data/flores101_dataset.tar.xz); absent: "
-                             "synthetic lengths")
+    parser.add_argument(
+        "--flores",
+        default=str(DEFAULT_FLORES),
+        help="FLORES-101 folder or tarball (default ../shared/data/flores101_dataset.tar.xz); absent: "
+        "synthetic lengths",
+    )
     parser.add_argument("--proxy-vocab", type=int, default=32_000)
-    parser.add_argument("--sensitivity", default="16000,64000", help="other proxy sizes to count the recipe with ('' = none)")
-    parser.add_argument("--tiny-steps", type=int, default=None, help="steps of the tiny lslo train run (0 = skip; "
-                        "default 300 on cpu, 0 on cuda)")
+    parser.add_argument(
+        "--sensitivity", default="16000,64000", help="other proxy sizes to count the recipe with ('' = none)"
+    )
+    parser.add_argument(
+        "--tiny-steps",
+        type=int,
+        default=None,
+        help="steps of the tiny lslo train run (0 = skip; default 300 on cpu, 0 on cuda)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the profiled memory step")
-    parser.add_argument("--max-foreign", type=float, default=0.15, help="CPU share of other processes that makes a round busy")
-    parser.add_argument("--quiet-wait", type=float, default=30.0, help="seconds to wait for quiet before re-running a busy round")
-    parser.add_argument("--time-cap", type=float, default=None, help="no new round after this many seconds (default cuda 150)")
+    parser.add_argument(
+        "--max-foreign", type=float, default=0.15, help="CPU share of other processes that makes a round busy"
+    )
+    parser.add_argument(
+        "--quiet-wait", type=float, default=30.0, help="seconds to wait for quiet before re-running a busy round"
+    )
+    parser.add_argument("--retries", type=int, default=1, help="re-runs of a busy round (0: record and flag only)")
+    parser.add_argument(
+        "--time-cap", type=float, default=None, help="no new round after this many seconds (default cuda 150)"
+    )
     parser.add_argument("--out", default="runs/bench_train_step")
     parser.add_argument("--readme", action="store_true", help="write the tables into benchmarks/README.md's section")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--git-rev", default=None, help="revision to record when run outside the git checkout (a snapshot)")
+    parser.add_argument(
+        "--git-rev", default=None, help="revision to record when run outside the git checkout (a snapshot)"
+    )
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -884,23 +1151,43 @@ def main(argv: Sequence[str] | None = None) -> dict:
     tiny_steps = args.tiny_steps if args.tiny_steps is not None else (0 if cuda else 300)
     time_cap = args.time_cap if args.time_cap is not None else (150.0 if cuda else None)
     started = time.perf_counter()
-    opts = Options(device=device, autocast_dtype=torch.bfloat16 if args.precision == "bf16" else None,
-                   rounds=args.rounds or (15 if cuda else 5), warmup=args.warmup or (3 if cuda else 1),
-                   max_foreign=args.max_foreign, quiet_wait_s=args.quiet_wait, memory=not args.no_memory,
-                   deadline=None if time_cap is None else started + time_cap)
+    opts = Options(
+        device=device,
+        autocast_dtype=torch.bfloat16 if args.precision == "bf16" else None,
+        rounds=args.rounds or (15 if cuda else 5),
+        warmup=args.warmup or (3 if cuda else 1),
+        max_foreign=args.max_foreign,
+        quiet_wait_s=args.quiet_wait,
+        retries=args.retries,
+        memory=not args.no_memory,
+        deadline=None if time_cap is None else started + time_cap,
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    for name in _OUTPUT_FILES:  # a file an earlier run wrote and this one does not must not pass for this run's
+        (out / name).unlink(missing_ok=True)
 
-    from benchmarks.suite import _git_rev
-
+    suite = _suite()
+    git_rev = args.git_rev or (suite._git_rev() if suite is not None else "unknown")
     probe = _contention_probe()
-    log(f"[machine] {_device_name(device)}; before the run other processes took {probe['foreign_share']:.0%} of the CPU, "
-        f"load average {probe['loadavg']}")
+    log(
+        f"[machine] {_device_name(device)}; before the run other processes took {probe['foreign_share']:.0%} "
+        "of the CPU, "
+        f"load average {probe['loadavg']}"
+    )
     now = dt.datetime.now(dt.timezone.utc)
-    meta = {"run_id": now.strftime("%Y%m%dT%H%M%SZ"), "date": now.strftime("%Y-%m-%d"), "device": str(device),
-            "device_name": _device_name(device), "threads": args.threads,
-            "precision": "bf16 autocast" if args.precision == "bf16" else "fp32", "torch": torch.__version__,
-            "git": args.git_rev or _git_rev(), "python": platform.python_version(), "probe_before": probe}
+    meta = {
+        "run_id": now.strftime("%Y%m%dT%H%M%SZ"),
+        "date": now.strftime("%Y-%m-%d"),
+        "device": str(device),
+        "device_name": _device_name(device),
+        "threads": args.threads,
+        "precision": "bf16 autocast" if args.precision == "bf16" else "fp32",
+        "torch": torch.__version__,
+        "git": git_rev,
+        "python": platform.python_version(),
+        "probe_before": probe,
+    }
     result: dict = {"meta": meta, "cases": [], "recipe": [], "tiny": [], "sensitivity": {}}
 
     with tempfile.TemporaryDirectory(prefix="bench_train_step_") as tmp:
@@ -909,19 +1196,31 @@ def main(argv: Sequence[str] | None = None) -> dict:
             result["tiny"] = run_tiny_train(workdir, steps=tiny_steps)
             torch.set_num_threads(args.threads)
         sensitivity = [int(v) for v in args.sensitivity.split(",") if v.strip()] if args.shape == "m2m124" else []
-        corpus = step_corpus(args.flores, workdir, proxy_vocab=args.proxy_vocab, sensitivity=sensitivity, seed=args.seed)
+        corpus = step_corpus(
+            args.flores, workdir, proxy_vocab=args.proxy_vocab, sensitivity=sensitivity, seed=args.seed
+        )
     result["corpus"] = corpus.source
     result["sensitivity"] = corpus.sensitivity
 
-    systems, model_info = build_systems(args.shape, vocab, device, [s.strip() for s in args.systems.split(",")], args.seed)
+    systems, model_info = build_systems(
+        args.shape, vocab, device, [s.strip() for s in args.systems.split(",")], args.seed
+    )
     meta["model"] = model_info
     for budget in budgets:
         case = run_steps(systems, corpus, budget, vocab, opts, seed=args.seed)
         result["cases"].append(case)
-        result["recipe"] += recipe_cost(corpus, case, meta["device_name"] + (f", {args.threads} threads" if not cuda else ""))
+        result["recipe"] += recipe_cost(
+            corpus, case, meta["device_name"] + (f", {args.threads} threads" if not cuda else "")
+        )
         for row in case["ratios"]:
-            log(f"  {row['ratio']}: {row['p50']:.3f} (p20 {row['p20']:.3f}, p80 {row['p80']:.3f})"
-                + ("" if row["target"] is None else f", target <= {row['target']}: {'met' if row['meets_target'] else 'NOT met'}"))
+            log(
+                f"  {row['ratio']}: {row['p50']:.3f} (p20 {row['p20']:.3f}, p80 {row['p80']:.3f})"
+                + (
+                    ""
+                    if row["target"] is None
+                    else f", target <= {row['target']}: {'met' if row['meets_target'] else 'NOT met'}"
+                )
+            )
 
     after = _contention_probe(3.0)
     shares = [s["foreign"] for c in result["cases"] for r in c["rounds"] for k, s in r.items() if isinstance(s, dict)]
@@ -932,7 +1231,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"{probe['loadavg'][0]}) and {after['foreign_share']:.0%} after it; during the timed steps median "
         f"{statistics.median(shares) if shares else math.nan:.0%}, max {max(shares) if shares else math.nan:.0%}; "
         f"{busy} of {len(shares)} timed steps above {args.max_foreign:.0%}"
-        + (" (flagged: timings inflated by contention)" if busy else ""))
+        + (" (flagged: timings inflated by contention)" if busy else "")
+    )
     meta["elapsed_s"] = time.perf_counter() - started
     log(f"[machine] {meta['contention']}")
 
@@ -940,8 +1240,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for case in result["cases"]:
         keys = {k: case[k] for k in ("max_tokens", "sentences", "src_tokens", "tgt_tokens", "padded", "directions")}
         for name, s in case["systems"].items():
-            step_rows.append({"run_id": meta["run_id"], "device": meta["device_name"], "threads": args.threads,
-                              "precision": meta["precision"], **keys, "system": name, **s})
+            step_rows.append(
+                {
+                    "run_id": meta["run_id"],
+                    "device": meta["device_name"],
+                    "threads": args.threads,
+                    "precision": meta["precision"],
+                    **keys,
+                    "system": name,
+                    **s,
+                }
+            )
         for row in case["ratios"]:
             ratio_rows.append({"run_id": meta["run_id"], "device": meta["device_name"], **keys, **row})
     _write_csv(out / "steps.csv", step_rows)
@@ -952,8 +1261,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     (out / "results.md").write_text(text + "\n", encoding="utf-8")
     (out / "run.json").write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
     log("\n" + text)
-    log(f"[out] {out}/steps.csv, ratios.csv, recipe.csv, tiny_train.csv, results.md, run.json "
-        f"({meta['elapsed_s'] / 60:.1f} min)")
+    written = sorted(f.name for f in out.iterdir() if f.name in _OUTPUT_FILES)
+    log(f"[out] {out}: {', '.join(written)} ({meta['elapsed_s'] / 60:.1f} min)")
     if args.readme:
         update_readme(text)
         log(f"[out] {README} updated")
