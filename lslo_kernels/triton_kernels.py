@@ -741,4 +741,5 @@ def _scale_grad(u: torch.Tensor, h: torch.Tensor, scales: torch.Tensor, sorted_t
     atomics, deterministic; no host sync). Rows of id -1 tokens fall in the dropped segment 0."""
     rowdot = (u * h).sum(dim=1)[sorted_token_idx]
     bounds = torch.cat([lang_offsets.new_zeros(1), lang_offsets])
-    return torch.segment_reduce(rowdot, "sum", offsets=bounds, axis=0)[1:].to(scales.dtype)
+    # a fresh tensor (not a view at offset 1): outputs of a custom op must not alias
+    return torch.segment_reduce(rowdot, "sum", offsets=bounds, axis=0)[1:].to(scales.dtype, copy=True)
