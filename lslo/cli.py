@@ -243,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--overwrite", action="store_true", help="start again in an output dir that holds a run")
     demo.add_argument("--resume", action="store_true", help="continue an interrupted demo (stages done are kept)")
     demo.add_argument("--analyses", action="store_true", help="also Weight Learning, ISE and a rank plan")
+    demo.add_argument("--workers", type=int, help="systems trained at once, one process each (default: 2)")
     demo.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     demo.set_defaults(handler=_cmd_demo)
     _add_analysis_commands(commands)
@@ -394,7 +395,7 @@ def _cmd_demo(args) -> int:
     try:
         run_demo(args.output_dir, quick=args.quick, model=args.model, flores_dir=args.flores_dir,
                  languages=args.languages, epochs=args.epochs, seed=args.seed, overwrite=args.overwrite,
-                 resume=args.resume, analyses=args.analyses, progress=args.progress)
+                 resume=args.resume, analyses=args.analyses, workers=args.workers, progress=args.progress)
     except (Interrupted, KeyboardInterrupt) as exc:
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
         print(f"lslo: demo interrupted; what is done is saved in {args.output_dir}; continue with "

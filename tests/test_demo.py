@@ -118,19 +118,20 @@ def test_ctrl_c_saves_what_is_done_and_resume_finishes(quick_demo, tmp_path, mon
         shutil.rmtree(copy / "systems" / slug)
     real = demo_run._run_system
 
-    def interrupted_at_gps(out_dir, state_, settings, system, *args, **kwargs):
-        if system.name == "LSLo 2;2;8+GPS(0.9)":
+    def interrupted_at_gps(*args, **kwargs):
+        if args[6].name == "LSLo 2;2;8+GPS(0.9)":  # (out, settings, codes, seed, base, corpus, system, ...)
             raise KeyboardInterrupt
-        return real(out_dir, state_, settings, system, *args, **kwargs)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(demo_run, "_run_system", interrupted_at_gps)
-    assert main(["demo", "--quick", "--output-dir", str(copy), "--no-progress", "--resume"]) == 130
+    # --workers 1: systems run in this process, where the patch applies (the fixture ran 2 processes)
+    assert main(["demo", "--quick", "--output-dir", str(copy), "--no-progress", "--resume", "--workers", "1"]) == 130
     err = capsys.readouterr().err
     assert "--resume" in err and str(copy) in err
     done = json.loads((copy / STATE_FILE).read_text())["done"]
     assert "system:LSLo 2;2;8" in done and "system:LSLo 2;2;8+GPS(0.9)" not in done
     monkeypatch.setattr(demo_run, "_run_system", real)
-    assert main(["demo", "--quick", "--output-dir", str(copy), "--no-progress", "--resume"]) == 0
+    assert main(["demo", "--quick", "--output-dir", str(copy), "--no-progress", "--resume", "--workers", "1"]) == 0
     final = json.loads((copy / STATE_FILE).read_text())["done"]
     assert final["system:LSLo 2;2;8"] == done["system:LSLo 2;2;8"]  # not run again
     assert "system:LSLo 2;2;8+GPS(0.9)" in final and (copy / "report.md").is_file()

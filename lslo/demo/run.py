@@ -75,7 +75,8 @@ class DemoSettings:
     num_beams: int
     systems: tuple[DemoSystem, ...]
     warmup_updates: int = 30
-    threads: int = 1  # tiny models run fastest on one intra-op thread
+    threads: int = 1  # tiny models run fastest on one intra-op thread...
+    workers: int = 2  # ...so two cores are best used by two systems training at once
     model_shape: Mapping[str, int] = field(default_factory=dict)  # PretrainConfig fields (d_model, layers, ...)
 
     def to_dict(self) -> dict[str, Any]:
@@ -142,6 +143,7 @@ def run_demo(
     overwrite: bool = False,
     resume: bool = False,
     analyses: bool = False,
+    workers: int | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> DemoResult:
@@ -158,6 +160,8 @@ def run_demo(
         seed: seed of the corpus, the pretraining and every run.
         analyses: also run Weight Learning, Intrinsic Subspace Estimation and a rank plan
             (:func:`lslo.analysis.run_analyses`) and report whether ISE recovers the resource levels.
+        workers: systems trained at once, each in its own one-thread process (default: the
+            settings'; 1 runs them one after the other in this process).
         progress: progress bars.
         log: receives one-line progress messages.
 
@@ -169,6 +173,8 @@ def run_demo(
     if (model is None) != (flores_dir is None):
         raise ValueError("give both --model and --flores-dir (a real model on FLORES-101), or neither (the synthetic demo)")
     settings = QUICK if quick else FULL
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"workers must be a positive int, got {workers!r}")
     if epochs is not None:
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"epochs must be a positive int, got {epochs!r}")
@@ -200,10 +206,8 @@ def run_demo(
     torch.set_num_threads(settings.threads)
     try:
         corpus_dir, base_dir = _prepare(out, state, settings, codes, seed, model, flores_dir, progress, log)
-        rows = {}
-        for system in settings.systems:
-            rows[system.name] = _run_system(out, state, settings, system, codes, seed, base_dir, corpus_dir,
-                                            progress, log)
+        rows = _run_systems(out, state, settings, codes, seed, base_dir, corpus_dir, progress, log,
+                            workers=settings.workers if workers is None else workers)
         analysis = _analyses(out, state, base_dir, corpus_dir, codes, seed, log) if analyses else None
         return _report(out, state, settings, codes, base_dir, rows, analysis, synthetic=flores_dir is None, log=log)
     finally:
@@ -246,7 +250,46 @@ def _load_system(base_dir: Path, final_dir: Path | None, method: str | None):
     return model
 
 
-def _run_system(out, state, settings, system: DemoSystem, codes, seed, base_dir, corpus_dir, progress, log):
+def _run_systems(out, state, settings, codes, seed, base_dir, corpus_dir, progress, log, *, workers: int):
+    """Every system's stage: one after the other here, or ``workers`` at a time in one-thread
+    processes. The state file is written by this process only, as each system finishes."""
+    rows = {}
+    todo = []
+    for system in settings.systems:
+        if state.done(f"system:{system.name}"):
+            rows[system.name] = json.loads((out / "systems" / system.slug / "scores.json").read_text())["rows"]
+        else:
+            todo.append(system)
+    job = (out, settings, codes, seed, base_dir, corpus_dir)
+    if workers <= 1 or len(todo) <= 1:
+        for system in todo:
+            rows[system.name], seconds, params = _run_system(*job, system, progress, log)
+            state.mark(f"system:{system.name}", seconds, params=params)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        log(f"[demo] 3/4 {len(todo)} systems, {workers} at a time (one process and one thread each)")
+        # spawn, not fork: a forked child of a process that already ran torch's thread pools can hang.
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_run_system, *job, system, False, print): system for system in todo}
+            try:
+                for future in as_completed(futures):
+                    system = futures[future]
+                    rows[system.name], seconds, params = future.result()
+                    state.mark(f"system:{system.name}", seconds, params=params)
+                    log(f"[demo] {system.name}: done in {seconds:.0f} s")
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+    return {system.name: rows[system.name] for system in settings.systems}
+
+
+def _run_system(out, settings, codes, seed, base_dir, corpus_dir, system: DemoSystem, progress, log):
+    """Fine-tune (unless zero-shot) and score one system. Returns (rows, seconds, #params)."""
+    import torch
+
+    torch.set_num_threads(settings.threads)
     from transformers import AutoTokenizer
 
     from ..data import load_flores
@@ -254,11 +297,7 @@ def _run_system(out, state, settings, system: DemoSystem, codes, seed, base_dir,
     from ..model import get_lslo_config, parameter_report
     from ..train import TrainArguments, train
 
-    stage = f"system:{system.name}"
     run_dir = out / "systems" / system.slug
-    scores_path = run_dir / "scores.json"
-    if state.done(stage):
-        return json.loads(scores_path.read_text(encoding="utf-8"))["rows"]
     clock = time.perf_counter()
     final_dir = None
     if system.train is not None:
@@ -286,8 +325,7 @@ def _run_system(out, state, settings, system: DemoSystem, codes, seed, base_dir,
     write_scores(rows, run_dir, name="scores", metadata={"system": system.name, "params": params,
                                                          "num_beams": settings.num_beams,
                                                          "eval_sentences": settings.eval_sentences})
-    state.mark(stage, time.perf_counter() - clock, params=params)
-    return rows
+    return rows, time.perf_counter() - clock, params
 
 
 def _analyses(out, state, base_dir, corpus_dir, codes, seed, log) -> dict[str, Any] | None:
