@@ -411,7 +411,7 @@ _SD = Phonology(("b", "bh", "d", "dh", "g", "gh", "j", "k", "kh", "l", "m", "n",
 _FR_TO_OC = ((r"eau", "èu"), (r"ou", "o"), (r"oi", "è"), (r"ch", "c"), (r"j", "g"), (r"v", "b"), (r"é$", "at"),
              (r"e$", "a"), (r"ai", "a"), (r"au", "al"))
 _DE_TO_NL = ((r"ei", "ij"), (r"au", "ou"), (r"pf", "p"), (r"z", "t"), (r"ä", "e"), (r"ö", "eu"), (r"ü", "u"),
-             (r"ie", "ee"), (r"sch", "sch"), (r"ch$", "g"), (r"st$", "s"))
+             (r"ie", "ee"), (r"ch$", "g"), (r"st$", "s"))
 
 LANGUAGE_SPECS: dict[str, LanguageSpec] = {
     "en": LanguageSpec("en", "H", "SVO, articles, plural suffix, past suffix, future particle, negation particle",
@@ -682,7 +682,7 @@ def _check_codes(codes: Sequence[str]) -> list[str]:
 # Relative amount of pretraining bitext per pair of resource groups: a few million-sentence
 # high-resource pairs, medium ones an order less, very-low-resource languages almost nothing and
 # only with high-resource ones (as M2M-100's mined and OPUS bitext: Occitan had 5K pairs).
-_GROUP_PAIR_WEIGHTS = {("H", "H"): 1.0, ("H", "M"): 0.35, ("M", "M"): 0.04, ("H", "V"): 0.006,
+_GROUP_PAIR_WEIGHTS = {("H", "H"): 1.0, ("H", "M"): 0.35, ("M", "M"): 0.04, ("H", "V"): 0.03,
                        ("M", "V"): 0.0, ("V", "V"): 0.0}
 
 
@@ -720,10 +720,10 @@ class CorpusSpec:
     """
 
     languages: tuple[str, ...] = DEFAULT_LANGUAGES
-    dev_size: int = 300
-    devtest_size: int = 200
-    pretrain_size: int = 150_000
-    concepts: float = 1.0
+    dev_size: int = 100
+    devtest_size: int = 100
+    pretrain_size: int = 100_000
+    concepts: float = 0.5
     seed: int = 0
 
     def __post_init__(self):
