@@ -40,7 +40,7 @@ def test_quick_demo_writes_every_file(quick_demo, capsys):
     assert {p.name for p in (out / "systems").iterdir()} == slugs
     for slug in slugs:
         scores = json.loads((out / "systems" / slug / "scores.json").read_text())
-        assert len(scores["rows"]) == 72  # 9 languages, every direction
+        assert len(scores["rows"]) == 42  # 7 languages, every direction
         assert (out / "systems" / slug / "scores.csv").is_file()
     assert (out / "systems" / "lslo-2-2-8-gps-0-9" / "run" / "final" / "lslo_adapters.safetensors").is_file()
     assert (out / "systems" / "ft-all" / "run" / "final" / "model.safetensors").is_file()
@@ -69,9 +69,9 @@ def test_gps_system_is_pruned_and_only_adapters_trained(quick_demo):
     model = lslo.load_base_model(str(out / "base_model"))
     lslo.load_adapters(model, out / "systems" / "lslo-2-2-8-gps-0-9" / "run" / "final")
     summary = pruning_summary(model)
-    for code in ("en", "fr", "de", "nl", "ja", "zh"):  # H and M: the quick schedule reaches 0.9 at epoch 2
+    for code in ("en", "fr", "de", "nl", "ja"):  # H and M: the quick schedule reaches 0.9 at epoch 2
         assert summary[code] == pytest.approx(0.9, abs=1e-3)
-    for code in ("oc", "wo", "sd"):
+    for code in ("oc", "wo"):
         assert summary[code] == 0.0
     assert all(torch.all(m.lora_B[~m.prune_mask] == 0) for m in lslo.lslo_modules(model).values())
 
