@@ -483,7 +483,11 @@ def build_systems(
                 "pruned": {k: round(v, 4) for k, v in pruned.items()},
             }
         )
-        adapter_ids = {id(t) for m in layers.values() for t in (m.lora_A, m.lora_B, m.prune_mask, m.scales)}
+        # Counted from the layers, not from base.parameters(): the frozen form swaps the adapters out of the model.
+        adapter_tensors = [
+            t for m in layers.values() for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))
+        ]
+        adapter_ids = {id(t) for t in adapter_tensors}
         base_tensors = [t for t in [*base.parameters(), *base.buffers()] if id(t) not in adapter_ids]
         if "lslo" in systems:
             params = [p for p in base.parameters() if p.requires_grad]
@@ -496,7 +500,7 @@ def build_systems(
                 optimizer,
                 lslo_args.peak_lr(),
                 activate_lslo,
-                lambda: [*base.parameters(), *base.buffers()],
+                lambda: [*base_tensors, *adapter_tensors],
                 trainable=sum(p.numel() for p in params),
                 note=f"{PAPER_ROW}, init/ffn reference, {len(layers)} layers, backend {info['lslo_backend']}",
             )
@@ -948,6 +952,10 @@ def _fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
+def _mib(value) -> str:
+    return "" if value is None else f"{_fmt(value, 4)} MiB"
+
+
 _OUTPUT_FILES = ("steps.csv", "ratios.csv", "recipe.csv", "tiny_train.csv", "results.md", "run.json")
 
 
@@ -994,10 +1002,9 @@ def markdown(result: dict) -> str:
                 foreign += f" ({s['busy_rounds']} busy rounds)"
             lines.append(
                 f"| `{name}` | {_fmt(s['step_s_p50'])} s ({_fmt(s['step_s_p20'])}-{_fmt(s['step_s_p80'])}), "
-                f"{s['rounds']} rounds | {_fmt(s['own_cpu_s_p50'])} s | {_fmt(s['tgt_tokens_per_s'])} | "
-                f"{_fmt(s['step_peak_mib'], 4)} MiB | "
-                f"{_fmt(s['resident_mib'], 4)} MiB | {_fmt(s['peak_total_mib'], 4)} MiB | "
-                f"{_fmt(s['optimizer_state_mib'], 4)} MiB | {s['trainable_params']:,} | "
+                f"{s['rounds']} rounds | {_fmt(s.get('own_cpu_s_p50'))} s | {_fmt(s['tgt_tokens_per_s'])} | "
+                f"{_mib(s['step_peak_mib'])} | {_mib(s['resident_mib'])} | {_mib(s['peak_total_mib'])} | "
+                f"{_mib(s['optimizer_state_mib'])} | {s['trainable_params']:,} | "
                 f"{_fmt(s['gflop_per_step'], 4)} | {foreign} |"
             )
         lines += ["", "| ratio (same run) | p50 (p20-p80 of per-round ratios) | target | met |", "|---|---|---|---|"]
