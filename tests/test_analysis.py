@@ -15,12 +15,12 @@ from torch import nn
 import lslo
 from lslo import analysis
 from lslo.pruning import prune
-from lslo.testing import make_sentences, make_tokenizer, randomize_adapters, tiny_config, tiny_model
+from lslo.testing import randomize_adapters, tiny_config
+from tests.hf_fixtures import RUN_LANGS, tiny_run_setup
 
 pytestmark = pytest.mark.usefixtures("hf_one_thread")
 
-LANGS = ("en", "fr", "oc", "wo")  # groups H, H, V, V
-STEMS = {"en": "eng", "fr": "fra", "oc": "oci", "wo": "wol"}
+LANGS = RUN_LANGS
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -288,26 +288,9 @@ def test_bad_input_is_refused():
 
 
 # ----------------------------------------------------------------- end to end
-def write_flores(root: Path, dev_lines: int = 6, devtest_lines: int = 2) -> Path:
-    """A FLORES-layout folder: line i of every language is one (artificial) meaning."""
-    for split, n, seed in (("dev", dev_lines, 1), ("devtest", devtest_lines, 2)):
-        (root / split).mkdir(parents=True, exist_ok=True)
-        base = make_sentences(n, seed=seed, max_words=6)
-        for k, (code, stem) in enumerate(STEMS.items()):
-            lines = [" ".join(w[::-1] if k % 2 else w for w in s.split()) + f" {code}" * k for s in base]
-            (root / split / f"{stem}.{split}").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return root
-
-
 @pytest.fixture(scope="module")
 def hf_setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("analysis")
-    tokenizer = make_tokenizer(root / "spm")
-    model = tiny_model(tokenizer, dtype=torch.float32, weight_std=0.1)
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    write_flores(root / "flores")
-    return {"model": str(root / "model"), "flores": str(root / "flores"), "root": root}
+    return tiny_run_setup(tmp_path_factory.mktemp("analysis"), dev_lines=6, devtest_lines=2)
 
 
 def test_cli_estimate_then_plan(hf_setup, tmp_path, capsys):

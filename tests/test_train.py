@@ -15,7 +15,6 @@ import pytest
 import torch
 
 import lslo
-from lslo.testing import make_sentences, make_tokenizer, tiny_model
 from lslo.train import (
     PRESETS,
     TrainArguments,
@@ -26,35 +25,17 @@ from lslo.train import (
     parse_prune_spec,
     train,
 )
+from tests.hf_fixtures import RUN_LANGS, RUN_STEMS, tiny_run_setup
 
 ROOT = Path(__file__).resolve().parents[1]
-LANGS = ("en", "fr", "oc", "wo")  # groups H, H, V, V
-STEMS = {"en": "eng", "fr": "fra", "oc": "oci", "wo": "wol"}
+LANGS, STEMS = RUN_LANGS, RUN_STEMS
 
 pytestmark = pytest.mark.usefixtures("hf_one_thread")
 
 
-def write_flores(root: Path, dev_lines: int = 12, devtest_lines: int = 6) -> Path:
-    """A FLORES-layout folder: line i of every language is one (artificial) meaning."""
-    for split, n, seed in (("dev", dev_lines, 1), ("devtest", devtest_lines, 2)):
-        (root / split).mkdir(parents=True, exist_ok=True)
-        base = make_sentences(n, seed=seed, max_words=6)
-        for k, (code, stem) in enumerate(STEMS.items()):
-            # Each "language" rewrites the shared sentence its own way (reversed words, a marker).
-            lines = [" ".join(w[::-1] if k % 2 else w for w in s.split()) + f" {code}" * k for s in base]
-            (root / split / f"{stem}.{split}").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return root
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    tokenizer = make_tokenizer(root / "spm")
-    model = tiny_model(tokenizer, dtype=torch.float32, weight_std=0.1)
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    write_flores(root / "flores")
-    return {"model": str(root / "model"), "flores": str(root / "flores"), "root": root}
+    return tiny_run_setup(tmp_path_factory.mktemp("train"))
 
 
 def _args(setup, out, **overrides) -> TrainArguments:
@@ -274,7 +255,7 @@ def test_two_process_torchrun_equals_one_process(setup, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                            str(29500 + os.getpid() % 1000), str(script)], env=env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     mine, reference = _adapters(tmp_path / "two" / "final"), _adapters(one.final_dir)
     for key in reference:
@@ -353,9 +334,9 @@ def test_config_file_and_flags(setup, tmp_path):
 def test_autocast_bf16_forward_and_backward_track_fp32(backend):
     """Mixed precision (accelerate's bf16): LSLo layers follow autocast and their gradients reach the
     fp32 factors; loss and factor gradients stay close to the fp32 run."""
-    import lslo_kernels
     from transformers import M2M100ForConditionalGeneration
 
+    import lslo_kernels
     from lslo.testing import tiny_config
 
     if backend not in lslo_kernels.available_backends("cpu"):
