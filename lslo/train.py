@@ -24,6 +24,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -564,8 +565,10 @@ class _Run:
                                                flores_dir=args.flores_dir)
             examples = None
         self.languages = tuple(languages)
+        self.devtest = None
         if args.flores_dir is not None:
-            data.load_flores(args.flores_dir, self.languages, "devtest")  # checks files and line counts
+            # Read now, so that a missing file or a line-count mismatch fails before training; kept for evaluation.
+            self.devtest = data.load_flores(args.flores_dir, self.languages, "devtest")
         self.lslo_config = None
         # Weight Learning (lslo.analysis.learn_index): LSLo's config, injected as dual-routing layers.
         self.weight_learning = args.method == "weight-learning"
@@ -733,7 +736,7 @@ class _Run:
         total = torch.zeros(4, dtype=torch.float64, device=self.accelerator.device)  # loss, nll, tokens, sentences
         for u, indices in enumerate(micro_batches):
             last = u == update_freq - 1
-            context = self.accelerator.no_sync(self.model) if not last else _nullcontext()
+            context = self.accelerator.no_sync(self.model) if not last else contextlib.nullcontext()
             with context:
                 loss, nll, tokens, batch = self._forward_loss(indices)
                 # Gloo/NCCL average gradients over processes; each micro-batch is a mean over its tokens,
@@ -765,14 +768,6 @@ class _Run:
 
 def _zero_sums() -> dict[str, float]:
     return {"loss": 0.0, "tokens": 0, "steps": 0}
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _load_index_plan(value: str):
@@ -817,7 +812,7 @@ def train(args: TrainArguments) -> TrainResult:
     """
     from tqdm.auto import tqdm
 
-    from .data import load_flores, make_batches
+    from .data import make_batches
 
     run = _Run(args)
     run.load()
@@ -848,7 +843,7 @@ def train(args: TrainArguments) -> TrainResult:
     if args.eval_every_epoch:
         if args.flores_dir is None:
             raise ValueError("--eval-every-epoch evaluates FLORES devtest: give --flores-dir")
-        eval_refs = load_flores(args.flores_dir, run.languages, "devtest")
+        eval_refs = run.devtest
         if not resume_step:  # Figure 3's dashed line: the model before fine-tuning
             log.write({"type": "epoch", "epoch": 0, "step": 0, **_epoch_eval(run, eval_refs, group_of, 0)})
 
@@ -1002,9 +997,7 @@ def _pretrain_only(run: _Run) -> TrainResult:
     log = _MetricsLog(run.output_dir / METRICS_NAME, run.is_main, None)
     scores = None
     if args.flores_dir is not None:
-        from .data import load_flores
-
-        references = load_flores(args.flores_dir, run.languages, "devtest")
+        references = run.devtest
         group_of = _group_of_for(run.languages, args.groups)
         scores = _evaluate_model(run, references, args.eval_sentences, group_of)
         log.write({"type": "epoch", "epoch": 0, "step": 0, **_group_means(scores, group_of)})
