@@ -20,6 +20,7 @@ from .model import (
     parameter_report,
     remove_lslo,
     save_adapters,
+    weight_learning_config,
     weight_learning_mixes,
 )
 from .pruning import gradual_pruning_ratio, prune, pruning_summary, subspace_scores
@@ -73,5 +74,6 @@ __all__ = [
     "save_adapters",
     "subspace_scores",
     "translate",
+    "weight_learning_config",
     "weight_learning_mixes",
 ]

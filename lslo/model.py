@@ -674,6 +674,12 @@ def weight_learning_mixes(model: nn.Module) -> dict[str, Any]:
             if isinstance(m, LSLoMix) and name.endswith("." + MIX_ATTR)}
 
 
+def weight_learning_config(model: nn.Module) -> LSLoConfig | None:
+    """The :class:`LSLoConfig` :func:`apply_weight_learning` used on ``model``, or None when it was not applied."""
+    state = getattr(model, _WEIGHT_LEARNING_ATTR, None)
+    return None if state is None else state.config
+
+
 def remove_weight_learning(model: nn.Module) -> nn.Module:
     """Undo :func:`apply_weight_learning`: the original Linears back, mixes removed, ``requires_grad`` restored."""
     from .layer import LSLoDualLinear

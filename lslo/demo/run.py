@@ -80,12 +80,23 @@ class DemoSettings:
     threads: int = 1  # tiny models run fastest on one intra-op thread...
     workers: int = 2  # ...so two cores are best used by two systems training at once
     model_shape: Mapping[str, int] = field(default_factory=dict)  # PretrainConfig fields (d_model, layers, ...)
+    # --analyses: the ISE run (epochs, GPS start and duration), Weight-Learning epochs, the plan sharpness
+    # values trained against the resource-group system (lslo.analysis.run_analyses / plan_from_scores).
+    analysis: Mapping[str, Any] = field(default_factory=lambda: dict(_ANALYSIS))
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["systems"] = [{"name": s.name, "train": dict(s.train) if s.train else None} for s in self.systems]
         data["model_shape"] = dict(self.model_shape)
+        data["analysis"] = json.loads(json.dumps(dict(self.analysis)))  # tuples as lists, as the state file has them
         return data
+
+
+# ISE: the paper's P = 0.7 reached by GPS over epochs 1-4 of 6 (the paper: 2-10 of 15; the tiny model
+# converges in fewer). Weight Learning as long as the systems' fine-tuning (10 epochs): at 3 epochs the
+# encoder's weights had not left 0.5. Sharpness 1 (ranks proportional to the kept share) and 4 (the
+# default of plan_from_scores) are both trained at the budget of the resource-group ranks.
+_ANALYSIS = {"epochs": 6, "prune_start": 1, "prune_duration": 3, "wl_epochs": 10, "sharpness": (1.0, 4.0)}
 
 
 # Sized for about 10 minutes on 2 idle CPU cores (measured in CPU seconds on one thread: pretraining
@@ -100,7 +111,8 @@ FULL = DemoSettings(dev_size=100, devtest_size=100, pretrain_size=100_000, pretr
 QUICK = DemoSettings(dev_size=24, devtest_size=8, pretrain_size=4_000, pretrain_steps=60, epochs=2, concepts=0.2,
                      max_tokens=1024, curve_sentences=2, eval_sentences=4, num_beams=1, warmup_updates=10,
                      systems=_systems(prune_start=1, prune_duration=1, ft_lr=1e-3, lslo_lr=3e-3),
-                     model_shape={"d_model": 32, "layers": 2, "ffn_dim": 64, "vocab_size": 400})
+                     model_shape={"d_model": 32, "layers": 2, "ffn_dim": 64, "vocab_size": 400},
+                     analysis={**_ANALYSIS, "epochs": 2, "prune_duration": 1, "wl_epochs": 2})
 
 
 @dataclass
@@ -112,6 +124,11 @@ class DemoResult:
     files: dict[str, Path] = field(default_factory=dict)
 
 
+# Settings that only the --analyses stages use: a demo run without --analyses may be resumed with it (and
+# the other way round); they must match only when the analyses are both done and asked for again.
+_ANALYSIS_KEYS = ("analyses", "analysis")
+
+
 class _State:
     """``demo_state.json``: the settings of the run and the stages done (with their seconds)."""
 
@@ -120,12 +137,17 @@ class _State:
         self.data = {"settings": settings, "done": {}}
         if resume and path.is_file():
             saved = json.loads(path.read_text(encoding="utf-8"))
-            differing = sorted(k for k in set(saved.get("settings", {})) | set(settings)
-                               if saved.get("settings", {}).get(k) != settings.get(k))
+            saved_settings = saved.get("settings", {})
+            compare_analyses = settings.get("analyses") and "analyses" in saved.get("done", {})
+            differing = sorted(k for k in set(saved_settings) | set(settings)
+                               if saved_settings.get(k) != settings.get(k)
+                               and (k not in _ANALYSIS_KEYS or (compare_analyses and k != "analyses")))
             if differing:
                 raise ValueError(f"--resume: {path.parent} holds a demo with other settings ({', '.join(differing)}); "
                                  "pass --overwrite to start again")
             self.data = saved
+            if settings.get("analyses"):
+                self.data["settings"] = settings
 
     def done(self, stage: str) -> bool:
         return stage in self.data["done"]
@@ -165,8 +187,11 @@ def run_demo(
         languages: codes or a set name (default: the synthetic languages, or lang12 with FLORES).
         epochs: fine-tuning epochs (default: the settings').
         seed: seed of the corpus, the pretraining and every run.
-        analyses: also run Weight Learning, Intrinsic Subspace Estimation and a rank plan
-            (:func:`lslo.analysis.run_analyses`) and report whether ISE recovers the resource levels.
+        analyses: also run Weight Learning, Intrinsic Subspace Estimation and rank plans
+            (:func:`lslo.analysis.run_analyses`), report whether ISE recovers the resource levels, and
+            train the ISE plans (``settings.analysis["sharpness"]``) with the systems' recipe at the
+            budget of the resource-group ranks, to compare them on the same devtest sentences
+            (``analyses/summary.json`` ``"comparison"``, the report, the terminal).
         workers: systems trained at once, each in its own one-thread process (default: the
             settings'; 1 runs them one after the other in this process).
         progress: progress bars.
@@ -213,7 +238,11 @@ def run_demo(
         corpus_dir, base_dir = _prepare(out, state, settings, codes, seed, model, flores_dir, progress, log)
         rows = _run_systems(out, state, settings, codes, seed, base_dir, corpus_dir, progress, log,
                             workers=settings.workers if workers is None else workers)
-        analysis = _analyses(out, state, base_dir, corpus_dir, codes, seed, log) if analyses else None
+        analysis = None
+        if analyses:
+            analysis, plan_rows = _analyses(out, state, settings, base_dir, corpus_dir, codes, seed, rows, progress,
+                                            log, workers=settings.workers if workers is None else workers)
+            rows = {**rows, **plan_rows}
         return _report(out, state, settings, codes, base_dir, rows, analysis, synthetic=flores_dir is None, log=log)
     finally:
         torch.set_num_threads(previous_threads)
@@ -333,23 +362,160 @@ def _run_system(out, settings, codes, seed, base_dir, corpus_dir, system: DemoSy
     return rows, time.perf_counter() - clock, params
 
 
-def _analyses(out, state, base_dir, corpus_dir, codes, seed, log) -> dict[str, Any] | None:
-    from ..analysis import run_analyses
+def _reference_system(settings: DemoSettings) -> DemoSystem:
+    """The resource-group system an ISE plan competes with: the last LSLo system with group ranks (the
+    demo's 2;2;8+GPS), whose ranks give the plan its budget and whose recipe the plan trains with."""
+    for system in reversed(settings.systems):
+        train = system.train or {}
+        if train.get("method", "lslo") == "lslo" and ";" in str(train.get("ranks", "")):
+            return system
+    raise ValueError("--analyses: the demo has no LSLo system with resource-group ranks to compare a plan with")
 
-    path = out / "analyses" / "summary.json"
-    if state.done("analyses"):
-        return json.loads(path.read_text(encoding="utf-8"))
-    clock = time.perf_counter()
-    log("[demo] analyses: Weight Learning, Intrinsic Subspace Estimation, rank plan")
-    sizes = None
-    info = Path(corpus_dir) / "languages.json"
-    if info.is_file():  # the synthetic languages' true pretraining sizes: what ISE should recover
-        sizes = {c: v["pretrain_sentences"] for c, v in json.loads(info.read_text())["languages"].items() if c in codes}
-    result = run_analyses(base_dir, corpus_dir, out / "analyses", languages=codes, resource_sizes=sizes, seed=seed + 2)
-    summary = {k: v for k, v in result.items() if isinstance(v, (str, int, float, bool, dict, list, type(None)))}
-    atomic_write_file(path, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2, default=str)))
-    state.mark("analyses", time.perf_counter() - clock)
-    return summary
+
+def _plan_system(reference: DemoSystem, plan: Mapping[str, Any]) -> DemoSystem:
+    """The reference's recipe (lr, GPS schedule, index plan) with the plan's ranks and pruning ratios."""
+    from ..analysis import plan_train_config
+
+    config = plan_train_config(plan)
+    train = {k: v for k, v in (reference.train or {}).items() if k not in ("ranks", "prune", "prune_pool")}
+    train["ranks"] = config["ranks"]
+    if "prune" in config:
+        train.update(prune=config["prune"], prune_pool=config["prune_pool"])
+    else:
+        train = {k: v for k, v in train.items() if k not in ("prune_start", "prune_duration")}
+    return DemoSystem(f"LSLo ISE plan s={plan['sharpness']:g}", train)
+
+
+def _analyses(out, state, settings, base_dir, corpus_dir, codes, seed, rows, progress, log, *, workers: int):
+    """Weight Learning, ISE and plans (stage ``analyses``), then the plans trained as systems and compared
+    with the resource-group system at the same budget. Returns (summary, the plan systems' rows)."""
+    from ..analysis import plan_from_scores, read_scores, run_analyses, write_plan_config
+
+    analysis_dir = out / "analyses"
+    path = analysis_dir / "summary.json"
+    options = settings.analysis
+    reference = _reference_system(settings)
+    budget = reference.train["ranks"]
+    if not state.done("analyses"):
+        clock = time.perf_counter()
+        log(f"[demo] analyses: Weight Learning ({options['wl_epochs']} epochs), Intrinsic Subspace Estimation "
+            f"({options['epochs']} epochs), plans at the budget of ranks {budget}")
+        sizes = None
+        info = Path(corpus_dir) / "languages.json"
+        if info.is_file():  # the synthetic languages' true pretraining sizes: what ISE should recover
+            sizes = {c: v["pretrain_sentences"] for c, v in json.loads(info.read_text())["languages"].items()
+                     if c in codes}
+        result = run_analyses(base_dir, corpus_dir, analysis_dir, languages=codes, resource_sizes=sizes, seed=seed + 2,
+                              epochs=options["epochs"], prune_start=options["prune_start"],
+                              prune_duration=options["prune_duration"], wl_epochs=options["wl_epochs"],
+                              budget=budget, max_tokens=settings.max_tokens, progress=progress)
+        summary = {k: v for k, v in result.items() if isinstance(v, (str, int, float, bool, dict, list, type(None)))}
+        if result.get("index") is not None:
+            summary["weight_learning"] = {"epochs": options["wl_epochs"], "index_plan": result["index"].index_plan,
+                                          "weights": {side: [{"w_src": a, "w_tgt": b} for a, b in pairs]
+                                                      for side, pairs in result["index"].weights.items()}}
+        _write_json(path, summary)
+        state.mark("analyses", time.perf_counter() - clock)
+    summary = json.loads(path.read_text(encoding="utf-8"))
+
+    # The plans at every sharpness compared: deterministic given the scores, so rebuilt on resume.
+    scores = read_scores(analysis_dir / "ise")
+    plans = [plan_from_scores(scores, budget, sharpness=float(v)) for v in options["sharpness"]]
+    plan_systems = []
+    for plan in plans:
+        write_plan_config(plan, analysis_dir / f"plan_s{plan['sharpness']:g}.toml")
+        plan_systems.append(_plan_system(reference, plan))
+    log(f"[demo] analyses: training {len(plan_systems)} ISE plan(s) with {reference.name}'s recipe")
+    plan_rows = _run_systems(out, state, replace(settings, systems=tuple(plan_systems)), codes, seed, base_dir,
+                             corpus_dir, progress, log, workers=workers)
+    params = {name: info.get("params") for name, info in
+              ((n[len("system:"):], i) for n, i in state.data["done"].items() if n.startswith("system:"))}
+    references = [s for s in settings.systems if s.train and s.train.get("ranks") == budget
+                  and s.train.get("method", "lslo") == "lslo"]
+    summary["comparison"] = compare_systems(
+        {s.name: rows[s.name] for s in references}, plan_rows, params=params, reference=reference.name,
+        plans={system.name: plan for system, plan in zip(plan_systems, plans)}, budget=budget,
+        eval_sentences=settings.eval_sentences)
+    _write_json(path, summary)
+    return summary, plan_rows
+
+
+def _write_json(path: Path, document: Mapping[str, Any]) -> None:
+    text = json.dumps(document, indent=2, default=str)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_file(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def compare_systems(references: Mapping[str, Sequence[Mapping[str, Any]]],
+                    challengers: Mapping[str, Sequence[Mapping[str, Any]]], *, reference: str,
+                    params: Mapping[str, int | None] | None = None, plans: Mapping[str, Mapping[str, Any]] | None = None,
+                    budget: str | None = None, metric: str = "bleu", eval_sentences: int | None = None) -> dict[str, Any]:
+    """Direction-group scores of ISE-plan systems against resource-group systems, on the same directions.
+
+    Args:
+        references: name -> per-direction rows of the resource-group systems (:func:`lslo.evaluate.evaluate`).
+        challengers: name -> per-direction rows of the plan systems.
+        reference: the name in ``references`` each challenger is judged against.
+        params: name -> trainable parameters (``lslo.parameter_report(model)["total"]``).
+        plans: challenger name -> its plan (:func:`lslo.analysis.plan_from_scores`), for ranks and ratios.
+        budget: the ranks whose cost is the budget, e.g. ``"2;2;8"``.
+        metric: the score compared (sacrebleu's name: "bleu", "chrf++").
+        eval_sentences: devtest sentences per direction (reported).
+
+    Returns:
+        ``{"metric", "budget", "reference", "eval_sentences", "systems": {name: {"role", "params", "ranks",
+        "prune", "sharpness", "scores" {group: mean}, "avg_directions", "avg_groups"}}, "verdicts": [{"system",
+        "against", "delta" {group: challenger - reference}, "delta_avg_directions", "delta_avg_groups",
+        "directions_better", "directions", "paired_se", "winner", "equal_budget"}], "text"}``.
+    """
+    from ..evaluate import METRIC_LABELS, group_table
+
+    if reference not in references:
+        raise ValueError(f"reference {reference!r} is not among the reference systems {sorted(references)}")
+    params = params or {}
+    plans = plans or {}
+    systems: dict[str, Any] = {}
+    for role, group in (("resource groups", references), ("ISE plan", challengers)):
+        for name, rows in group.items():
+            table = group_table(rows, metric=metric)
+            plan = plans.get(name)
+            systems[name] = {
+                "role": role, "params": params.get(name), "scores": table["scores"],
+                "avg_directions": table["avg_directions"], "avg_groups": table["avg_groups"],
+                **({"ranks": plan["ranks"], "prune": plan["prune"], "sharpness": plan["sharpness"]} if plan else {}),
+            }
+    base_rows = {(r["src"], r["tgt"]): float(r[metric]) for r in references[reference]}
+    label = METRIC_LABELS[metric]
+    verdicts, lines = [], []
+    for name, rows in challengers.items():
+        mine, theirs = systems[name], systems[reference]
+        differences = [float(r[metric]) - base_rows[(r["src"], r["tgt"])] for r in rows
+                       if (r["src"], r["tgt"]) in base_rows]
+        count = len(differences)
+        mean = sum(differences) / count if count else float("nan")
+        spread = (sum((d - mean) ** 2 for d in differences) / (count - 1)) ** 0.5 if count > 1 else float("nan")
+        delta_avg = mine["avg_directions"] - theirs["avg_directions"]
+        verdict = {
+            "system": name, "against": reference,
+            "delta": {g: mine["scores"][g] - theirs["scores"][g] for g in mine["scores"] if g in theirs["scores"]},
+            "delta_avg_directions": delta_avg, "delta_avg_groups": mine["avg_groups"] - theirs["avg_groups"],
+            "directions_better": sum(d > 0 for d in differences), "directions": count,
+            "paired_se": spread / count ** 0.5 if count > 1 else float("nan"),
+            "winner": name if delta_avg > 0 else reference if delta_avg < 0 else "tie",
+            "equal_budget": None if mine["params"] is None or theirs["params"] is None
+            else mine["params"] == theirs["params"],
+        }
+        verdicts.append(verdict)
+        budget_text = (f"{mine['params']:,} vs {theirs['params']:,} parameters" if verdict["equal_budget"] is not None
+                       else "parameters unknown")
+        lines.append(
+            f"{name} vs {reference} ({budget_text}): AVG {label} {mine['avg_directions']:.2f} vs "
+            f"{theirs['avg_directions']:.2f} ({delta_avg:+.2f} +- {verdict['paired_se']:.2f} s.e. over {count} "
+            f"directions, better in {verdict['directions_better']}/{count}); "
+            + (f"{name} wins" if delta_avg > 0 else f"{reference} wins" if delta_avg < 0 else "a tie")
+            + f" by {abs(delta_avg):.2f} {label}")
+    return {"metric": label, "budget": budget, "reference": reference, "eval_sentences": eval_sentences,
+            "systems": systems, "verdicts": verdicts, "text": "\n".join(lines)}
 
 
 def _summary_line(tables: Mapping[str, Mapping[str, Any]], metric_label: str) -> str:
@@ -381,10 +547,7 @@ def _report(out, state, settings, codes, base_dir, rows, analysis, *, synthetic:
     from ..train import METRICS_NAME
 
     clock = time.perf_counter()
-    params = {}
-    for system in settings.systems:
-        info = state.data["done"].get(f"system:{system.name}", {})
-        params[system.name] = info.get("params")
+    params = {name: state.data["done"].get(f"system:{name}", {}).get("params") for name in rows}
     metric = "bleu"
     tables = {name: group_table(r, metric=metric) for name, r in rows.items()}
     table_text = format_table(rows, params=params, style="plain")
@@ -440,9 +603,25 @@ def _report(out, state, settings, codes, base_dir, rows, analysis, *, synthetic:
         "- `curves.png`: H2H and V2V per epoch (the paper's Figure 3); `table.png`: the table as bars",
         "- `base_model/`: the pretrained tiny model; `data/`: the synthetic corpus" if synthetic else "",
     ]
+    comparison_text = ""
     if analysis is not None:
         lines += ["", "## Analyses (Weight Learning, Intrinsic Subspace Estimation, plan)", "",
-                  "```", json.dumps(analysis.get("summary", analysis), indent=2, default=str)[:4000], "```"]
+                  "```", str(analysis.get("summary", ""))[:6000], "```"]
+        if analysis.get("comparison"):
+            comparison = analysis["comparison"]
+            compared = {name: rows[name] for name in comparison["systems"] if name in rows}
+            comparison_text = comparison["text"]
+            lines += ["", f"### ISE plans against the resource-group ranks at the budget of {comparison['budget']}", "",
+                      (f"Same recipe (learning rate, epochs, GPS schedule, index plan) as {comparison['reference']}; "
+                       f"only the per-language ranks and pruning ratios differ. {comparison['metric']} on the first "
+                       f"{comparison['eval_sentences']} devtest sentences per direction (the table above). A difference "
+                       "within about two paired standard errors is not a result."), "",
+                      format_table(compared, metric=metric, params=params, style="markdown"), "",
+                      *[f"- {line}" for line in comparison_text.splitlines()], "",
+                      "Plans (rank / pruning ratio per language):", "",
+                      *[f"- {name}: " + ", ".join(f"{c} {r}/{entry['prune'].get(c, 0.0):.2f}"
+                                                  for c, r in entry["ranks"].items())
+                        for name, entry in comparison["systems"].items() if "ranks" in entry]]
     report = "\n".join(lines) + "\n"
     files["report"] = out / "report.md"
     atomic_write_file(files["report"], lambda tmp: Path(tmp).write_text(report, encoding="utf-8"))
@@ -453,6 +632,11 @@ def _report(out, state, settings, codes, base_dir, rows, analysis, *, synthetic:
     if param_text:
         log(param_text)
     log(f"What the table shows: {summary}")
+    if analysis is not None:
+        log(str(analysis.get("summary", "")))
+        if comparison_text:
+            log("ISE plan vs resource-group ranks at the same budget:")
+            log(comparison_text)
     log(f"Metric: {labels}.")
     log(f"[demo] total {sum(state.seconds().values()):.0f} s; report: {files['report']}")
     return DemoResult(out, table_text, summary, state.seconds(), files)
