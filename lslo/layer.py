@@ -96,6 +96,7 @@ class _LanguageFactors:
         self._backend_key = None
         self._backend_name = None
         self._backend_add = None
+        self._fast_key = None  # LSLoLinear._decode_forward's cache: (dtype, device, backend, device type, add_)
 
         total = sum(ranks)
         self.lora_A = nn.Parameter(torch.empty(total, lora_in_features, device=device, dtype=dtype))
@@ -418,6 +419,10 @@ class LSLoLinear(_LanguageFactors, nn.Module):
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, lang: torch.Tensor | Routing | None = None) -> torch.Tensor:
         """Args: x: (..., in_features); lang: see the class docstring. Returns (..., out_features)."""
+        if not torch.is_grad_enabled() and self.merged_language is None:
+            y = self._decode_forward(x, lang)
+            if y is not None:
+                return y
         # Hot path of every decoding step: each line here was timed (see _tensors, _base_forward).
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a tensor, got {type(x).__name__}")
@@ -459,6 +464,50 @@ class LSLoLinear(_LanguageFactors, nn.Module):
             else:
                 y = self._lora_into(x_rows, out_rows, routing, lora_a, lora_b, scales, backend, in_place=False)
         return y.view(*lead, self.out_features)
+
+    def _decode_forward(self, x, lang) -> torch.Tensor | None:
+        """The ``no_grad`` / ``inference_mode`` path of decoding, or None where it does not apply.
+
+        Only the common case: a plain hook-free ``nn.Linear`` base, full LoRA widths, x already in
+        the adapter's dtype and device, no autocast, eager mode, a backend with an in-place kernel.
+        Everything else (and every error message) is the general path's. Measured on the 2-core
+        EPYC, 32->32 at T=1, 1 thread: the general path costs ~8 us of Python above F.linear + the
+        kernel (15.2 vs 6.9 us); this one ~3 us, which is most of a tiny model's LoRA overhead per
+        decoding step.
+        """
+        if type(x) is not torch.Tensor:
+            return None
+        params = self._parameters
+        lora_a = params["lora_A"]
+        fast = self._fast_key
+        dtype = x.dtype
+        device = x.device
+        if fast is None or fast[0] is not dtype or fast[1] != device or fast[2] != self.backend:
+            if dtype != lora_a.dtype or device != lora_a.device:
+                return None
+            self._backend_for(x)
+            fast = self._fast_key = (dtype, device, self.backend, device.type, self._backend_add)
+        add_ = fast[4]
+        if (add_ is None or torch.is_autocast_enabled(fast[3]) or torch.compiler.is_compiling()
+                or lora_a.dtype is not dtype or lora_a.device != device):
+            return None
+        base = self._modules["base_layer"]
+        k = self.in_features
+        if (type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks or _global_hooks()
+                or x.dim() == 0 or x.shape[-1] != k or self.lora_in_features != k or self.lora_out_features != self.out_features):
+            return None
+        lead = x.shape[:-1]
+        routing = self._routing(x, lang, lead)
+        buffers = self._buffers
+        scales = buffers["scales"] if "scales" in buffers else params["scales"]
+        if scales.dtype not in _SCALE_DTYPES:  # e.g. after module.half()
+            scales = scales.float()
+        x_rows = x if x.dim() == 2 else x.reshape(-1, k)
+        base_params = base._parameters  # base.weight is a Module.__getattr__: ~0.3 us each
+        out = F.linear(x_rows, base_params["weight"], base_params["bias"])
+        add_(out, _unit_rows(x_rows), lora_a, params["lora_B"], buffers["prune_mask"], scales,
+             buffers["rank_offsets"], routing.sorted_token_idx, routing.lang_offsets, self.max_rank)
+        return out if x.dim() == 2 else out.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         ranks = _summarise_ranks(self.ranks)

@@ -301,6 +301,53 @@ def test_inference_reaches_the_kernel_directly_and_equals_the_autograd_path(monk
                                .reshape(3, 4, 12), atol=1e-5, rtol=1e-5)
 
 
+def test_decoding_path_is_taken_only_where_it_applies_and_equals_the_truth(monkeypatch):
+    """LSLoLinear._decode_forward (no_grad, plain base, full widths) against the per-token truth; every
+    case it must leave to the general path (hooks on the base, reduced widths, autocast) still runs
+    the hook / gives the general path's result."""
+    layer = _layer()
+    taken = []
+    original = lslo.LSLoLinear._decode_forward
+
+    def spy(self, x, lang):
+        y = original(self, x, lang)
+        taken.append(y is not None)
+        return y
+
+    monkeypatch.setattr(lslo.LSLoLinear, "_decode_forward", spy)
+    x = torch.randn(6, 16)
+    ids = torch.tensor([0, 2, -1, 1, 1, 0])
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x, lang=ids), _expected(layer, x, ids), atol=1e-5, rtol=1e-5)
+        wide = torch.randn(6, 20)[:, 2:18]  # rows with a stride: the in-place kernel takes them as they are
+        torch.testing.assert_close(layer(wide, lang=ids), _expected(layer, wide.contiguous(), ids), atol=1e-5,
+                                   rtol=1e-5)
+        with lslo.route(tgt=torch.tensor([1, 2])):  # ids from the context, 3-D input, per-sequence ids
+            x3 = torch.randn(2, 3, 16)
+            torch.testing.assert_close(layer(x3), _expected(layer, x3.reshape(6, 16), torch.tensor([1] * 3 + [2] * 3))
+                                       .reshape(2, 3, 12), atol=1e-5, rtol=1e-5)
+        assert taken == [True, True, True]
+        taken.clear()
+        calls = []
+        want = _expected(layer, x, ids)
+        handle = layer.base_layer.register_forward_hook(lambda m, i, o: calls.append(1))
+        torch.testing.assert_close(layer(x, lang=ids), want, atol=1e-5, rtol=1e-5)
+        handle.remove()
+        assert calls == [1] and taken == [False]  # the hook ran: the general path called the module
+        taken.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x, lang=ids)
+        assert y.dtype == torch.bfloat16 and taken == [False]
+        layer.backend = "reference"  # a changed backend is seen (the cache is keyed on it)
+        torch.testing.assert_close(layer(x, lang=ids), _expected(layer, x, ids), atol=1e-5, rtol=1e-5)
+        assert layer._fast_key[2] == "reference"
+    narrow = _layer(lora_out_features=5)
+    with torch.no_grad():
+        taken.clear()
+        torch.testing.assert_close(narrow(x, lang=ids), _expected(narrow, x, ids), atol=1e-5, rtol=1e-5)
+        assert taken == [False]
+
+
 def test_cpp_training_uses_the_compiled_autograd_node(monkeypatch):
     if "cpp" not in lslo_kernels.available_backends("cpu"):
         pytest.skip("cpp not built")
