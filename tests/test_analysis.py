@@ -143,9 +143,11 @@ def test_plan_respects_the_budget_and_follows_the_scores():
     assert min(plan["ranks"].values()) >= 1
     assert "oc" not in plan["prune"]  # the neediest language is not pruned
     assert plan["prune"]["en"] == pytest.approx(min(0.9, round(1 - 0.15 / 0.45, 2)))
-    # Sharper plans give the needy more.
-    sharp = analysis.plan_from_scores(scores, "2;8", sharpness=3.0)
-    assert sharp["ranks"]["oc"] > plan["ranks"]["oc"] and sharp["parameters"] <= sharp["budget"]
+    # Sharper plans give the needy more (the default sharpness is 4).
+    assert plan["sharpness"] == 4.0
+    flat = analysis.plan_from_scores(scores, "2;8", sharpness=1.0)
+    assert plan["ranks"]["oc"] > flat["ranks"]["oc"] and flat["parameters"] <= flat["budget"]
+    assert plan["ranks"]["en"] < flat["ranks"]["en"]
     # A number works too, and a budget of n rank-1 adapters gives rank 1 to everyone.
     one_each = analysis.plan_from_scores(scores, str(4 * per_rank))
     assert one_each["ranks"] == dict.fromkeys(LANGS, 1)

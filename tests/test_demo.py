@@ -135,3 +135,100 @@ def test_ctrl_c_saves_what_is_done_and_resume_finishes(quick_demo, tmp_path, mon
     final = json.loads((copy / STATE_FILE).read_text())["done"]
     assert final["system:LSLo 2;2;8"] == done["system:LSLo 2;2;8"]  # not run again
     assert "system:LSLo 2;2;8+GPS(0.9)" in final and (copy / "report.md").is_file()
+
+
+def test_analyses_compare_ise_plans_with_resource_groups_at_equal_budget(quick_demo, tmp_path, capsys):
+    """--analyses on a finished quick demo (resumed): ISE correlation, plan, Weight Learning, and the plans
+    trained with the demo's recipe at the budget of 2;2;8, compared with it per direction group."""
+    import math
+    import shutil
+
+    from scipy.stats import pearsonr
+
+    import lslo
+    from lslo import analysis
+    from lslo.evaluate import group_table
+    from lslo.pruning import pruning_summary
+
+    out, _ = quick_demo
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    before = json.loads((copy / STATE_FILE).read_text())["done"]
+    assert main(["demo", "--quick", "--output-dir", str(copy), "--no-progress", "--resume", "--analyses"]) == 0
+    terminal = capsys.readouterr().out
+    state = json.loads((copy / STATE_FILE).read_text())
+    assert state["done"]["system:LSLo 2;2;8+GPS(0.9)"] == before["system:LSLo 2;2;8+GPS(0.9)"]  # reused, not retrained
+    summary = json.loads((copy / "analyses" / "summary.json").read_text())
+
+    # ISE against the synthetic languages' true pretraining sizes, as scipy computes it.
+    languages = json.loads((copy / "data" / "languages.json").read_text())["languages"]
+    scores = analysis.read_scores(copy / "analyses" / "ise")
+    totals = analysis.language_demands(scores)
+    codes = list(scores["languages"])
+    expected = pearsonr([math.log10(languages[c]["pretrain_sentences"]) for c in codes],
+                        [totals[c]["score"] for c in codes])
+    assert summary["correlation_log"]["overall"]["r"] == pytest.approx(expected.statistic)
+    assert summary["correlation_log"]["overall"]["p"] == pytest.approx(expected.pvalue)
+    assert "ISE recovers the resource levels" in summary["summary"]
+
+    # Weight Learning: one (w_src, w_tgt) pair per layer, a softmax.
+    weights = summary["weight_learning"]["weights"]
+    assert set(weights) == {"encoder", "decoder"} and all(len(pairs) == 2 for pairs in weights.values())
+    assert all(p["w_src"] + p["w_tgt"] == pytest.approx(1.0, abs=1e-5) for pairs in weights.values() for p in pairs)
+
+    # The comparison: both plans and the resource-group system, every group, the same parameters.
+    comparison = summary["comparison"]
+    reference = "LSLo 2;2;8+GPS(0.9)"
+    assert comparison["reference"] == reference and comparison["metric"] == "BLEU" and comparison["budget"] == "2;2;8"
+    plans = ["LSLo ISE plan s=1", "LSLo ISE plan s=4"]
+    assert {reference, *plans} <= set(comparison["systems"])
+    for name in [reference, *plans]:
+        slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+        rows = json.loads((copy / "systems" / slug / "scores.json").read_text())["rows"]
+        table = group_table(rows, metric="bleu")
+        entry = comparison["systems"][name]
+        assert list(entry["scores"]) == GROUP_COLUMNS
+        assert entry["scores"] == pytest.approx(table["scores"])
+        assert entry["avg_directions"] == pytest.approx(table["avg_directions"])
+        assert entry["params"] == state["done"][f"system:{name}"]["params"] == comparison["systems"][reference]["params"]
+    for verdict in comparison["verdicts"]:
+        mine, theirs = comparison["systems"][verdict["system"]], comparison["systems"][reference]
+        assert verdict["equal_budget"] is True and verdict["directions"] == 42
+        assert verdict["delta_avg_directions"] == pytest.approx(mine["avg_directions"] - theirs["avg_directions"])
+        assert verdict["winner"] in (verdict["system"], reference, "tie")
+    # The sharper plan is the default one, and the trained adapters carry its ranks and pruning ratios.
+    assert summary["plan"]["ranks"] == comparison["systems"]["LSLo ISE plan s=4"]["ranks"]
+    plan = comparison["systems"]["LSLo ISE plan s=4"]
+    model = lslo.load_base_model(str(copy / "base_model"))
+    lslo.load_adapters(model, copy / "systems" / "lslo-ise-plan-s-4" / "run" / "final")
+    config = lslo.get_lslo_config(model)
+    assert dict(zip(config.languages, config.language_ranks)) == plan["ranks"]
+    assert lslo.parameter_report(model)["total"] == plan_params(plan, scores)
+    achieved = pruning_summary(model)
+    for code in codes:  # the quick GPS schedule reaches the full ratio by the last epoch
+        assert achieved[code] == pytest.approx(plan["prune"].get(code, 0.0), abs=0.02)
+
+    # Figures, report, terminal.
+    for png in ("wl/fig1_index_weights.png", "ise/fig2_language_modules.png", "ise/fig5_per_layer.png"):
+        assert _png(copy / "analyses" / png)[0] > 200
+    report = (copy / "report.md").read_text()
+    assert "ISE plans against the resource-group ranks at the budget of 2;2;8" in report
+    assert "| LSLo ISE plan s=4 |" in report and ("wins" in report or "a tie" in report)
+    assert "ISE plan vs resource-group ranks at the same budget" in terminal
+
+    # Resumed again: nothing re-run; other analysis settings are refused only once analyses are done.
+    assert main(["demo", "--quick", "--output-dir", str(copy), "--no-progress", "--resume", "--analyses"]) == 0
+    again = json.loads((copy / STATE_FILE).read_text())["done"]
+    assert all(again[k] == v for k, v in state["done"].items() if k != "report")
+    from lslo.demo.run import _State
+
+    settings = json.loads((copy / STATE_FILE).read_text())["settings"]
+    with pytest.raises(ValueError, match=r"other settings \(analysis\)"):
+        _State(copy / STATE_FILE, {**settings, "analysis": {**settings["analysis"], "wl_epochs": 9}}, resume=True)
+    _State(copy / STATE_FILE, {**settings, "analyses": False, "analysis": {}}, resume=True)  # not asked: not compared
+
+
+def plan_params(plan, scores):
+    from lslo import analysis
+
+    return sum(plan["ranks"].values()) * analysis._parameters_per_rank(scores)

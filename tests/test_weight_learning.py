@@ -212,12 +212,16 @@ def _tiny_m2m(seed=0):
 def test_apply_weight_learning_injects_duals_and_one_mix_per_layer():
     import copy
 
-    from lslo.model import apply_weight_learning, remove_weight_learning, weight_learning_mixes
+    from lslo.analysis import weight_learning_config as analysis_config
+    from lslo.model import apply_weight_learning, remove_weight_learning, weight_learning_config, weight_learning_mixes
 
     langs = ["en", "fr", "de"]
     config = lslo.LSLoConfig(languages=langs, ranks={"en": 2, "fr": 3, "de": 1}, target_modules="all")
     base = _tiny_m2m()
+    assert weight_learning_config(base) is None and analysis_config(base) is None
     model = apply_weight_learning(copy.deepcopy(base), config, learn_scales=True)
+    assert weight_learning_config(model) is config and analysis_config(model) is config
+    assert lslo.weight_learning_config is weight_learning_config
     duals = {n: m for n, m in model.named_modules() if isinstance(m, LSLoDualLinear)}
     mixes = weight_learning_mixes(model)
     assert sorted(mixes) == [f"model.{side}.layers.{i}" for side in ("decoder", "encoder") for i in (0, 1)]
@@ -249,6 +253,7 @@ def test_apply_weight_learning_injects_duals_and_one_mix_per_layer():
     assert all(m.logits.grad is not None and m.logits.grad.abs().sum() > 0 for m in mixes.values())
 
     remove_weight_learning(model)
+    assert weight_learning_config(model) is None
     assert not any(isinstance(m, (LSLoDualLinear, LSLoMix)) for m in model.modules())
     assert {n for n, _ in model.named_parameters()} == {n for n, _ in base.named_parameters()}
     assert all(p.requires_grad for p in model.parameters())
