@@ -19,8 +19,9 @@
 //      and a result that does not depend on scheduling.
 //   3. Each thread stages the weights of its languages in the accumulation type: A rows, and
 //      s_l (B * M)^T, so that B's columns become contiguous rows the kernels can stream.
-//   4. It walks its range token by token (forward) or in chunks of tokens of one language
-//      (backward), reading every activation row once and writing y / dx once.
+//   4. It walks its range in chunks of up to kChunkTokens tokens of one language, each product a
+//      small GEMM register-blocked over the chunk's tokens (csrc/kernels.h), reading every
+//      activation row from memory once and writing y / dx once.
 // Kernels are compiled for the baseline ISA and for AVX2+FMA, picked at run time (ISA dispatch).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -47,8 +48,10 @@
 namespace lslo {
 namespace {
 
-// Tokens of one language processed together in the backward (see backward_piece).
-constexpr int kTokensPerChunk = 8;
+// Tokens of one language processed together (see forward_piece, backward_piece): the weight tiles
+// of a chunk's products come from memory once per chunk, and dA/dB^T are loaded and stored once per
+// chunk. Its buffers hold kChunkTokens * max_rank values of h, g, s h.
+constexpr int kChunkTokens = 64;
 // Rows of dB transposed back per parallel task.
 constexpr int64_t kTransposeRows = 64;
 // Below this many streamed elements (T * (k + 2 d) + present ranks * (k + d)) a call runs on the
@@ -471,15 +474,24 @@ VectorBuffer<acc_t> aligned_vectors(int64_t count) {
 template <typename acc_t>
 struct ChunkBuffers {
   explicit ChunkBuffers(int64_t max_rank, int64_t num_languages = 0)
-      : acc(aligned_vectors<acc_t>(kTokensPerChunk * max_rank)),
-        coef(kTokensPerChunk * max_rank),
-        hs(kTokensPerChunk * max_rank),
+      : acc(aligned_vectors<acc_t>(kChunkTokens * max_rank)),
+        coef(kChunkTokens * max_rank),
+        hs(kChunkTokens * max_rank),
         grad_scales(num_languages, 0.0) {}
-  VectorBuffer<acc_t> acc;  // lane-wise partial dots (h or g), (token, rank)
-  std::vector<acc_t> coef;  // finished g, (token, rank)
-  std::vector<acc_t> hs;    // s * h, (token, rank); the forward's h when it is not kept
+  VectorBuffer<acc_t> acc;  // lane-wise partial dots of the chunk (h or u), (token, rank)
+  std::vector<acc_t> coef;  // the chunk's g, (token, rank)
+  std::vector<acc_t> hs;    // the chunk's h (forward) or s * h (backward), (token, rank)
   std::vector<double> grad_scales;  // backward: this part's share of d s_l
 };
+
+// c[t * r + j] = the dots of the nt tokens x[0..nt) with the r rows of w (each of length n).
+template <typename acc_t, typename scalar_t>
+LSLO_INLINE void chunk_dots(const scalar_t* const* x, int nt, const acc_t* w, int64_t ldw, int64_t n, int64_t r,
+                            vec_t<acc_t>* acc, acc_t* c) {
+  for (int64_t e = 0; e < nt * r; ++e) acc[e] = vec_t<acc_t>{};
+  dot_tokens<acc_t>(x, nt, w, ldw, n, r, acc);
+  finish_dots<acc_t>(acc, nt * r, c);
+}
 
 // --------------------------------------------------------------------------- forward pieces
 template <typename scalar_t, typename acc_t>
@@ -505,13 +517,13 @@ struct StagedWeights {
   const acc_t* a_in_place;  // lora_a when it has the accumulation dtype (rows of length k), else null
 };
 
-// Token by token: h_t = A_l x_t, then y_t = base_t + s (B_l * M_l) h_t in the same visit, while the
-// next token's x and base_out rows are prefetched (gathered rows defeat the hardware prefetcher:
-// without it the forward took 40% longer, T=2048, 1024->4096, fp32, AMD EPYC, 1 thread).
+// A chunk of tokens at a time: h = A_l x for the chunk, in token blocks of kTokenBlock, then
+// y = base + s (B_l * M_l) h for the chunk, in tiles of the staged rows. Token by token (each token
+// re-reading the language's weights) the forward of mixed ranks 2/8/64, 1024->4096, T=2048 took
+// 88 ms next to a 206 ms base forward (fp32, 2 threads, 2-core AMD EPYC, shared).
 template <typename scalar_t, typename acc_t>
 LSLO_INLINE void forward_piece(const ForwardArgs<scalar_t, acc_t>& a, const StagedWeights<acc_t>& w, const Piece& piece,
                                ChunkBuffers<acc_t>& buf) {
-  using V = vec_t<acc_t>;
   const int64_t k = a.k, d = a.d, max_rank = a.max_rank;
   const int64_t* sti = a.sorted_token_idx;
   if (piece.group == 0) {  // no adapter: y = base_out, h = 0
@@ -530,19 +542,27 @@ LSLO_INLINE void forward_piece(const ForwardArgs<scalar_t, acc_t>& a, const Stag
   const acc_t* a_l = staged_a ? w.a + (r0 - w.col0) * a.lda : w.a_in_place + r0 * k;
   const int64_t lda = staged_a ? a.lda : k;
   const acc_t* bmt_l = w.bmt + (r0 - w.col0) * a.ldb;
-  V* hacc = buf.acc.get();
-  for (int64_t pos = piece.begin; pos < piece.end; ++pos) {
-    const int64_t tok = sti[pos];
-    const bool has_next = pos + 1 < piece.end;
-    const int64_t next = has_next ? sti[pos + 1] : 0;
-    acc_t* h_t = a.h ? a.h + tok * max_rank : buf.hs.data();
-    for (int64_t j = 0; j < r; ++j) hacc[j] = V{};
-    dot_rows<acc_t>(a.x + tok * a.ldx, a_l, lda, k, r, hacc, has_next ? a.x + next * a.ldx : nullptr);
-    finish_dots<acc_t>(hacc, r, h_t);
-    if (a.h)
-      for (int64_t j = r; j < max_rank; ++j) h_t[j] = acc_t(0);
-    combine_rows<true, acc_t>(a.y + tok * a.ldy, a.base + tok * a.ldbase, h_t, bmt_l, a.ldb, d, r,
-                              has_next ? a.base + next * a.ldbase : nullptr, a.stream);
+  acc_t* h = buf.hs.data();
+  const scalar_t* x_rows[kChunkTokens];
+  const scalar_t* base_rows[kChunkTokens];
+  scalar_t* y_rows[kChunkTokens];
+  for (int64_t pos = piece.begin; pos < piece.end; pos += kChunkTokens) {
+    const int nt = static_cast<int>(std::min<int64_t>(kChunkTokens, piece.end - pos));
+    for (int t = 0; t < nt; ++t) {
+      const int64_t tok = sti[pos + t];
+      x_rows[t] = a.x + tok * a.ldx;
+      base_rows[t] = a.base + tok * a.ldbase;
+      y_rows[t] = a.y + tok * a.ldy;
+    }
+    chunk_dots<acc_t>(x_rows, nt, a_l, lda, k, r, buf.acc.get(), h);
+    if (a.h) {
+      for (int t = 0; t < nt; ++t) {
+        acc_t* h_t = a.h + sti[pos + t] * max_rank;
+        std::copy(h + t * r, h + (t + 1) * r, h_t);
+        std::fill(h_t + r, h_t + max_rank, acc_t(0));
+      }
+    }
+    combine_tokens<true, acc_t>(y_rows, base_rows, nt, h, r, bmt_l, a.ldb, d, r, a.stream);
   }
 }
 
@@ -564,15 +584,13 @@ struct BackwardArgs {
   bool stream;  // write grad_x with non-temporal stores
 };
 
-// kTokensPerChunk tokens at a time: u_t = (B_l * M_l)^T dy_t, d s_l += <u_t, h_t>, g_t = s u_t and
-// dx_t = A_l^T g_t per token, then dA_l += g^T x and dB_l^T += (s h)^T dy for the chunk, so the
-// language's dA/dB^T rows are loaded
-// and stored once per chunk, and the chunk's rows are still in L1/L2 for that second use. (Cutting
-// the rows into 1 KiB tiles, to keep the weight rows of rank 8 in L1, was 5-10% slower.)
+// A chunk of kChunkTokens tokens at a time: u = (B_l * M_l)^T dy (B staged unscaled), d s_l +=
+// <u_t, h_t>, g = s u; then dB_l^T += (s h)^T dy while the chunk's dy rows are in cache;
+// dx = A_l^T g; dA_l += g^T x. Every product runs in token blocks or over the whole chunk, so the
+// language's weights and dA/dB^T rows are read (and written) once per chunk, not once per token.
 template <typename scalar_t, typename acc_t>
 LSLO_INLINE void backward_piece(const BackwardArgs<scalar_t, acc_t>& a, const StagedWeights<acc_t>& w,
                                 const Piece& piece, ChunkBuffers<acc_t>& buf) {
-  using V = vec_t<acc_t>;
   const int64_t k = a.k, d = a.d, max_rank = a.max_rank;
   const int64_t* sti = a.sorted_token_idx;
   if (piece.group == 0) {  // no adapter: zero dx
@@ -593,37 +611,34 @@ LSLO_INLINE void backward_piece(const BackwardArgs<scalar_t, acc_t>& a, const St
   acc_t* gbt_l = split ? a.scratch + piece.scratch_offset + r * a.lda : a.grad_bt + r0 * a.ldb;
   std::fill(ga_l, ga_l + r * a.lda, acc_t(0));
   std::fill(gbt_l, gbt_l + r * a.ldb, acc_t(0));
-  V* gacc = buf.acc.get();
   acc_t* g = buf.coef.data();
   acc_t* hs = buf.hs.data();
-  const scalar_t* dy_rows[kTokensPerChunk];
-  const scalar_t* x_rows[kTokensPerChunk];
-  for (int64_t pos = piece.begin; pos < piece.end; pos += kTokensPerChunk) {
-    const int nt = static_cast<int>(std::min<int64_t>(kTokensPerChunk, piece.end - pos));
+  const scalar_t* dy_rows[kChunkTokens];
+  const scalar_t* x_rows[kChunkTokens];
+  scalar_t* dx_rows[kChunkTokens];
+  for (int64_t pos = piece.begin; pos < piece.end; pos += kChunkTokens) {
+    const int nt = static_cast<int>(std::min<int64_t>(kChunkTokens, piece.end - pos));
     for (int t = 0; t < nt; ++t) {
       const int64_t tok = sti[pos + t];
-      const bool has_next = pos + t + 1 < piece.end;
       dy_rows[t] = a.grad_out + tok * d;
       x_rows[t] = a.x + tok * k;
-      // u_t (B staged without the scale), prefetching the next token's grad_out row
-      for (int64_t j = 0; j < r; ++j) gacc[j] = V{};
-      dot_rows<acc_t>(dy_rows[t], bmt_l, a.ldb, d, r, gacc, has_next ? a.grad_out + sti[pos + t + 1] * d : nullptr);
-      acc_t* g_t = g + t * r;
-      finish_dots<acc_t>(gacc, r, g_t);
-      const acc_t* h_t = a.h + tok * max_rank;
-      acc_t ds = 0;
+      dx_rows[t] = a.grad_x + tok * k;
+    }
+    chunk_dots<acc_t>(dy_rows, nt, bmt_l, a.ldb, d, r, buf.acc.get(), g);
+    acc_t ds = 0;
+    for (int t = 0; t < nt; ++t) {
+      const acc_t* h_t = a.h + sti[pos + t] * max_rank;
       for (int64_t j = 0; j < r; ++j) {
-        ds += g_t[j] * h_t[j];
-        g_t[j] *= s;
+        ds += g[t * r + j] * h_t[j];
+        g[t * r + j] *= s;
         hs[t * r + j] = s * h_t[j];
       }
-      buf.grad_scales[l] += static_cast<double>(ds);
-      // dx_t, prefetching x_t for the dA update below
-      combine_rows<false, acc_t>(a.grad_x + tok * k, static_cast<const scalar_t*>(nullptr), g + t * r, a_l, lda, k,
-                                 r, x_rows[t], a.stream);
     }
-    rank_update<acc_t>(ga_l, a.lda, x_rows, g, r, nt, k, r);
+    buf.grad_scales[l] += static_cast<double>(ds);
     rank_update<acc_t>(gbt_l, a.ldb, dy_rows, hs, r, nt, d, r);
+    combine_tokens<false, acc_t>(dx_rows, static_cast<const scalar_t* const*>(nullptr), nt, g, r, a_l, lda, k, r,
+                                 a.stream);
+    rank_update<acc_t>(ga_l, a.lda, x_rows, g, r, nt, k, r);
   }
 }
 

@@ -1,202 +1,254 @@
-// Row kernels of the grouped-LoRA CPU backend: a token's row against a language's r weight rows.
+// Row kernels of the grouped-LoRA CPU backend: a block of tokens of one language against that
+// language's r weight rows.
 //
 // Every LoRA product of the op is one of three shapes, applied to rows gathered by the routing:
-//   dot_rows     acc[j] += w[j][i] * x[i] (lane-wise; finish_dots sums the lanes)
-//                                                                  h = A_l x,  g = s (B_l*M_l)^T dy
-//   combine_rows out[i]  = base[i] + sum_j c[j] * w[j][i]          y = base + s (B_l*M_l) h,  dx = A_l^T g
-//   rank_update  G[j][i] += sum_t c[t][j] * row_t[i]               dA_l += g^T x,  dB_l^T += s h^T dy
-// The rank is small (1..64), so the accumulators of a vector of lanes for all r rank rows live in
-// registers while the token's row streams through once; the weight rows (w, G) are the r rows of
-// one language, hot in L1/L2 because tokens are visited language by language.
+//   dot_tokens     acc[t][j] += w[j][i] * x_t[i] (lane-wise; finish_dots sums the lanes)
+//                                                                  h = A_l x,  u = (B_l*M_l)^T dy
+//   combine_tokens out_t[i] = base_t[i] + sum_j c[t][j] * w[j][i]  y = base + s (B_l*M_l) h,  dx = A_l^T g
+//   rank_update    G[j][i] += sum_t c[t][j] * row_t[i]             dA_l += g^T x,  dB_l^T += s h^T dy
 //
-// Ranks 1..8 get a kernel each (compile-time r: accumulators and broadcast coefficients stay in
-// registers, loops fully unrolled); larger ranks run in blocks of 8.
+// They are small GEMMs, register-blocked over several tokens of the same language: a weight vector
+// loaded once feeds kTokenBlock tokens. Walking token by token, every token re-read its language's
+// whole weight set, which at rank 64 and d = 4096 (1 MiB of staged s (B*M)^T) is far beyond L2: the
+// large-rank languages were bound by those re-reads (mixed ranks 2/8/64, 1024->4096, T=2048, fp32,
+// 2 threads: forward 88 ms and backward 68 ms token by token next to a 206 ms base forward).
 //
-// Token rows are gathered (tokens of one language are ~L rows apart), so the hardware prefetcher
-// restarts on every row; the streaming kernels take the next row to touch and prefetch it in step
-// with the current one.
+// Register budget: 16 vector registers (AVX2; SSE2 and NEON hold a vec_t in two). Each kernel keeps
+// at most 8 accumulators + its operands live, so that neither variant spills in its inner loop.
 #pragma once
+
+#include <algorithm>
 
 #include "simd.h"
 
 namespace lslo {
 
-constexpr int kMaxRankBlock = 8;  // 8 accumulators + operands fit the 16 vector registers
+// Tokens per register block: each loaded weight vector is used this many times.
+constexpr int kTokenBlock = 4;
+// Rank rows per block of dot_tokens: kTokenBlock * kDotRanks accumulators + kDotRanks weight
+// vectors + one token vector.
+constexpr int kDotRanks = 2;
+// Rank rows per block of rank_update: kUpdateRanks * 2 accumulator vectors + 2 row vectors + one
+// broadcast coefficient.
+constexpr int kUpdateRanks = 4;
+// Elements of a row per tile of dot_tokens: kTokenBlock token rows of this length (8 KiB in fp32)
+// stay in L1 while the rank blocks pass over them, and r weight rows of it in L2 while the token
+// blocks do.
+constexpr int64_t kDotTile = 512;
+// Bytes of weight rows per tile of combine_tokens: the tile stays in L2 while the tokens of a chunk
+// pass over it, so the weights come from memory once per chunk, not once per token block.
+constexpr int64_t kCombineTileBytes = int64_t(256) << 10;
 
-template <typename scalar_t>
-LSLO_INLINE void prefetch_line(const scalar_t* p) {
-  __builtin_prefetch(static_cast<const void*>(p), 0, 3);
-}
-
-// Independent accumulator chains per rank row: r = 1 or 2 would otherwise wait on the FMA latency
-// (4 cycles) rather than its throughput (2 per cycle).
-template <int RB>
-constexpr int dot_unroll() {
-  return RB == 1 ? 4 : RB <= 4 ? 2 : 1;
-}
-
-// acc[j] += lane-wise w[j * ldw + i] * x[i] over i < n, for j < RB (the caller zeroes acc and sums
-// its lanes with finish_dots). Prefetches next[0:n) along the way.
-template <int RB, typename acc_t, typename scalar_t>
-LSLO_INLINE void dot_block(const scalar_t* x, const acc_t* w, int64_t ldw, int64_t n, vec_t<acc_t>* acc_io,
-                           const scalar_t* next) {
+// acc[t * ldacc + j] += lane-wise w[j * ldw + i] * x[t][i] over i in [i0, i1), for t < MT, j < RB
+// (the caller zeroes acc and sums its lanes with finish_dots). i0 is a multiple of the width; the
+// row ends at n (i1 <= n), read without reading past it.
+template <int MT, int RB, typename acc_t, typename scalar_t>
+LSLO_INLINE void dot_block(const scalar_t* const* x, const acc_t* w, int64_t ldw, int64_t i0, int64_t i1,
+                           vec_t<acc_t>* acc, int64_t ldacc) {
   using V = vec_t<acc_t>;
   constexpr int W = Simd<acc_t>::width;
-  constexpr int U = dot_unroll<RB>();
-  V acc[U][RB];
-  for (int j = 0; j < RB; ++j) acc[0][j] = acc_io[j];
-  for (int u = 1; u < U; ++u)
-    for (int j = 0; j < RB; ++j) acc[u][j] = V{};
-  int64_t i = 0;
-  for (; i + U * W <= n; i += U * W) {
-    if (next) prefetch_line(next + i);
-    for (int u = 0; u < U; ++u) {
-      const V xv = load<acc_t>(x + i + u * W);
-      for (int j = 0; j < RB; ++j) acc[u][j] += load<acc_t>(w + j * ldw + i + u * W) * xv;
+  V a[MT][RB];
+  for (int t = 0; t < MT; ++t)
+    for (int j = 0; j < RB; ++j) a[t][j] = acc[t * ldacc + j];
+  int64_t i = i0;
+  for (; i + W <= i1; i += W) {
+    V wv[RB];
+    for (int j = 0; j < RB; ++j) wv[j] = load<acc_t>(w + j * ldw + i);
+    for (int t = 0; t < MT; ++t) {
+      const V xv = load<acc_t>(x[t] + i);
+      for (int j = 0; j < RB; ++j) a[t][j] += xv * wv[j];
     }
   }
-  for (; i + W <= n; i += W) {
-    if (next) prefetch_line(next + i);
-    const V xv = load<acc_t>(x + i);
-    for (int j = 0; j < RB; ++j) acc[0][j] += load<acc_t>(w + j * ldw + i) * xv;
+  if (i < i1) {
+    V wv[RB];
+    for (int j = 0; j < RB; ++j) wv[j] = load_partial<acc_t>(w + j * ldw + i, i1 - i);
+    for (int t = 0; t < MT; ++t) {
+      const V xv = load_partial<acc_t>(x[t] + i, i1 - i);
+      for (int j = 0; j < RB; ++j) a[t][j] += xv * wv[j];
+    }
   }
-  if (i < n) {
-    const V xv = load_partial<acc_t>(x + i, n - i);
-    for (int j = 0; j < RB; ++j) acc[0][j] += load_partial<acc_t>(w + j * ldw + i, n - i) * xv;
-  }
-  for (int j = 0; j < RB; ++j) {
-    V total = acc[0][j];
-    for (int u = 1; u < U; ++u) total += acc[u][j];
-    acc_io[j] = total;
-  }
+  for (int t = 0; t < MT; ++t)
+    for (int j = 0; j < RB; ++j) acc[t * ldacc + j] = a[t][j];
 }
 
-// acc[j] += lane-wise w[j * ldw + i] * x[i] over i < n, for j < r.
-template <typename acc_t, typename scalar_t>
-LSLO_INLINE void dot_rows(const scalar_t* x, const acc_t* w, int64_t ldw, int64_t n, int64_t r, vec_t<acc_t>* acc,
-                          const scalar_t* next) {
+template <int MT, typename acc_t, typename scalar_t>
+LSLO_INLINE void dot_tokens_mt(const scalar_t* const* x, const acc_t* w, int64_t ldw, int64_t i0, int64_t i1,
+                               int64_t r, vec_t<acc_t>* acc) {
   int64_t j = 0;
-  for (; r - j > kMaxRankBlock; j += kMaxRankBlock)
-    dot_block<kMaxRankBlock>(x, w + j * ldw, ldw, n, acc + j, j == 0 ? next : nullptr);
-  const scalar_t* pf = j == 0 ? next : nullptr;
-  w += j * ldw;
-  acc += j;
-  switch (r - j) {
-    case 1: dot_block<1>(x, w, ldw, n, acc, pf); break;
-    case 2: dot_block<2>(x, w, ldw, n, acc, pf); break;
-    case 3: dot_block<3>(x, w, ldw, n, acc, pf); break;
-    case 4: dot_block<4>(x, w, ldw, n, acc, pf); break;
-    case 5: dot_block<5>(x, w, ldw, n, acc, pf); break;
-    case 6: dot_block<6>(x, w, ldw, n, acc, pf); break;
-    case 7: dot_block<7>(x, w, ldw, n, acc, pf); break;
-    case 8: dot_block<8>(x, w, ldw, n, acc, pf); break;
-    default: break;  // r == 0
-  }
+  for (; j + kDotRanks <= r; j += kDotRanks) dot_block<MT, kDotRanks>(x, w + j * ldw, ldw, i0, i1, acc + j, r);
+  for (; j < r; ++j) dot_block<MT, 1>(x, w + j * ldw, ldw, i0, i1, acc + j, r);
 }
 
-// out[j] = sum of the lanes of acc[j], j < r.
+// acc[t * r + j] += lane-wise w[j * ldw + i] * x[t][i] over i < n, for t < nt, j < r: the nt tokens
+// of a chunk, in tiles of kDotTile elements: a tile of the weight rows (r * 2 KiB in fp32) stays in
+// L2 while all token blocks pass over it, so the weights come from memory once per chunk, and a
+// token block's tile of x stays in L1 while the rank blocks pass over it.
+template <typename acc_t, typename scalar_t>
+LSLO_INLINE void dot_tokens(const scalar_t* const* x, int nt, const acc_t* w, int64_t ldw, int64_t n, int64_t r,
+                            vec_t<acc_t>* acc) {
+  for (int64_t i0 = 0; i0 < n; i0 += kDotTile) {
+    const int64_t i1 = std::min(n, i0 + kDotTile);
+    int t = 0;
+    for (; t + 4 <= nt; t += 4) dot_tokens_mt<4>(x + t, w, ldw, i0, i1, r, acc + t * r);
+    switch (nt - t) {
+      case 3: dot_tokens_mt<3>(x + t, w, ldw, i0, i1, r, acc + t * r); break;
+      case 2: dot_tokens_mt<2>(x + t, w, ldw, i0, i1, r, acc + t * r); break;
+      case 1: dot_tokens_mt<1>(x + t, w, ldw, i0, i1, r, acc + t * r); break;
+      default: break;
+    }
+  }
+  static_assert(kTokenBlock == 4, "dot_tokens dispatches token blocks of 1..4");
+}
+
+// out[j] = sum of the lanes of acc[j], j < count.
 template <typename acc_t>
-LSLO_INLINE void finish_dots(const vec_t<acc_t>* acc, int64_t r, acc_t* out) {
-  for (int64_t j = 0; j < r; ++j) out[j] = sum_lanes<acc_t>(acc[j]);
+LSLO_INLINE void finish_dots(const vec_t<acc_t>* acc, int64_t count, acc_t* out) {
+  for (int64_t j = 0; j < count; ++j) out[j] = sum_lanes<acc_t>(acc[j]);
 }
 
-// out[i] = base[i] + sum_j c[j] * w[j * ldw + i] for i < n (base = 0 when kHasBase is false),
-// written once in the output dtype, so y never takes a second pass through memory. RB = 0: any
-// rank, read from r.
-template <bool kHasBase, int RB, typename acc_t, typename scalar_t>
-LSLO_INLINE void combine_block(scalar_t* out, const scalar_t* base, const acc_t* c, const acc_t* w, int64_t ldw,
-                               int64_t n, int64_t r, const scalar_t* next, bool stream) {
+// out[t][i] = base[t][i] + sum_j c[t * ldc + j] * w[j * ldw + i] for t < MT, i in [i0, i1)
+// (base = 0 when kHasBase is false), written once in the output dtype, so y never takes a second
+// pass through memory. Output strips of two vectors: MT * 2 accumulators. i0 is a multiple of
+// 2 widths; i1 is the end of the row or a multiple of 2 widths.
+template <bool kHasBase, int MT, typename acc_t, typename scalar_t>
+LSLO_INLINE void combine_block(scalar_t* const* out, const scalar_t* const* base, const acc_t* c, int64_t ldc,
+                               const acc_t* w, int64_t ldw, int64_t r, int64_t i0, int64_t i1, bool stream) {
   using V = vec_t<acc_t>;
   constexpr int W = Simd<acc_t>::width;
-  V coef[RB > 0 ? RB : 1];
-  for (int j = 0; j < RB; ++j) coef[j] = broadcast<acc_t>(c[j]);
-  int64_t i = 0;
-  for (; i + W <= n; i += W) {
-    if (next) prefetch_line(next + i);
-    V acc{};
-    if constexpr (kHasBase) acc = load<acc_t>(base + i);
-    if constexpr (RB > 0) {
-      for (int j = 0; j < RB; ++j) acc += coef[j] * load<acc_t>(w + j * ldw + i);
-    } else {
-      for (int64_t j = 0; j < r; ++j) acc += c[j] * load<acc_t>(w + j * ldw + i);
-    }
+  auto put = [&](scalar_t* dst, V v) {
     if (stream)
-      store_stream<acc_t>(out + i, acc);
+      store_stream<acc_t>(dst, v);
     else
-      store<acc_t>(out + i, acc);
+      store<acc_t>(dst, v);
+  };
+  int64_t i = i0;
+  for (; i + 2 * W <= i1; i += 2 * W) {
+    V acc[MT][2];
+    for (int t = 0; t < MT; ++t) {
+      if constexpr (kHasBase) {
+        acc[t][0] = load<acc_t>(base[t] + i);
+        acc[t][1] = load<acc_t>(base[t] + i + W);
+      } else {
+        acc[t][0] = acc[t][1] = V{};
+      }
+    }
+    const acc_t* wj = w + i;
+    for (int64_t j = 0; j < r; ++j, wj += ldw) {
+      const V w0 = load<acc_t>(wj), w1 = load<acc_t>(wj + W);
+      for (int t = 0; t < MT; ++t) {
+        const V cb = broadcast<acc_t>(c[t * ldc + j]);
+        acc[t][0] += cb * w0;
+        acc[t][1] += cb * w1;
+      }
+    }
+    for (int t = 0; t < MT; ++t) {
+      put(out[t] + i, acc[t][0]);
+      put(out[t] + i + W, acc[t][1]);
+    }
   }
-  if (i < n) {
-    V acc{};
-    if constexpr (kHasBase) acc = load_partial<acc_t>(base + i, n - i);
-    for (int64_t j = 0; j < r; ++j) acc += c[j] * load_partial<acc_t>(w + j * ldw + i, n - i);
-    store_partial<acc_t>(out + i, acc, n - i);
+  for (; i < i1; i += W) {  // the row's last < 2 widths
+    const int64_t m = std::min<int64_t>(W, i1 - i);
+    V acc[MT];
+    for (int t = 0; t < MT; ++t) {
+      if constexpr (kHasBase)
+        acc[t] = m == W ? load<acc_t>(base[t] + i) : load_partial<acc_t>(base[t] + i, m);
+      else
+        acc[t] = V{};
+    }
+    for (int64_t j = 0; j < r; ++j) {
+      const V wv = m == W ? load<acc_t>(w + j * ldw + i) : load_partial<acc_t>(w + j * ldw + i, m);
+      for (int t = 0; t < MT; ++t) acc[t] += broadcast<acc_t>(c[t * ldc + j]) * wv;
+    }
+    for (int t = 0; t < MT; ++t) {
+      if (m == W)
+        put(out[t] + i, acc[t]);
+      else
+        store_partial<acc_t>(out[t] + i, acc[t], m);
+    }
   }
 }
 
-// stream: write out with non-temporal stores (out must be 16-byte aligned).
+// out_t = base_t + sum_j c[t * ldc + j] * w[j] for the nt tokens of a chunk (rows out[t], base[t],
+// length n), in tiles of the weight rows that stay in L2 across the chunk's token blocks.
+// stream: write out with non-temporal stores (rows 16-byte aligned).
 template <bool kHasBase, typename acc_t, typename scalar_t>
-LSLO_INLINE void combine_rows(scalar_t* out, const scalar_t* base, const acc_t* c, const acc_t* w, int64_t ldw,
-                              int64_t n, int64_t r, const scalar_t* next, bool stream) {
-  switch (r) {
-    case 1: combine_block<kHasBase, 1>(out, base, c, w, ldw, n, r, next, stream); break;
-    case 2: combine_block<kHasBase, 2>(out, base, c, w, ldw, n, r, next, stream); break;
-    case 3: combine_block<kHasBase, 3>(out, base, c, w, ldw, n, r, next, stream); break;
-    case 4: combine_block<kHasBase, 4>(out, base, c, w, ldw, n, r, next, stream); break;
-    case 5: combine_block<kHasBase, 5>(out, base, c, w, ldw, n, r, next, stream); break;
-    case 6: combine_block<kHasBase, 6>(out, base, c, w, ldw, n, r, next, stream); break;
-    case 7: combine_block<kHasBase, 7>(out, base, c, w, ldw, n, r, next, stream); break;
-    case 8: combine_block<kHasBase, 8>(out, base, c, w, ldw, n, r, next, stream); break;
-    default: combine_block<kHasBase, 0>(out, base, c, w, ldw, n, r, next, stream); break;  // r == 0 or r > 8
+LSLO_INLINE void combine_tokens(scalar_t* const* out, const scalar_t* const* base, int nt, const acc_t* c,
+                                int64_t ldc, const acc_t* w, int64_t ldw, int64_t n, int64_t r, bool stream) {
+  constexpr int64_t W2 = 2 * Simd<acc_t>::width;
+  const int64_t tile = std::max<int64_t>(W2, kCombineTileBytes / (std::max<int64_t>(r, 1) * sizeof(acc_t)) / W2 * W2);
+  for (int64_t i0 = 0; i0 < n; i0 += tile) {
+    const int64_t i1 = std::min(n, i0 + tile);
+    int t = 0;
+    for (; t + 4 <= nt; t += 4)
+      combine_block<kHasBase, 4>(out + t, kHasBase ? base + t : base, c + t * ldc, ldc, w, ldw, r, i0, i1, stream);
+    const scalar_t* const* base_t = kHasBase ? base + t : base;  // base is null without kHasBase
+    switch (nt - t) {
+      case 3: combine_block<kHasBase, 3>(out + t, base_t, c + t * ldc, ldc, w, ldw, r, i0, i1, stream); break;
+      case 2: combine_block<kHasBase, 2>(out + t, base_t, c + t * ldc, ldc, w, ldw, r, i0, i1, stream); break;
+      case 1: combine_block<kHasBase, 1>(out + t, base_t, c + t * ldc, ldc, w, ldw, r, i0, i1, stream); break;
+      default: break;
+    }
   }
+  static_assert(kTokenBlock == 4, "combine_tokens dispatches token blocks of 1..4");
 }
 
-// G[j * ldg + i] += sum_t c[t * ldc + j] * rows[t][i] for j < RB, t < nt, i < n.
-template <int RB, typename acc_t, typename scalar_t>
-LSLO_INLINE void rank_update_block(acc_t* G, int64_t ldg, const scalar_t* const* rows, const acc_t* c,
-                                   int64_t ldc, int nt, int64_t n) {
+// G[j * ldg + i] += sum_t c[t * ldc + j] * rows[t][i] for j < RB, t < nt, i in one strip [i, i + NV
+// widths), or the row's tail of m < width elements (NV = 1, partial).
+template <int RB, int NV, bool kPartial, typename acc_t, typename scalar_t>
+LSLO_INLINE void rank_update_strip(acc_t* G, int64_t ldg, const scalar_t* const* rows, const acc_t* c, int64_t ldc,
+                                   int nt, int64_t i, int64_t m) {
   using V = vec_t<acc_t>;
   constexpr int W = Simd<acc_t>::width;
-  int64_t i = 0;
-  for (; i + W <= n; i += W) {
-    V acc[RB];
-    for (int j = 0; j < RB; ++j) acc[j] = load<acc_t>(G + j * ldg + i);
-    for (int t = 0; t < nt; ++t) {
-      const V xv = load<acc_t>(rows[t] + i);
-      for (int j = 0; j < RB; ++j) acc[j] += c[t * ldc + j] * xv;
+  V acc[RB][NV];
+  for (int j = 0; j < RB; ++j)
+    for (int v = 0; v < NV; ++v)
+      acc[j][v] = kPartial ? load_partial<acc_t>(G + j * ldg + i, m) : load<acc_t>(G + j * ldg + i + v * W);
+  for (int t = 0; t < nt; ++t) {
+    V xv[NV];
+    for (int v = 0; v < NV; ++v)
+      xv[v] = kPartial ? load_partial<acc_t>(rows[t] + i, m) : load<acc_t>(rows[t] + i + v * W);
+    for (int j = 0; j < RB; ++j) {
+      const V cb = broadcast<acc_t>(c[t * ldc + j]);
+      for (int v = 0; v < NV; ++v) acc[j][v] += cb * xv[v];
     }
-    for (int j = 0; j < RB; ++j) store<acc_t>(G + j * ldg + i, acc[j]);
   }
-  if (i < n) {
-    const int64_t m = n - i;
-    V acc[RB];
-    for (int j = 0; j < RB; ++j) acc[j] = load_partial<acc_t>(G + j * ldg + i, m);
-    for (int t = 0; t < nt; ++t) {
-      const V xv = load_partial<acc_t>(rows[t] + i, m);
-      for (int j = 0; j < RB; ++j) acc[j] += c[t * ldc + j] * xv;
+  for (int j = 0; j < RB; ++j)
+    for (int v = 0; v < NV; ++v) {
+      if (kPartial)
+        store_partial<acc_t>(G + j * ldg + i, acc[j][v], m);
+      else
+        store<acc_t>(G + j * ldg + i + v * W, acc[j][v]);
     }
-    for (int j = 0; j < RB; ++j) store_partial<acc_t>(G + j * ldg + i, acc[j], m);
-  }
 }
 
+// All r rank rows of G for one strip: rank blocks of kUpdateRanks, the strip of the nt rows
+// reloaded from L1 by each.
+template <int NV, bool kPartial, typename acc_t, typename scalar_t>
+LSLO_INLINE void rank_update_strips(acc_t* G, int64_t ldg, const scalar_t* const* rows, const acc_t* c, int64_t ldc,
+                                    int nt, int64_t r, int64_t i, int64_t m) {
+  int64_t j = 0;
+  for (; j + kUpdateRanks <= r; j += kUpdateRanks)
+    rank_update_strip<kUpdateRanks, NV, kPartial>(G + j * ldg, ldg, rows, c + j, ldc, nt, i, m);
+  switch (r - j) {
+    case 3: rank_update_strip<3, NV, kPartial>(G + j * ldg, ldg, rows, c + j, ldc, nt, i, m); break;
+    case 2: rank_update_strip<2, NV, kPartial>(G + j * ldg, ldg, rows, c + j, ldc, nt, i, m); break;
+    case 1: rank_update_strip<1, NV, kPartial>(G + j * ldg, ldg, rows, c + j, ldc, nt, i, m); break;
+    default: break;
+  }
+  static_assert(kUpdateRanks == 4, "rank_update dispatches rank blocks of 1..4");
+}
+
+// G[j * ldg + i] += sum_t c[t * ldc + j] * rows[t][i] for j < r, t < nt, i < n: every element of G
+// is loaded and stored once per call (a chunk of tokens, not once per few tokens), and the strip of
+// the nt rows (nt cache lines) stays in L1 while the rank blocks pass over it.
 template <typename acc_t, typename scalar_t>
 LSLO_INLINE void rank_update(acc_t* G, int64_t ldg, const scalar_t* const* rows, const acc_t* c, int64_t ldc,
                              int nt, int64_t n, int64_t r) {
-  int64_t j = 0;
-  for (; r - j > kMaxRankBlock; j += kMaxRankBlock)
-    rank_update_block<kMaxRankBlock>(G + j * ldg, ldg, rows, c + j, ldc, nt, n);
-  G += j * ldg;
-  c += j;
-  switch (r - j) {
-    case 1: rank_update_block<1>(G, ldg, rows, c, ldc, nt, n); break;
-    case 2: rank_update_block<2>(G, ldg, rows, c, ldc, nt, n); break;
-    case 3: rank_update_block<3>(G, ldg, rows, c, ldc, nt, n); break;
-    case 4: rank_update_block<4>(G, ldg, rows, c, ldc, nt, n); break;
-    case 5: rank_update_block<5>(G, ldg, rows, c, ldc, nt, n); break;
-    case 6: rank_update_block<6>(G, ldg, rows, c, ldc, nt, n); break;
-    case 7: rank_update_block<7>(G, ldg, rows, c, ldc, nt, n); break;
-    case 8: rank_update_block<8>(G, ldg, rows, c, ldc, nt, n); break;
-    default: break;
-  }
+  constexpr int W = Simd<acc_t>::width;
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) rank_update_strips<2, false>(G, ldg, rows, c, ldc, nt, r, i, 0);
+  for (; i + W <= n; i += W) rank_update_strips<1, false>(G, ldg, rows, c, ldc, nt, r, i, 0);
+  if (i < n) rank_update_strips<1, true>(G, ldg, rows, c, ldc, nt, r, i, n - i);
 }
 
 }  // namespace lslo

@@ -44,9 +44,14 @@ struct Simd<double> {
 template <typename acc_t>
 using vec_t = typename Simd<acc_t>::vec;
 
+// Lane by lane, not vec_t{} + value: without -ffast-math the compiler may not fold 0 + value
+// (-0.0 + 0 is +0), and emitted a scalar add and a register broadcast instead of one broadcast
+// load for every coefficient in the kernels' inner loops.
 template <typename acc_t>
 LSLO_INLINE vec_t<acc_t> broadcast(acc_t value) {
-  return vec_t<acc_t>{} + value;
+  vec_t<acc_t> v;
+  for (int i = 0; i < Simd<acc_t>::width; ++i) v[i] = value;
+  return v;
 }
 
 // ------------------------------------------------------------------ loads
