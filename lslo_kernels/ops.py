@@ -60,6 +60,9 @@ def _setup_context(ctx, inputs, output):
     (x, _base_out, lora_a, lora_b, prune_mask, scales, rank_offsets, sorted_token_idx, lang_offsets, max_rank,
      backend) = inputs
     _y, h = output
+    # h is an output only so that backward can reuse it: without this, autograd materialises a zero
+    # (T, max_rank) gradient for it on every backward (seen in the GPU profiles of issue 12).
+    ctx.mark_non_differentiable(h)
     ctx.save_for_backward(x, h, lora_a, lora_b, prune_mask, scales, rank_offsets, sorted_token_idx, lang_offsets)
     ctx.max_rank = max_rank
     ctx.backend = backend
