@@ -466,7 +466,8 @@ def compare_systems(references: Mapping[str, Sequence[Mapping[str, Any]]],
         ``{"metric", "budget", "reference", "eval_sentences", "systems": {name: {"role", "params", "ranks",
         "prune", "sharpness", "scores" {group: mean}, "avg_directions", "avg_groups"}}, "verdicts": [{"system",
         "against", "delta" {group: challenger - reference}, "delta_avg_directions", "delta_avg_groups",
-        "directions_better", "directions", "paired_se", "winner", "equal_budget"}], "text"}``.
+        "directions_better", "directions", "paired_se" (of the mean per-direction difference), "winner"
+        (or "tie"), "clear" (the AVG difference exceeds 2 paired s.e.), "equal_budget"}], "text"}``.
     """
     from ..evaluate import METRIC_LABELS, group_table
 
@@ -501,10 +502,13 @@ def compare_systems(references: Mapping[str, Sequence[Mapping[str, Any]]],
             "delta_avg_directions": delta_avg, "delta_avg_groups": mine["avg_groups"] - theirs["avg_groups"],
             "directions_better": sum(d > 0 for d in differences), "directions": count,
             "paired_se": spread / count ** 0.5 if count > 1 else float("nan"),
-            "winner": name if delta_avg > 0 else reference if delta_avg < 0 else "tie",
+            # a difference that rounds to 0.00 in the table is a tie, whatever its sign
+            "winner": name if delta_avg >= 0.005 else reference if delta_avg <= -0.005 else "tie",
             "equal_budget": None if mine["params"] is None or theirs["params"] is None
             else mine["params"] == theirs["params"],
         }
+        # Directions share sentences, so this standard error is rough; it still tells noise from a result.
+        verdict["clear"] = bool(abs(delta_avg) > 2 * verdict["paired_se"])
         verdicts.append(verdict)
         budget_text = (f"{mine['params']:,} vs {theirs['params']:,} parameters" if verdict["equal_budget"] is not None
                        else "parameters unknown")
@@ -512,8 +516,8 @@ def compare_systems(references: Mapping[str, Sequence[Mapping[str, Any]]],
             f"{name} vs {reference} ({budget_text}): AVG {label} {mine['avg_directions']:.2f} vs "
             f"{theirs['avg_directions']:.2f} ({delta_avg:+.2f} +- {verdict['paired_se']:.2f} s.e. over {count} "
             f"directions, better in {verdict['directions_better']}/{count}); "
-            + (f"{name} wins" if delta_avg > 0 else f"{reference} wins" if delta_avg < 0 else "a tie")
-            + f" by {abs(delta_avg):.2f} {label}")
+            + ("a tie" if verdict["winner"] == "tie" else f"{verdict['winner']} wins by {abs(delta_avg):.2f} {label}")
+            + ("" if verdict["clear"] else " (within 2 paired s.e.: no clear winner)"))
     return {"metric": label, "budget": budget, "reference": reference, "eval_sentences": eval_sentences,
             "systems": systems, "verdicts": verdicts, "text": "\n".join(lines)}
 
