@@ -167,9 +167,9 @@ def lslo_kernels_backend() -> str:
     return lslo_kernels.resolve_backend("auto", torch.device("cpu"), torch.float32)
 
 
-def _measure(case: _Case, tokenizer, log) -> list[dict]:
+def _measure(case: _Case, tokenizer, log, only: list[str] | None = None) -> list[dict]:
     _base, providers, n, note = _build(case, tokenizer, log)
-    names = list(providers)
+    names = [name for name in providers if only is None or name in only]
     seconds: dict[str, list[float]] = {name: [] for name in names}
     first = 0 if case.warmup else 1  # round 0 warms up (allocator, caches, lazy imports)
     for round_index in range(first, case.reps + 1):
@@ -195,29 +195,35 @@ def _measure(case: _Case, tokenizer, log) -> list[dict]:
     return rows
 
 
-def run(quick: bool = True, log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr)) -> list[dict]:
+def run(quick: bool = True, log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr), *,
+        big_only: bool = False, providers: list[str] | None = None, big_reps: int = 1) -> list[dict]:
     """Measure every provider; returns one row per (model, provider) with p20/p50/p80 sentences/s.
 
     quick: the tiny model only (~1 min on 2 CPU cores); otherwise also M2M-124 615M, one round
         without warm-up (~8 min on 2 busy CPU cores: one beam-5 decoding step of the 615M
         model with its 256k-token LM head took ~2 s there, and per-direction runs 30 generate calls).
+    big_only: the 615M shape only (``quick`` is then ignored).
+    providers: measure only these (``base``, ``lslo_mixed``, ``lslo_per_direction``,
+        ``peft_adapter_names``); default all.
+    big_reps: rounds of the 615M case; above 1, one more round warms up first.
     """
     from lslo.testing import make_tokenizer, one_thread
 
-    cases = [_Case("tiny d32 2+2 layers", sentences_per_direction=3, max_new_tokens=24, reps=3 if quick else 5, big=False)]
-    if not quick:
-        cases.append(_Case("M2M-124 615M shape", sentences_per_direction=1, max_new_tokens=4, reps=1, big=True,
-                           warmup=False))
+    cases = [] if big_only else [
+        _Case("tiny d32 2+2 layers", sentences_per_direction=3, max_new_tokens=24, reps=3 if quick else 5, big=False)]
+    if big_only or not quick:
+        cases.append(_Case("M2M-124 615M shape", sentences_per_direction=1, max_new_tokens=4, reps=big_reps, big=True,
+                           warmup=big_reps > 1))
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         tokenizer = make_tokenizer(folder)
         for case in cases:
             log(f"bench_translate: {case.name}")
             if case.big:
-                rows += _measure(case, tokenizer, log)
+                rows += _measure(case, tokenizer, log, providers)
             else:
                 with one_thread():  # a d32 model gains nothing from a second thread (see one_thread)
-                    rows += _measure(case, tokenizer, log)
+                    rows += _measure(case, tokenizer, log, providers)
     return rows
 
 
@@ -236,10 +242,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny model only")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the 615M case")
     parser.add_argument("--csv", default=None, help="append the rows to this CSV (benchmarks.suite's columns)")
+    parser.add_argument("--big-only", action="store_true", help="the 615M shape only")
+    parser.add_argument("--providers", default=None,
+                        help="comma-separated subset of base,lslo_mixed,lslo_per_direction,peft_adapter_names")
+    parser.add_argument("--big-reps", type=int, default=1, help="rounds of the 615M case (>1: plus a warm-up round)")
     args = parser.parse_args(argv)
+    known = ("base", "lslo_mixed", "lslo_per_direction", "peft_adapter_names")
+    providers = args.providers.split(",") if args.providers else None
+    if providers and any(p not in known for p in providers):
+        parser.error(f"--providers: unknown {sorted(set(providers) - set(known))}; known: {', '.join(known)}")
+    if args.big_reps < 1:
+        parser.error("--big-reps must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = run(quick=args.quick)
+    rows = run(quick=args.quick, big_only=args.big_only, providers=providers, big_reps=args.big_reps)
     print(_table(rows))
     if args.csv:
         from benchmarks.suite import append_rows
