@@ -232,3 +232,33 @@ def plan_params(plan, scores):
     from lslo import analysis
 
     return sum(plan["ranks"].values()) * analysis._parameters_per_rank(scores)
+
+
+def test_compare_systems_on_fixed_rows():
+    from scipy.stats import sem
+
+    from lslo.demo.run import compare_systems
+
+    codes = {"en": "H", "fr": "H", "oc": "V", "wo": "V"}
+    pairs = [(s, t) for s in codes for t in codes if s != t]
+    base = [{"src": s, "tgt": t, "group": f"{codes[s]}2{codes[t]}", "bleu": 10.0 + i} for i, (s, t) in enumerate(pairs)]
+    gains = [0.5 * ((i % 3) - 0.5) for i in range(len(pairs))]
+    plan = [{**row, "bleu": row["bleu"] + g} for row, g in zip(base, gains)]
+    result = compare_systems({"groups": base}, {"plan": plan}, reference="groups", params={"groups": 10, "plan": 10},
+                             plans={"plan": {"ranks": {"en": 1}, "prune": {}, "sharpness": 4.0}}, budget="2;8")
+    verdict = result["verdicts"][0]
+    mean_gain = sum(gains) / len(gains)
+    assert verdict["delta_avg_directions"] == pytest.approx(mean_gain)
+    assert verdict["paired_se"] == pytest.approx(sem(gains))
+    assert verdict["directions_better"] == sum(g > 0 for g in gains) and verdict["equal_budget"] is True
+    h2h = [g for (s, t), g in zip(pairs, gains) if codes[s] == codes[t] == "H"]
+    assert verdict["delta"]["H2H"] == pytest.approx(sum(h2h) / len(h2h))
+    assert verdict["winner"] == ("plan" if mean_gain >= 0.005 else "groups" if mean_gain <= -0.005 else "tie")
+    assert verdict["clear"] == (abs(mean_gain) > 2 * sem(gains))
+    assert result["systems"]["plan"]["ranks"] == {"en": 1} and result["metric"] == "BLEU"
+    # A clear loss is named as one.
+    worse = [{**row, "bleu": row["bleu"] - 1.0 - 0.01 * i} for i, row in enumerate(base)]
+    lost = compare_systems({"groups": base}, {"plan": worse}, reference="groups")["verdicts"][0]
+    assert lost["winner"] == "groups" and lost["clear"] and lost["equal_budget"] is None
+    with pytest.raises(ValueError, match="reference 'nope'"):
+        compare_systems({"groups": base}, {"plan": plan}, reference="nope")
