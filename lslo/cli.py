@@ -242,7 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seed of the corpus, pretraining and runs (default: 0)")
     demo.add_argument("--overwrite", action="store_true", help="start again in an output dir that holds a run")
     demo.add_argument("--resume", action="store_true", help="continue an interrupted demo (stages done are kept)")
-    demo.add_argument("--analyses", action="store_true", help="also Weight Learning, ISE and a rank plan")
+    demo.add_argument("--analyses", action="store_true",
+                      help="also Weight Learning, ISE, and ISE rank plans trained against the resource-group ranks "
+                           "at the same budget")
     demo.add_argument("--workers", type=int, help="systems trained at once, one process each (default: 2)")
     demo.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     demo.set_defaults(handler=_cmd_demo)
