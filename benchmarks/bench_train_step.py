@@ -1068,15 +1068,10 @@ def update_readme(text: str, readme: Path = README) -> None:
 
 
 def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+    suite = _suite()
+    if suite is not None:
+        return suite._device_name(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} ({os.cpu_count()} cores)"
 
 
 def _contention_probe(seconds: float = 5.0) -> dict:
