@@ -24,6 +24,7 @@
 //      activation row from memory once and writing y / dx once.
 // Kernels are compiled for the baseline ISA and for AVX2+FMA, picked at run time (ISA dispatch).
 #include <ATen/Dispatch.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -32,6 +33,9 @@
 
 #ifdef _OPENMP
 #include <omp.h>
+#endif
+#ifdef __linux__
+#include <sys/mman.h>
 #endif
 
 #include <algorithm>
@@ -49,9 +53,30 @@ namespace lslo {
 namespace {
 
 // Tokens of one language processed together (see forward_piece, backward_piece): the weight tiles
-// of a chunk's products come from memory once per chunk, and dA/dB^T are loaded and stored once per
-// chunk. Its buffers hold kChunkTokens * max_rank values of h, g, s h.
-constexpr int kChunkTokens = 64;
+// of a chunk's products come from memory once per chunk. dA/dB^T rows are loaded and stored once
+// per update_tokens tokens of it. Adjustable with _C.set_token_chunks; the buffers hold
+// kMaxChunkTokens * max_rank values of h, g, s h.
+constexpr int kMaxChunkTokens = 128;
+struct TokenChunks {
+  int chunk = 64;
+  int update = 64;
+};
+std::atomic<int64_t>& token_chunks_setting() {
+  static std::atomic<int64_t> packed{(int64_t(64) << 32) | 64};
+  return packed;
+}
+TokenChunks token_chunks() {
+  const int64_t packed = token_chunks_setting().load(std::memory_order_relaxed);
+  return {static_cast<int>(packed >> 32), static_cast<int>(packed & 0xFFFFFFFF)};
+}
+std::tuple<int64_t, int64_t> set_token_chunks(int64_t chunk, int64_t update) {
+  TORCH_CHECK(chunk >= 1 && chunk <= kMaxChunkTokens, "lslo_kernels._C.set_token_chunks: expected 1 <= chunk <= ",
+              kMaxChunkTokens, ", got ", chunk);
+  TORCH_CHECK(update >= 1 && update <= chunk, "lslo_kernels._C.set_token_chunks: expected 1 <= update <= chunk, got ",
+              update);
+  const int64_t old = token_chunks_setting().exchange((chunk << 32) | update);
+  return {old >> 32, old & 0xFFFFFFFF};
+}
 // Rows of dB transposed back per parallel task.
 constexpr int64_t kTransposeRows = 64;
 // Below this many streamed elements (T * (k + 2 d) + present ranks * (k + d)) a call runs on the
@@ -452,6 +477,58 @@ inline void fence_streaming_stores() {
 #endif
 }
 
+// ---------------------------------------------------------------------------- large outputs
+// Outputs of at least kHugePageMinBytes (y, grad_x, grad_a, grad_b at training sizes) are allocated
+// 2 MiB-aligned and advised MADV_HUGEPAGE, for the kernels write every page of them once and a
+// fresh 4 KiB page costs a fault and a clear: with transparent huge pages in "madvise" mode (the
+// default of many distributions), filling a fresh 32 MiB tensor took 23 ms with 4 KiB pages and
+// 3.7-4.1 ms with 2 MiB pages (2-core AMD EPYC VM, 1 thread), next to a 200-300 ms base forward of
+// 1024->4096 at T=2048. Where THP is "always" or "never" the advice changes nothing. The memory is
+// reported to the profiler like the default CPU allocator's, so torch.profiler's memory view sees it.
+constexpr size_t kHugePage = size_t(2) << 20;
+constexpr size_t kHugePageMinBytes = size_t(32) << 20;
+
+struct HugePageBlock {
+  void* ptr;
+  size_t bytes;
+};
+
+void free_huge_page_block(void* ctx) {
+  auto* block = static_cast<HugePageBlock*>(ctx);
+  c10::reportMemoryUsageToProfiler(block->ptr, -static_cast<int64_t>(block->bytes), 0, 0, c10::Device(c10::kCPU));
+  std::free(block->ptr);
+  delete block;
+}
+
+struct HugePageAllocator final : c10::Allocator {
+  c10::DataPtr allocate(size_t nbytes) override {
+    if (nbytes == 0) return {nullptr, nullptr, &free_huge_page_block, c10::Device(c10::kCPU)};
+    const size_t bytes = (nbytes + kHugePage - 1) / kHugePage * kHugePage;
+    void* ptr = nullptr;
+    TORCH_CHECK(posix_memalign(&ptr, kHugePage, bytes) == 0 && ptr != nullptr, "lslo_cpp: out of memory allocating ",
+                bytes, " bytes");
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    madvise(ptr, bytes, MADV_HUGEPAGE);  // advice only: a failure leaves 4 KiB pages
+#endif
+    c10::reportMemoryUsageToProfiler(ptr, static_cast<int64_t>(bytes), 0, 0, c10::Device(c10::kCPU));
+    return {ptr, new HugePageBlock{ptr, bytes}, &free_huge_page_block, c10::Device(c10::kCPU)};
+  }
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+};
+
+// at::empty(sizes, options) for the op's outputs: large ones through HugePageAllocator.
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  int64_t numel = 1;
+  for (const int64_t s : sizes) numel *= s;
+  const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
+  if (bytes < kHugePageMinBytes) return at::empty(sizes, options);
+  static HugePageAllocator allocator;
+  return at::detail::empty_generic(sizes, &allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   c10::typeMetaToScalarType(options.dtype()), std::nullopt);
+}
+
 // ---------------------------------------------------------------------------- token pieces
 // Heap storage for vec_t, 64-byte aligned. Not std::vector<vec_t>: the baseline ISA gives the
 // 32-byte vector type 16-byte alignment, so its allocations are 16-byte aligned, while the AVX2
@@ -474,9 +551,9 @@ VectorBuffer<acc_t> aligned_vectors(int64_t count) {
 template <typename acc_t>
 struct ChunkBuffers {
   explicit ChunkBuffers(int64_t max_rank, int64_t num_languages = 0)
-      : acc(aligned_vectors<acc_t>(kChunkTokens * max_rank)),
-        coef(kChunkTokens * max_rank),
-        hs(kChunkTokens * max_rank),
+      : acc(aligned_vectors<acc_t>(kMaxChunkTokens * max_rank)),
+        coef(kMaxChunkTokens * max_rank),
+        hs(kMaxChunkTokens * max_rank),
         grad_scales(num_languages, 0.0) {}
   VectorBuffer<acc_t> acc;  // lane-wise partial dots of the chunk (h or u), (token, rank)
   std::vector<acc_t> coef;  // the chunk's g, (token, rank)
@@ -506,6 +583,7 @@ struct ForwardArgs {
   int64_t k, d, max_rank;
   int64_t ldx, ldbase, ldy;  // row strides
   bool stream;  // write y with non-temporal stores
+  TokenChunks chunks;
 };
 
 // A part's staged weights: rows c - col0 of A (lda) and of s (B * M)^T (ldb).
@@ -543,11 +621,11 @@ LSLO_INLINE void forward_piece(const ForwardArgs<scalar_t, acc_t>& a, const Stag
   const int64_t lda = staged_a ? a.lda : k;
   const acc_t* bmt_l = w.bmt + (r0 - w.col0) * a.ldb;
   acc_t* h = buf.hs.data();
-  const scalar_t* x_rows[kChunkTokens];
-  const scalar_t* base_rows[kChunkTokens];
-  scalar_t* y_rows[kChunkTokens];
-  for (int64_t pos = piece.begin; pos < piece.end; pos += kChunkTokens) {
-    const int nt = static_cast<int>(std::min<int64_t>(kChunkTokens, piece.end - pos));
+  const scalar_t* x_rows[kMaxChunkTokens];
+  const scalar_t* base_rows[kMaxChunkTokens];
+  scalar_t* y_rows[kMaxChunkTokens];
+  for (int64_t pos = piece.begin; pos < piece.end; pos += a.chunks.chunk) {
+    const int nt = static_cast<int>(std::min<int64_t>(a.chunks.chunk, piece.end - pos));
     for (int t = 0; t < nt; ++t) {
       const int64_t tok = sti[pos + t];
       x_rows[t] = a.x + tok * a.ldx;
@@ -582,6 +660,7 @@ struct BackwardArgs {
   const double* scales;
   int64_t k, d, max_rank;
   bool stream;  // write grad_x with non-temporal stores
+  TokenChunks chunks;
 };
 
 // A chunk of kChunkTokens tokens at a time: u = (B_l * M_l)^T dy (B staged unscaled), d s_l +=
@@ -613,11 +692,11 @@ LSLO_INLINE void backward_piece(const BackwardArgs<scalar_t, acc_t>& a, const St
   std::fill(gbt_l, gbt_l + r * a.ldb, acc_t(0));
   acc_t* g = buf.coef.data();
   acc_t* hs = buf.hs.data();
-  const scalar_t* dy_rows[kChunkTokens];
-  const scalar_t* x_rows[kChunkTokens];
-  scalar_t* dx_rows[kChunkTokens];
-  for (int64_t pos = piece.begin; pos < piece.end; pos += kChunkTokens) {
-    const int nt = static_cast<int>(std::min<int64_t>(kChunkTokens, piece.end - pos));
+  const scalar_t* dy_rows[kMaxChunkTokens];
+  const scalar_t* x_rows[kMaxChunkTokens];
+  scalar_t* dx_rows[kMaxChunkTokens];
+  for (int64_t pos = piece.begin; pos < piece.end; pos += a.chunks.chunk) {
+    const int nt = static_cast<int>(std::min<int64_t>(a.chunks.chunk, piece.end - pos));
     for (int t = 0; t < nt; ++t) {
       const int64_t tok = sti[pos + t];
       dy_rows[t] = a.grad_out + tok * d;
@@ -635,10 +714,13 @@ LSLO_INLINE void backward_piece(const BackwardArgs<scalar_t, acc_t>& a, const St
       }
     }
     buf.grad_scales[l] += static_cast<double>(ds);
-    rank_update<acc_t>(gbt_l, a.ldb, dy_rows, hs, r, nt, d, r);
+    const int update = a.chunks.update;
+    for (int t = 0; t < nt; t += update)
+      rank_update<acc_t>(gbt_l, a.ldb, dy_rows + t, hs + t * r, r, std::min(update, nt - t), d, r);
     combine_tokens<false, acc_t>(dx_rows, static_cast<const scalar_t* const*>(nullptr), nt, g, r, a_l, lda, k, r,
                                  a.stream);
-    rank_update<acc_t>(ga_l, a.lda, x_rows, g, r, nt, k, r);
+    for (int t = 0; t < nt; t += update)
+      rank_update<acc_t>(ga_l, a.lda, x_rows + t, g + t * r, r, std::min(update, nt - t), k, r);
   }
 }
 
@@ -743,7 +825,7 @@ void forward_impl(const Problem& p, const scalar_t* x, const scalar_t* base, int
   for (int part = 0; part < parts; ++part) buffers.emplace_back(p.max_rank);
 
   const ForwardArgs<scalar_t, acc_t> args{x, base, y, h, lda, ldb, p.sorted_token_idx, p.rank_offsets.data(), k, d,
-                                          p.max_rank, p.ldx, ldbase, ldy, stream};
+                                          p.max_rank, p.ldx, ldbase, ldy, stream, token_chunks()};
   const Kernels<scalar_t, acc_t> kernels = select_kernels<scalar_t, acc_t>();
   const scalar_t* a_src = lora_a.data_ptr<scalar_t>();
   const acc_t* a_in_place = nullptr;
@@ -787,7 +869,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x, const at::Te
   check_activation(base_out, op, "base_out");
   check_output_like(base_out, p, x, op, "base_out");
 
-  at::Tensor y = at::empty({p.T, p.d}, x.options());
+  at::Tensor y = empty_output({p.T, p.d}, x.options());
   at::Tensor h = at::empty({p.T, p.max_rank}, x.options().dtype(accum_type(x.scalar_type())));
   if (p.T == 0) return {y, h};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lslo_cpp_forward", [&] {
@@ -865,7 +947,7 @@ void backward_impl(const Problem& p, const at::Tensor& grad_out, const at::Tenso
                                            h.data_ptr<acc_t>(), grad_x.data_ptr<scalar_t>(),
                                            ga.get(), gbt.get(), scratch.get(),
                                            lda, ldb, p.sorted_token_idx, p.rank_offsets.data(), p.scales.data(), k, d,
-                                           p.max_rank, use_streaming_stores(grad_x, k)};
+                                           p.max_rank, use_streaming_stores(grad_x, k), token_chunks()};
   const Kernels<scalar_t, acc_t> kernels = select_kernels<scalar_t, acc_t>();
   const scalar_t* a_src = lora_a.data_ptr<scalar_t>();
   const acc_t* a_in_place = nullptr;
@@ -940,9 +1022,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   TORCH_CHECK(h.size(0) == p.T && h.size(1) == p.max_rank, op, ": h must be (T, max_rank) = (", p.T, ", ",
               p.max_rank, "), got ", h.sizes());
 
-  at::Tensor grad_x = at::empty({p.T, p.k}, x.options());
-  at::Tensor grad_a = at::empty({p.R, p.k}, lora_a.options());
-  at::Tensor grad_b = at::empty({p.d, p.R}, lora_b.options());
+  at::Tensor grad_x = empty_output({p.T, p.k}, x.options());
+  at::Tensor grad_a = empty_output({p.R, p.k}, lora_a.options());
+  at::Tensor grad_b = empty_output({p.d, p.R}, lora_b.options());
   std::vector<double> grad_scales(p.L, 0.0);
   if (p.T == 0) {  // nothing routed: zero dA, dB
     grad_a.zero_();
@@ -1075,6 +1157,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_streaming_min_bytes", &lslo::set_streaming_min_bytes, pybind11::arg("bytes"),
         "Outputs (y, grad_x) of at least this many bytes are written with non-temporal stores "
         "(default 8 MiB). Returns the previous threshold.");
+  m.def("set_token_chunks", &lslo::set_token_chunks, pybind11::arg("chunk"), pybind11::arg("update"),
+        "Tokens of one language per chunk of the kernels (1..128, default 64) and per load/store of dA/dB rows "
+        "(1..chunk, default 64). Returns the previous pair.");
   m.def("set_min_parallel_work", &lslo::set_min_parallel_work, pybind11::arg("work"),
         "Calls with less estimated work (streamed elements) than this run on the calling thread, without an "
         "OpenMP fork. Returns the previous threshold.");

@@ -128,6 +128,11 @@ def test_backend_registration_and_isa_controls():
         _C.set_isa("sse9")
     with pytest.raises(RuntimeError, match="bytes >= 0"):
         _C.set_streaming_min_bytes(-1)
+    with pytest.raises(RuntimeError, match="1 <= chunk <= 128"):
+        _C.set_token_chunks(0, 1)
+    with pytest.raises(RuntimeError, match="1 <= update <= chunk"):
+        _C.set_token_chunks(8, 9)
+    assert _C.set_token_chunks(*_C.set_token_chunks(64, 64)) == (64, 64)
     assert _C.openmp_threads() >= 1
 
 
@@ -211,6 +216,57 @@ def test_matches_reference_random_problems(num_tokens, in_features, out_features
     case = make_case(num_tokens, in_features, out_features, ranks, density=density, spread=spread, seed=seed)
     with kernel_config(isa, threads, stream_min_bytes=0 if seed % 2 else None):
         _check_against_reference(case, torch.float32)
+
+
+# Tokens per language that leave every remainder of the kernels' blocking: token blocks of 4 (1, 3,
+# 5, 7 tokens), chunks of 64 (63, 65, 129) and the update sub-chunks set below.
+BLOCK_COUNTS = [1, 3, 5, 7, 4, 63, 64, 65, 129, 2, 0, 6]
+# Ranks 9..70 with odd sizes (blocks of 2 and 4 rank rows with remainders), next to the small ones.
+BLOCK_RANKS = [9, 17, 33, 70, 1, 2, 3, 5, 64, 11, 13, 4]
+
+
+def _block_case(dtype, in_features=123, out_features=77, seed=3):
+    counts, ranks = BLOCK_COUNTS, BLOCK_RANKS
+    g = torch.Generator().manual_seed(seed)
+    lang = torch.cat([torch.full((n,), lang_id, dtype=torch.int64) for lang_id, n in enumerate(counts)]
+                     + [torch.full((9,), -1, dtype=torch.int64)])
+    lang = lang[torch.randperm(len(lang), generator=g)]
+    case = make_case(len(lang), in_features, out_features, ranks, density=0.5, dtype=dtype, seed=seed)
+    case["routing"] = lslo_kernels.build_routing(lang, len(ranks))
+    return case
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("chunks", [(64, 64), (1, 1), (5, 3), (128, 16)])
+def test_matches_reference_token_blocks_and_large_ranks(isa, threads, chunks):
+    """Every token-block / chunk remainder, ranks 9..70, each chunking of the kernels."""
+    old = _C.set_token_chunks(*chunks)
+    try:
+        for dtype in (torch.float32, torch.float64):
+            with kernel_config(isa, threads, stream_min_bytes=0 if threads == 2 else None):
+                _check_against_reference(_block_case(dtype), dtype)
+    finally:
+        _C.set_token_chunks(*old)
+
+
+@needs_cpp
+def test_large_outputs_on_huge_page_allocator():
+    """Outputs of >= 32 MiB come from the op's huge-page allocator: same values, and the tensors behave like
+    any other (resizable, freed, seen by the profiler's memory events)."""
+    case = make_case(2048, 16, 4096, [2, 8, 3], seed=5)  # y and grad_out: 2048 x 4096 fp32 = 32 MiB
+    y, h, grads = _check_against_reference(case, torch.float32)
+    assert y.untyped_storage().nbytes() == 32 << 20
+    y.resize_(2049, 4096)  # grows through the allocator
+    torch.testing.assert_close(y[:2048], lora_forward_reference(
+        case["x"], case["base_out"], case["lora_a"], case["lora_b"], *_op_args(case))[0], atol=1e-4, rtol=1e-5)
+    with torch.profiler.profile(profile_memory=True, activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        lora_forward_cpp(case["x"], case["base_out"], case["lora_a"], case["lora_b"], *_op_args(case))
+    # the allocation is counted in the op's event, the free (after it) in a "[memory]" event
+    assert any(e.cpu_memory_usage >= (32 << 20) for e in prof.events() if "lslo_cpp" in e.name), \
+        "the profiler did not see the 32 MiB output allocated"
+    assert any(e.name == "[memory]" and e.cpu_memory_usage <= -(32 << 20) for e in prof.events())
 
 
 # ------------------------------------------------------------------ through the public entry
