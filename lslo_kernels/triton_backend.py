@@ -59,6 +59,8 @@ def register() -> bool:
             backward=kernels.lora_backward_triton,
             supports_device=supports_device,
             dtypes=(torch.float32, torch.float16, torch.bfloat16),
+            # In place with LSLO_TRITON_FUSED; otherwise forward + copy, as ops.lora_add_call would.
+            add_=kernels.lora_add_triton,
         )
     )
     return True

@@ -41,10 +41,28 @@ PyTorch LoRA applies to its intermediate too.
 Launch configs (``_launch_config``, one :class:`KernelConfig` per kernel role) come from shapes
 only, so a launch never reads the device and CUDA graphs can capture it. Their numbers are
 tuned with ``benchmarks/bench_triton_gpu.py --sweep`` on the GPU named next to each choice.
+
+Fused paths (``FUSED``; off unless ``LSLO_TRITON_FUSED=1`` at import or :func:`fused_kernels`;
+checked against the reference under the interpreter only, not yet on a GPU). On an H100 the
+LoRA term at T=160 costs 2.0-2.75x the base GEMM because two launches follow a 4-9 us GEMM, and
+the backward is four launches plus the torch ops of the scale gradient (issue 12). With FUSED:
+
+``_fused_forward_kernel``  grid (token tiles, d-blocks): each program reduces h = A_l x over all k
+                     for its tile in registers, then writes y = base + s_l (B_l * M_l) h for its
+                     d-block; the d-block-0 program stores h. One launch, no h round trip; every
+                     d-block re-reads the tile's x and A_l rows (from L2), so it is taken only at
+                     small T (``_fused_forward_fits``), the shrink + expand pair otherwise. It also
+                     adds in place into the base output for ``lora_add_triton`` (``spec.ADD``).
+``_fused_backward_dy_kernel``  1-D grid, dB programs (language, d-block) then shrink programs
+                     (tile, split): everything that needs only dy and h, in one launch.
+``_fused_backward_x_kernel``   1-D grid, dA programs (language, k-block) then grad_x programs
+                     (tile, k-block), both summing u's split partials themselves; the k-block-0
+                     dA programs also store d s_l = sum_t <u_t, h_t> (no torch op, no atomics).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from collections import Counter
@@ -54,7 +72,18 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["INTERPRETED", "LAUNCH_COUNTS", "KernelConfig", "lora_backward_triton", "lora_forward_triton"]
+__all__ = [
+    "FUSED",
+    "FUSED_FORWARD_MAX_REREAD_BYTES",
+    "INTERPRETED",
+    "LAUNCH_COUNTS",
+    "FusedForwardConfig",
+    "KernelConfig",
+    "fused_kernels",
+    "lora_add_triton",
+    "lora_backward_triton",
+    "lora_forward_triton",
+]
 
 # Whether the kernels below were built for the CPU interpreter: triton decides that when the
 # @triton.jit decorator runs, i.e. when this module is imported.
@@ -62,6 +91,43 @@ INTERPRETED: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Kernel launches per kernel name; tests read it to prove the Triton path ran.
 LAUNCH_COUNTS: Counter = Counter()
+
+
+def _env_switch(name: str) -> bool:
+    value = os.environ.get(name, "0").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+# The fused paths (see "Fused paths" in the module docstring) are off until a GPU run confirms
+# them: the interpreter does not check every GPU compile constraint. LSLO_TRITON_FUSED=1 turns
+# them on when this module is imported; the launchers read FUSED on every call, so
+# ``fused_kernels()`` (or assigning FUSED) switches a running process.
+FUSED: bool = _env_switch("LSLO_TRITON_FUSED")
+# The single-launch forward recomputes h = A_l x_t in every output-feature block of a tile: it is
+# taken while that re-read, (d-blocks - 1) * (T + R) * k * itemsize bytes (x rows and A rows, from
+# L2), stays under this bound. 32 MiB is ~5 us at the ~6-7 TB/s an H100's L2 serves reads at,
+# about what the second launch and the h round trip it replaces cost at T=160 (issue 12: the two
+# launches take 7-12 us there, graph-replayed). An estimate, not a measurement:
+# `bench_triton_gpu.py --crossover` times both sides of it on the GPU.
+FUSED_FORWARD_MAX_REREAD_BYTES: int = 32 << 20
+
+
+@contextlib.contextmanager
+def fused_kernels(enabled: bool = True):
+    """Within the block, the launchers take (``enabled=True``) or avoid the fused paths.
+
+    Args:
+        enabled: value of :data:`FUSED` inside the block; the previous value is restored after.
+    """
+    global FUSED
+    previous = FUSED
+    FUSED = bool(enabled)
+    try:
+        yield
+    finally:
+        FUSED = previous
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -331,6 +397,313 @@ def _weight_grad_kernel(
 
 
 # --------------------------------------------------------------------------------------------
+# Fused paths (switch FUSED, default off): one forward launch for small T, two backward launches
+# --------------------------------------------------------------------------------------------
+# The bodies below are the work of one program of each role, called by the fused kernels with
+# the role's own program index: a launch may hold programs of two roles that do not depend on
+# each other (1-D grid, the first ``num_wgrad_programs`` programs of one role, the rest of the
+# other), which saves a launch (~3-5 us of GPU idle in a graph, ~80-100 us of Python launch path
+# eagerly, issue 12). The bodies never return early (a nested ``return`` is not portable across
+# Triton versions); they guard their work with an ``if`` instead.
+
+
+@triton.jit
+def _shrink_body(
+    tile, split, src_ptr, w_ptr, keep_ptr, rank_offsets_ptr, sorted_token_idx_ptr, lang_offsets_ptr, out_ptr,
+    num_langs, num_features, split_features, out_cols,
+    stride_src_t, stride_wr, stride_wf, stride_out_split, stride_out_t,
+    HAS_MASK: tl.constexpr, INPUT_PRECISION: tl.constexpr, BF16_AS_FP32: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_SEG: tl.constexpr,
+):
+    """out[split, t, :] = (W_l * M_l?) src_t over feature split ``split``, for the tokens of one
+    tile of a language. Tiles of id -1 tokens write nothing: no fused consumer reads those rows."""
+    seg, row0, row_end = _find_tile(lang_offsets_ptr, num_langs, tile, BLOCK_T, BLOCK_SEG)
+    if (seg >= 1) & (seg <= num_langs):
+        lang_id = seg - 1
+        rows = row0 + tl.arange(0, BLOCK_T)
+        row_ok = rows < row_end
+        tokens = tl.load(sorted_token_idx_ptr + rows, mask=row_ok, other=0)
+        r0 = tl.load(rank_offsets_ptr + lang_id)
+        rank = tl.load(rank_offsets_ptr + lang_id + 1) - r0
+        cols = tl.arange(0, BLOCK_R)
+        col_ok = (cols < rank) & (cols < out_cols)
+        acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+        f_begin = split * split_features
+        f_end = tl.minimum(f_begin + split_features, num_features)
+        for f0 in range(f_begin, f_end, BLOCK_F):
+            feats = f0 + tl.arange(0, BLOCK_F)
+            f_ok = feats < f_end
+            src = tl.load(src_ptr + tokens[:, None] * stride_src_t + feats[None, :],
+                          mask=row_ok[:, None] & f_ok[None, :], other=0.0)
+            w_off = (r0 + cols)[None, :] * stride_wr + feats[:, None] * stride_wf  # (BLOCK_F, BLOCK_R)
+            w_ok = f_ok[:, None] & col_ok[None, :]
+            w = tl.load(w_ptr + w_off, mask=w_ok, other=0.0)
+            if HAS_MASK:
+                keep = tl.load(keep_ptr + w_off, mask=w_ok, other=0)
+                w = tl.where(keep != 0, w, tl.zeros_like(w))
+            acc = _dot(src, w, acc, INPUT_PRECISION, BF16_AS_FP32)
+        tl.store(out_ptr + split * stride_out_split + tokens[:, None] * stride_out_t + cols[None, :], acc,
+                 mask=row_ok[:, None] & (cols < out_cols)[None, :])
+
+
+@triton.jit
+def _expand_body(
+    tile, fblock, partial_ptr, w_ptr, scales_ptr, rank_offsets_ptr, sorted_token_idx_ptr, lang_offsets_ptr,
+    out_ptr, num_langs, num_features, rank_cols,
+    stride_partial_split, stride_partial_t, stride_wf, stride_wr, stride_out_t,
+    NUM_SPLITS: tl.constexpr, INPUT_PRECISION: tl.constexpr, BF16_AS_FP32: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_SEG: tl.constexpr,
+):
+    """out_t[f-block] = s_l W_l sum_s partial[s, t] for the tokens of one tile (no base); rows of id
+    -1 tokens get zeros. The split count is a compile-time constant: the unrolled sum keeps the
+    body loop-free (nothing for the pipeliner to trip over)."""
+    seg, row0, row_end = _find_tile(lang_offsets_ptr, num_langs, tile, BLOCK_T, BLOCK_SEG)
+    if seg <= num_langs:
+        lang_id = seg - 1
+        rows = row0 + tl.arange(0, BLOCK_T)
+        row_ok = rows < row_end
+        tokens = tl.load(sorted_token_idx_ptr + rows, mask=row_ok, other=0)
+        feats = fblock * BLOCK_F + tl.arange(0, BLOCK_F)
+        f_ok = feats < num_features
+        acc = tl.zeros((BLOCK_T, BLOCK_F), dtype=tl.float32)
+        if lang_id >= 0:
+            r0 = tl.load(rank_offsets_ptr + lang_id)
+            rank = tl.load(rank_offsets_ptr + lang_id + 1) - r0
+            cols = tl.arange(0, BLOCK_R)
+            col_ok = (cols < rank) & (cols < rank_cols)
+            w_off = feats[None, :] * stride_wf + (r0 + cols)[:, None] * stride_wr  # (BLOCK_R, BLOCK_F)
+            w = tl.load(w_ptr + w_off, mask=col_ok[:, None] & f_ok[None, :], other=0.0)
+            p_ok = row_ok[:, None] & col_ok[None, :]
+            p = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+            for s in tl.static_range(NUM_SPLITS):  # split order: deterministic
+                p += tl.load(partial_ptr + s * stride_partial_split + tokens[:, None] * stride_partial_t
+                             + cols[None, :], mask=p_ok, other=0.0)
+            acc = _dot(p.to(w.dtype), w, acc, INPUT_PRECISION, BF16_AS_FP32)
+            acc = acc * tl.load(scales_ptr + lang_id)
+        tl.store(out_ptr + tokens[:, None] * stride_out_t + feats[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & f_ok[None, :])
+
+
+@triton.jit
+def _weight_grad_body(
+    lang_id, fblock, rank_src_ptr, feat_src_ptr, keep_ptr, scales_ptr, rank_offsets_ptr, sorted_token_idx_ptr,
+    lang_offsets_ptr, out_ptr, h_ptr, grad_scales_ptr,
+    num_features, rank_cols, stride_rank_split, stride_rank_t, stride_feat_t, stride_h_t, stride_or, stride_of,
+    NUM_SPLITS: tl.constexpr, HAS_MASK: tl.constexpr, WITH_SCALE_GRAD: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BF16_AS_FP32: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """out_l[:, f-block] = s_l sum_t p_t q_t^T (* M_l), p_t = sum_s rank_src[s, t], over the tokens
+    of language l. With WITH_SCALE_GRAD the f-block-0 program also stores
+    d s_l = sum_t <p_t, h_t> (p = u unscaled): the scale gradient costs one masked (T, r) read of h
+    in a loop that already holds p, no launch and no torch op."""
+    feats = fblock * BLOCK_F + tl.arange(0, BLOCK_F)
+    f_ok = feats < num_features
+    t_start = tl.load(lang_offsets_ptr + lang_id)
+    t_end = tl.load(lang_offsets_ptr + lang_id + 1)
+    r0 = tl.load(rank_offsets_ptr + lang_id)
+    rank = tl.load(rank_offsets_ptr + lang_id + 1) - r0
+    cols = tl.arange(0, BLOCK_R)
+    col_ok = (cols < rank) & (cols < rank_cols)
+    first = fblock == 0
+    # Only the f-block-0 program reads h: the others' row bound is t_start, so their h loads are
+    # masked off and move no memory.
+    ds_end = tl.where(first, t_end, t_start)
+    acc = tl.zeros((BLOCK_R, BLOCK_F), dtype=tl.float32)
+    ds = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    for t0 in range(t_start, t_end, BLOCK_T):
+        rows = t0 + tl.arange(0, BLOCK_T)
+        row_ok = rows < t_end
+        tokens = tl.load(sorted_token_idx_ptr + rows, mask=row_ok, other=0)
+        q = tl.load(feat_src_ptr + tokens[:, None] * stride_feat_t + feats[None, :],
+                    mask=row_ok[:, None] & f_ok[None, :], other=0.0)
+        p_ok = row_ok[:, None] & col_ok[None, :]
+        p = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+        for s in tl.static_range(NUM_SPLITS):
+            p += tl.load(rank_src_ptr + s * stride_rank_split + tokens[:, None] * stride_rank_t + cols[None, :],
+                         mask=p_ok, other=0.0)
+        if WITH_SCALE_GRAD:
+            h = tl.load(h_ptr + tokens[:, None] * stride_h_t + cols[None, :],
+                        mask=(rows < ds_end)[:, None] & col_ok[None, :], other=0.0)
+            ds += p * h
+        acc = _dot(tl.trans(p.to(q.dtype)), q, acc, INPUT_PRECISION, BF16_AS_FP32)
+    acc = acc * tl.load(scales_ptr + lang_id)
+    out_off = (r0 + cols)[:, None] * stride_or + feats[None, :] * stride_of
+    out_ok = col_ok[:, None] & f_ok[None, :]
+    if HAS_MASK:
+        keep = tl.load(keep_ptr + out_off, mask=out_ok, other=0)
+        acc = tl.where(keep != 0, acc, 0.0)
+    tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=out_ok)
+    if WITH_SCALE_GRAD:
+        # An absent language ran no iteration: its (required) zero is stored too.
+        tl.store(grad_scales_ptr + lang_id, tl.sum(tl.sum(ds, 1), 0), mask=first)
+
+
+@triton.jit(do_not_specialize=["num_langs", "h_cols"])
+def _fused_forward_kernel(
+    x_ptr,  # (T, k) rows read through sorted_token_idx, unit column stride
+    a_ptr,  # (R, k) packed A
+    b_ptr,  # (d, R) packed B
+    keep_ptr,  # (d, R) uint8 prune mask
+    base_ptr,  # (T, d) base output (== out_ptr when IN_PLACE)
+    scales_ptr,
+    rank_offsets_ptr,
+    sorted_token_idx_ptr,
+    lang_offsets_ptr,
+    out_ptr,  # (T, d)
+    h_ptr,  # (T, h_cols) fp32, written only when WRITE_H
+    num_langs,
+    in_features,
+    out_features,
+    h_cols,
+    stride_x_t,
+    stride_a_r,
+    stride_b_f,
+    stride_base_t,
+    stride_out_t,
+    stride_h_t,
+    IN_PLACE: tl.constexpr,
+    WRITE_H: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BF16_AS_FP32: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_SEG: tl.constexpr,
+):
+    """y[tile, d-block] = base + s_l (B_l * M_l)[d-block] (A_l x_t): the whole LoRA term of one
+    token tile and one block of output features in one program, h kept in registers. Every
+    d-block program of a tile recomputes the same h (the launcher takes this kernel only while
+    that re-read is small, see ``_fused_forward_fits``); the d-block-0 program stores it."""
+    seg, row0, row_end = _find_tile(lang_offsets_ptr, num_langs, tl.program_id(0), BLOCK_T, BLOCK_SEG)
+    done = seg > num_langs
+    if IN_PLACE:
+        done = done | (seg == 0)  # out already holds the base output of id -1 tokens
+    if done:
+        return
+    lang_id = seg - 1
+    has_adapter = lang_id >= 0
+    rows = row0 + tl.arange(0, BLOCK_T)
+    row_ok = rows < row_end
+    tokens = tl.load(sorted_token_idx_ptr + rows, mask=row_ok, other=0)
+    r0 = tl.load(rank_offsets_ptr + lang_id, mask=has_adapter, other=0)
+    rank = tl.load(rank_offsets_ptr + lang_id + 1, mask=has_adapter, other=0) - r0
+    cols = tl.arange(0, BLOCK_R)
+    # h_cols bounds the rank as in _expand_kernel: y and the stored h use the same columns.
+    col_ok = (cols < rank) & (cols < h_cols)
+
+    h = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    k_stop = tl.where(has_adapter, in_features, 0)  # id -1 tiles skip the reduction: h = 0
+    for k0 in range(0, k_stop, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < in_features
+        xs = tl.load(x_ptr + tokens[:, None] * stride_x_t + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                     other=0.0)
+        a = tl.load(a_ptr + (r0 + cols)[None, :] * stride_a_r + ks[:, None], mask=k_ok[:, None] & col_ok[None, :],
+                    other=0.0)  # (BLOCK_K, BLOCK_R)
+        h = _dot(xs, a, h, INPUT_PRECISION, BF16_AS_FP32)
+    if WRITE_H:
+        # By the d-block-0 program only: the others' row bound is row0, so their mask is empty. (A
+        # scalar bool and-ed into a block mask breaks the interpreter's store, hence the bound.)
+        h_rows_end = tl.where(tl.program_id(1) == 0, row_end, row0)
+        tl.store(h_ptr + tokens[:, None] * stride_h_t + cols[None, :], h,
+                 mask=(rows < h_rows_end)[:, None] & (cols < h_cols)[None, :])
+
+    feats = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    f_ok = feats < out_features
+    io_ok = row_ok[:, None] & f_ok[None, :]
+    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    if has_adapter:
+        w_off = feats[None, :] * stride_b_f + (r0 + cols)[:, None]  # (BLOCK_R, BLOCK_D), B's rank stride is 1
+        w_ok = col_ok[:, None] & f_ok[None, :]
+        w = tl.load(b_ptr + w_off, mask=w_ok, other=0.0)
+        keep = tl.load(keep_ptr + w_off, mask=w_ok, other=0)
+        w = tl.where(keep != 0, w, tl.zeros_like(w))
+        acc = _dot(h.to(w.dtype), w, acc, INPUT_PRECISION, BF16_AS_FP32)
+        acc = acc * tl.load(scales_ptr + lang_id)
+    base = tl.load(base_ptr + tokens[:, None] * stride_base_t + feats[None, :], mask=io_ok, other=0.0)
+    acc = acc + base.to(tl.float32)
+    tl.store(out_ptr + tokens[:, None] * stride_out_t + feats[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=io_ok)
+
+
+@triton.jit(do_not_specialize=["num_langs", "h_cols", "num_tiles", "num_wgrad_programs"])
+def _fused_backward_dy_kernel(
+    dy_ptr, h_ptr, b_ptr, keep_ptr, scales_ptr, rank_offsets_ptr, sorted_token_idx_ptr, lang_offsets_ptr,
+    partial_ptr,  # (NUM_SPLITS, T, h_cols) fp32: u = (B_l * M_l)^T dy_t per feature split
+    grad_b_ptr,  # (d, R)
+    num_langs, out_features, split_features, h_cols, num_tiles, num_wgrad_programs,
+    stride_dy_t, stride_h_t, stride_b_f, stride_b_r, stride_gb_f, stride_gb_r, stride_partial_split,
+    stride_partial_t,
+    INPUT_PRECISION: tl.constexpr, BF16_AS_FP32: tl.constexpr,
+    SHRINK_BLOCK_T: tl.constexpr, SHRINK_BLOCK_F: tl.constexpr, WGRAD_BLOCK_T: tl.constexpr,
+    WGRAD_BLOCK_F: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_SEG: tl.constexpr,
+):
+    """Backward launch 1, what needs only dy and the forward's h: programs [0, num_wgrad_programs)
+    compute dB (language, d-block; the long per-language loops go first), the rest the shrink
+    u = (B_l * M_l)^T dy (tile, split)."""
+    pid = tl.program_id(0)
+    if pid < num_wgrad_programs:
+        # dB_l^T = s_l sum_t h_t dy_t^T (* M_l^T): rank j, feature f at grad_b[f, r0 + j].
+        _weight_grad_body(
+            pid % num_langs, pid // num_langs, h_ptr, dy_ptr, keep_ptr, scales_ptr, rank_offsets_ptr,
+            sorted_token_idx_ptr, lang_offsets_ptr, grad_b_ptr, h_ptr, scales_ptr,
+            out_features, h_cols, 0, stride_h_t, stride_dy_t, stride_h_t, stride_gb_r, stride_gb_f,
+            NUM_SPLITS=1, HAS_MASK=True, WITH_SCALE_GRAD=False, INPUT_PRECISION=INPUT_PRECISION,
+            BF16_AS_FP32=BF16_AS_FP32, BLOCK_T=WGRAD_BLOCK_T, BLOCK_F=WGRAD_BLOCK_F, BLOCK_R=BLOCK_R,
+        )
+    else:
+        local = pid - num_wgrad_programs
+        # B read transposed: rank j, feature f at lora_b[f, r0 + j].
+        _shrink_body(
+            local % num_tiles, local // num_tiles, dy_ptr, b_ptr, keep_ptr, rank_offsets_ptr, sorted_token_idx_ptr,
+            lang_offsets_ptr, partial_ptr, num_langs, out_features, split_features, h_cols,
+            stride_dy_t, stride_b_r, stride_b_f, stride_partial_split, stride_partial_t,
+            HAS_MASK=True, INPUT_PRECISION=INPUT_PRECISION, BF16_AS_FP32=BF16_AS_FP32,
+            BLOCK_T=SHRINK_BLOCK_T, BLOCK_F=SHRINK_BLOCK_F, BLOCK_R=BLOCK_R, BLOCK_SEG=BLOCK_SEG,
+        )
+
+
+@triton.jit(do_not_specialize=["num_langs", "h_cols", "num_tiles", "num_wgrad_programs"])
+def _fused_backward_x_kernel(
+    x_ptr, h_ptr, a_ptr, scales_ptr, rank_offsets_ptr, sorted_token_idx_ptr, lang_offsets_ptr,
+    partial_ptr,  # (NUM_SPLITS, T, h_cols) fp32 from _fused_backward_dy_kernel
+    grad_x_ptr, grad_a_ptr, grad_scales_ptr,
+    num_langs, in_features, h_cols, num_tiles, num_wgrad_programs,
+    stride_x_t, stride_h_t, stride_a_r, stride_a_f, stride_ga_r, stride_ga_f, stride_partial_split,
+    stride_partial_t, stride_gx_t,
+    NUM_SPLITS: tl.constexpr, INPUT_PRECISION: tl.constexpr, BF16_AS_FP32: tl.constexpr,
+    EXPAND_BLOCK_T: tl.constexpr, EXPAND_BLOCK_F: tl.constexpr, WGRAD_BLOCK_T: tl.constexpr,
+    WGRAD_BLOCK_F: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_SEG: tl.constexpr,
+):
+    """Backward launch 2, what needs u: programs [0, num_wgrad_programs) compute dA (language,
+    k-block) and, in the k-block-0 programs, d s_l; the rest grad_x = s_l A_l^T u (tile, k-block).
+    Both sum the split partials of u themselves (same order, so the same u)."""
+    pid = tl.program_id(0)
+    if pid < num_wgrad_programs:
+        # dA_l = s_l sum_t u_t x_t^T: rank j, feature f at grad_a[r0 + j, f].
+        _weight_grad_body(  # keep_ptr unused (HAS_MASK=False): any pointer
+            pid % num_langs, pid // num_langs, partial_ptr, x_ptr, grad_a_ptr, scales_ptr, rank_offsets_ptr,
+            sorted_token_idx_ptr, lang_offsets_ptr, grad_a_ptr, h_ptr, grad_scales_ptr,
+            in_features, h_cols, stride_partial_split, stride_partial_t, stride_x_t, stride_h_t, stride_ga_r,
+            stride_ga_f,
+            NUM_SPLITS=NUM_SPLITS, HAS_MASK=False, WITH_SCALE_GRAD=True, INPUT_PRECISION=INPUT_PRECISION,
+            BF16_AS_FP32=BF16_AS_FP32, BLOCK_T=WGRAD_BLOCK_T, BLOCK_F=WGRAD_BLOCK_F, BLOCK_R=BLOCK_R,
+        )
+    else:
+        local = pid - num_wgrad_programs
+        # A read transposed: feature f, rank j at lora_a[r0 + j, f].
+        _expand_body(
+            local % num_tiles, local // num_tiles, partial_ptr, a_ptr, scales_ptr, rank_offsets_ptr,
+            sorted_token_idx_ptr, lang_offsets_ptr, grad_x_ptr, num_langs, in_features, h_cols,
+            stride_partial_split, stride_partial_t, stride_a_f, stride_a_r, stride_gx_t,
+            NUM_SPLITS=NUM_SPLITS, INPUT_PRECISION=INPUT_PRECISION, BF16_AS_FP32=BF16_AS_FP32,
+            BLOCK_T=EXPAND_BLOCK_T, BLOCK_F=EXPAND_BLOCK_F, BLOCK_R=BLOCK_R, BLOCK_SEG=BLOCK_SEG,
+        )
+
+
+# --------------------------------------------------------------------------------------------
 # Host side
 # --------------------------------------------------------------------------------------------
 
@@ -356,6 +729,24 @@ class KernelConfig:
 
 
 @dataclass(frozen=True)
+class FusedForwardConfig:
+    """Tile sizes of the single-launch forward (``_fused_forward_kernel``).
+
+    Attributes:
+        block_t: token rows per program (one language's tile).
+        block_k: input features per step of the h = A_l x reduction.
+        block_d: output features per program (the grid's second axis).
+        num_warps, num_stages: as :class:`KernelConfig`.
+    """
+
+    block_t: int
+    block_k: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
 class _LaunchConfig:
     """Every launch of one forward/backward, derived from shapes only (no device reads)."""
 
@@ -369,6 +760,9 @@ class _LaunchConfig:
     bwd_expand: KernelConfig  # grad_x = A_l^T g, in_features per program
     grad_a: KernelConfig  # dA over in_features: (L, cdiv(k, block_f)) programs
     grad_b: KernelConfig  # dB over out_features: (L, cdiv(d, block_f)) programs
+    # Fused paths (FUSED): the single-launch forward; the two backward launches reuse the roles
+    # above (bwd_shrink + grad_b, then bwd_expand + grad_a), with the larger warps/stages of each pair.
+    fused_fwd: FusedForwardConfig
 
 
 # Host-side integer helpers: triton.cdiv / next_power_of_2 are ConstexprFunctions whose host calls
@@ -424,6 +818,8 @@ def _launch_config(
         shrink_f = (16 if is_fp32 else 64) // wide
         expand = KernelConfig(tile_t, 64 // wide, tile_warps, 2)
         wgrad = KernelConfig(32, 32 // wide, 8 if block_r >= 128 else 4, 3)
+        # Untuned (no GPU run yet): the shrink's reduction step and the expand's feature block.
+        fused_fwd = FusedForwardConfig(tile_t, shrink_f, 64 // wide, tile_warps, 2)
         return _LaunchConfig(
             block_r=block_r, block_seg=_next_pow2(num_langs + 1),
             # "ieee" keeps fp32 dots in true fp32 (TF32 off, as the reference computes); for
@@ -431,7 +827,7 @@ def _launch_config(
             precision="ieee" if is_fp32 else "tf32", bf16_as_fp32=INTERPRETED and dtype == torch.bfloat16,
             fwd_shrink=shrink(tile_t, shrink_f, tile_warps, 3, in_features), fwd_expand=expand,
             bwd_shrink=shrink(tile_t, shrink_f, tile_warps, 3, out_features), bwd_expand=expand,
-            grad_a=wgrad, grad_b=wgrad,
+            grad_a=wgrad, grad_b=wgrad, fused_fwd=fused_fwd,
         )
     # 16-bit inputs, ranks <= 16: the best of `bench_triton_gpu.py --sweep` on an H100 80GB HBM3
     # (triton 3.6, bf16, lang30 ranks, the three M2M-124 shapes; graph-replayed launcher times,
@@ -451,6 +847,10 @@ def _launch_config(
         bwd_expand=KernelConfig(min(32, tile_t), 128, 4, 2),
         grad_a=KernelConfig(64, 128, 8, 3),
         grad_b=KernelConfig(64, 128, 8, 3),
+        # Untuned (no GPU run yet; `bench_triton_gpu.py --sweep` has its candidates): the shrink's
+        # 128-wide reduction step and the expand's 128-wide feature block. A (64, 128) fp32
+        # accumulator wants 8 warps, as the expand's does.
+        fused_fwd=FusedForwardConfig(tile_t, 128, 128, 8 if tile_t >= 64 else 4, 3),
     )
 
 
@@ -581,6 +981,12 @@ def lora_forward_triton(
     cfg = _config_for(x, num_langs, in_features, out_features, max_rank)
     y = torch.empty((num_tokens, out_features), dtype=x.dtype, device=x.device)
     h = torch.empty((num_tokens, max_rank), dtype=torch.float32, device=x.device)
+    if FUSED and _fused_forward_fits(cfg.fused_fwd, num_tokens, total_rank, in_features, out_features,
+                                     x.element_size()):
+        # One launch writes y (every row: id -1 rows copied from base_out) and h (every row).
+        _launch_fused_forward(cfg, x, base_out, lora_a, lora_b, keep, scales, rank_offsets, sorted_token_idx,
+                              lang_offsets, y, h, max_rank)
+        return y, h
     # h_t = A_l x_t: A's rank j, feature f at lora_a[r0 + j, f]; every row of h (or of each
     # partial) is written, zeros for id -1 rows and past r_l, so it needs no zero fill.
     partial = _rank_partials(h, cfg.fwd_shrink, in_features)
@@ -592,6 +998,40 @@ def lora_forward_triton(
     _launch_expand(cfg, cfg.fwd_expand, partial, lora_b, (lora_b.stride(0), lora_b.stride(1)), keep, base_out,
                    scales, rank_offsets, sorted_token_idx, lang_offsets, y, h, has_mask=True, apply_scale=True)
     return y, h
+
+
+def _fused_forward_fits(fcfg: FusedForwardConfig, num_tokens: int, total_rank: int, in_features: int,
+                        out_features: int, itemsize: int) -> bool:
+    """The small-T rule of the single-launch forward: every d-block program past the first re-reads
+    its tile's x rows and A_l rows, (d-blocks - 1) * (T + R) * k * itemsize bytes in all (R bounds
+    the A rows when each language has one tile, as at decoding sizes); fused while that is at most
+    :data:`FUSED_FORWARD_MAX_REREAD_BYTES`. bf16, lang30 (R = 144), 128-wide d-blocks, the three
+    M2M-124 shapes 1024->1024 / 1024->4096 / 4096->1024: T=160 re-reads 4.4 / 19.3 / 17.4 MB (fused
+    everywhere), T=512 9.4 / 41.6 / 37.6 MB (fused at 1024->1024 only), T=8192 never."""
+    d_blocks = _cdiv(out_features, fcfg.block_d)
+    return (d_blocks - 1) * (num_tokens + total_rank) * in_features * itemsize <= FUSED_FORWARD_MAX_REREAD_BYTES
+
+
+def _launch_fused_forward(cfg, x, base, lora_a, lora_b, keep, scales, rank_offsets, sorted_token_idx,
+                          lang_offsets, out, h, max_rank):
+    """out = base + LoRA term in one launch; h (T, max_rank) written when given. ``base`` may be
+    ``out`` (in place: then rows of id -1 tokens are not touched). x, out and base: unit column
+    stride; factors contiguous."""
+    fcfg = cfg.fused_fwd
+    num_tokens, in_features = x.shape
+    out_features = out.shape[1]
+    num_langs = scales.shape[0]
+    write_h = h is not None
+    _fused_forward_kernel[(_num_tiles(num_tokens, num_langs, fcfg.block_t), _cdiv(out_features, fcfg.block_d))](
+        x, lora_a, lora_b, keep, base, scales, rank_offsets, sorted_token_idx, lang_offsets, out,
+        h if write_h else out,
+        num_langs, in_features, out_features, max_rank,
+        x.stride(0), lora_a.stride(0), lora_b.stride(0), base.stride(0), out.stride(0), h.stride(0) if write_h else 0,
+        IN_PLACE=base is out, WRITE_H=write_h, INPUT_PRECISION=cfg.precision, BF16_AS_FP32=cfg.bf16_as_fp32,
+        BLOCK_T=fcfg.block_t, BLOCK_K=fcfg.block_k, BLOCK_D=fcfg.block_d, BLOCK_R=cfg.block_r,
+        BLOCK_SEG=cfg.block_seg, num_warps=fcfg.num_warps, num_stages=fcfg.num_stages,
+    )
+    LAUNCH_COUNTS["fused_forward"] += 1
 
 
 def _rank_partials(rank_rows: torch.Tensor, shrink: KernelConfig, num_features: int) -> torch.Tensor:
@@ -704,6 +1144,9 @@ def lora_backward_triton(
         return torch.zeros_like(x), torch.zeros_like(lora_a), torch.zeros_like(lora_b), torch.zeros_like(scales)
 
     cfg = _config_for(x, num_langs, in_features, out_features, max_rank)
+    if FUSED:
+        return _backward_fused(cfg, grad_out, x, h, lora_a, lora_b, keep, scales, rank_offsets, sorted_token_idx,
+                               lang_offsets)
     # u_t = (B_l * M_l)^T dy_t, unscaled (d s_l needs it): the forward's shrink kernel with B read
     # transposed (rank j, feature f at lora_b[f, r0 + j]). The gradient of h is g_t = s_l u_t: the
     # scale is applied by the two kernels that consume it (APPLY_SCALE), never to u itself.
@@ -743,3 +1186,117 @@ def _scale_grad(u: torch.Tensor, h: torch.Tensor, scales: torch.Tensor, sorted_t
     bounds = torch.cat([lang_offsets.new_zeros(1), lang_offsets])
     # a fresh tensor (not a view at offset 1): outputs of a custom op must not alias
     return torch.segment_reduce(rowdot, "sum", offsets=bounds, axis=0)[1:].to(scales.dtype, copy=True)
+
+
+def _backward_fused(cfg, grad_out, x, h, lora_a, lora_b, keep, scales, rank_offsets, sorted_token_idx,
+                    lang_offsets):
+    """The backward in two launches, the scale gradient inside the second (see the two kernels).
+
+    Launch 1 (needs dy and h): dB programs + the shrink u = (B_l * M_l)^T dy into split partials.
+    Launch 2 (needs u): dA programs (+ d s_l in their k-block-0 programs) + grad_x programs.
+    Every output element is written (zeros for absent languages and id -1 rows): no zero fills.
+    """
+    num_tokens, in_features = x.shape
+    out_features = grad_out.shape[1]
+    num_langs = scales.shape[0]
+    max_rank = h.shape[1]
+    shrink, wgrad_b = cfg.bwd_shrink, cfg.grad_b
+    per_split, splits = _split_features(out_features, shrink)
+    # Rows of id -1 tokens stay unwritten: no program of launch 2 reads them.
+    partial = torch.empty((splits, num_tokens, max_rank), dtype=torch.float32, device=x.device)
+    grad_b = torch.empty_like(lora_b)
+    shrink_tiles = _num_tiles(num_tokens, num_langs, shrink.block_t)
+    db_programs = num_langs * _cdiv(out_features, wgrad_b.block_f)
+    _fused_backward_dy_kernel[(db_programs + shrink_tiles * splits,)](
+        grad_out, h, lora_b, keep, scales, rank_offsets, sorted_token_idx, lang_offsets, partial, grad_b,
+        num_langs, out_features, per_split, max_rank, shrink_tiles, db_programs,
+        grad_out.stride(0), h.stride(0), lora_b.stride(0), lora_b.stride(1), grad_b.stride(0), grad_b.stride(1),
+        partial.stride(0), partial.stride(1),
+        INPUT_PRECISION=cfg.precision, BF16_AS_FP32=cfg.bf16_as_fp32,
+        SHRINK_BLOCK_T=shrink.block_t, SHRINK_BLOCK_F=shrink.block_f,
+        WGRAD_BLOCK_T=wgrad_b.block_t, WGRAD_BLOCK_F=wgrad_b.block_f, BLOCK_R=cfg.block_r, BLOCK_SEG=cfg.block_seg,
+        num_warps=max(shrink.num_warps, wgrad_b.num_warps), num_stages=max(shrink.num_stages, wgrad_b.num_stages),
+    )
+    LAUNCH_COUNTS["fused_bwd_dy"] += 1
+
+    expand, wgrad_a = cfg.bwd_expand, cfg.grad_a
+    grad_x = torch.empty_like(x)
+    grad_a = torch.empty_like(lora_a)
+    grad_scales = torch.empty_like(scales)
+    expand_tiles = _num_tiles(num_tokens, num_langs, expand.block_t)
+    da_programs = num_langs * _cdiv(in_features, wgrad_a.block_f)
+    _fused_backward_x_kernel[(da_programs + expand_tiles * _cdiv(in_features, expand.block_f),)](
+        x, h, lora_a, scales, rank_offsets, sorted_token_idx, lang_offsets, partial, grad_x, grad_a, grad_scales,
+        num_langs, in_features, max_rank, expand_tiles, da_programs,
+        x.stride(0), h.stride(0), lora_a.stride(0), lora_a.stride(1), grad_a.stride(0), grad_a.stride(1),
+        partial.stride(0), partial.stride(1), grad_x.stride(0),
+        NUM_SPLITS=splits, INPUT_PRECISION=cfg.precision, BF16_AS_FP32=cfg.bf16_as_fp32,
+        EXPAND_BLOCK_T=expand.block_t, EXPAND_BLOCK_F=expand.block_f,
+        WGRAD_BLOCK_T=wgrad_a.block_t, WGRAD_BLOCK_F=wgrad_a.block_f, BLOCK_R=cfg.block_r, BLOCK_SEG=cfg.block_seg,
+        num_warps=max(expand.num_warps, wgrad_a.num_warps), num_stages=max(expand.num_stages, wgrad_a.num_stages),
+    )
+    LAUNCH_COUNTS["fused_bwd_x"] += 1
+    return grad_x, grad_a, grad_b, grad_scales
+
+
+def lora_add_triton(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    prune_mask: torch.Tensor,
+    scales: torch.Tensor,
+    rank_offsets: torch.Tensor,
+    sorted_token_idx: torch.Tensor,
+    lang_offsets: torch.Tensor,
+    max_rank: int,
+) -> None:
+    """Inference: ``out_t += s_l (B_l * M_l) A_l x_t`` in place (``spec.ADD``), no h kept.
+
+    With :data:`FUSED` on: one launch of the single-launch forward at small T (the rule of
+    ``_fused_forward_fits``), else the shrink + expand pair with the expand adding into ``out``
+    (no copy of the output either way); rows of id -1 tokens keep their values. With it off: the forward into a new tensor, copied into
+    ``out`` (what ``ops.lora_add_call`` does for a backend without ``add_``).
+
+    Args:
+        out: (T, d) dtype of x, the base output; any row stride, unit column stride.
+        x: (T, k) fp32/fp16/bf16; any row stride (a column slice), unit column stride.
+        Other arguments as :func:`lora_forward_triton`.
+    """
+    _check_common("lora_add_triton", x, lora_a, lora_b, prune_mask, scales, rank_offsets, sorted_token_idx,
+                  lang_offsets, max_rank)
+    if out.shape != (x.shape[0], lora_b.shape[0]) or out.dtype != x.dtype:
+        raise ValueError(
+            f"lora_add_triton: out must be {x.dtype} {(x.shape[0], lora_b.shape[0])}, "
+            f"got {out.dtype} {tuple(out.shape)}"
+        )
+    if out.device != x.device:
+        raise ValueError(f"lora_add_triton: out is on {out.device}, x on {x.device}")
+    if not FUSED or (out.shape[1] > 1 and out.stride(1) != 1):
+        y, _h = lora_forward_triton(x.contiguous(), out.contiguous(), lora_a, lora_b, prune_mask, scales,
+                                    rank_offsets, sorted_token_idx, lang_offsets, max_rank)
+        out.copy_(y)
+        return
+    num_tokens, in_features = x.shape
+    out_features = out.shape[1]
+    total_rank = lora_a.shape[0]
+    if num_tokens == 0 or out_features == 0 or in_features == 0 or total_rank == 0 or max_rank == 0:
+        return
+    if in_features > 1 and x.stride(1) != 1:
+        x = x.contiguous()
+    lora_a, lora_b = lora_a.contiguous(), lora_b.contiguous()
+    keep = prune_mask.contiguous().view(torch.uint8)
+    num_langs = scales.shape[0]
+    cfg = _config_for(x, num_langs, in_features, out_features, max_rank)
+    if _fused_forward_fits(cfg.fused_fwd, num_tokens, total_rank, in_features, out_features, x.element_size()):
+        _launch_fused_forward(cfg, x, out, lora_a, lora_b, keep, scales, rank_offsets, sorted_token_idx,
+                              lang_offsets, out, None, max_rank)
+        return
+    h = torch.empty((num_tokens, max_rank), dtype=torch.float32, device=x.device)
+    partial = _rank_partials(h, cfg.fwd_shrink, in_features)
+    _launch_shrink(cfg, cfg.fwd_shrink, x, lora_a, (lora_a.stride(0), lora_a.stride(1)), keep, scales,
+                   rank_offsets, sorted_token_idx, lang_offsets, partial, in_features, has_mask=False,
+                   apply_scale=False)
+    # base = out: each program reads its rows of out before it writes them, nothing else does.
+    _launch_expand(cfg, cfg.fwd_expand, partial, lora_b, (lora_b.stride(0), lora_b.stride(1)), keep, out,
+                   scales, rank_offsets, sorted_token_idx, lang_offsets, out, h, has_mask=True, apply_scale=True)
