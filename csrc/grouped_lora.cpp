@@ -550,10 +550,12 @@ VectorBuffer<acc_t> aligned_vectors(int64_t count) {
 // Per-part buffers, allocated before the parallel region (nothing may throw inside it).
 template <typename acc_t>
 struct ChunkBuffers {
-  explicit ChunkBuffers(int64_t max_rank, int64_t num_languages = 0)
-      : acc(aligned_vectors<acc_t>(kMaxChunkTokens * max_rank)),
-        coef(kMaxChunkTokens * max_rank),
-        hs(kMaxChunkTokens * max_rank),
+  // tokens: the most tokens of a chunk, min(chunk setting, T): a decoding call allocates and zeroes
+  // only what its few tokens use.
+  ChunkBuffers(int64_t tokens, int64_t max_rank, int64_t num_languages)
+      : acc(aligned_vectors<acc_t>(tokens * max_rank)),
+        coef(tokens * max_rank),
+        hs(tokens * max_rank),
         grad_scales(num_languages, 0.0) {}
   VectorBuffer<acc_t> acc;  // lane-wise partial dots of the chunk (h or u), (token, rank)
   std::vector<acc_t> coef;  // the chunk's g, (token, rank)
@@ -822,10 +824,12 @@ void forward_impl(const Problem& p, const scalar_t* x, const scalar_t* base, int
   HostBuffer<acc_t> a_buf = host_buffer<acc_t>(staged_a);
   HostBuffer<acc_t> b_buf = host_buffer<acc_t>(staged_b);
   std::vector<ChunkBuffers<acc_t>> buffers;  // allocated here: nothing may throw inside the region
-  for (int part = 0; part < parts; ++part) buffers.emplace_back(p.max_rank);
+  const TokenChunks chunks = token_chunks();
+  const int64_t chunk_tokens = std::min<int64_t>(chunks.chunk, T);
+  for (int part = 0; part < parts; ++part) buffers.emplace_back(chunk_tokens, p.max_rank, 0);
 
   const ForwardArgs<scalar_t, acc_t> args{x, base, y, h, lda, ldb, p.sorted_token_idx, p.rank_offsets.data(), k, d,
-                                          p.max_rank, p.ldx, ldbase, ldy, stream, token_chunks()};
+                                          p.max_rank, p.ldx, ldbase, ldy, stream, chunks};
   const Kernels<scalar_t, acc_t> kernels = select_kernels<scalar_t, acc_t>();
   const scalar_t* a_src = lora_a.data_ptr<scalar_t>();
   const acc_t* a_in_place = nullptr;
@@ -938,7 +942,9 @@ void backward_impl(const Problem& p, const at::Tensor& grad_out, const at::Tenso
   HostBuffer<acc_t> gbt = host_buffer<acc_t>(R * ldb);
   HostBuffer<acc_t> scratch = host_buffer<acc_t>(split.scratch_size);
   std::vector<ChunkBuffers<acc_t>> buffers;  // allocated here: nothing may throw inside the region
-  for (int part = 0; part < parts; ++part) buffers.emplace_back(p.max_rank, p.L);
+  const TokenChunks chunks = token_chunks();
+  const int64_t chunk_tokens = std::min<int64_t>(chunks.chunk, p.T);
+  for (int part = 0; part < parts; ++part) buffers.emplace_back(chunk_tokens, p.max_rank, p.L);
   std::vector<int64_t> unwritten_langs = split.shared_langs;  // summed from scratch, or zeroed
   for (int64_t l = 0; l < p.L; ++l)
     if (p.group_bounds[l + 2] == p.group_bounds[l + 1]) unwritten_langs.push_back(l);
@@ -947,7 +953,7 @@ void backward_impl(const Problem& p, const at::Tensor& grad_out, const at::Tenso
                                            h.data_ptr<acc_t>(), grad_x.data_ptr<scalar_t>(),
                                            ga.get(), gbt.get(), scratch.get(),
                                            lda, ldb, p.sorted_token_idx, p.rank_offsets.data(), p.scales.data(), k, d,
-                                           p.max_rank, use_streaming_stores(grad_x, k), token_chunks()};
+                                           p.max_rank, use_streaming_stores(grad_x, k), chunks};
   const Kernels<scalar_t, acc_t> kernels = select_kernels<scalar_t, acc_t>();
   const scalar_t* a_src = lora_a.data_ptr<scalar_t>();
   const acc_t* a_in_place = nullptr;
