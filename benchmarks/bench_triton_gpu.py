@@ -20,20 +20,32 @@ left is GPU time, which is how a decoder running under CUDA graphs would see it.
 metadata (routing, sort, padded indices, PEFT's ``adapter_names``) is built once outside the timed
 call, as every layer of a model shares it.
 
+Old vs fused: provider ``triton`` runs lslo's Triton kernels with the fused paths off,
+``triton_fused`` the same layer with them on (``triton_kernels.fused_kernels``: the single-launch
+forward at small T, in place into the base output when decoding, and the two-launch backward
+with the scale gradient inside), so one run compares both on the same inputs.
+
 ``--sweep`` instead times each Triton kernel role (forward shrink/expand, backward
-shrink/expand, dA, dB) under a list of block sizes, warps, stages and split-K factors, replayed
-from CUDA graphs, and writes one row per candidate: the data the launch rules in
+shrink/expand, dA, dB, the fused forward) under a list of block sizes, warps, stages and split-K
+factors, replayed from CUDA graphs, and writes one row per candidate: the data the launch rules in
 ``lslo_kernels/triton_kernels.py`` are tuned from.
+
+``--crossover`` times the launchers alone (graph-replayed) over a range of T: forward unfused vs
+the single-launch forward forced on (what the small-T rule ``_fused_forward_fits`` should pick,
+and what it does pick), the in-place add of decoding both ways, the backward unfused vs fused,
+and the base GEMM for scale: the data ``FUSED_FORWARD_MAX_REREAD_BYTES`` is set from.
 
 Usage::
 
     python benchmarks/bench_triton_gpu.py [--time-cap 120] [--csv out.csv] [--quick]
     python benchmarks/bench_triton_gpu.py --sweep [--time-cap 150] [--csv sweep.csv]
+    python benchmarks/bench_triton_gpu.py --crossover [--time-cap 60] [--csv crossover.csv]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import datetime
@@ -61,10 +73,11 @@ CSV_FIELDS = ["op", "provider", "mode", "metric", "x", "shape", "dtype", "p20", 
 SHAPES = [(1024, 1024), (1024, 4096), (4096, 1024)]
 TRAIN_TOKENS = 8192
 DECODE_TOKENS = 160
-TRAIN_PROVIDERS = ("base", "naive", "padded_bmm", "padded_lang", "grouped_mm", "triton")
-DECODE_PROVIDERS = ("base", "naive", "peft", "padded_bmm", "padded_lang", "grouped_mm", "triton")
+TRAIN_PROVIDERS = ("base", "naive", "padded_bmm", "padded_lang", "grouped_mm", "triton", "triton_fused")
+DECODE_PROVIDERS = ("base", "naive", "peft", "padded_bmm", "padded_lang", "grouped_mm", "triton", "triton_fused")
 # Providers whose layer call has no host synchronisation, so it can be captured in a CUDA graph.
-GRAPHABLE = ("base", "padded_bmm", "padded_lang", "grouped_mm", "triton")
+GRAPHABLE = ("base", "padded_bmm", "padded_lang", "grouped_mm", "triton", "triton_fused")
+CROSSOVER_TOKENS = (16, 64, 160, 320, 640, 1280, 2560)
 # Relative Frobenius error bound against the float32 reference: bf16 operands and outputs give
 # ~4e-3 per rounding; the gradients of A sum over a few hundred tokens per language.
 REL_TOL = 2e-2
@@ -120,7 +133,20 @@ def _padded_lang_provider(problem: P.LayerProblem) -> P.PreparedProvider:
 def prepare(name: str, problem: P.LayerProblem) -> P.PreparedProvider:
     if name == "padded_lang":
         return _padded_lang_provider(problem)
+    if name == "triton_fused":  # the same lslo layer; kernel_mode() switches the fused paths on
+        return P.prepare_provider("triton", problem)
     return P.prepare_provider(name, problem)
+
+
+def kernel_mode(name: str):
+    """The fused paths on for ``triton_fused``, off for ``triton`` (whatever LSLO_TRITON_FUSED says),
+    around everything a provider runs: its check, eager calls, graph capture (the launchers read
+    the switch when they launch, so a captured graph keeps the choice)."""
+    if name not in ("triton", "triton_fused"):
+        return contextlib.nullcontext()
+    from lslo_kernels import triton_kernels as K
+
+    return K.fused_kernels(name == "triton_fused")
 
 
 # ------------------------------------------------------------------------------ correctness
@@ -276,8 +302,9 @@ def bench_case(shape, num_tokens, modes, names, deadline, quick, rows):
             if (name, train) not in checked:
                 y_ref, grads_ref = truths["base" if name == "base" else "lora"]
                 try:
-                    checked[name, train] = check_provider(prov, problem, meta,
-                                                          (y_ref, grads_ref if train else None), grad_out)
+                    with kernel_mode(name):
+                        checked[name, train] = check_provider(prov, problem, meta,
+                                                              (y_ref, grads_ref if train else None), grad_out)
                 except Exception as exc:  # noqa: BLE001 - a provider that crashes is reported, not fatal
                     checked[name, train] = f"{type(exc).__name__}: {exc}"
             why = checked[name, train]
@@ -290,7 +317,8 @@ def bench_case(shape, num_tokens, modes, names, deadline, quick, rows):
                 param.requires_grad_(train)
             leaves = [x, *prov.params] if train else []
             try:
-                q = _time_mode(prov, x, meta, mode, leaves, grad_out, quick)
+                with kernel_mode(name):
+                    q = _time_mode(prov, x, meta, mode, leaves, grad_out, quick)
             except Exception as exc:  # noqa: BLE001 - e.g. a graph capture the provider does not allow
                 rows.append(_row(name, mode, "failed", num_tokens, shape, None, f"{type(exc).__name__}: {exc}"))
                 print(f"  {shape} T={num_tokens} {mode} {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
@@ -311,8 +339,8 @@ def print_table(rows):
     names = list(dict.fromkeys(r["provider"] for r in rows))
     print(f"\nbf16, lang30 ranks (16 x r=2 with B 90% pruned, 14 x r=8), tokens uniform over 30 languages, "
           f"unsorted; p50 ms on {device} (ratio to base in the same run)\n")
-    print("| shape | T | mode | " + " | ".join(f"`{n}`" for n in names) + " | triton vs naive |")
-    print("|---|---|---|" + "---|" * len(names) + "---|")
+    print("| shape | T | mode | " + " | ".join(f"`{n}`" for n in names) + " | triton vs naive | fused vs triton |")
+    print("|---|---|---|" + "---|" * len(names) + "---|---|")
     for shape, tokens, mode in dict.fromkeys((r["shape"], r["x"], r["mode"]) for r in rows if r["metric"] == "ms"):
         cells = []
         for n in names:
@@ -325,8 +353,11 @@ def print_table(rows):
                 cells.append(f"{float(r['p50']):.4g} ({float(r['ratio_vs_base']):.2f}x)" if r["ratio_vs_base"]
                              else f"{float(r['p50']):.4g}")
         tri, nai = timed.get((shape, tokens, mode, "triton")), timed.get((shape, tokens, mode, "naive"))
+        fus = timed.get((shape, tokens, mode, "triton_fused"))
         speed = f"{float(nai['p50']) / float(tri['p50']):.1f}x" if tri and nai else ""
-        print(f"| {shape} | {tokens} | {mode} | " + " | ".join(cells) + f" | {speed} |")
+        # > 1: the fused paths are faster than the unfused kernels in the same run
+        fused_gain = f"{float(tri['p50']) / float(fus['p50']):.2f}x" if tri and fus else ""
+        print(f"| {shape} | {tokens} | {mode} | " + " | ".join(cells) + f" | {speed} | {fused_gain} |")
     notes = [r for r in rows if r["metric"] in ("failed", "skipped")]
     for r in notes:
         print(f"- {r['provider']} {r['shape']} T={r['x']} {r['mode']}: {r['metric']}: {r['note']}")
@@ -344,14 +375,21 @@ SWEEP_CANDIDATES = {
     "wgrad": [(32, 32, 4, 3), (32, 64, 4, 3), (64, 32, 4, 3), (64, 64, 4, 3), (64, 64, 8, 3), (128, 32, 4, 3),
               (128, 64, 8, 3), (64, 128, 8, 3), (32, 128, 4, 3), (128, 128, 8, 3), (128, 128, 8, 4), (64, 128, 4, 3),
               (64, 256, 8, 3), (128, 64, 4, 3)],
+    # fused forward: (block_t, block_k, block_d, num_warps, num_stages)
+    "fused_fwd": [(16, 64, 64, 4, 3), (16, 128, 64, 4, 3), (16, 128, 128, 4, 3), (16, 64, 128, 4, 4),
+                  (16, 256, 128, 4, 3), (16, 128, 256, 4, 3), (16, 128, 256, 8, 3), (16, 64, 256, 8, 4),
+                  (32, 128, 128, 4, 3), (32, 64, 128, 4, 4)],
 }
 ROLE_KIND = {"fwd_shrink": "shrink", "fwd_expand": "expand", "bwd_shrink": "shrink", "bwd_expand": "expand",
-             "grad_a": "wgrad", "grad_b": "wgrad"}
+             "grad_a": "wgrad", "grad_b": "wgrad", "fused_fwd": "fused_fwd"}
 SPLITS = (1, 2, 4, 8)
 
 
 def sweep(shapes, tokens_list, deadline, quick, rows):
-    """Time each kernel role under each candidate config (the other roles at their defaults)."""
+    """Time each kernel role under each candidate config (the other roles at their defaults).
+
+    The unfused roles run with the fused paths off; ``fused_fwd`` with them on and the small-T rule
+    lifted, at decoding sizes only (T < 1024)."""
     from lslo_kernels import triton_kernels as K
 
     original = K._launch_config
@@ -363,18 +401,24 @@ def sweep(shapes, tokens_list, deadline, quick, rows):
             grad_out = torch.randn(num_tokens, shape[1], device=DEVICE, generator=gen).to(torch.bfloat16)
             base_out = problem.base(problem.x)
             args = (problem.lora_a, problem.lora_b, problem.prune_mask, problem.scales, problem.rank_offsets,
-                    routing.lang, routing.sorted_token_idx, routing.lang_offsets, problem.max_rank)
-            y_ref, h_ref = K.lora_forward_triton(problem.x, base_out, *args)
-            grads_ref = K.lora_backward_triton(grad_out, problem.x, h_ref, *args)
+                    routing.sorted_token_idx, routing.lang_offsets, problem.max_rank)
+            with K.fused_kernels(False):
+                y_ref, h_ref = K.lora_forward_triton(problem.x, base_out, *args)
+                grads_ref = K.lora_backward_triton(grad_out, problem.x, h_ref, *args)
             default = original(num_tokens, problem.num_languages, shape[0], shape[1], problem.max_rank,
                                torch.bfloat16, K._sm_count(problem.x.device))
             for role, kind in ROLE_KIND.items():
-                fwd_role = role.startswith("fwd")
+                fwd_role = role.startswith("fwd") or role == "fused_fwd"
                 if num_tokens < 1024 and not fwd_role:
                     continue  # decoding runs forward only
+                if role == "fused_fwd" and num_tokens >= 1024:
+                    continue  # the single-launch forward is for small T
                 num_features = shape[0] if role in ("fwd_shrink", "bwd_expand", "grad_a") else shape[1]
                 variants = [("default", getattr(default, role))]
                 for cand in SWEEP_CANDIDATES[kind]:
+                    if kind == "fused_fwd":
+                        variants.append((str(cand), K.FusedForwardConfig(*cand)))
+                        continue
                     kc = K.KernelConfig(*cand)
                     if kind == "shrink":
                         # Split-K only pays where token tiles are fewer than multiprocessors.
@@ -388,6 +432,11 @@ def sweep(shapes, tokens_list, deadline, quick, rows):
                         rows.append(_row(f"sweep:{role}", label, "skipped", num_tokens, shape, None, "time cap"))
                         continue
                     K._launch_config = lambda *a, _role=role, _kc=kc: dataclasses.replace(original(*a), **{_role: _kc})
+                    fused = role == "fused_fwd"
+                    mode = contextlib.ExitStack()
+                    mode.enter_context(K.fused_kernels(fused))
+                    if fused:
+                        mode.enter_context(_rule_bound(K, 1 << 62))
                     try:
                         if fwd_role:
                             y, h = K.lora_forward_triton(problem.x, base_out, *args)
@@ -407,6 +456,7 @@ def sweep(shapes, tokens_list, deadline, quick, rows):
                         continue
                     finally:
                         K._launch_config = original
+                        mode.close()
                     rows.append(_row(f"sweep:{role}", label, "ms", num_tokens, shape, q,
                                      note="fwd launcher" if fwd_role else "bwd launcher"))
                 best = min((r for r in rows if r["provider"] == f"sweep:{role}" and r["metric"] == "ms"
@@ -420,6 +470,121 @@ def sweep(shapes, tokens_list, deadline, quick, rows):
                           f"{float(dflt['p50']) * 1e3 if dflt else float('nan'):8.1f} us  best {best['mode']:24s} "
                           f"{float(best['p50']) * 1e3:8.1f} us", flush=True)
             torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def _rule_bound(K, max_reread_bytes: int):
+    """Set the small-T rule's bound (``1 << 62``: always the single-launch forward; -1: never)."""
+    previous = K.FUSED_FORWARD_MAX_REREAD_BYTES
+    K.FUSED_FORWARD_MAX_REREAD_BYTES = max_reread_bytes
+    try:
+        yield
+    finally:
+        K.FUSED_FORWARD_MAX_REREAD_BYTES = previous
+
+
+# -------------------------------------------------------------------------------- crossover
+def crossover(shapes, tokens_list, deadline, quick, rows):
+    """The launchers alone, graph-replayed, unfused vs fused, over T: where should the small-T
+    rule switch? One row per (shape, T, what): ``fwd`` (y and h, training's forward), ``add`` (in
+    place into the base output, decoding), ``bwd``; plus the base GEMM. Outputs are checked
+    against the unfused launchers before timing."""
+    from lslo_kernels import triton_kernels as K
+
+    for shape in shapes:
+        for num_tokens in tokens_list:
+            if deadline.passed():
+                rows.append(_row("crossover", "all", "skipped", num_tokens, shape, None, "time cap"))
+                continue
+            problem = make_layer_problem(*shape, num_tokens, torch.bfloat16)
+            routing = lslo_kernels.build_routing(problem.lang, problem.num_languages)
+            gen = torch.Generator(device=DEVICE).manual_seed(3)
+            grad_out = torch.randn(num_tokens, shape[1], device=DEVICE, generator=gen).to(torch.bfloat16)
+            x = problem.x.detach()
+            with torch.no_grad():
+                base_out = problem.base(x)
+            args = (problem.lora_a.detach(), problem.lora_b.detach(), problem.prune_mask, problem.scales,
+                    problem.rank_offsets, routing.sorted_token_idx, routing.lang_offsets, problem.max_rank)
+            cfg = K._config_for(x, problem.num_languages, shape[0], shape[1], problem.max_rank)
+            reread = K._fused_forward_fits(cfg.fused_fwd, num_tokens, problem.lora_a.shape[0], shape[0], shape[1], 2)
+            d_blocks = -(-shape[1] // cfg.fused_fwd.block_d)
+            reread_mb = (d_blocks - 1) * (num_tokens + problem.lora_a.shape[0]) * shape[0] * 2 / 1e6
+            note = f"rule picks {'fused' if reread else 'unfused'}; re-read {reread_mb:.1f} MB"
+            out = base_out.clone()
+            with K.fused_kernels(False):
+                y_ref, h_ref = K.lora_forward_triton(x, base_out, *args)
+                grads_ref = K.lora_backward_triton(grad_out, x, h_ref, *args)
+            calls = {
+                "base": functools.partial(problem.base, x),
+                "fwd": functools.partial(K.lora_forward_triton, x, base_out, *args),
+                "add": functools.partial(K.lora_add_triton, out, x, *args),
+                "bwd": functools.partial(K.lora_backward_triton, grad_out, x, h_ref, *args),
+            }
+            base_us = None
+            for what, fn in calls.items():
+                for fused in ((None,) if what == "base" else (False, True)):
+                    label = "base" if fused is None else ("fused" if fused else "unfused")
+                    if deadline.passed():
+                        rows.append(_row(f"crossover:{label}", what, "skipped", num_tokens, shape, None, "time cap"))
+                        continue
+                    try:
+                        # 1 << 62: the single-launch forward whatever the rule says, to time both sides
+                        with torch.no_grad(), K.fused_kernels(bool(fused)), _rule_bound(K, 1 << 62):
+                            if what in ("fwd", "add", "bwd"):
+                                out.copy_(base_out)
+                                got = fn()
+                                if what == "fwd":
+                                    ok = _rel_err(got[0], y_ref) < 1e-2 and _rel_err(got[1], h_ref) < 1e-2
+                                elif what == "add":
+                                    ok = _rel_err(out, y_ref) < 1e-2
+                                else:
+                                    ok = all(_rel_err(g, r) < 1e-2 for g, r in zip(got, grads_ref))
+                                if not ok:
+                                    rows.append(_row(f"crossover:{label}", what, "failed", num_tokens, shape, None,
+                                                     "disagrees with the unfused launchers"))
+                                    print(f"  crossover {shape} T={num_tokens} {what} {label}: wrong result",
+                                          file=sys.stderr)
+                                    continue
+                            q = time_graph(fn, quick)
+                    except Exception as exc:  # noqa: BLE001 - e.g. a GPU compile error of a fused kernel
+                        rows.append(_row(f"crossover:{label}", what, "failed", num_tokens, shape, None,
+                                         f"{type(exc).__name__}: {str(exc)[:200]}"))
+                        print(f"  crossover {shape} T={num_tokens} {what} {label}: {type(exc).__name__}: {exc}",
+                              file=sys.stderr)
+                        continue
+                    if what == "base":
+                        base_us = q[1]
+                    ratio = f"{q[1] / base_us:.3f}" if base_us else ""
+                    rows.append(_row(f"crossover:{label}", what, "ms", num_tokens, shape, q, note=note, ratio=ratio))
+            torch.cuda.empty_cache()
+
+
+def print_crossover(rows):
+    """One line per (shape, T): us of base, fwd / add / bwd unfused -> fused, and the rule's pick."""
+    timed = {(r["shape"], r["x"], r["mode"], r["provider"]): r for r in rows
+             if r["provider"].startswith("crossover") and r["metric"] == "ms"}
+    keys = list(dict.fromkeys((r["shape"], r["x"]) for r in rows if r["provider"].startswith("crossover")))
+    print("\nlaunchers alone, graph-replayed, bf16 lang30, p50 us (unfused -> fused; * = faster side)\n")
+    print("| shape | T | base | fwd | add (decoding) | bwd | small-T rule |")
+    print("|---|---|---|---|---|---|---|")
+    def us(shape, tokens, what, label):
+        r = timed.get((shape, tokens, what, f"crossover:{label}"))
+        return float(r["p50"]) * 1e3 if r else None
+
+    for shape, tokens in keys:
+        cells = []
+        for what in ("fwd", "add", "bwd"):
+            old, new = us(shape, tokens, what, "unfused"), us(shape, tokens, what, "fused")
+            if old is None or new is None:
+                cells.append("")
+            else:
+                cells.append(f"{old:.1f}{'*' if old < new else ''} -> {new:.1f}{'*' if new <= old else ''}")
+        base = us(shape, tokens, "base", "base")
+        note = next((r["note"] for k, r in timed.items() if k[0] == shape and k[1] == tokens and r["note"]), "")
+        print(f"| {shape} | {tokens} | {'' if base is None else f'{base:.1f}'} | " + " | ".join(cells) + f" | {note} |")
+    for r in rows:
+        if r["provider"].startswith("crossover") and r["metric"] in ("failed", "skipped") and r["note"] != "time cap":
+            print(f"- {r['provider']} {r['shape']} T={r['x']} {r['mode']}: {r['metric']}: {r['note']}")
 
 
 # ---------------------------------------------------------------------------------- profile
@@ -438,7 +603,7 @@ def profile(shape, train_tokens, decode_tokens, calls: int = 50):
         gen = torch.Generator(device=DEVICE).manual_seed(1)
         grad_out = torch.randn(num_tokens, shape[1], device=DEVICE, generator=gen).to(torch.bfloat16)
         label = f"{shape[0]}->{shape[1]} T={num_tokens} {'fwd+bwd' if train else 'fwd'}"
-        for name in ("base", "grouped_mm", "triton"):
+        for name in ("base", "grouped_mm", "triton", "triton_fused"):
             prov = prepare(name, problem)
             meta = prov.prepare(problem.lang)
             x = problem.x.detach().clone().requires_grad_(train)
@@ -446,14 +611,15 @@ def profile(shape, train_tokens, decode_tokens, calls: int = 50):
             for param in prov.params:
                 param.requires_grad_(train)
 
-            def call(prov=prov, meta=meta, x=x, leaves=leaves, train=train, grad_out=grad_out):
+            def call(prov=prov, meta=meta, x=x, leaves=leaves, train=train, grad_out=grad_out, name=name):
                 for leaf in leaves:
                     leaf.grad = None
-                if train:
-                    prov.run(x, meta).backward(grad_out)
-                else:
-                    with torch.no_grad():
-                        prov.run(x, meta)
+                with kernel_mode(name):
+                    if train:
+                        prov.run(x, meta).backward(grad_out)
+                    else:
+                        with torch.no_grad():
+                            prov.run(x, meta)
 
             for _ in range(5):
                 call()
@@ -467,7 +633,7 @@ def profile(shape, train_tokens, decode_tokens, calls: int = 50):
             total = (time.perf_counter() - t0) / n
             print(f"{label} {name:10s} host enqueue {enqueue * 1e6:7.1f} us/call, with GPU work waited for "
                   f"{total * 1e6:7.1f} us/call", flush=True)
-            if name != "triton":
+            if name not in ("triton", "triton_fused"):
                 continue
             prof = cProfile.Profile()
             prof.enable()
@@ -477,15 +643,15 @@ def profile(shape, train_tokens, decode_tokens, calls: int = 50):
             torch.cuda.synchronize()
             out = io.StringIO()
             pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(22)
-            print(f"\n--- cProfile, {n} calls of triton, {label} ---\n{out.getvalue()}")
+            print(f"\n--- cProfile, {n} calls of {name}, {label} ---\n{out.getvalue()}")
             with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as tprof:
                 for _ in range(10):
                     call()
                 torch.cuda.synchronize()
             averages = tprof.key_averages()
-            print(f"--- torch.profiler, 10 calls of triton, {label}: by self CPU time ---")
+            print(f"--- torch.profiler, 10 calls of {name}, {label}: by self CPU time ---")
             print(averages.table(sort_by="self_cpu_time_total", row_limit=18))
-            print(f"--- torch.profiler, 10 calls of triton, {label}: by self GPU time ---")
+            print(f"--- torch.profiler, 10 calls of {name}, {label}: by self GPU time ---")
             try:
                 print(averages.table(sort_by="self_device_time_total", row_limit=14))
             except Exception:  # noqa: BLE001 - older torch names it after CUDA
@@ -503,6 +669,9 @@ def main(argv=None) -> int:
                         help="seconds after which no new measurement starts (the table and CSV are still written)")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--sweep", action="store_true", help="time the Triton kernels' launch-config candidates")
+    parser.add_argument("--crossover", action="store_true",
+                        help="launchers alone over --crossover-tokens: unfused vs fused forward, add and backward")
+    parser.add_argument("--crossover-tokens", type=int, nargs="+", default=list(CROSSOVER_TOKENS))
     parser.add_argument("--profile", action="store_true",
                         help="host time per call and profiler tables of the triton path (first shape)")
     parser.add_argument("--csv", type=Path, default=RESULTS_CSV)
@@ -528,6 +697,8 @@ def main(argv=None) -> int:
     try:
         if args.profile:
             profile(shapes[0], args.train_tokens, args.decode_tokens)
+        elif args.crossover:
+            crossover(shapes, args.crossover_tokens, deadline, args.quick, rows)
         elif args.sweep:
             sweep(shapes, [t for t in (args.train_tokens, args.decode_tokens) if t > 0], deadline, args.quick, rows)
         else:
@@ -545,7 +716,9 @@ def main(argv=None) -> int:
                 writer.writeheader()
             writer.writerows(rows)
         print(f"\nappended {len(rows)} rows to {args.csv}", file=sys.stderr)
-    if not (args.sweep or args.profile):
+    if args.crossover:
+        print_crossover(rows)
+    elif not (args.sweep or args.profile):
         print_table(rows)
     return 0
 

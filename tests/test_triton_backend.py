@@ -1,5 +1,7 @@
 """Triton backend against the reference: forward, every gradient, odd sizes, mixed ranks, language
-layouts, all three dtypes; launch-grid edge cases; the registration; GPU-only sweeps.
+layouts, all three dtypes; launch-grid edge cases; the registration; GPU-only sweeps. The fused
+paths (``triton_kernels.FUSED``) have their own section; every other test runs with them off,
+whatever ``LSLO_TRITON_FUSED`` says.
 
 Without CUDA the kernels run in Triton's CPU interpreter (slow: sizes here stay small).
 """
@@ -32,6 +34,13 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 MIXED_RANKS = [1, 64, 2, 17, 8, 33, 3, 16, 5, 2, 8, 1]  # 12 languages, ranks 1..64 in one layer
 LANG30 = [2] * 16 + [8] * 14
+
+
+@pytest.fixture(autouse=True)
+def _unfused_unless_asked(monkeypatch):
+    """The launchers' default path (fused off) for every test; fused tests switch it on themselves."""
+    if triton_ready:
+        monkeypatch.setattr(triton_kernels, "FUSED", False)
 
 
 def gpu(test):
@@ -272,6 +281,282 @@ def test_opcheck_registered_ops():
     torch.library.opcheck(torch.ops.lslo.grouped_lora_bwd.default, bwd_args)
 
 
+# ------------------------------------------------------------------ fused paths (FUSED)
+_OLD_KERNELS = ("shrink", "expand", "weight_grad")
+
+
+def _launch_diff(before: dict) -> dict:
+    return {k: v - before.get(k, 0) for k, v in triton_kernels.LAUNCH_COUNTS.items() if v != before.get(k, 0)}
+
+
+def _compare_fused(case: dict, dtype: torch.dtype, fused_forward: bool = True) -> None:
+    """With FUSED on: the public op's y and all five gradients (dscales included) against the
+    reference, and the launches taken: 1 forward (or the shrink + expand pair where the small-T
+    rule says no) and 2 backward, none of the unfused backward kernels."""
+    y_ref, grads_ref = run_op(case, "reference")
+    before = dict(triton_kernels.LAUNCH_COUNTS)
+    with triton_kernels.fused_kernels(True):
+        y, grads = run_op(case, "triton")
+    if case["x"].shape[0] and case["lora_a"].shape[0]:
+        forward = {"fused_forward": 1} if fused_forward else {"shrink": 1, "expand": 1}
+        assert _launch_diff(before) == {**forward, "fused_bwd_dy": 1, "fused_bwd_x": 1}
+    assert y.dtype == dtype and y.shape == y_ref.shape
+    assert_close(y, y_ref, dtype, "fused y")
+    for name, g, g_ref in zip(("dx", "dbase", "dA", "dB", "dscales"), grads, grads_ref):
+        assert g.dtype == g_ref.dtype and g.shape == g_ref.shape, name
+        assert_close(g, g_ref, dtype, f"fused {name}")
+    assert torch.all(grads[3][~case["prune_mask"]] == 0), "pruned entries of B got a gradient"
+    none = case["routing"].lang < 0
+    assert torch.equal(y[none], case["base_out"][none]), "rows of id -1 tokens must be base_out exactly"
+    assert torch.count_nonzero(grads[0][none]) == 0
+
+
+def _small_blocks(monkeypatch, *, block_t=16, block_k=16, block_d=16, num_splits=3, block_f=16):
+    """Force 16-wide tiles everywhere (several d-blocks, k-steps, token steps per language) and
+    ``num_splits`` feature splits in the backward shrink, so every loop and the split sum run."""
+    original = triton_kernels._launch_config
+
+    def forced(*args):
+        cfg = original(*args)
+        small = {"block_t": block_t, "block_f": block_f}
+        return dataclasses.replace(
+            cfg,
+            fused_fwd=triton_kernels.FusedForwardConfig(block_t, block_k, block_d, 4, 1),
+            fwd_shrink=dataclasses.replace(cfg.fwd_shrink, **small),
+            fwd_expand=dataclasses.replace(cfg.fwd_expand, **small),
+            bwd_shrink=dataclasses.replace(cfg.bwd_shrink, num_splits=num_splits, **small),
+            bwd_expand=dataclasses.replace(cfg.bwd_expand, **small),
+            grad_a=dataclasses.replace(cfg.grad_a, **small),
+            grad_b=dataclasses.replace(cfg.grad_b, **small),
+        )
+
+    monkeypatch.setattr(triton_kernels, "_launch_config", forced)
+
+
+def _lang_case(lang: torch.Tensor, ranks, in_features, out_features, dtype, seed, density=0.5) -> dict:
+    """make_case with the given per-token language ids (e.g. every language present)."""
+    case = make_case(lang.shape[0], in_features, out_features, ranks, density=density, dtype=dtype, seed=seed)
+    case["routing"] = lslo_kernels.build_routing(lang, len(ranks))
+    return _to_device(case)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("in_features, out_features", [(1, 123), (123, 1), (37, 45)])
+def test_fused_matches_reference_odd_sizes(dtype, in_features, out_features):
+    case = make_case(29, in_features, out_features, MIXED_RANKS, density=0.5, spread="with_none", dtype=dtype,
+                     seed=in_features * 1000 + out_features)
+    _compare_fused(_to_device(case), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_small_blocks_split_partials(monkeypatch, dtype):
+    """Odd sizes over several 16-wide d-blocks and k-steps, 3 backward feature splits (the last one
+    short), languages of ~19 tokens (two token steps, two tiles), ranks 1..64, id -1 tokens."""
+    _small_blocks(monkeypatch)
+    case = make_case(96, 53, 71, [1, 64, 17, 5], density=0.5, spread="with_none", dtype=dtype, seed=31)
+    _compare_fused(_to_device(case), dtype)
+
+
+@pytest.mark.parametrize("layout", ["single", "all", "sparse", "one_language", "only_none"])
+def test_fused_language_layouts(monkeypatch, layout):
+    """One language owning every token (the others empty), every language present, every third
+    one present, L = 1, and a batch of id -1 tokens only (no adapter work at all)."""
+    _small_blocks(monkeypatch, num_splits=2)
+    gen = torch.Generator().manual_seed(5)
+    ranks = [3] if layout == "one_language" else MIXED_RANKS
+    num_langs = len(ranks)
+    if layout == "single":
+        lang = torch.full((40,), 4, dtype=torch.int64)
+    elif layout == "all":
+        lang = torch.arange(40) % num_langs
+        lang = lang[torch.randperm(40, generator=gen)]
+    elif layout == "sparse":
+        lang = (torch.arange(40) % 4) * 3  # languages 0, 3, 6, 9
+    elif layout == "one_language":
+        lang = torch.randint(-1, 1, (40,), generator=gen)
+    else:
+        lang = torch.full((40,), -1, dtype=torch.int64)
+    _compare_fused(_lang_case(lang, ranks, 21, 35, torch.float32, seed=7), torch.float32)
+
+
+def test_fused_lang30_bf16():
+    """The paper's lang30 ranks (2 with B 90% pruned, 8) at T=64, bf16: the dtype the GPU runs."""
+    ranks = LANG30
+    case = make_case(64, 48, 40, ranks, density=0.1, spread="with_none", dtype=torch.bfloat16, seed=8)
+    _compare_fused(_to_device(case), torch.bfloat16)
+
+
+def test_fused_forward_rule_falls_back_to_two_launches(monkeypatch):
+    """Where the small-T rule says no, the forward is the shrink + expand pair; the backward stays fused."""
+    _small_blocks(monkeypatch, num_splits=2)
+    monkeypatch.setattr(triton_kernels, "FUSED_FORWARD_MAX_REREAD_BYTES", 0)
+    case = make_case(50, 40, 36, [2, 8, 5], density=0.5, spread="with_none", dtype=torch.bfloat16, seed=12)
+    _compare_fused(_to_device(case), torch.bfloat16, fused_forward=False)
+
+
+def test_fused_forward_rule_picks_small_batches():
+    """bf16 lang30 (R = 144) at the M2M-124 shapes: T=160 fused everywhere, T=512 at 1024->1024
+    only, T=8192 nowhere; one d-block never re-reads anything."""
+    def fits(tokens, k, d):
+        cfg = triton_kernels._launch_config(tokens, 30, k, d, 8, torch.bfloat16, 132)
+        return triton_kernels._fused_forward_fits(cfg.fused_fwd, tokens, 144, k, d, 2)
+
+    shapes = [(1024, 1024), (1024, 4096), (4096, 1024)]
+    assert [fits(160, k, d) for k, d in shapes] == [True, True, True]
+    assert [fits(512, k, d) for k, d in shapes] == [True, False, False]
+    assert [fits(8192, k, d) for k, d in shapes] == [False, False, False]
+    assert fits(100_000, 4096, 64)
+
+
+def test_fused_direct_h_and_scale_grad():
+    """The launchers themselves: h of the single-launch forward (zeros past r_l and for id -1 rows)
+    and the backward's d scales against the reference, fused and unfused outputs in agreement."""
+    case = _to_device(make_case(45, 19, 21, [1, 6, 3], density=0.5, spread="with_none", seed=9))
+    args = _direct_args(case)
+    with triton_kernels.fused_kernels(True):
+        y, h = triton_kernels.lora_forward_triton(case["x"], case["base_out"], *args)
+        grads = triton_kernels.lora_backward_triton(case["grad_out"], case["x"], h, *args)
+    y_ref, h_ref = lslo_kernels.lora_forward_reference(case["x"], case["base_out"], *args)
+    grads_ref = lslo_kernels.lora_backward_reference(case["grad_out"], case["x"], h_ref, *args)
+    assert h.dtype == torch.float32 and h.shape == (45, 6)
+    assert_close(h, h_ref, torch.float32, "fused h")
+    assert_close(y, y_ref, torch.float32, "fused y")
+    for name, g, g_ref in zip(("dx", "dA", "dB", "dscales"), grads, grads_ref):
+        assert g.shape == g_ref.shape and g.dtype == g_ref.dtype, name
+        assert_close(g, g_ref, torch.float32, f"fused {name}")
+    unfused = triton_kernels.lora_backward_triton(case["grad_out"], case["x"], h, *args)
+    assert_close(grads[3], unfused[3], torch.float32, "fused vs unfused dscales")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("single_launch", [True, False])
+def test_fused_add_in_place_strided(monkeypatch, dtype, single_launch):
+    """add_ (spec.ADD) into a column slice of a wider output from a column slice of x: the single
+    launch or, past the small-T rule, shrink + expand adding into ``out``; other columns and rows
+    of id -1 tokens untouched; same values as the reference's add."""
+    _small_blocks(monkeypatch, num_splits=1)
+    if not single_launch:
+        monkeypatch.setattr(triton_kernels, "FUSED_FORWARD_MAX_REREAD_BYTES", 0)
+    case = _to_device(make_case(33, 23, 27, [1, 17, 4], density=0.5, spread="with_none", dtype=dtype, seed=17))
+    args = _direct_args(case)
+    wide_x = torch.randn(33, 30, dtype=dtype, device=DEVICE)
+    wide_x[:, 2:25] = case["x"]
+    x = wide_x[:, 2:25]
+    wide_out = torch.randn(33, 40, dtype=dtype, device=DEVICE)
+    out = wide_out[:, 5:32]
+    out.copy_(case["base_out"])
+    expected_wide = wide_out.clone()
+    lslo_kernels.lora_add_reference(expected_wide[:, 5:32], case["x"], *args)
+    before = dict(triton_kernels.LAUNCH_COUNTS)
+    with triton_kernels.fused_kernels(True):
+        lslo_kernels.get_backend("triton").add_(out, x, *args)
+    assert _launch_diff(before) == ({"fused_forward": 1} if single_launch else {"shrink": 1, "expand": 1})
+    assert_close(out, expected_wide[:, 5:32], dtype, "add_ out")
+    assert torch.equal(wide_out[:, :5], expected_wide[:, :5]) and torch.equal(wide_out[:, 32:], expected_wide[:, 32:])
+    none = case["routing"].lang < 0
+    assert torch.equal(out[none], case["base_out"][none])
+
+
+def test_add_unfused_is_forward_plus_copy():
+    """With FUSED off, add_ is the forward into a new tensor copied into ``out`` (bit for bit)."""
+    case = _to_device(make_case(21, 9, 11, [2, 5], density=0.5, spread="with_none", seed=4))
+    args = _direct_args(case)
+    out = case["base_out"].clone()
+    before = dict(triton_kernels.LAUNCH_COUNTS)
+    lslo_kernels.get_backend("triton").add_(out, case["x"], *args)
+    assert _launch_diff(before) == {"shrink": 1, "expand": 1}
+    y, _h = triton_kernels.lora_forward_triton(case["x"], case["base_out"], *args)
+    assert torch.equal(out, y)
+
+
+def test_fused_layer_decoding_and_training():
+    """An LSLoLinear on the triton backend with FUSED on: no_grad decoding (the in-place add_) and a
+    training step give the reference backend's outputs and gradients."""
+    import lslo
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(24, 20, device=DEVICE)
+    layers = {name: lslo.LSLoLinear(base, [2, 7, 3], backend=name).to(DEVICE) for name in ("reference", "triton")}
+    with torch.no_grad():
+        init = {n: torch.randn_like(p) for n, p in layers["reference"].named_parameters() if n.startswith("lora")}
+        for layer in layers.values():
+            for n, p in layer.named_parameters():
+                if n in init:
+                    p.copy_(init[n])
+    x = torch.randn(2, 9, 24, device=DEVICE)
+    lang = torch.tensor([[0, 2, -1, 1, 1, 0, 2, 2, -1], [1, 1, 0, -1, 2, 0, 0, 1, 2]], device=DEVICE)
+    with triton_kernels.fused_kernels(True), torch.no_grad():
+        before = dict(triton_kernels.LAUNCH_COUNTS)
+        y = layers["triton"](x, lang=lang)
+        assert _launch_diff(before) == {"fused_forward": 1}
+    with torch.no_grad():
+        assert_close(y, layers["reference"](x, lang=lang), torch.float32, "decoding y")
+    grads = {}
+    for name, layer in layers.items():
+        with triton_kernels.fused_kernels(name == "triton"):
+            layer(x, lang=lang).square().sum().backward()
+        grads[name] = {n: p.grad.clone() for n, p in layer.named_parameters() if n.startswith("lora")}
+        base.weight.grad = base.bias.grad = None
+    assert grads["triton"].keys() == grads["reference"].keys() and grads["triton"]
+    for n in grads["triton"]:
+        assert_close(grads["triton"][n], grads["reference"][n], torch.float32, f"layer grad {n}")
+
+
+def test_fused_random_layouts_property(monkeypatch):
+    """Tile bookkeeping of the fused kernels under random language layouts (hypothesis, few examples)."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+    _small_blocks(monkeypatch, num_splits=2)
+
+    @hypothesis.settings(max_examples=8, deadline=None, derandomize=True)
+    @hypothesis.given(
+        num_tokens=st.integers(1, 70),
+        ranks=st.lists(st.integers(1, 64), min_size=1, max_size=9),
+        spread=st.sampled_from(["uniform", "single", "with_none", "sparse"]),
+        seed=st.integers(0, 2**16),
+    )
+    def check(num_tokens, ranks, spread, seed):
+        case = make_case(num_tokens, 17, 18, ranks, density=0.7, spread=spread, dtype=torch.float32, seed=seed)
+        _compare_fused(_to_device(case), torch.float32)
+
+    check()
+
+
+def test_fused_opcheck_registered_ops():
+    case = _to_device(make_case(13, 6, 5, [2, 1, 4], density=0.5, spread="with_none", seed=2))
+    r = case["routing"]
+    leaves = [case[n].clone().requires_grad_(True) for n in ("x", "base_out", "lora_a", "lora_b")]
+    fwd_args = (*leaves, case["prune_mask"], case["scales"], case["rank_offsets"],
+                r.sorted_token_idx, r.lang_offsets, case["max_rank"], "triton")
+    with triton_kernels.fused_kernels(True):
+        torch.library.opcheck(torch.ops.lslo.grouped_lora_fwd.default, fwd_args)
+        _y, h = torch.ops.lslo.grouped_lora_fwd(*(a.detach() if isinstance(a, torch.Tensor) else a
+                                                  for a in fwd_args))
+        bwd_args = (case["grad_out"], case["x"], h, *_direct_args(case), "triton")
+        torch.library.opcheck(torch.ops.lslo.grouped_lora_bwd.default, bwd_args)
+
+
+def test_fused_switch(monkeypatch):
+    """LSLO_TRITON_FUSED: 0/1 (unset = 0), anything else a ValueError naming the variable;
+    fused_kernels() restores the previous value."""
+    monkeypatch.setenv("LSLO_TRITON_FUSED", "1")
+    assert triton_kernels._env_switch("LSLO_TRITON_FUSED") is True
+    monkeypatch.setenv("LSLO_TRITON_FUSED", "0")
+    assert triton_kernels._env_switch("LSLO_TRITON_FUSED") is False
+    monkeypatch.delenv("LSLO_TRITON_FUSED")
+    assert triton_kernels._env_switch("LSLO_TRITON_FUSED") is False
+    monkeypatch.setenv("LSLO_TRITON_FUSED", "yes")
+    with pytest.raises(ValueError, match="LSLO_TRITON_FUSED must be 0 or 1, got 'yes'"):
+        triton_kernels._env_switch("LSLO_TRITON_FUSED")
+    assert triton_kernels.FUSED is False
+    with triton_kernels.fused_kernels():
+        assert triton_kernels.FUSED is True
+        with triton_kernels.fused_kernels(False):
+            assert triton_kernels.FUSED is False
+        assert triton_kernels.FUSED is True
+    assert triton_kernels.FUSED is False
+
+
 # ------------------------------------------------------------------ input checks
 def test_launcher_rejects_bad_input():
     case = _to_device(make_case(6, 4, 5, [2, 3], seed=13))
@@ -387,3 +672,120 @@ def test_gpu_compile_inductor_fullgraph(dtype):
     assert_close(y.detach(), y_ref, dtype, "inductor y")
     for name, leaf, g_ref in zip(("dx", "dbase", "dA", "dB"), leaves, grads_ref):
         assert_close(leaf.grad, g_ref, dtype, f"inductor {name}")
+
+
+# ------------------------------------------------------------------ GPU only, fused paths
+def _single_launch(case: dict) -> bool:
+    """Whether the small-T rule takes the single-launch forward for this case."""
+    x = case["x"]
+    num_langs, (total_rank, in_features), out_features = case["scales"].shape[0], case["lora_a"].shape, \
+        case["lora_b"].shape[0]
+    cfg = triton_kernels._config_for(x, num_langs, in_features, out_features, case["max_rank"])
+    return triton_kernels._fused_forward_fits(cfg.fused_fwd, x.shape[0], total_rank, in_features, out_features,
+                                              x.element_size())
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tokens", [1, 160, 2048])
+@pytest.mark.parametrize("shape", [(1024, 4096), (4096, 1024), (123, 777)])
+def test_gpu_fused_matches_reference_model_sizes(dtype, num_tokens, shape):
+    """The fused kernels compiled for the GPU (tl.dot shapes, constexpr splits, the 1-D mixed
+    grids): y and every gradient, lang30 at the model shapes, ranks 1..64 at the odd one; the
+    forward is the single launch exactly where the small-T rule says so."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ranks = MIXED_RANKS if shape == (123, 777) else LANG30
+    case = _to_device(make_case(num_tokens, shape[0], shape[1], ranks, density=0.1, spread="with_none", dtype=dtype,
+                                seed=num_tokens))
+    _compare_fused(case, dtype, fused_forward=_single_launch(case))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_tokens", [160, 4096])
+def test_gpu_fused_256_languages(dtype, num_tokens):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ranks = [1 + (i * 7) % 64 for i in range(256)]
+    case = _to_device(make_case(num_tokens, 256, 384, ranks, density=0.5, spread="with_none", dtype=dtype, seed=3))
+    _compare_fused(case, dtype, fused_forward=_single_launch(case))
+
+
+@gpu
+def test_gpu_fused_cuda_graph_replay():
+    """Fused forward (single launch) and backward captured once, replayed with new routing and dy."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    case = _to_device(make_case(160, 1024, 512, LANG30, density=0.1, spread="with_none", dtype=torch.bfloat16))
+    r = case["routing"]
+    static = {"sorted": r.sorted_token_idx.clone(), "offsets": r.lang_offsets.clone()}
+    args = (case["lora_a"], case["lora_b"], case["prune_mask"], case["scales"], case["rank_offsets"],
+            static["sorted"], static["offsets"], case["max_rank"])
+
+    def step():
+        y, h = triton_kernels.lora_forward_triton(case["x"], case["base_out"], *args)
+        return y, h, triton_kernels.lora_backward_triton(case["grad_out"], case["x"], h, *args)
+
+    with triton_kernels.fused_kernels(True):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # compiles outside the capture
+            step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        before = dict(triton_kernels.LAUNCH_COUNTS)
+        with torch.cuda.graph(graph):
+            y, h, grads = step()
+        assert _launch_diff(before) == {"fused_forward": 1, "fused_bwd_dy": 1, "fused_bwd_x": 1}
+    new = lslo_kernels.build_routing(torch.randint(-1, 30, (160,), device=DEVICE), 30)
+    static["sorted"].copy_(new.sorted_token_idx)
+    static["offsets"].copy_(new.lang_offsets)
+    case["grad_out"].copy_(torch.randn_like(case["grad_out"]))
+    graph.replay()
+    y_ref, h_ref = lslo_kernels.lora_forward_reference(case["x"], case["base_out"], *args)
+    grads_ref = lslo_kernels.lora_backward_reference(case["grad_out"], case["x"], h_ref, *args)
+    assert_close(y, y_ref, torch.bfloat16, "graph y")
+    assert_close(h, h_ref, torch.bfloat16, "graph h")
+    for name, g, g_ref in zip(("dx", "dA", "dB", "dscales"), grads, grads_ref):
+        assert_close(g, g_ref, torch.bfloat16, f"graph {name}")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tokens", [1, 160, 8192])
+def test_gpu_fused_add_in_place(dtype, num_tokens):
+    """Decoding's add_ with FUSED on, into a column slice, at the single-launch sizes and past them."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    case = _to_device(make_case(num_tokens, 1024, 1024, LANG30, density=0.1, spread="with_none", dtype=dtype,
+                                seed=num_tokens))
+    args = _direct_args(case)
+    wide = torch.randn(num_tokens, 1100, dtype=dtype, device=DEVICE)
+    out = wide[:, 30:1054]
+    out.copy_(case["base_out"])
+    expected = case["base_out"].clone()
+    lslo_kernels.lora_add_reference(expected, case["x"], *args)
+    before = dict(triton_kernels.LAUNCH_COUNTS)
+    with triton_kernels.fused_kernels(True):
+        lslo_kernels.get_backend("triton").add_(out, case["x"], *args)
+    assert _launch_diff(before) == ({"fused_forward": 1} if _single_launch(case) else {"shrink": 1, "expand": 1})
+    assert _single_launch(case) == (num_tokens != 8192)  # 1024->1024: 4.4 MB re-read at T=160 (bf16)
+    assert_close(out, expected, dtype, "add_ out")
+    none = case["routing"].lang < 0
+    assert torch.equal(out[none], case["base_out"][none])
+
+
+@gpu
+def test_gpu_fused_compile_inductor_fullgraph():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    case = _to_device(make_case(300, 256, 384, LANG30, density=0.1, spread="with_none", dtype=torch.bfloat16, seed=5))
+
+    def f(x, base_out, a, b, scales):
+        return lslo_kernels.grouped_lora(x, base_out, a, b, case["prune_mask"], scales, case["rank_offsets"],
+                                         case["routing"], case["max_rank"], backend="triton")
+
+    leaves = [case[n].clone().requires_grad_(True) for n in ("x", "base_out", "lora_a", "lora_b", "scales")]
+    with triton_kernels.fused_kernels(True):
+        y = torch.compile(f, fullgraph=True)(*leaves)
+        y.backward(case["grad_out"])
+    y_ref, grads_ref = run_op(case, "reference")
+    assert_close(y.detach(), y_ref, torch.bfloat16, "inductor y")
+    for name, leaf, g_ref in zip(("dx", "dbase", "dA", "dB", "dscales"), leaves, grads_ref):
+        assert_close(leaf.grad, g_ref, torch.bfloat16, f"inductor {name}")
