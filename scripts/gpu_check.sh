@@ -1,25 +1,30 @@
 #!/usr/bin/env bash
 # The GPU check of the Triton backend, in one call, for a machine with a CUDA GPU (issue 12):
-# versions and the card, the benchmark against cuBLAS and the peers, the kernel launch-config
-# sweep, and the CUDA tests, each stage under its own time cap, everything written to $OUT.
+# versions and the card, the CUDA tests, the benchmark against cuBLAS and the peers (lslo's
+# kernels twice: `triton` = fused paths off, `triton_fused` = on), the old-vs-fused crossover over
+# T, each stage under its own time cap, everything written to $OUT. Stages run in the order
+# env, tests, bench, crossover, profile, sweep, train, whatever order STAGES names them in.
 #
-#   OUT=/tmp/gpu_out scripts/gpu_check.sh                  # all stages
+#   OUT=/tmp/gpu_out scripts/gpu_check.sh                  # env tests bench crossover (~6-7 min)
 #   STAGES="tests bench" BENCH_CAP=90 scripts/gpu_check.sh  # a subset
 #   STAGES="profile" scripts/gpu_check.sh                  # where an eager call's time goes
+#   STAGES="sweep" SWEEP_ARGS="--train-tokens 0" scripts/gpu_check.sh  # tune the decoding roles + fused_fwd
 #
-# Files in $OUT: env.txt, bench.log (progress, then the markdown table), bench.csv, sweep.csv,
-# sweep.log, profile.log, train.log + train/{results.md,steps.csv}, tests.log, junit.xml (the device
-# tool brings back 8 files: pick STAGES accordingly). Exit status: the last failing stage's.
+# Files in $OUT: env.txt, tests.log, junit.xml, bench.log (progress, then the markdown table with
+# a "fused vs triton" column), bench.csv, crossover.log (the unfused -> fused table), crossover.csv,
+# sweep.csv, sweep.log, profile.log, train.log + train/{results.md,steps.csv} (the device tool
+# brings back 8 files: pick STAGES accordingly). Exit status: the last failing stage's.
 # Needs torch with CUDA, triton, pytest (pytest-xdist and pytest-timeout are used when present)
 # and, for the peft row, peft. Nothing is built: the Triton backend compiles its kernels at run time.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
 PY=${PYTHON:-python3}
-STAGES=${STAGES:-"env bench sweep tests"}
-BENCH_CAP=${BENCH_CAP:-100}   # seconds after which no new measurement starts
+STAGES=${STAGES:-"env tests bench crossover"}
+BENCH_CAP=${BENCH_CAP:-120}   # seconds after which no new measurement starts
+CROSS_CAP=${CROSS_CAP:-70}
 SWEEP_CAP=${SWEEP_CAP:-110}
-TEST_CAP=${TEST_CAP:-150}     # hard limit of the pytest run
+TEST_CAP=${TEST_CAP:-180}     # hard limit of the pytest run
 TEST_WORKERS=${TEST_WORKERS:-8}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
@@ -45,6 +50,12 @@ if torch.cuda.is_available():
           "memory GiB", round(p.total_memory / 2**30, 1))
 import lslo_kernels
 print("lslo backends on cuda:", lslo_kernels.available_backends("cuda"))
+try:
+    from lslo_kernels import triton_kernels
+    print("triton fused paths by default (LSLO_TRITON_FUSED):", triton_kernels.FUSED,
+          "| single-launch forward bound:", triton_kernels.FUSED_FORWARD_MAX_REREAD_BYTES, "bytes")
+except Exception as exc:  # noqa: BLE001
+    print("triton_kernels: not importable:", exc)
 for mod in ("peft", "transformers", "xdist", "pytest_timeout"):
     try:
         m = __import__(mod)
@@ -57,6 +68,19 @@ PY
   cat "$OUT/env.txt"
 fi
 
+if want tests; then
+  stamp "tests (cap ${TEST_CAP}s) -> $OUT/tests.log, junit.xml"
+  extra=()
+  "$PY" -c "import xdist" 2>/dev/null && extra+=(-n "$TEST_WORKERS")
+  "$PY" -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout 120)
+  # Every test of the file runs on the GPU there (the interpreter-only one skips); -x is off so one
+  # failure does not hide the others.
+  timeout -k 10 "$TEST_CAP" "$PY" -m pytest -q -rfEs -p no:cacheprovider "${extra[@]}" \
+      tests/test_triton_backend.py --junitxml="$OUT/junit.xml" > "$OUT/tests.log" 2>&1
+  rc=$?; [ $rc -ne 0 ] && { stamp "tests exit $rc"; status=$rc; }
+  grep -E "^(FAILED|ERROR)|passed|failed|error" "$OUT/tests.log" | tail -30
+fi
+
 if want bench; then
   stamp "bench (cap ${BENCH_CAP}s) -> $OUT/bench.log, bench.csv"
   timeout -k 10 $((BENCH_CAP + 90)) "$PY" benchmarks/bench_triton_gpu.py --time-cap "$BENCH_CAP" \
@@ -64,6 +88,17 @@ if want bench; then
   rc=$?; [ $rc -ne 0 ] && { stamp "bench exit $rc"; status=$rc; }
   sed -n '/^bf16, lang30/,$p' "$OUT/bench.log"
   grep -E "failed|Error" "$OUT/bench.log" | head -20
+fi
+
+if want crossover; then
+  # The launchers alone, graph-replayed, over T (CROSS_ARGS e.g. "--crossover-tokens 64 160 512"):
+  # forward / in-place add / backward, unfused -> fused, and what the small-T rule picks.
+  stamp "crossover (cap ${CROSS_CAP}s) -> $OUT/crossover.log, crossover.csv"
+  # shellcheck disable=SC2086
+  timeout -k 10 $((CROSS_CAP + 90)) "$PY" benchmarks/bench_triton_gpu.py --crossover --quick --time-cap "$CROSS_CAP" \
+      ${CROSS_ARGS:-} --csv "$OUT/crossover.csv" > "$OUT/crossover.log" 2>&1
+  rc=$?; [ $rc -ne 0 ] && { stamp "crossover exit $rc"; tail -20 "$OUT/crossover.log"; status=$rc; }
+  sed -n '/^launchers alone/,$p' "$OUT/crossover.log"
 fi
 
 if want profile; then
@@ -99,17 +134,5 @@ if want train; then
   cat "$OUT/train/results.md" 2>/dev/null | head -40
 fi
 
-if want tests; then
-  stamp "tests (cap ${TEST_CAP}s) -> $OUT/tests.log, junit.xml"
-  extra=()
-  "$PY" -c "import xdist" 2>/dev/null && extra+=(-n "$TEST_WORKERS")
-  "$PY" -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout 120)
-  # Every test of the file runs on the GPU there (the interpreter-only one skips); -x is off so one
-  # failure does not hide the others.
-  timeout -k 10 "$TEST_CAP" "$PY" -m pytest -q -rfEs -p no:cacheprovider "${extra[@]}" \
-      tests/test_triton_backend.py --junitxml="$OUT/junit.xml" > "$OUT/tests.log" 2>&1
-  rc=$?; [ $rc -ne 0 ] && { stamp "tests exit $rc"; status=$rc; }
-  grep -E "^(FAILED|ERROR)|passed|failed|error" "$OUT/tests.log" | tail -30
-fi
 stamp "done, status $status"
 exit $status
