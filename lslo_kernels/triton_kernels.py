@@ -63,6 +63,7 @@ the backward is four launches plus the torch ops of the scale gradient (issue 12
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 from collections import Counter
@@ -1188,6 +1189,13 @@ def _scale_grad(u: torch.Tensor, h: torch.Tensor, scales: torch.Tensor, sorted_t
     return torch.segment_reduce(rowdot, "sum", offsets=bounds, axis=0)[1:].to(scales.dtype, copy=True)
 
 
+# Launch 2 unrolls one (block_t, block_r) fp32 load of u per split in the dA loop, and the
+# pipeliner keeps num_stages copies of each in shared memory: 4 splits x 3 stages x 4 KB at
+# 64 x 16 stays far below an H100's 228 KB, the 9 splits the decoding rule gives at T=1 might not.
+# Split-K pays most at T=160 with s2-s4 (issue 12's sweep), so the cap costs little.
+_FUSED_MAX_SPLITS = 4
+
+
 def _backward_fused(cfg, grad_out, x, h, lora_a, lora_b, keep, scales, rank_offsets, sorted_token_idx,
                     lang_offsets):
     """The backward in two launches, the scale gradient inside the second (see the two kernels).
@@ -1201,6 +1209,8 @@ def _backward_fused(cfg, grad_out, x, h, lora_a, lora_b, keep, scales, rank_offs
     num_langs = scales.shape[0]
     max_rank = h.shape[1]
     shrink, wgrad_b = cfg.bwd_shrink, cfg.grad_b
+    if shrink.num_splits > _FUSED_MAX_SPLITS:
+        shrink = dataclasses.replace(shrink, num_splits=_FUSED_MAX_SPLITS)
     per_split, splits = _split_features(out_features, shrink)
     # Rows of id -1 tokens stay unwritten: no program of launch 2 reads them.
     partial = torch.empty((splits, num_tokens, max_rank), dtype=torch.float32, device=x.device)

@@ -387,8 +387,9 @@ def test_fused_lang30_bf16():
 
 
 def test_fused_forward_rule_falls_back_to_two_launches(monkeypatch):
-    """Where the small-T rule says no, the forward is the shrink + expand pair; the backward stays fused."""
-    _small_blocks(monkeypatch, num_splits=2)
+    """Where the small-T rule says no, the forward is the shrink + expand pair; the backward stays
+    fused (with 6 splits asked for: capped at _FUSED_MAX_SPLITS, 3 left after rounding to 16)."""
+    _small_blocks(monkeypatch, num_splits=6)
     monkeypatch.setattr(triton_kernels, "FUSED_FORWARD_MAX_REREAD_BYTES", 0)
     case = make_case(50, 40, 36, [2, 8, 5], density=0.5, spread="with_none", dtype=torch.bfloat16, seed=12)
     _compare_fused(_to_device(case), torch.bfloat16, fused_forward=False)
