@@ -35,8 +35,15 @@ the single-launch forward forced on (what the small-T rule ``_fused_forward_fits
 and what it does pick), the in-place add of decoding both ways, the backward unfused vs fused,
 and the base GEMM for scale: the data ``FUSED_FORWARD_MAX_REREAD_BYTES`` is set from.
 
+``--aot`` needs no GPU: it compiles every kernel launch of the forward, the in-place add and the
+backward (fused paths off and on) for an sm_90 target with Triton's own compiler and ptxas, from
+the launchers' real arguments at the M2M-124 shapes, and reports each kernel's shared memory,
+registers and spills: compile errors the CPU interpreter cannot show (``tl.dot`` shapes, constexpr
+paths) and resource limits, before any GPU time is spent.
+
 Usage::
 
+    python benchmarks/bench_triton_gpu.py --aot             # on a CPU machine with triton installed
     python benchmarks/bench_triton_gpu.py [--time-cap 120] [--csv out.csv] [--quick]
     python benchmarks/bench_triton_gpu.py --sweep [--time-cap 150] [--csv sweep.csv]
     python benchmarks/bench_triton_gpu.py --crossover [--time-cap 60] [--csv crossover.csv]
@@ -587,6 +594,161 @@ def print_crossover(rows):
             print(f"- {r['provider']} {r['shape']} T={r['x']} {r['mode']}: {r['metric']}: {r['note']}")
 
 
+# ------------------------------------------------------------------------------ aot compile
+# An H100 (sm_90) gives one block at most 227 KB of shared memory and 255 registers per thread.
+SM90_MAX_SHARED = 232448
+AOT_CASES = [  # (dtype, T, ranks name): the decoding and training sizes, 16-bit and fp32, ranks to 64
+    (torch.bfloat16, 1, "lang30"), (torch.bfloat16, 160, "lang30"), (torch.bfloat16, 960, "lang30"),
+    (torch.bfloat16, 8192, "lang30"),
+    (torch.float16, 160, "lang30"), (torch.float32, 160, "lang30"), (torch.float32, 2048, "lang30"),
+    (torch.bfloat16, 160, "mixed64"), (torch.bfloat16, 2048, "mixed64"),
+]
+AOT_QUICK_CASES = [(torch.bfloat16, 160, "lang30"), (torch.bfloat16, 8192, "lang30"), (torch.float32, 160, "lang30"),
+                   (torch.bfloat16, 160, "mixed64")]
+
+
+def _load_compiled_kernels():
+    """A private copy of ``lslo_kernels.triton_kernels`` built for a GPU (not the interpreter),
+    whose kernels record their launches instead of running them. Run it in a process where no
+    kernel ran under the interpreter: that patches ``triton.language`` for good."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location(
+        "lslo_kernels._triton_kernels_aot", REPO_ROOT / "lslo_kernels" / "triton_kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        spec.loader.exec_module(module)  # @triton.jit decides compiled vs interpreted here
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+    launches = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.kernel, grid, args, kwargs))
+
+    for name in dir(module):
+        obj = getattr(module, name)
+        if name.endswith("_kernel") and hasattr(obj, "arg_names"):
+            setattr(module, name, Recorder(obj))
+    # CPU tensors pass the launchers' device check as they do under the interpreter; the
+    # interpreter's bf16 workaround is dropped again at compile time.
+    module.INTERPRETED = True
+    return module, launches
+
+
+def aot_compile(kernel, args, kwargs, arch: int = 90):
+    """Compile one recorded launch for ``sm_<arch>`` as Triton's JIT would (same specialisation of
+    ints and pointer alignment), without a GPU. Returns the CompiledKernel (metadata, asm)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+    return compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
+def _resource_usage(compiled) -> tuple[int, int]:
+    """(registers per thread, spill bytes) of a compiled kernel's cubin, from cuobjdump."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as fh:
+        fh.write(compiled.asm["cubin"])
+    try:
+        out = subprocess.run([str(cuobjdump), "--dump-resource-usage", fh.name], capture_output=True, text=True,
+                             check=True).stdout
+    finally:
+        os.unlink(fh.name)
+    regs = re.search(r"REG:(\d+)", out)
+    spill = re.findall(r"(?:STACK|LOCAL):(\d+)", out)
+    return (int(regs.group(1)) if regs else -1), sum(int(v) for v in spill)
+
+
+def aot_check(shapes, rows, cases=AOT_CASES, only: str = "") -> int:
+    """Compile every distinct launch of the forward, add_ and backward (fused off and on) for
+    sm_90; one CSV row per kernel variant.
+
+    Args:
+        shapes: (in, out) features; the odd (123, 777) is added (the only shape where mixed ranks
+            up to 64 take the single-launch forward).
+        rows: CSV rows are appended here.
+        cases: (dtype, T, "lang30" or "mixed64") to run the launchers with.
+        only: compile only kernels whose name contains this.
+
+    Returns:
+        The number of failures: compile errors, shared memory over the limit, register spills.
+    """
+    import triton
+
+    module, launches = _load_compiled_kernels()
+    seen, failures = set(), 0
+    shapes = list(dict.fromkeys([*shapes, (123, 777)]))
+    for dtype, num_tokens, ranks_name in cases:
+        for shape in shapes:
+            ranks = [1 + (i * 7) % 64 for i in range(12)] if ranks_name == "mixed64" else ranks_for("lang30", 30)[0]
+            lang = make_lang(num_tokens, ranks, "uniform", seed=0)
+            problem = P.make_problem(*shape, ranks, lang, device="cpu", dtype=dtype, seed=0)
+            routing = lslo_kernels.build_routing(problem.lang, problem.num_languages)
+            args = (problem.lora_a.detach(), problem.lora_b.detach(), problem.prune_mask, problem.scales,
+                    problem.rank_offsets, routing.sorted_token_idx, routing.lang_offsets, problem.max_rank)
+            x = problem.x.detach()
+            base_out = torch.zeros(num_tokens, shape[1], dtype=dtype)
+            h = torch.zeros(num_tokens, problem.max_rank)
+            for fused in (False, True):
+                launches.clear()
+                with module.fused_kernels(fused):
+                    module.lora_forward_triton(x, base_out, *args)
+                    module.lora_add_triton(base_out, x, *args)
+                    module.lora_backward_triton(base_out, x, h, *args)
+                for kernel, _grid, kargs, kwargs in launches:
+                    if only not in kernel.__name__:
+                        continue
+                    kwargs = {**kwargs, "BF16_AS_FP32": False}
+                    key = (kernel.__name__, tuple(sorted((k, v) for k, v in kwargs.items())),
+                           tuple(str(a.dtype) for a in kargs if isinstance(a, torch.Tensor)))
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    consts = ",".join(f"{k}={v}" for k, v in kwargs.items() if k.isupper() and k != "BF16_AS_FP32")
+                    label = (f"{kernel.__name__}[{consts},w{kwargs.get('num_warps')},s{kwargs.get('num_stages')}] "
+                             f"{str(dtype).removeprefix('torch.')} T={num_tokens} {ranks_name}")
+                    try:
+                        compiled = aot_compile(kernel, kargs, kwargs)
+                        shared = compiled.metadata.shared
+                        regs, spill = _resource_usage(compiled)
+                    except Exception as exc:  # noqa: BLE001 - a compile error is the finding
+                        failures += 1
+                        print(f"FAIL {label}: {type(exc).__name__}: {str(exc)[:400]}", flush=True)
+                        rows.append(_row(f"aot:{kernel.__name__}", label, "failed", num_tokens, shape, None,
+                                         f"{type(exc).__name__}: {str(exc)[:200]}"))
+                        continue
+                    bad = shared > SM90_MAX_SHARED or spill > 0
+                    failures += bad
+                    print(f"{'OVER' if bad else 'ok  '} {label}: shared {shared / 1024:.1f} KB, {regs} regs, "
+                          f"spill {spill} B", flush=True)
+                    note = f"shared={shared};regs={regs};spill={spill};triton={triton.__version__};sm_90 offline"
+                    rows.append(_row(f"aot:{kernel.__name__}", label, "over" if bad else "compiled", num_tokens,
+                                     shape, None, note))
+    print(f"\n{len(seen)} kernel variants compiled for sm_90, {failures} failed or over a limit", flush=True)
+    return failures
+
+
 # ---------------------------------------------------------------------------------- profile
 def profile(shape, train_tokens, decode_tokens, calls: int = 50):
     """Where an eager call's time goes: host time per call (enqueue only, and with the GPU's work
@@ -659,6 +821,18 @@ def profile(shape, train_tokens, decode_tokens, calls: int = 50):
 
 
 # ------------------------------------------------------------------------------------- main
+def _append_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new_file = not path.exists()
+    with open(path, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
+        if new_file:
+            writer.writeheader()
+        writer.writerows(rows)
+    print(f"\nappended {len(rows)} rows to {path}", file=sys.stderr)
+
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", default=[f"{k}x{d}" for k, d in SHAPES],
@@ -669,6 +843,11 @@ def main(argv=None) -> int:
                         help="seconds after which no new measurement starts (the table and CSV are still written)")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--sweep", action="store_true", help="time the Triton kernels' launch-config candidates")
+    parser.add_argument("--aot", action="store_true",
+                        help="no GPU needed: compile every launch for sm_90 and report shared memory, registers, "
+                             "spills (exit 1 on a failure)")
+    parser.add_argument("--aot-quick", action="store_true", help="--aot over 4 cases instead of 9")
+    parser.add_argument("--aot-only", default="", help="--aot: only kernels whose name contains this")
     parser.add_argument("--crossover", action="store_true",
                         help="launchers alone over --crossover-tokens: unfused vs fused forward, add and backward")
     parser.add_argument("--crossover-tokens", type=int, nargs="+", default=list(CROSSOVER_TOKENS))
@@ -677,6 +856,18 @@ def main(argv=None) -> int:
     parser.add_argument("--csv", type=Path, default=RESULTS_CSV)
     args = parser.parse_args(argv)
 
+    if args.aot:
+        global DEVICE
+        DEVICE = "cpu"
+        try:
+            shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
+        except ValueError:
+            parser.error(f"--shapes: expected IN x OUT like 1024x4096, got {args.shapes}")
+        rows: list[dict] = []
+        failures = aot_check(shapes, rows, cases=AOT_QUICK_CASES if args.aot_quick else AOT_CASES,
+                             only=args.aot_only)
+        _append_csv(args.csv, rows)
+        return 1 if failures else 0
     if not torch.cuda.is_available():
         print("bench_triton_gpu.py times CUDA kernels and found no CUDA GPU; nothing was measured.", file=sys.stderr)
         return 2
@@ -708,14 +899,7 @@ def main(argv=None) -> int:
                 bench_case(shape, args.decode_tokens, ("fwd", "fwd-graph"), DECODE_PROVIDERS, deadline, args.quick,
                            rows)
     finally:  # what was measured before a failure or a kill still reaches the CSV
-        args.csv.parent.mkdir(parents=True, exist_ok=True)
-        new_file = not args.csv.exists()
-        with open(args.csv, "a", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
-            if new_file:
-                writer.writeheader()
-            writer.writerows(rows)
-        print(f"\nappended {len(rows)} rows to {args.csv}", file=sys.stderr)
+        _append_csv(args.csv, rows)
     if args.crossover:
         print_crossover(rows)
     elif not (args.sweep or args.profile):

@@ -850,8 +850,9 @@ def _launch_config(
         grad_b=KernelConfig(64, 128, 8, 3),
         # Untuned (no GPU run yet; `bench_triton_gpu.py --sweep` has its candidates): the shrink's
         # 128-wide reduction step and the expand's 128-wide feature block. A (64, 128) fp32
-        # accumulator wants 8 warps, as the expand's does.
-        fused_fwd=FusedForwardConfig(tile_t, 128, 128, 8 if tile_t >= 64 else 4, 3),
+        # accumulator wants 8 warps, as the expand's does, and a 64-wide step: with 128 ptxas
+        # gave 255 registers and 8 B of spills for sm_90 (`bench_triton_gpu.py --aot`, triton 3.9).
+        fused_fwd=FusedForwardConfig(tile_t, 128 if tile_t < 64 else 64, 128, 8 if tile_t >= 64 else 4, 3),
     )
 
 
