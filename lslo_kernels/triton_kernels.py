@@ -1274,8 +1274,6 @@ def lora_add_triton(
         x: (T, k) fp32/fp16/bf16; any row stride (a column slice), unit column stride.
         Other arguments as :func:`lora_forward_triton`.
     """
-    _check_common("lora_add_triton", x, lora_a, lora_b, prune_mask, scales, rank_offsets, sorted_token_idx,
-                  lang_offsets, max_rank)
     if out.shape != (x.shape[0], lora_b.shape[0]) or out.dtype != x.dtype:
         raise ValueError(
             f"lora_add_triton: out must be {x.dtype} {(x.shape[0], lora_b.shape[0])}, "
@@ -1284,10 +1282,13 @@ def lora_add_triton(
     if out.device != x.device:
         raise ValueError(f"lora_add_triton: out is on {out.device}, x on {x.device}")
     if not FUSED or (out.shape[1] > 1 and out.stride(1) != 1):
+        # The forward checks the rest (once: this is every decoding step's path).
         y, _h = lora_forward_triton(x.contiguous(), out.contiguous(), lora_a, lora_b, prune_mask, scales,
                                     rank_offsets, sorted_token_idx, lang_offsets, max_rank)
         out.copy_(y)
         return
+    _check_common("lora_add_triton", x, lora_a, lora_b, prune_mask, scales, rank_offsets, sorted_token_idx,
+                  lang_offsets, max_rank)
     num_tokens, in_features = x.shape
     out_features = out.shape[1]
     total_rank = lora_a.shape[0]

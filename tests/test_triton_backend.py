@@ -579,6 +579,12 @@ def test_launcher_rejects_bad_input():
         triton_kernels.lora_forward_triton(x, base, args[0], args[1], args[2].float(), *args[3:])
     with pytest.raises(ValueError, match="base_out"):
         triton_kernels.lora_forward_triton(x, base[:, :3], *args)
+    for fused in (False, True):
+        with triton_kernels.fused_kernels(fused):
+            with pytest.raises(ValueError, match="out must be"):
+                triton_kernels.lora_add_triton(base[:, :3].clone(), x, *args)
+            with pytest.raises(ValueError, match="rank_offsets"):
+                triton_kernels.lora_add_triton(base.clone(), x, *args[:4], args[4].int(), *args[5:])
 
 
 # ------------------------------------------------------------------ GPU only
