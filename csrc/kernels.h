@@ -71,12 +71,32 @@ LSLO_INLINE void dot_block(const scalar_t* const* x, const acc_t* w, int64_t ldw
     for (int j = 0; j < RB; ++j) acc[t * ldacc + j] = a[t][j];
 }
 
+// Rank rows per block for a block of MT tokens: 8 accumulators whatever MT, so that a lone token
+// (decoding: one token per language) still has 8 independent FMA chains, not 2 waiting on the FMA
+// latency.
+template <int MT>
+constexpr int dot_ranks() {
+  return MT == 1 ? 8 : MT == 2 ? 4 : kDotRanks;
+}
+
+template <int MT, int RB, typename acc_t, typename scalar_t>
+LSLO_INLINE void dot_rank_rest(const scalar_t* const* x, const acc_t* w, int64_t ldw, int64_t i0, int64_t i1,
+                               int64_t rest, vec_t<acc_t>* acc, int64_t ldacc) {
+  if constexpr (RB > 0) {
+    if (rest == RB)
+      dot_block<MT, RB>(x, w, ldw, i0, i1, acc, ldacc);
+    else
+      dot_rank_rest<MT, RB - 1>(x, w, ldw, i0, i1, rest, acc, ldacc);
+  }
+}
+
 template <int MT, typename acc_t, typename scalar_t>
 LSLO_INLINE void dot_tokens_mt(const scalar_t* const* x, const acc_t* w, int64_t ldw, int64_t i0, int64_t i1,
                                int64_t r, vec_t<acc_t>* acc) {
+  constexpr int RB = dot_ranks<MT>();
   int64_t j = 0;
-  for (; j + kDotRanks <= r; j += kDotRanks) dot_block<MT, kDotRanks>(x, w + j * ldw, ldw, i0, i1, acc + j, r);
-  for (; j < r; ++j) dot_block<MT, 1>(x, w + j * ldw, ldw, i0, i1, acc + j, r);
+  for (; j + RB <= r; j += RB) dot_block<MT, RB>(x, w + j * ldw, ldw, i0, i1, acc + j, r);
+  if (j < r) dot_rank_rest<MT, RB - 1>(x, w + j * ldw, ldw, i0, i1, r - j, acc + j, r);
 }
 
 // acc[t * r + j] += lane-wise w[j * ldw + i] * x[t][i] over i < n, for t < nt, j < r: the nt tokens
@@ -106,15 +126,23 @@ LSLO_INLINE void finish_dots(const vec_t<acc_t>* acc, int64_t count, acc_t* out)
   for (int64_t j = 0; j < count; ++j) out[j] = sum_lanes<acc_t>(acc[j]);
 }
 
+// Output vectors per strip for a block of MT tokens: 8 accumulators whatever MT (a lone token gets
+// 8 independent FMA chains).
+template <int MT>
+constexpr int combine_vectors() {
+  return MT == 1 ? 8 : MT == 2 ? 4 : 2;
+}
+
 // out[t][i] = base[t][i] + sum_j c[t * ldc + j] * w[j * ldw + i] for t < MT, i in [i0, i1)
 // (base = 0 when kHasBase is false), written once in the output dtype, so y never takes a second
-// pass through memory. Output strips of two vectors: MT * 2 accumulators. i0 is a multiple of
-// 2 widths; i1 is the end of the row or a multiple of 2 widths.
+// pass through memory. Output strips of NV vectors: MT * NV accumulators. i0 is a multiple of
+// the width; the last < NV vectors of [i0, i1) and the row's partial tail go one vector at a time.
 template <bool kHasBase, int MT, typename acc_t, typename scalar_t>
 LSLO_INLINE void combine_block(scalar_t* const* out, const scalar_t* const* base, const acc_t* c, int64_t ldc,
                                const acc_t* w, int64_t ldw, int64_t r, int64_t i0, int64_t i1, bool stream) {
   using V = vec_t<acc_t>;
   constexpr int W = Simd<acc_t>::width;
+  constexpr int NV = combine_vectors<MT>();
   auto put = [&](scalar_t* dst, V v) {
     if (stream)
       store_stream<acc_t>(dst, v);
@@ -122,31 +150,28 @@ LSLO_INLINE void combine_block(scalar_t* const* out, const scalar_t* const* base
       store<acc_t>(dst, v);
   };
   int64_t i = i0;
-  for (; i + 2 * W <= i1; i += 2 * W) {
-    V acc[MT][2];
-    for (int t = 0; t < MT; ++t) {
-      if constexpr (kHasBase) {
-        acc[t][0] = load<acc_t>(base[t] + i);
-        acc[t][1] = load<acc_t>(base[t] + i + W);
-      } else {
-        acc[t][0] = acc[t][1] = V{};
+  for (; i + NV * W <= i1; i += NV * W) {
+    V acc[MT][NV];
+    for (int t = 0; t < MT; ++t)
+      for (int v = 0; v < NV; ++v) {
+        if constexpr (kHasBase)
+          acc[t][v] = load<acc_t>(base[t] + i + v * W);
+        else
+          acc[t][v] = V{};
       }
-    }
     const acc_t* wj = w + i;
     for (int64_t j = 0; j < r; ++j, wj += ldw) {
-      const V w0 = load<acc_t>(wj), w1 = load<acc_t>(wj + W);
+      V wv[NV];
+      for (int v = 0; v < NV; ++v) wv[v] = load<acc_t>(wj + v * W);
       for (int t = 0; t < MT; ++t) {
         const V cb = broadcast<acc_t>(c[t * ldc + j]);
-        acc[t][0] += cb * w0;
-        acc[t][1] += cb * w1;
+        for (int v = 0; v < NV; ++v) acc[t][v] += cb * wv[v];
       }
     }
-    for (int t = 0; t < MT; ++t) {
-      put(out[t] + i, acc[t][0]);
-      put(out[t] + i + W, acc[t][1]);
-    }
+    for (int t = 0; t < MT; ++t)
+      for (int v = 0; v < NV; ++v) put(out[t] + i + v * W, acc[t][v]);
   }
-  for (; i < i1; i += W) {  // the row's last < 2 widths
+  for (; i < i1; i += W) {  // the last < NV vectors
     const int64_t m = std::min<int64_t>(W, i1 - i);
     V acc[MT];
     for (int t = 0; t < MT; ++t) {
@@ -174,8 +199,8 @@ LSLO_INLINE void combine_block(scalar_t* const* out, const scalar_t* const* base
 template <bool kHasBase, typename acc_t, typename scalar_t>
 LSLO_INLINE void combine_tokens(scalar_t* const* out, const scalar_t* const* base, int nt, const acc_t* c,
                                 int64_t ldc, const acc_t* w, int64_t ldw, int64_t n, int64_t r, bool stream) {
-  constexpr int64_t W2 = 2 * Simd<acc_t>::width;
-  const int64_t tile = std::max<int64_t>(W2, kCombineTileBytes / (std::max<int64_t>(r, 1) * sizeof(acc_t)) / W2 * W2);
+  constexpr int64_t W8 = 8 * Simd<acc_t>::width;  // a multiple of every strip
+  const int64_t tile = std::max<int64_t>(W8, kCombineTileBytes / (std::max<int64_t>(r, 1) * sizeof(acc_t)) / W8 * W8);
   for (int64_t i0 = 0; i0 < n; i0 += tile) {
     const int64_t i1 = std::min(n, i0 + tile);
     int t = 0;
