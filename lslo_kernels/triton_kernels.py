@@ -43,7 +43,8 @@ only, so a launch never reads the device and CUDA graphs can capture it. Their n
 tuned with ``benchmarks/bench_triton_gpu.py --sweep`` on the GPU named next to each choice.
 
 Fused paths (``FUSED``; off unless ``LSLO_TRITON_FUSED=1`` at import or :func:`fused_kernels`;
-checked against the reference under the interpreter only, not yet on a GPU). On an H100 the
+checked against the reference under the interpreter and compiled for sm_90 offline
+(``bench_triton_gpu.py --aot``), not yet run on a GPU). On an H100 the
 LoRA term at T=160 costs 2.0-2.75x the base GEMM because two launches follow a 4-9 us GEMM, and
 the backward is four launches plus the torch ops of the scale gradient (issue 12). With FUSED:
 
@@ -109,8 +110,8 @@ FUSED: bool = _env_switch("LSLO_TRITON_FUSED")
 # The single-launch forward recomputes h = A_l x_t in every output-feature block of a tile: it is
 # taken while that re-read, (d-blocks - 1) * (T + R) * k * itemsize bytes (x rows and A rows, from
 # L2), stays under this bound. 32 MiB is ~5 us at the ~6-7 TB/s an H100's L2 serves reads at,
-# about what the second launch and the h round trip it replaces cost at T=160 (issue 12: the two
-# launches take 7-12 us there, graph-replayed). An estimate, not a measurement:
+# about what the second launch and the h round trip it replaces cost at T=160 (issue 12: the LoRA
+# term's two launches took 7-10 us there on top of the GEMM, graph-replayed). An estimate, not a measurement:
 # `bench_triton_gpu.py --crossover` times both sides of it on the GPU.
 FUSED_FORWARD_MAX_REREAD_BYTES: int = 32 << 20
 
