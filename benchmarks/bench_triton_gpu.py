@@ -393,7 +393,7 @@ ROLE_KIND = {"fwd_shrink": "shrink", "fwd_expand": "expand", "bwd_shrink": "shri
 SPLITS = (1, 2, 4, 8)
 
 
-def sweep(shapes, tokens_list, deadline, quick, rows):
+def sweep(shapes, tokens_list, deadline, quick, rows, roles=tuple(ROLE_KIND)):
     """Time each kernel role under each candidate config (the other roles at their defaults).
 
     The unfused roles run with the fused paths off; ``fused_fwd`` with them on and the small-T rule
@@ -416,6 +416,8 @@ def sweep(shapes, tokens_list, deadline, quick, rows):
             default = original(num_tokens, problem.num_languages, shape[0], shape[1], problem.max_rank,
                                torch.bfloat16, K._sm_count(problem.x.device))
             for role, kind in ROLE_KIND.items():
+                if role not in roles:
+                    continue
                 fwd_role = role.startswith("fwd") or role == "fused_fwd"
                 if num_tokens < 1024 and not fwd_role:
                     continue  # decoding runs forward only
@@ -845,6 +847,8 @@ def main(argv=None) -> int:
                         help="seconds after which no new measurement starts (the table and CSV are still written)")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--sweep", action="store_true", help="time the Triton kernels' launch-config candidates")
+    parser.add_argument("--roles", nargs="+", default=list(ROLE_KIND), choices=list(ROLE_KIND),
+                        help="--sweep: the kernel roles to sweep (e.g. fused_fwd)")
     parser.add_argument("--aot", action="store_true",
                         help="no GPU needed: compile every launch for sm_90 and report shared memory, registers, "
                              "spills (exit 1 on a failure)")
@@ -893,7 +897,8 @@ def main(argv=None) -> int:
         elif args.crossover:
             crossover(shapes, args.crossover_tokens, deadline, args.quick, rows)
         elif args.sweep:
-            sweep(shapes, [t for t in (args.train_tokens, args.decode_tokens) if t > 0], deadline, args.quick, rows)
+            sweep(shapes, [t for t in (args.train_tokens, args.decode_tokens) if t > 0], deadline, args.quick, rows,
+                  roles=tuple(args.roles))
         else:
             for shape in shapes:
                 bench_case(shape, args.train_tokens, ("fwd+bwd", "fwd+bwd-graph"), TRAIN_PROVIDERS, deadline,

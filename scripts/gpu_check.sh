@@ -8,7 +8,7 @@
 #   OUT=/tmp/gpu_out scripts/gpu_check.sh                  # env tests bench crossover (~6-7 min)
 #   STAGES="tests bench" BENCH_CAP=90 scripts/gpu_check.sh  # a subset
 #   STAGES="profile" scripts/gpu_check.sh                  # where an eager call's time goes
-#   STAGES="sweep" SWEEP_ARGS="--train-tokens 0" scripts/gpu_check.sh  # tune the decoding roles + fused_fwd
+#   STAGES="sweep" SWEEP_ARGS="--train-tokens 0 --roles fused_fwd" scripts/gpu_check.sh  # tune the fused forward
 #
 # Files in $OUT: env.txt, tests.log, junit.xml, bench.log (progress, then the markdown table with
 # a "fused vs triton" column), bench.csv, crossover.log (the unfused -> fused table), crossover.csv,
