@@ -53,16 +53,19 @@ namespace lslo {
 namespace {
 
 // Tokens of one language processed together (see forward_piece, backward_piece): the weight tiles
-// of a chunk's products come from memory once per chunk. dA/dB^T rows are loaded and stored once
-// per update_tokens tokens of it. Adjustable with _C.set_token_chunks; the buffers hold
-// kMaxChunkTokens * max_rank values of h, g, s h.
+// of a chunk's products come from memory once per chunk. A language of rank r loads and stores its
+// dA/dB^T rows once per max(update, r) tokens of a chunk: the rows of G cost r / that per token,
+// and each sub-chunk streams that many token rows at once. 1 thread, AMD EPYC, T=2048, backward ms
+// (update 64 / 8): 4096->1024 lang30 17.7 / 13.4, 1024->1024 lang30 3.39 / 3.12; rank 64 wants
+// whole chunks (mixed 2/8/64, 1024->4096: 8 for every rank 46.4, 64 for every rank 40.8).
+// Adjustable with _C.set_token_chunks; the buffers hold min(chunk, T) * max_rank values of h, g, s h.
 constexpr int kMaxChunkTokens = 128;
 struct TokenChunks {
   int chunk = 64;
-  int update = 64;
+  int update = 8;
 };
 std::atomic<int64_t>& token_chunks_setting() {
-  static std::atomic<int64_t> packed{(int64_t(64) << 32) | 64};
+  static std::atomic<int64_t> packed{(int64_t(64) << 32) | 8};
   return packed;
 }
 TokenChunks token_chunks() {
@@ -716,7 +719,7 @@ LSLO_INLINE void backward_piece(const BackwardArgs<scalar_t, acc_t>& a, const St
       }
     }
     buf.grad_scales[l] += static_cast<double>(ds);
-    const int update = a.chunks.update;
+    const int update = static_cast<int>(std::max<int64_t>(a.chunks.update, r));
     for (int t = 0; t < nt; t += update)
       rank_update<acc_t>(gbt_l, a.ldb, dy_rows + t, hs + t * r, r, std::min(update, nt - t), d, r);
     combine_tokens<false, acc_t>(dx_rows, static_cast<const scalar_t* const*>(nullptr), nt, g, r, a_l, lda, k, r,
@@ -1164,8 +1167,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Outputs (y, grad_x) of at least this many bytes are written with non-temporal stores "
         "(default 8 MiB). Returns the previous threshold.");
   m.def("set_token_chunks", &lslo::set_token_chunks, pybind11::arg("chunk"), pybind11::arg("update"),
-        "Tokens of one language per chunk of the kernels (1..128, default 64) and per load/store of dA/dB rows "
-        "(1..chunk, default 64). Returns the previous pair.");
+        "Tokens of one language per chunk of the kernels (1..128, default 64), and per load/store of a rank-r "
+        "language's dA/dB rows: max(update, r) (update 1..chunk, default 8). Returns the previous pair.");
   m.def("set_min_parallel_work", &lslo::set_min_parallel_work, pybind11::arg("work"),
         "Calls with less estimated work (streamed elements) than this run on the calling thread, without an "
         "OpenMP fork. Returns the previous threshold.");
