@@ -8,10 +8,14 @@
 //   rank_update    G[j][i] += sum_t c[t][j] * row_t[i]             dA_l += g^T x,  dB_l^T += s h^T dy
 //
 // They are small GEMMs, register-blocked over several tokens of the same language: a weight vector
-// loaded once feeds kTokenBlock tokens. Walking token by token, every token re-read its language's
-// whole weight set, which at rank 64 and d = 4096 (1 MiB of staged s (B*M)^T) is far beyond L2: the
-// large-rank languages were bound by those re-reads (mixed ranks 2/8/64, 1024->4096, T=2048, fp32,
-// 2 threads: forward 88 ms and backward 68 ms token by token next to a 206 ms base forward).
+// loaded once feeds kTokenBlock tokens, and a tile of the weights stays in L2 while a whole chunk of
+// tokens passes over it. Walking token by token, every token re-read its language's whole weight
+// set, which at rank 64 and d = 4096 (1 MiB of staged s (B*M)^T) is far beyond L2: the large-rank
+// languages were bound by those re-reads. Same process, old and new kernels interleaved, fp32,
+// T=2048, 1 thread, 2-core AMD EPYC (shared; medians of 5-7): mixed ranks 2/8/64, 1024->4096:
+// forward 103 -> 22 ms, backward 51 -> 35-41 ms (base forward ~200 ms); lang30 4096->1024:
+// forward 6.9 -> 6.4 ms, backward 47 -> 13 ms; lang30 1024->1024: forward 2.2 -> 1.9-2.0 ms,
+// backward 3.3 -> 3.1 ms.
 //
 // Register budget: 16 vector registers (AVX2; SSE2 and NEON hold a vec_t in two). Each kernel keeps
 // at most 8 accumulators + its operands live, so that neither variant spills in its inner loop.
