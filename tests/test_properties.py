@@ -16,8 +16,11 @@ BACKENDS = [b for b in lslo_kernels.available_backends("cpu") if b != "triton"]
 @st.composite
 def cases(draw):
     num_languages = draw(st.integers(1, 9))
-    ranks = draw(st.lists(st.integers(1, 17), min_size=num_languages, max_size=num_languages))
-    num_tokens = draw(st.integers(0, 40))
+    # ranks past the C++ kernels' rank blocks (2, 4, 8 rows) with remainders, up to 70; up to 140 tokens,
+    # so that a language can fill a 64-token chunk and leave a remainder of any 4-token block
+    ranks = draw(st.lists(st.one_of(st.integers(1, 17), st.integers(18, 70)), min_size=num_languages,
+                          max_size=num_languages))
+    num_tokens = draw(st.one_of(st.integers(0, 40), st.integers(41, 140)))
     in_features = draw(st.integers(1, 40))
     out_features = draw(st.integers(1, 40))
     # ids drawn from a random subset of languages (empty groups) plus maybe -1
