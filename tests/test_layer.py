@@ -340,7 +340,7 @@ def test_decoding_path_is_taken_only_where_it_applies_and_equals_the_truth(monke
         assert y.dtype == torch.bfloat16 and taken == [False]
         layer.backend = "reference"  # a changed backend is seen (the cache is keyed on it)
         torch.testing.assert_close(layer(x, lang=ids), _expected(layer, x, ids), atol=1e-5, rtol=1e-5)
-        assert layer._fast_key[2] == "reference"
+        assert layer._backend_name == "reference" and taken == [False, True]
     narrow = _layer(lora_out_features=5)
     with torch.no_grad():
         taken.clear()
