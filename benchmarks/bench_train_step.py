@@ -857,38 +857,20 @@ def recipe_cost(corpus: Corpus, case: dict, device_name: str, epochs: int = RECI
 
 
 # ------------------------------------------------------------------------ tiny lslo train
-def _write_tiny_flores(root: Path, languages: dict[str, str], dev_lines: int, devtest_lines: int = 8) -> Path:
-    """A FLORES-layout folder of generated text, as tests/test_train.py builds it."""
-    from lslo.testing import make_sentences
-
-    for split, n, seed in (("dev", dev_lines, 1), ("devtest", devtest_lines, 2)):
-        (root / split).mkdir(parents=True, exist_ok=True)
-        base = make_sentences(n, seed=seed, max_words=6)
-        for k, (code, stem) in enumerate(languages.items()):
-            lines = [" ".join(w[::-1] if k % 2 else w for w in s.split()) + f" {code}" * k for s in base]
-            (root / split / f"{stem}.{split}").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return root
-
-
 def run_tiny_train(workdir: Path, steps: int = 300, dev_lines: int = 100, max_tokens: int = 160) -> list[dict]:
     """``lslo.train.train`` (LSLo 2;8 with GPS 0.9 on H, and ft-all) on the tests' tiny set-up, one thread.
 
-    The set-up of tests/test_train.py: a tokenizer trained in place (lslo.testing.make_tokenizer), a
-    d_model-32 model (lslo.testing.tiny_model), a generated FLORES-layout folder of en, fr, oc, wo.
+    The set-up of tests/test_train.py (lslo.testing.tiny_run_setup): a tokenizer trained in place, a
+    d_model-32 model, a generated FLORES-layout folder of en, fr, oc, wo.
     Returns one row per method: tokens/s from ``metrics.jsonl`` (target tokens, as lslo train counts).
     """
-    from lslo.testing import make_tokenizer, tiny_model
+    from lslo.testing import RUN_LANGS, tiny_run_setup
     from lslo.train import TrainArguments, train
 
-    languages = {"en": "eng", "fr": "fra", "oc": "oci", "wo": "wol"}
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        tokenizer = make_tokenizer(workdir / "tiny_spm")
-        model = tiny_model(tokenizer, dtype=torch.float32, weight_std=0.1)
-        model.save_pretrained(workdir / "tiny_model")
-        tokenizer.save_pretrained(workdir / "tiny_model")
-        flores = _write_tiny_flores(workdir / "tiny_flores", languages, dev_lines)
+        setup = tiny_run_setup(workdir / "tiny", dev_lines=dev_lines, devtest_lines=8)
         rows = []
         for method, extra in (
             ("lslo", {"ranks": "2;8", "prune": "H=0.9", "prune_start": 1, "prune_duration": 1}),
@@ -896,9 +878,9 @@ def run_tiny_train(workdir: Path, steps: int = 300, dev_lines: int = 100, max_to
         ):
             out = workdir / f"tiny_run_{method}"
             args = TrainArguments(
-                model=str(workdir / "tiny_model"),
-                flores_dir=str(flores),
-                languages=",".join(languages),
+                model=setup["model"],
+                flores_dir=setup["flores"],
+                languages=",".join(RUN_LANGS),
                 method=method,
                 output_dir=str(out),
                 overwrite=True,
