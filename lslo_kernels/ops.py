@@ -14,7 +14,14 @@ alone), which dominated small layers. So, outside ``torch.compile``:
   is called directly (``add_`` in place into the base output where the backend has one);
 * training on a backend with compiled autograd (``cpp``: ``torch.ops.lslo_cpp.lora``, whose
   backward node is C++): that op is called directly;
-* otherwise the custom op with its Python autograd.
+* otherwise (``triton``, ``reference``) a plain ``torch.autograd.Function`` around the backend's
+  forward and backward (:class:`_EagerLoRA`). The custom op's eager dispatch is far dearer than
+  its kernels on a GPU: on an H100 (issue 12, torch 2.11) its Python wrappers took ~0.5 ms of host
+  time per call each way (argument defaults, aliasing checks, autograd wrapper, zero-filled
+  gradients for the non-differentiable h), 1.85 ms per fwd+bwd of a 1024->1024 layer whose
+  kernels take 0.16 ms.
+
+Under ``torch.compile`` the custom op is always used: it is what the compiler traces.
 """
 
 from __future__ import annotations
@@ -68,14 +75,17 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = backend
 
 
-def _backward(ctx, grad_y, _grad_h):
+def _input_grads(ctx, grad_y, backward_op):
+    """The gradients of FORWARD's inputs plus the backend name, from the saved tensors; shared by
+    the custom op's autograd (``backward_op`` = the backward custom op) and :class:`_EagerLoRA`
+    (the backend's backward called directly)."""
     x, h, lora_a, lora_b, prune_mask, scales, rank_offsets, sorted_token_idx, lang_offsets = ctx.saved_tensors
     needs = ctx.needs_input_grad
     needs_x, needs_base, needs_a, needs_b = needs[0], needs[1], needs[2], needs[3]
     needs_scales = needs[_SCALES]
     grad_x = grad_a = grad_b = grad_scales = None
     if needs_x or needs_a or needs_b or needs_scales:
-        grad_x, grad_a, grad_b, grad_scales = _grouped_lora_bwd(
+        grad_x, grad_a, grad_b, grad_scales = backward_op(
             grad_y.contiguous(), x, h, lora_a, lora_b, prune_mask, scales, rank_offsets, sorted_token_idx,
             lang_offsets, ctx.max_rank, ctx.backend,
         )
@@ -88,7 +98,38 @@ def _backward(ctx, grad_y, _grad_h):
     return tuple(grads)
 
 
+def _backward(ctx, grad_y, _grad_h):
+    return _input_grads(ctx, grad_y, _grouped_lora_bwd)
+
+
 _grouped_lora_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerLoRA(torch.autograd.Function):
+    """Eager autograd of the op for backends without compiled autograd: the backend's forward and
+    backward called directly, the same saved tensors and gradients as the custom op's autograd
+    (``_setup_context`` / ``_input_grads``), none of its dispatch cost (module docstring).
+    ``apply`` takes ``spec.FORWARD``'s arguments plus the backend name and returns y (T, d)."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        *inputs, backend = args
+        y, h = get_backend(backend).forward(*inputs)
+        (x, _base_out, lora_a, lora_b, prune_mask, scales, rank_offsets, sorted_token_idx, lang_offsets,
+         max_rank) = inputs
+        ctx.save_for_backward(x, h, lora_a, lora_b, prune_mask, scales, rank_offsets, sorted_token_idx,
+                              lang_offsets)
+        ctx.max_rank = max_rank
+        ctx.backend = backend
+        # A gradient that never arrives (y unused by the loss) stays None: no zero (T, d) filled.
+        ctx.set_materialize_grads(False)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        if grad_y is None:
+            return (None,) * (len(FORWARD.inputs) + 1)
+        return _input_grads(ctx, grad_y, _backward_impl)  # the backend's backward, no dispatch
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -116,8 +157,8 @@ def lora_call(x, base_out, lora_a, lora_b, prune_mask, scales, rank_offsets, sor
     if impl.autograd is not None:
         return impl.autograd(x, base_out, lora_a, lora_b, prune_mask, scales, rank_offsets, sorted_token_idx,
                              lang_offsets, max_rank)
-    return _grouped_lora_fwd(x, base_out, lora_a, lora_b, prune_mask, scales, rank_offsets, sorted_token_idx,
-                             lang_offsets, max_rank, backend)[0]
+    return _EagerLoRA.apply(x, base_out, lora_a, lora_b, prune_mask, scales, rank_offsets, sorted_token_idx,
+                            lang_offsets, max_rank, backend)
 
 
 def lora_add_call(out, x, lora_a, lora_b, prune_mask, scales, rank_offsets, sorted_token_idx, lang_offsets,

@@ -13,7 +13,8 @@
 # Files in $OUT: env.txt, tests.log, junit.xml, bench.log (progress, then the markdown table with
 # a "fused vs triton" column), bench.csv, crossover.log (the unfused -> fused table), crossover.csv,
 # sweep.csv, sweep.log, profile.log, train.log + train/{results.md,steps.csv} (the device tool
-# brings back 8 files: pick STAGES accordingly). Exit status: the last failing stage's.
+# brings back 8 files: pick STAGES accordingly, or move junit.xml / crossover.csv elsewhere with
+# JUNIT_XML=/tmp/j.xml CROSS_CSV=/tmp/c.csv). Exit status: the last failing stage's.
 # Needs torch with CUDA, triton, pytest (pytest-xdist and pytest-timeout are used when present)
 # and, for the peft row, peft. Nothing is built: the Triton backend compiles its kernels at run time.
 set -u
@@ -76,7 +77,7 @@ if want tests; then
   # Every test of the file runs on the GPU there (the interpreter-only one skips); -x is off so one
   # failure does not hide the others.
   timeout -k 10 "$TEST_CAP" "$PY" -m pytest -q -rfEs -p no:cacheprovider "${extra[@]}" \
-      tests/test_triton_backend.py --junitxml="$OUT/junit.xml" > "$OUT/tests.log" 2>&1
+      tests/test_triton_backend.py --junitxml="${JUNIT_XML:-$OUT/junit.xml}" > "$OUT/tests.log" 2>&1
   rc=$?; [ $rc -ne 0 ] && { stamp "tests exit $rc"; status=$rc; }
   grep -E "^(FAILED|ERROR)|passed|failed|error" "$OUT/tests.log" | tail -30
 fi
@@ -96,7 +97,7 @@ if want crossover; then
   stamp "crossover (cap ${CROSS_CAP}s) -> $OUT/crossover.log, crossover.csv"
   # shellcheck disable=SC2086
   timeout -k 10 $((CROSS_CAP + 90)) "$PY" benchmarks/bench_triton_gpu.py --crossover --quick --time-cap "$CROSS_CAP" \
-      ${CROSS_ARGS:-} --csv "$OUT/crossover.csv" > "$OUT/crossover.log" 2>&1
+      ${CROSS_ARGS:-} --csv "${CROSS_CSV:-$OUT/crossover.csv}" > "$OUT/crossover.log" 2>&1
   rc=$?; [ $rc -ne 0 ] && { stamp "crossover exit $rc"; tail -20 "$OUT/crossover.log"; status=$rc; }
   sed -n '/^launchers alone/,$p' "$OUT/crossover.log"
 fi

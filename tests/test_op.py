@@ -140,6 +140,47 @@ def _compare_to_reference(case, backend, dtype):
     assert torch.all(grads[3][~case["prune_mask"]] == 0)
 
 
+# ------------------------------------------------- eager autograd vs the custom op
+@pytest.mark.parametrize("needs", ["all", "x_only", "factors_only"])
+def test_eager_autograd_skips_the_custom_op_and_matches_it(monkeypatch, needs):
+    """Eager training on a backend without compiled autograd runs ops._EagerLoRA (no custom-op
+    dispatch); its y and every requested gradient equal the custom op's autograd bit for bit."""
+    from lslo_kernels import ops
+
+    case = make_case(31, 12, 9, [2, 5, 1], density=0.6, spread="with_none", dtype=torch.float32, seed=4)
+    r = case["routing"]
+    wanted = {"all": {"x", "base_out", "lora_a", "lora_b", "scales"}, "x_only": {"x"},
+              "factors_only": {"lora_a", "lora_b", "scales"}}[needs]
+
+    def leaves():
+        return {k: case[k].detach().clone().requires_grad_(k in wanted)
+                for k in ("x", "base_out", "lora_a", "lora_b", "scales")}
+
+    def args(t):
+        return (t["x"], t["base_out"], t["lora_a"], t["lora_b"], case["prune_mask"], t["scales"],
+                case["rank_offsets"], r.sorted_token_idx, r.lang_offsets, case["max_rank"], "reference")
+
+    through_op = leaves()
+    y_op = ops._grouped_lora_fwd(*args(through_op))[0]
+    y_op.backward(case["grad_out"])
+
+    calls = []
+    real = ops._grouped_lora_fwd
+    monkeypatch.setattr(ops, "_grouped_lora_fwd", lambda *a: calls.append(a) or real(*a))
+    eager = leaves()
+    y = ops.lora_call(*args(eager))
+    assert y.grad_fn is not None and "EagerLoRA" in type(y.grad_fn).__name__
+    y.backward(case["grad_out"])
+    assert calls == []  # the custom op was not dispatched
+    assert torch.equal(y.detach(), y_op.detach())
+    for name in ("x", "base_out", "lora_a", "lora_b", "scales"):
+        if name in wanted:
+            assert eager[name].grad is not None, name
+            assert torch.equal(eager[name].grad, through_op[name].grad), name
+        else:
+            assert eager[name].grad is None, name
+
+
 # ---------------------------------------------------------------- opcheck
 @pytest.mark.parametrize("backend", _cpu_backends())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
