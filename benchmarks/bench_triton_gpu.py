@@ -20,10 +20,12 @@ left is GPU time, which is how a decoder running under CUDA graphs would see it.
 metadata (routing, sort, padded indices, PEFT's ``adapter_names``) is built once outside the timed
 call, as every layer of a model shares it.
 
-Old vs fused: provider ``triton`` runs lslo's Triton kernels with the fused paths off,
-``triton_fused`` the same layer with them on (``triton_kernels.fused_kernels``: the single-launch
-forward at small T, in place into the base output when decoding, and the two-launch backward
-with the scale gradient inside), so one run compares both on the same inputs.
+Default vs unfused: provider ``triton`` runs lslo's Triton kernels as users get them (fused
+paths on auto: taken on eager launches, not while a CUDA graph is captured; see
+``triton_kernels.FUSED``), ``triton_unfused`` the same layer with them forced off (the
+single-launch forward at small T, in place into the base output when decoding, and the
+two-launch backward with the scale gradient inside are the fused paths), so one run compares both
+on the same inputs; graph-replayed, the two are the same kernels.
 
 ``--sweep`` instead times each Triton kernel role (forward shrink/expand, backward
 shrink/expand, dA, dB, the fused forward) under a list of block sizes, warps, stages and split-K
@@ -80,10 +82,10 @@ CSV_FIELDS = ["op", "provider", "mode", "metric", "x", "shape", "dtype", "p20", 
 SHAPES = [(1024, 1024), (1024, 4096), (4096, 1024)]
 TRAIN_TOKENS = 8192
 DECODE_TOKENS = 160
-TRAIN_PROVIDERS = ("base", "naive", "padded_bmm", "padded_lang", "grouped_mm", "triton", "triton_fused")
-DECODE_PROVIDERS = ("base", "naive", "peft", "padded_bmm", "padded_lang", "grouped_mm", "triton", "triton_fused")
+TRAIN_PROVIDERS = ("base", "naive", "padded_bmm", "padded_lang", "grouped_mm", "triton", "triton_unfused")
+DECODE_PROVIDERS = ("base", "naive", "peft", "padded_bmm", "padded_lang", "grouped_mm", "triton", "triton_unfused")
 # Providers whose layer call has no host synchronisation, so it can be captured in a CUDA graph.
-GRAPHABLE = ("base", "padded_bmm", "padded_lang", "grouped_mm", "triton", "triton_fused")
+GRAPHABLE = ("base", "padded_bmm", "padded_lang", "grouped_mm", "triton")
 # Most telling first (T=160 is the decoding target): a time cap cuts the far ends of the range.
 CROSSOVER_TOKENS = (160, 320, 64, 640, 16, 1280, 2560)
 # Relative Frobenius error bound against the float32 reference: bf16 operands and outputs give
@@ -141,20 +143,20 @@ def _padded_lang_provider(problem: P.LayerProblem) -> P.PreparedProvider:
 def prepare(name: str, problem: P.LayerProblem) -> P.PreparedProvider:
     if name == "padded_lang":
         return _padded_lang_provider(problem)
-    if name == "triton_fused":  # the same lslo layer; kernel_mode() switches the fused paths on
+    if name == "triton_unfused":  # the same lslo layer; kernel_mode() switches the fused paths off
         return P.prepare_provider("triton", problem)
     return P.prepare_provider(name, problem)
 
 
 def kernel_mode(name: str):
-    """The fused paths on for ``triton_fused``, off for ``triton`` (whatever LSLO_TRITON_FUSED says),
-    around everything a provider runs: its check, eager calls, graph capture (the launchers read
-    the switch when they launch, so a captured graph keeps the choice)."""
-    if name not in ("triton", "triton_fused"):
+    """The fused paths on auto for ``triton``, off for ``triton_unfused`` (whatever LSLO_TRITON_FUSED
+    says), around everything a provider runs: its check, eager calls, graph capture (the launchers
+    read the switch when they launch, so a captured graph keeps the choice)."""
+    if name not in ("triton", "triton_unfused"):
         return contextlib.nullcontext()
     from lslo_kernels import triton_kernels as K
 
-    return K.fused_kernels(name == "triton_fused")
+    return K.fused_kernels(None if name == "triton" else False)
 
 
 # ------------------------------------------------------------------------------ correctness
@@ -347,7 +349,7 @@ def print_table(rows):
     names = list(dict.fromkeys(r["provider"] for r in rows))
     print(f"\nbf16, lang30 ranks (16 x r=2 with B 90% pruned, 14 x r=8), tokens uniform over 30 languages, "
           f"unsorted; p50 ms on {device} (ratio to base in the same run)\n")
-    print("| shape | T | mode | " + " | ".join(f"`{n}`" for n in names) + " | triton vs naive | fused vs triton |")
+    print("| shape | T | mode | " + " | ".join(f"`{n}`" for n in names) + " | triton vs naive | triton vs unfused |")
     print("|---|---|---|" + "---|" * len(names) + "---|---|")
     for shape, tokens, mode in dict.fromkeys((r["shape"], r["x"], r["mode"]) for r in rows if r["metric"] == "ms"):
         cells = []
@@ -361,10 +363,10 @@ def print_table(rows):
                 cells.append(f"{float(r['p50']):.4g} ({float(r['ratio_vs_base']):.2f}x)" if r["ratio_vs_base"]
                              else f"{float(r['p50']):.4g}")
         tri, nai = timed.get((shape, tokens, mode, "triton")), timed.get((shape, tokens, mode, "naive"))
-        fus = timed.get((shape, tokens, mode, "triton_fused"))
+        unf = timed.get((shape, tokens, mode, "triton_unfused"))
         speed = f"{float(nai['p50']) / float(tri['p50']):.1f}x" if tri and nai else ""
-        # > 1: the fused paths are faster than the unfused kernels in the same run
-        fused_gain = f"{float(tri['p50']) / float(fus['p50']):.2f}x" if tri and fus else ""
+        # > 1: the default (auto) is faster than the forced-unfused kernels in the same run
+        fused_gain = f"{float(unf['p50']) / float(tri['p50']):.2f}x" if tri and unf else ""
         print(f"| {shape} | {tokens} | {mode} | " + " | ".join(cells) + f" | {speed} | {fused_gain} |")
     notes = [r for r in rows if r["metric"] in ("failed", "skipped")]
     for r in notes:
@@ -769,7 +771,7 @@ def profile(shape, train_tokens, decode_tokens, calls: int = 50):
         gen = torch.Generator(device=DEVICE).manual_seed(1)
         grad_out = torch.randn(num_tokens, shape[1], device=DEVICE, generator=gen).to(torch.bfloat16)
         label = f"{shape[0]}->{shape[1]} T={num_tokens} {'fwd+bwd' if train else 'fwd'}"
-        for name in ("base", "grouped_mm", "triton", "triton_fused"):
+        for name in ("base", "grouped_mm", "triton", "triton_unfused"):
             prov = prepare(name, problem)
             meta = prov.prepare(problem.lang)
             x = problem.x.detach().clone().requires_grad_(train)
@@ -799,7 +801,7 @@ def profile(shape, train_tokens, decode_tokens, calls: int = 50):
             total = (time.perf_counter() - t0) / n
             print(f"{label} {name:10s} host enqueue {enqueue * 1e6:7.1f} us/call, with GPU work waited for "
                   f"{total * 1e6:7.1f} us/call", flush=True)
-            if name not in ("triton", "triton_fused"):
+            if name not in ("triton", "triton_unfused"):
                 continue
             prof = cProfile.Profile()
             prof.enable()

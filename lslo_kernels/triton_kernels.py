@@ -42,11 +42,14 @@ Launch configs (``_launch_config``, one :class:`KernelConfig` per kernel role) c
 only, so a launch never reads the device and CUDA graphs can capture it. Their numbers are
 tuned with ``benchmarks/bench_triton_gpu.py --sweep`` on the GPU named next to each choice.
 
-Fused paths (``FUSED``; off unless ``LSLO_TRITON_FUSED=1`` at import or :func:`fused_kernels`;
-checked against the reference under the interpreter and compiled for sm_90 offline
-(``bench_triton_gpu.py --aot``), not yet run on a GPU). On an H100 the
-LoRA term at T=160 costs 2.0-2.75x the base GEMM because two launches follow a 4-9 us GEMM, and
-the backward is four launches plus the torch ops of the scale gradient (issue 12). With FUSED:
+Fused paths (``FUSED``: ``None`` = auto, the default; ``LSLO_TRITON_FUSED=0/1`` at import or
+:func:`fused_kernels` force them off/on). They trade GPU time for launches. On an H100 (issue 12,
+torch 2.11, triton 3.6) one launch of these ~30-argument kernels costs ~40 us of host time, while
+the LoRA kernels of a whole M2M-124 layer at T=160 take ~8 us of GPU time: eager calls are
+host-bound, and there the fused paths win (fwd at T=160 2.4-2.8x, fwd+bwd at T=8192 1.2-1.5x
+faster per call). Replayed from a CUDA graph, launches cost nothing on the host and the unfused
+kernels are as fast or faster (single-launch forward 1.0-3x slower, fused backward 0.7-1.2x). So
+auto takes the fused paths except while a CUDA graph is being captured. With them:
 
 ``_fused_forward_kernel``  grid (token tiles, d-blocks): each program reduces h = A_l x over all k
                      for its tile in registers, then writes y = base + s_l (B_l * M_l) h for its
@@ -102,11 +105,32 @@ def _env_switch(name: str) -> bool:
     return value == "1"
 
 
-# The fused paths (see "Fused paths" in the module docstring) are off until a GPU run confirms
-# them: the interpreter does not check every GPU compile constraint. LSLO_TRITON_FUSED=1 turns
-# them on when this module is imported; the launchers read FUSED on every call, so
-# ``fused_kernels()`` (or assigning FUSED) switches a running process.
-FUSED: bool = _env_switch("LSLO_TRITON_FUSED")
+# The fused paths (see "Fused paths" in the module docstring): None = auto (on for eager launches,
+# off while a CUDA graph is captured), True/False = forced. LSLO_TRITON_FUSED=0/1 forces them when
+# this module is imported; the launchers read FUSED on every call, so ``fused_kernels()`` (or
+# assigning FUSED) switches a running process.
+def _fused_from_env() -> bool | None:
+    """LSLO_TRITON_FUSED: unset or empty = None (auto), 0 = False, 1 = True."""
+    if os.environ.get("LSLO_TRITON_FUSED", "").strip() == "":
+        return None
+    return _env_switch("LSLO_TRITON_FUSED")
+
+
+FUSED: bool | None = _fused_from_env()
+
+
+def _fused_now(x: torch.Tensor) -> bool:
+    """Whether this launch takes the fused paths: :data:`FUSED` when forced, else everywhere but
+    inside a CUDA graph capture (where launches cost no host time and the unfused kernels are
+    faster; module docstring)."""
+    if FUSED is not None:
+        return FUSED
+    return not _graph_capturing(x)
+
+
+def _graph_capturing(x: torch.Tensor) -> bool:
+    """Whether x's CUDA stream is being captured into a graph (~1 us; never on CPU tensors)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 # The single-launch forward recomputes h = A_l x_t in every output-feature block of a tile: it is
 # taken while that re-read, (d-blocks - 1) * (T + R) * k * itemsize bytes (x rows and A rows, from
 # L2), stays under this bound. 32 MiB is ~5 us at the ~6-7 TB/s an H100's L2 serves reads at,
@@ -117,15 +141,18 @@ FUSED_FORWARD_MAX_REREAD_BYTES: int = 32 << 20
 
 
 @contextlib.contextmanager
-def fused_kernels(enabled: bool = True):
-    """Within the block, the launchers take (``enabled=True``) or avoid the fused paths.
+def fused_kernels(enabled: bool | None = True):
+    """Within the block, the launchers take (``enabled=True``) or avoid (``False``) the fused
+    paths, or choose by themselves (``None``, auto).
 
     Args:
         enabled: value of :data:`FUSED` inside the block; the previous value is restored after.
     """
     global FUSED
+    if enabled is not None and not isinstance(enabled, bool):
+        raise TypeError(f"fused_kernels(enabled) takes True, False or None, got {enabled!r}")
     previous = FUSED
-    FUSED = bool(enabled)
+    FUSED = enabled
     try:
         yield
     finally:
@@ -399,7 +426,7 @@ def _weight_grad_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# Fused paths (switch FUSED, default off): one forward launch for small T, two backward launches
+# Fused paths (switch FUSED, default auto): one forward launch for small T, two backward launches
 # --------------------------------------------------------------------------------------------
 # The bodies below are the work of one program of each role, called by the fused kernels with
 # the role's own program index: a launch may hold programs of two roles that do not depend on
@@ -984,7 +1011,7 @@ def lora_forward_triton(
     cfg = _config_for(x, num_langs, in_features, out_features, max_rank)
     y = torch.empty((num_tokens, out_features), dtype=x.dtype, device=x.device)
     h = torch.empty((num_tokens, max_rank), dtype=torch.float32, device=x.device)
-    if FUSED and _fused_forward_fits(cfg.fused_fwd, num_tokens, total_rank, in_features, out_features,
+    if _fused_now(x) and _fused_forward_fits(cfg.fused_fwd, num_tokens, total_rank, in_features, out_features,
                                      x.element_size()):
         # One launch writes y (every row: id -1 rows copied from base_out) and h (every row).
         _launch_fused_forward(cfg, x, base_out, lora_a, lora_b, keep, scales, rank_offsets, sorted_token_idx,
@@ -1147,7 +1174,7 @@ def lora_backward_triton(
         return torch.zeros_like(x), torch.zeros_like(lora_a), torch.zeros_like(lora_b), torch.zeros_like(scales)
 
     cfg = _config_for(x, num_langs, in_features, out_features, max_rank)
-    if FUSED:
+    if _fused_now(x):
         return _backward_fused(cfg, grad_out, x, h, lora_a, lora_b, keep, scales, rank_offsets, sorted_token_idx,
                                lang_offsets)
     # u_t = (B_l * M_l)^T dy_t, unscaled (d s_l needs it): the forward's shrink kernel with B read
@@ -1265,10 +1292,10 @@ def lora_add_triton(
 ) -> None:
     """Inference: ``out_t += s_l (B_l * M_l) A_l x_t`` in place (``spec.ADD``), no h kept.
 
-    With :data:`FUSED` on: one launch of the single-launch forward at small T (the rule of
-    ``_fused_forward_fits``), else the shrink + expand pair with the expand adding into ``out``
-    (no copy of the output either way); rows of id -1 tokens keep their values. With it off: the forward into a new tensor, copied into
-    ``out`` (what ``ops.lora_add_call`` does for a backend without ``add_``).
+    One launch of the single-launch forward at small T when the fused paths are taken (the rule of
+    ``_fused_forward_fits``), else the shrink + expand pair with the expand adding into ``out``;
+    no copy of the output either way, and rows of id -1 tokens keep their values. Only an ``out``
+    without unit column stride goes through the forward into a new tensor, copied back.
 
     Args:
         out: (T, d) dtype of x, the base output; any row stride, unit column stride.
@@ -1282,7 +1309,7 @@ def lora_add_triton(
         )
     if out.device != x.device:
         raise ValueError(f"lora_add_triton: out is on {out.device}, x on {x.device}")
-    if not FUSED or (out.shape[1] > 1 and out.stride(1) != 1):
+    if out.shape[1] > 1 and out.stride(1) != 1:
         # The forward checks the rest (once: this is every decoding step's path).
         y, _h = lora_forward_triton(x.contiguous(), out.contiguous(), lora_a, lora_b, prune_mask, scales,
                                     rank_offsets, sorted_token_idx, lang_offsets, max_rank)
@@ -1301,7 +1328,8 @@ def lora_add_triton(
     keep = prune_mask.contiguous().view(torch.uint8)
     num_langs = scales.shape[0]
     cfg = _config_for(x, num_langs, in_features, out_features, max_rank)
-    if _fused_forward_fits(cfg.fused_fwd, num_tokens, total_rank, in_features, out_features, x.element_size()):
+    if _fused_now(x) and _fused_forward_fits(cfg.fused_fwd, num_tokens, total_rank, in_features, out_features,
+                                             x.element_size()):
         _launch_fused_forward(cfg, x, out, lora_a, lora_b, keep, scales, rank_offsets, sorted_token_idx,
                               lang_offsets, out, None, max_rank)
         return

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check of the Triton backend, in one call, for a machine with a CUDA GPU (issue 12):
 # versions and the card, the CUDA tests, the benchmark against cuBLAS and the peers (lslo's
-# kernels twice: `triton` = fused paths off, `triton_fused` = on), the old-vs-fused crossover over
+# kernels twice: `triton` = the default, fused paths on auto, `triton_unfused` = off), the unfused-vs-fused crossover over
 # T, each stage under its own time cap, everything written to $OUT. Stages run in the order
 # env, tests, bench, crossover, profile, sweep, train, whatever order STAGES names them in.
 #
@@ -11,7 +11,7 @@
 #   STAGES="sweep" SWEEP_ARGS="--train-tokens 0 --roles fused_fwd" scripts/gpu_check.sh  # tune the fused forward
 #
 # Files in $OUT: env.txt, tests.log, junit.xml, bench.log (progress, then the markdown table with
-# a "fused vs triton" column), bench.csv, crossover.log (the unfused -> fused table), crossover.csv,
+# a "triton vs unfused" column), bench.csv, crossover.log (the unfused -> fused table), crossover.csv,
 # sweep.csv, sweep.log, profile.log, train.log + train/{results.md,steps.csv} (the device tool
 # brings back 8 files: pick STAGES accordingly, or move junit.xml / crossover.csv elsewhere with
 # JUNIT_XML=/tmp/j.xml CROSS_CSV=/tmp/c.csv). Exit status: the last failing stage's.

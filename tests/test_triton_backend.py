@@ -113,6 +113,7 @@ def test_register_rebuilds_kernels_imported_before_interpret_mode(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert triton_backend.register()
     assert triton_kernels.INTERPRETED
+    monkeypatch.setattr(triton_kernels, "FUSED", False)  # the reload reset it to the default
     _compare(make_case(9, 5, 6, [2, 3], density=0.5, spread="with_none", seed=14), torch.float32)
 
 
@@ -462,8 +463,9 @@ def test_fused_add_in_place_strided(monkeypatch, dtype, single_launch):
     assert torch.equal(out[none], case["base_out"][none])
 
 
-def test_add_unfused_is_forward_plus_copy():
-    """With FUSED off, add_ is the forward into a new tensor copied into ``out`` (bit for bit)."""
+def test_add_unfused_is_the_in_place_pair_and_equals_the_forward():
+    """With FUSED off, add_ is the shrink + expand pair adding into ``out`` in place, bit for bit
+    the forward's y."""
     case = _to_device(make_case(21, 9, 11, [2, 5], density=0.5, spread="with_none", seed=4))
     args = _direct_args(case)
     out = case["base_out"].clone()
@@ -541,18 +543,47 @@ def test_fused_opcheck_registered_ops():
         torch.library.opcheck(torch.ops.lslo.grouped_lora_bwd.default, bwd_args)
 
 
+def test_fused_auto_mode_fuses_except_under_graph_capture(monkeypatch):
+    """FUSED=None (the default): eager launches take the fused paths (single-launch forward at small
+    T, two-launch backward), launches being captured into a CUDA graph the unfused ones; either way
+    y and every gradient equal the reference's."""
+    monkeypatch.setattr(triton_kernels, "FUSED", None)
+    case = _to_device(make_case(19, 12, 10, [2, 5, 1], density=0.5, spread="with_none", seed=8))
+    y_ref, grads_ref = run_op(case, "reference")
+    for capturing, expected in (
+        (False, {"fused_forward": 1, "fused_bwd_dy": 1, "fused_bwd_x": 1}),
+        (True, {"shrink": 2, "expand": 2, "weight_grad": 2}),
+    ):
+        monkeypatch.setattr(triton_kernels, "_graph_capturing", lambda x, c=capturing: c)
+        before = dict(triton_kernels.LAUNCH_COUNTS)
+        y, grads = run_op(case, "triton")
+        assert _launch_diff(before) == expected, capturing
+        assert_close(y, y_ref, torch.float32, f"y capturing={capturing}")
+        for name, g, g_ref in zip(("dx", "dbase", "dA", "dB", "dscales"), grads, grads_ref):
+            assert_close(g, g_ref, torch.float32, f"{name} capturing={capturing}")
+
+
 def test_fused_switch(monkeypatch):
-    """LSLO_TRITON_FUSED: 0/1 (unset = 0), anything else a ValueError naming the variable;
-    fused_kernels() restores the previous value."""
-    monkeypatch.setenv("LSLO_TRITON_FUSED", "1")
-    assert triton_kernels._env_switch("LSLO_TRITON_FUSED") is True
-    monkeypatch.setenv("LSLO_TRITON_FUSED", "0")
-    assert triton_kernels._env_switch("LSLO_TRITON_FUSED") is False
+    """LSLO_TRITON_FUSED: 0/1 (unset or empty = auto, None), anything else a ValueError naming the
+    variable; fused_kernels() restores the previous value."""
+    for unset in ("", " "):
+        monkeypatch.setenv("LSLO_TRITON_FUSED", unset)
+        assert triton_kernels._fused_from_env() is None
     monkeypatch.delenv("LSLO_TRITON_FUSED")
-    assert triton_kernels._env_switch("LSLO_TRITON_FUSED") is False
+    assert triton_kernels._fused_from_env() is None
+    monkeypatch.setenv("LSLO_TRITON_FUSED", "0")
+    assert triton_kernels._fused_from_env() is False
+    monkeypatch.setenv("LSLO_TRITON_FUSED", "1")
+    assert triton_kernels._fused_from_env() is True
+    with pytest.raises(TypeError, match="True, False or None"):
+        with triton_kernels.fused_kernels("yes"):
+            pass
+    with triton_kernels.fused_kernels(None):
+        assert triton_kernels.FUSED is None
+    assert triton_kernels.FUSED is False  # this module's tests run forced-unfused (fixture)
     monkeypatch.setenv("LSLO_TRITON_FUSED", "yes")
     with pytest.raises(ValueError, match="LSLO_TRITON_FUSED must be 0 or 1, got 'yes'"):
-        triton_kernels._env_switch("LSLO_TRITON_FUSED")
+        triton_kernels._fused_from_env()
     assert triton_kernels.FUSED is False
     with triton_kernels.fused_kernels():
         assert triton_kernels.FUSED is True
@@ -757,6 +788,51 @@ def test_gpu_fused_cuda_graph_replay():
     assert_close(h, h_ref, torch.bfloat16, "graph h")
     for name, g, g_ref in zip(("dx", "dA", "dB", "dscales"), grads, grads_ref):
         assert_close(g, g_ref, torch.bfloat16, f"graph {name}")
+
+
+@gpu
+def test_gpu_auto_mode_unfused_in_capture_fused_in_eager():
+    """FUSED=None (the default): an LSLoLinear training step and a no_grad decoding call launch the
+    fused kernels eagerly and the unfused ones while captured; the replayed graph and the eager
+    calls give the same outputs and gradients (bf16 tolerance)."""
+    import lslo
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(3)
+    base = torch.nn.Linear(1024, 512, device=DEVICE, dtype=torch.bfloat16)
+    layer = lslo.LSLoLinear(base, LANG30, backend="triton", validate=False).to(DEVICE, torch.bfloat16)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(160, 1024, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    routing = lslo_kernels.route_tokens(torch.randint(-1, 30, (160,), device=DEVICE), (160,), 30, validate=False)
+    grad_out = torch.randn(160, 512, device=DEVICE, dtype=torch.bfloat16)
+
+    def step():
+        for t in (x, layer.lora_A, layer.lora_B):
+            t.grad = None
+        layer(x, lang=routing).backward(grad_out)
+        with torch.no_grad():
+            y_dec = layer(x.detach(), lang=routing)
+        return y_dec, x.grad, layer.lora_A.grad, layer.lora_B.grad
+
+    with triton_kernels.fused_kernels(None):
+        before = dict(triton_kernels.LAUNCH_COUNTS)
+        eager = [t.clone() for t in step()]
+        assert _launch_diff(before) == {"fused_forward": 2, "fused_bwd_dy": 1, "fused_bwd_x": 1}
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # compiles the unfused kernels outside the capture
+            with triton_kernels.fused_kernels(False):
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        before = dict(triton_kernels.LAUNCH_COUNTS)
+        with torch.cuda.graph(graph):
+            captured = step()
+        assert _launch_diff(before) == {"shrink": 3, "expand": 3, "weight_grad": 2}
+    graph.replay()
+    for name, got, want in zip(("decode y", "dx", "dA", "dB"), captured, eager):
+        assert_close(got, want, torch.bfloat16, f"auto mode {name}")
 
 
 @gpu
