@@ -577,6 +577,56 @@ def make_step(
     return step
 
 
+def profile_steps(
+    systems: dict[str, System], corpus: Corpus, max_tokens: int, vocab_size: int, opts: Options, steps: int,
+    seed: int = 0,
+) -> str:
+    """Where a step's host time goes (``--profile``): for each system, after two warm-up steps,
+    ``steps`` steps under cProfile (top 25 functions by own time) and under torch.profiler (top 20
+    ops by self CPU time, GPU time beside them). Returns the report text."""
+    import cProfile
+    import io
+    import pstats
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from lslo import LANGUAGE_SETS
+
+    indices, randomized = _pick_batch(corpus.corpus, max_tokens, vocab_size, seed)
+    parts = []
+    for name, system in systems.items():
+        step = make_step(system, randomized, indices, LANGUAGE_SETS["lang12"], corpus.pad_token_id, opts.device,
+                         opts.autocast_dtype, opts.label_smoothing, opts.warmup_updates)
+        system.activate()
+        for _ in range(2):
+            step()
+        _sync(opts.device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _sync(opts.device)
+        plain = (time.perf_counter() - t0) / steps
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(steps):
+            step()
+        _sync(opts.device)
+        prof.disable()
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if opts.device.type == "cuda" else [])
+        with torch_profile(activities=activities) as tprof:
+            for _ in range(steps):
+                step()
+            _sync(opts.device)
+        table = tprof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60)
+        parts.append(f"=== {name}, --max-tokens {max_tokens}: {plain * 1e3:.1f} ms/step unprofiled "
+                     f"({steps} steps) ===\n--- cProfile ---\n{text.getvalue()}\n--- torch.profiler ---\n{table}")
+        log(parts[-1])
+    return "\n".join(parts)
+
+
 def _memory_of_step(step: Callable[[], dict], device: torch.device) -> int:
     """Peak bytes held by torch's allocator during one step above what was live before it."""
     if device.type == "cuda":
@@ -938,7 +988,7 @@ def _mib(value) -> str:
     return "" if value is None else f"{_fmt(value, 4)} MiB"
 
 
-_OUTPUT_FILES = ("steps.csv", "ratios.csv", "recipe.csv", "tiny_train.csv", "results.md", "run.json")
+_OUTPUT_FILES = ("steps.csv", "ratios.csv", "recipe.csv", "tiny_train.csv", "results.md", "run.json", "profile.txt")
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -1121,6 +1171,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--readme", action="store_true", help="write the tables into benchmarks/README.md's section")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--profile", type=int, default=0, metavar="STEPS",
+        help="instead of the timed rounds: profile STEPS steps of each system (cProfile and torch.profiler) "
+        "into OUT/profile.txt",
+    )
+    parser.add_argument(
         "--git-rev", default=None, help="revision to record when run outside the git checkout (a snapshot)"
     )
     args = parser.parse_args(argv)
@@ -1190,6 +1245,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         args.shape, vocab, device, [s.strip() for s in args.systems.split(",")], args.seed
     )
     meta["model"] = model_info
+    if args.profile:
+        report = "\n".join(profile_steps(systems, corpus, budget, vocab, opts, args.profile, seed=args.seed)
+                           for budget in budgets)
+        (out / "profile.txt").write_text(report + "\n", encoding="utf-8")
+        log(f"[out] {out / 'profile.txt'}")
+        return result
     for budget in budgets:
         case = run_steps(systems, corpus, budget, vocab, opts, seed=args.seed)
         result["cases"].append(case)
