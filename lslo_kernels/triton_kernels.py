@@ -46,8 +46,8 @@ Fused paths (``FUSED``: ``None`` = auto, the default; ``LSLO_TRITON_FUSED=0/1`` 
 :func:`fused_kernels` force them off/on). They trade GPU time for launches. On an H100 (issue 12,
 torch 2.11, triton 3.6) one launch of these ~30-argument kernels costs ~40 us of host time, while
 the LoRA kernels of a whole M2M-124 layer at T=160 take ~8 us of GPU time: eager calls are
-host-bound, and there the fused paths win (fwd at T=160 2.4-2.8x, fwd+bwd at T=8192 1.2-1.5x
-faster per call). Replayed from a CUDA graph, launches cost nothing on the host and the unfused
+host-bound, and there the fused paths win (fwd at T=160 2.6-2.7x, fwd+bwd at T=8192 1.5-1.6x
+faster per call, the three M2M-124 shapes). Replayed from a CUDA graph, launches cost nothing on the host and the unfused
 kernels are as fast or faster (single-launch forward 1.0-3x slower, fused backward 0.7-1.2x). So
 auto takes the fused paths except while a CUDA graph is being captured. With them:
 
@@ -133,10 +133,10 @@ def _graph_capturing(x: torch.Tensor) -> bool:
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 # The single-launch forward recomputes h = A_l x_t in every output-feature block of a tile: it is
 # taken while that re-read, (d-blocks - 1) * (T + R) * k * itemsize bytes (x rows and A rows, from
-# L2), stays under this bound. 32 MiB is ~5 us at the ~6-7 TB/s an H100's L2 serves reads at,
-# about what the second launch and the h round trip it replaces cost at T=160 (issue 12: the LoRA
-# term's two launches took 7-10 us there on top of the GEMM, graph-replayed). An estimate, not a measurement:
-# `bench_triton_gpu.py --crossover` times both sides of it on the GPU.
+# L2), stays under this bound. Measured on an H100 (issue 12, `bench_triton_gpu.py --crossover`,
+# graph-replayed): the fused forward is never faster in GPU time, so the bound only matters for
+# eager launches, where the launch it saves (~41 us of host time) outweighs the extra GPU time at
+# every size the bound admits (at most +11 us, 1024->4096 at T=320, 29.5 MB re-read).
 FUSED_FORWARD_MAX_REREAD_BYTES: int = 32 << 20
 
 
