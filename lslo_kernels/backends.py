@@ -38,6 +38,9 @@ class Backend:
         dtypes: dtypes of x it accepts.
         add_: optional ``spec.ADD``, inference in place into the base output (no h).
         autograd: optional ``spec.LORA``, y with its backward registered in compiled code.
+        mixed_factors: takes float32 factors with fp16/bf16 x (``spec.mixed_factors``), so that a
+            layer under autocast passes its fp32 master factors without casting them (and their
+            gradients back) on every call.
     """
 
     name: str
@@ -47,6 +50,7 @@ class Backend:
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
     add_: Callable | None = None
     autograd: Callable | None = None
+    mixed_factors: bool = False
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -134,5 +138,6 @@ register_backend(
         backward=reference.lora_backward_reference,
         supports_device=lambda device: True,
         add_=reference.lora_add_reference,
+        mixed_factors=True,
     )
 )

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .backends import get_backend, resolve_backend
 from .routing import Routing
-from .spec import BACKWARD, FORWARD, fake_backward, fake_forward
+from .spec import BACKWARD, FORWARD, fake_backward, fake_forward, mixed_factors
 
 __all__ = ["grouped_lora", "grouped_lora_", "lora_add_call", "lora_call", "validate_factors"]
 
@@ -213,7 +213,7 @@ def _validate(x, out, lora_a, lora_b, prune_mask, scales, rank_offsets, routing,
         raise ValueError(f"x has {x.shape[1]} features but lora_a expects in_features={lora_a.shape[1]}")
     if out.shape != (x.shape[0], lora_b.shape[0]):
         raise ValueError(f"{out_name} shape {tuple(out.shape)} != (T, d) = {(x.shape[0], lora_b.shape[0])}")
-    if x.dtype != lora_a.dtype or out.dtype != x.dtype:
+    if (x.dtype != lora_a.dtype and not mixed_factors(x.dtype, lora_a.dtype)) or out.dtype != x.dtype:
         raise TypeError(f"dtype mismatch: x {x.dtype}, {out_name} {out.dtype}, lora factors {lora_a.dtype}")
     for name, t in ((out_name, out), ("lora_a", lora_a), ("lora_b", lora_b), ("prune_mask", prune_mask),
                     ("scales", scales), ("rank_offsets", rank_offsets), ("routing", routing.sorted_token_idx)):
@@ -223,6 +223,12 @@ def _validate(x, out, lora_a, lora_b, prune_mask, scales, rank_offsets, routing,
         raise ValueError(f"routing covers {routing.num_tokens} tokens but x has {x.shape[0]} rows")
     if routing.num_languages != scales.shape[0]:
         raise ValueError(f"routing was built for {routing.num_languages} languages, layer has {scales.shape[0]}")
+
+
+def _check_mixed(backend: str, x: Tensor, lora_a: Tensor) -> None:
+    if lora_a.dtype != x.dtype and not get_backend(backend).mixed_factors:
+        raise TypeError(f"backend {backend!r} needs lora factors in x's dtype {x.dtype}, got {lora_a.dtype} "
+                        "(float32 factors with 16-bit x are for backends with mixed_factors: triton, reference)")
 
 
 # ------------------------------------------------------------------------- public entries
@@ -248,7 +254,9 @@ def grouped_lora(
     Args:
         x: (T, k) float32/bfloat16/float16/float64 input rows.
         base_out: (T, d) same dtype, output of the frozen base layer for x.
-        lora_a: (R, k) A factors of all languages stacked (R = sum of ranks), dtype of x.
+        lora_a: (R, k) A factors of all languages stacked (R = sum of ranks), dtype of x; or float32
+            with fp16/bf16 x on a backend with ``mixed_factors`` (rounded to x's dtype as read,
+            gradients in float32).
         lora_b: (d, R) B factors, columns ``rank_offsets[l]:rank_offsets[l+1]`` are language l's.
         prune_mask: (d, R) bool, True = entry of B kept, False = pruned (gets zero gradient).
         scales: (L,) float32 (float64 allowed) scale per language.
@@ -264,6 +272,7 @@ def grouped_lora(
     if validate:
         _validate(x, base_out, lora_a, lora_b, prune_mask, scales, rank_offsets, routing, "base_out")
     backend = resolve_backend(backend, x.device, x.dtype)
+    _check_mixed(backend, x, lora_a)
     return lora_call(
         x.contiguous(), base_out.contiguous(), lora_a.contiguous(), lora_b.contiguous(), prune_mask.contiguous(),
         scales, rank_offsets, routing.sorted_token_idx, routing.lang_offsets, int(max_rank), backend,
@@ -302,6 +311,7 @@ def grouped_lora_(
             raise ValueError("grouped_lora_ is for inference (no autograd): call it under torch.no_grad(), "
                              "or use grouped_lora")
     backend = resolve_backend(backend, x.device, x.dtype)
+    _check_mixed(backend, x, lora_a)
     lora_add_call(out, x, lora_a.contiguous(), lora_b.contiguous(), prune_mask.contiguous(), scales, rank_offsets,
                   routing.sorted_token_idx, routing.lang_offsets, int(max_rank), backend)
     return out

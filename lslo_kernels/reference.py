@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .spec import accum_dtype
+from .spec import accum_dtype, mixed_factors
 
 __all__ = ["accum_dtype", "lora_add_reference", "lora_backward_reference", "lora_forward_reference"]
 
@@ -37,6 +37,12 @@ def _segments(rank_offsets: torch.Tensor, lang_offsets: torch.Tensor):
     lo = lang_offsets.tolist()
     for lang_id in range(len(ro) - 1):
         yield lang_id, ro[lang_id], ro[lang_id + 1], lo[lang_id], lo[lang_id + 1]
+
+
+def _as_read(factor: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The factor as the kernels use it: float32 factors with 16-bit x (``spec.mixed_factors``)
+    are rounded to x's dtype, as casting them before the call would."""
+    return factor.to(x.dtype) if mixed_factors(x.dtype, factor.dtype) else factor
 
 
 def lora_forward_reference(
@@ -65,8 +71,8 @@ def lora_forward_reference(
         if t1 == t0:
             continue  # a language absent from the batch costs nothing
         tokens = sorted_token_idx[t0:t1]
-        a = lora_a[r0:r1].to(acc)  # (r, k)
-        b = (lora_b[:, r0:r1] * prune_mask[:, r0:r1]).to(acc)  # (d, r)
+        a = _as_read(lora_a[r0:r1], x).to(acc)  # (r, k)
+        b = (_as_read(lora_b[:, r0:r1], x) * prune_mask[:, r0:r1]).to(acc)  # (d, r)
         h_l = x[tokens].to(acc) @ a.t()  # (n, r)
         h[tokens, : r1 - r0] = h_l
         y[tokens] += scales[lang_id].to(acc) * (h_l @ b.t())
@@ -108,9 +114,9 @@ def lora_backward_reference(
             continue
         tokens = sorted_token_idx[t0:t1]
         s = scales[lang_id].to(acc)
-        a = lora_a[r0:r1].to(acc)
+        a = _as_read(lora_a[r0:r1], x).to(acc)
         m = prune_mask[:, r0:r1].to(acc)
-        b = lora_b[:, r0:r1].to(acc) * m
+        b = _as_read(lora_b[:, r0:r1], x).to(acc) * m
         dy = grad_out[tokens].to(acc)  # (n, d)
         h_l = h[tokens, : r1 - r0].to(acc)  # (n, r)
         u = dy @ b  # (n, r): (B_l * M_l)^T dy_t
@@ -145,7 +151,7 @@ def lora_add_reference(
         if t1 == t0:
             continue
         tokens = sorted_token_idx[t0:t1]
-        a = lora_a[r0:r1].to(acc)
-        b = (lora_b[:, r0:r1] * prune_mask[:, r0:r1]).to(acc)
+        a = _as_read(lora_a[r0:r1], x).to(acc)
+        b = (_as_read(lora_b[:, r0:r1], x) * prune_mask[:, r0:r1]).to(acc)
         delta = scales[lang_id].to(acc) * ((x[tokens].to(acc) @ a.t()) @ b.t())
         out[tokens] = (out[tokens].to(acc) + delta).to(out.dtype)

@@ -41,6 +41,7 @@ __all__ = [
     "fake_add",
     "fake_backward",
     "fake_forward",
+    "mixed_factors",
 ]
 
 
@@ -59,8 +60,9 @@ PARAMS: dict[str, Param] = {p.name: p for p in (
     Param("out", "Tensor(a!)", "(T, d) dtype of x, unit column stride: base output, the LoRA term is added in place"),
     Param("grad_out", "Tensor", "(T, d) dtype of x: gradient of y"),
     Param("h", "Tensor", "(T, max_rank) fp32 (fp64 for fp64 x): A_l x_t saved by the forward, 0 past r_l"),
-    Param("lora_a", "Tensor", "(R, k) dtype of x: A factors of all languages stacked, R = sum of ranks"),
-    Param("lora_b", "Tensor", "(d, R) dtype of x: B factors, columns rank_offsets[l]:rank_offsets[l+1] are l's"),
+    Param("lora_a", "Tensor", "(R, k) dtype of x (or float32 for 16-bit x on a backend with mixed_factors): A "
+          "factors of all languages stacked, R = sum of ranks"),
+    Param("lora_b", "Tensor", "(d, R) dtype of lora_a: B factors, columns rank_offsets[l]:rank_offsets[l+1] are l's"),
     Param("prune_mask", "Tensor", "(d, R) bool: True = entry of B kept, False = pruned (zero, no gradient)"),
     Param("scales", "Tensor", "(L,) float32 (or float64): scale s_l of each language, differentiable"),
     Param("rank_offsets", "Tensor", "(L + 1,) int64: cumulative ranks, on x's device"),
@@ -106,6 +108,14 @@ BACKWARD = OpSpec("backward", ("grad_out", "x", "h", *FACTORS, *ROUTING, "max_ra
 ADD = OpSpec("add_", ("out", "x", *FACTORS, *ROUTING, "max_rank"), ())
 # Training entry with its autograd in C++ (cpp backend): y with the gradients of FORWARD's inputs.
 LORA = OpSpec("lora", FORWARD.inputs, ("y",))
+
+
+def mixed_factors(x_dtype: torch.dtype, factor_dtype: torch.dtype) -> bool:
+    """Whether factors of ``factor_dtype`` with activations of ``x_dtype`` are the mixed case:
+    float32 factors (autocast's master weights) with fp16/bf16 x. A backend that declares
+    ``mixed_factors`` rounds such factors to x's dtype as it reads them (the same numbers as
+    casting them first) and returns their gradients in float32."""
+    return factor_dtype == torch.float32 and x_dtype in (torch.float16, torch.bfloat16)
 
 
 def accum_dtype(dtype: torch.dtype) -> torch.dtype:

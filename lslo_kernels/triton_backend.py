@@ -61,6 +61,7 @@ def register() -> bool:
             dtypes=(torch.float32, torch.float16, torch.bfloat16),
             # In place with LSLO_TRITON_FUSED; otherwise forward + copy, as ops.lora_add_call would.
             add_=kernels.lora_add_triton,
+            mixed_factors=True,
         )
     )
     return True

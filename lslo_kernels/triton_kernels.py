@@ -77,6 +77,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .spec import mixed_factors
+
 __all__ = [
     "FUSED",
     "FUSED_FORWARD_MAX_REREAD_BYTES",
@@ -258,7 +260,8 @@ def _shrink_kernel(
         )
         w_off = (r0 + cols)[None, :] * stride_wr + feats[:, None] * stride_wf  # (BLOCK_F, BLOCK_R)
         w_ok = f_ok[:, None] & col_ok[None, :]
-        w = tl.load(w_ptr + w_off, mask=w_ok, other=0.0)
+        # fp32 factors with 16-bit activations (mixed, autocast): rounded as they are read.
+        w = tl.load(w_ptr + w_off, mask=w_ok, other=0.0).to(src.dtype)
         if HAS_MASK:
             keep = tl.load(keep_ptr + w_off, mask=w_ok, other=0)
             w = tl.where(keep != 0, w, tl.zeros_like(w))
@@ -339,7 +342,8 @@ def _expand_kernel(
         col_ok = cols < rank
         w_off = feats[None, :] * stride_wf + (r0 + cols)[:, None] * stride_wr  # (BLOCK_R, BLOCK_F)
         w_ok = col_ok[:, None] & f_ok[None, :]
-        w = tl.load(w_ptr + w_off, mask=w_ok, other=0.0)
+        # The dot runs in the activations' dtype (out's): fp32 factors (mixed) are rounded on read.
+        w = tl.load(w_ptr + w_off, mask=w_ok, other=0.0).to(out_ptr.dtype.element_ty)
         if HAS_MASK:
             keep = tl.load(keep_ptr + w_off, mask=w_ok, other=0)
             w = tl.where(keep != 0, w, tl.zeros_like(w))
@@ -466,7 +470,7 @@ def _shrink_body(
                           mask=row_ok[:, None] & f_ok[None, :], other=0.0)
             w_off = (r0 + cols)[None, :] * stride_wr + feats[:, None] * stride_wf  # (BLOCK_F, BLOCK_R)
             w_ok = f_ok[:, None] & col_ok[None, :]
-            w = tl.load(w_ptr + w_off, mask=w_ok, other=0.0)
+            w = tl.load(w_ptr + w_off, mask=w_ok, other=0.0).to(src.dtype)  # mixed: rounded on read
             if HAS_MASK:
                 keep = tl.load(keep_ptr + w_off, mask=w_ok, other=0)
                 w = tl.where(keep != 0, w, tl.zeros_like(w))
@@ -501,7 +505,8 @@ def _expand_body(
             cols = tl.arange(0, BLOCK_R)
             col_ok = (cols < rank) & (cols < rank_cols)
             w_off = feats[None, :] * stride_wf + (r0 + cols)[:, None] * stride_wr  # (BLOCK_R, BLOCK_F)
-            w = tl.load(w_ptr + w_off, mask=col_ok[:, None] & f_ok[None, :], other=0.0)
+            w = tl.load(w_ptr + w_off, mask=col_ok[:, None] & f_ok[None, :], other=0.0).to(
+                out_ptr.dtype.element_ty)  # mixed: rounded on read
             p_ok = row_ok[:, None] & col_ok[None, :]
             p = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
             for s in tl.static_range(NUM_SPLITS):  # split order: deterministic
@@ -630,7 +635,7 @@ def _fused_forward_kernel(
         xs = tl.load(x_ptr + tokens[:, None] * stride_x_t + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
                      other=0.0)
         a = tl.load(a_ptr + (r0 + cols)[None, :] * stride_a_r + ks[:, None], mask=k_ok[:, None] & col_ok[None, :],
-                    other=0.0)  # (BLOCK_K, BLOCK_R)
+                    other=0.0).to(xs.dtype)  # (BLOCK_K, BLOCK_R); mixed: rounded on read
         h = _dot(xs, a, h, INPUT_PRECISION, BF16_AS_FP32)
     if WRITE_H:
         # By the d-block-0 program only: the others' row bound is row0, so their mask is empty. (A
@@ -646,7 +651,7 @@ def _fused_forward_kernel(
     if has_adapter:
         w_off = feats[None, :] * stride_b_f + (r0 + cols)[:, None]  # (BLOCK_R, BLOCK_D), B's rank stride is 1
         w_ok = col_ok[:, None] & f_ok[None, :]
-        w = tl.load(b_ptr + w_off, mask=w_ok, other=0.0)
+        w = tl.load(b_ptr + w_off, mask=w_ok, other=0.0).to(out_ptr.dtype.element_ty)  # mixed: rounded on read
         keep = tl.load(keep_ptr + w_off, mask=w_ok, other=0)
         w = tl.where(keep != 0, w, tl.zeros_like(w))
         acc = _dot(h.to(w.dtype), w, acc, INPUT_PRECISION, BF16_AS_FP32)
@@ -928,8 +933,9 @@ def _check_common(
             f"{name}: lora_a {tuple(lora_a.shape)} / lora_b {tuple(lora_b.shape)} do not match "
             f"x {tuple(x.shape)}"
         )
-    if lora_a.dtype != x.dtype or lora_b.dtype != x.dtype:
-        raise TypeError(f"{name}: lora_a {lora_a.dtype} / lora_b {lora_b.dtype} must have x's dtype {x.dtype}")
+    if lora_b.dtype != lora_a.dtype or not (lora_a.dtype == x.dtype or mixed_factors(x.dtype, lora_a.dtype)):
+        raise TypeError(f"{name}: lora_a {lora_a.dtype} / lora_b {lora_b.dtype} must have x's dtype {x.dtype} "
+                        "(or both be float32 with float16/bfloat16 x)")
     if prune_mask.shape != lora_b.shape or prune_mask.dtype != torch.bool:
         raise ValueError(
             f"{name}: prune_mask must be bool of shape {tuple(lora_b.shape)}, "

@@ -348,6 +348,44 @@ def test_decoding_path_is_taken_only_where_it_applies_and_equals_the_truth(monke
         assert taken == [False]
 
 
+def test_autocast_hands_fp32_factors_to_a_backend_that_takes_them(monkeypatch):
+    """Under autocast, a backend with mixed_factors gets the fp32 master factors as they are (no
+    cast, no cast backward); y and every gradient equal the cast path's, the factors' gradients
+    being the fp32 values the cast path rounds to bf16."""
+    import dataclasses
+
+    from lslo_kernels import backends
+
+    original = lslo_kernels.get_backend("reference")
+    seen = []
+
+    def spy(*args):
+        seen.append((args[0].dtype, args[2].dtype, args[3].dtype))
+        return original.forward(*args)
+
+    x0 = torch.randn(2, 4, 16)
+    ids = torch.tensor([0, 2])
+    results = {}
+    for mixed in (True, False):
+        monkeypatch.setitem(backends._BACKENDS, "reference",
+                            dataclasses.replace(original, forward=spy, mixed_factors=mixed))
+        layer = _layer(backend="reference", learn_scales=True)
+        seen.clear()
+        x = x0.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x, lang=ids)
+        y.float().pow(2).sum().backward()
+        factor_dtype = torch.float32 if mixed else torch.bfloat16
+        assert seen == [(torch.bfloat16, factor_dtype, factor_dtype)]
+        results[mixed] = (y.detach(), x.grad, layer.lora_A.grad, layer.lora_B.grad, layer.scales.grad)
+    assert torch.equal(results[True][0], results[False][0])
+    assert torch.equal(results[True][1], results[False][1])  # dx
+    for name, i in (("dA", 2), ("dB", 3)):
+        assert results[True][i].dtype == torch.float32
+        assert torch.equal(results[True][i].bfloat16().float(), results[False][i]), name
+    torch.testing.assert_close(results[True][4], results[False][4])
+
+
 def test_cpp_training_uses_the_compiled_autograd_node(monkeypatch):
     if "cpp" not in lslo_kernels.available_backends("cpu"):
         pytest.skip("cpp not built")

@@ -181,6 +181,38 @@ def test_eager_autograd_skips_the_custom_op_and_matches_it(monkeypatch, needs):
             assert eager[name].grad is None, name
 
 
+# ------------------------------------------ mixed factors (fp32 factors, 16-bit x)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reference_mixed_factors_equal_casting_them_first(dtype):
+    """fp32 factors with 16-bit x (a backend with mixed_factors, as a layer under autocast passes
+    them): y equals the call with the factors cast to x's dtype first, bit for bit, and the fp32
+    gradients of A and B round to that call's 16-bit ones; x's and the scales' gradients are equal."""
+    case = make_case(23, 10, 7, [2, 5, 1], density=0.6, spread="with_none", dtype=torch.float32, seed=9)
+    x16 = {**case, "x": case["x"].to(dtype), "base_out": case["base_out"].to(dtype),
+           "grad_out": case["grad_out"].to(dtype)}
+    cast = {**x16, "lora_a": case["lora_a"].to(dtype), "lora_b": case["lora_b"].to(dtype)}
+    y_mixed, g_mixed = run_op(x16, "reference")
+    y_cast, g_cast = run_op(cast, "reference")
+    assert torch.equal(y_mixed, y_cast)
+    assert g_mixed[2].dtype == torch.float32 and g_mixed[3].dtype == torch.float32
+    for name, gm, gc in zip(("dx", "dbase", "dA", "dB", "dscales"), g_mixed, g_cast):
+        assert torch.equal(gm.to(gc.dtype), gc), name
+
+
+def test_mixed_factors_need_a_backend_that_takes_them():
+    case = make_case(5, 6, 4, [2, 3], dtype=torch.float32)
+    x16 = case["x"].bfloat16()
+    with pytest.raises(TypeError, match="dtype mismatch"):  # fp16 factors with bf16 x: never
+        _call({**case, "x": x16, "base_out": case["base_out"].bfloat16(), "lora_a": case["lora_a"].half(),
+               "lora_b": case["lora_b"].half()})
+    if "cpp" in lslo_kernels.available_backends("cpu"):
+        r = case["routing"]
+        with pytest.raises(TypeError, match="backend 'cpp' needs lora factors in x's dtype"):
+            lslo_kernels.grouped_lora(x16, case["base_out"].bfloat16(), case["lora_a"], case["lora_b"],
+                                      case["prune_mask"], case["scales"], case["rank_offsets"], r,
+                                      case["max_rank"], backend="cpp")
+
+
 # ---------------------------------------------------------------- opcheck
 @pytest.mark.parametrize("backend", _cpu_backends())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

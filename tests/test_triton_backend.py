@@ -543,6 +543,50 @@ def test_fused_opcheck_registered_ops():
         torch.library.opcheck(torch.ops.lslo.grouped_lora_bwd.default, bwd_args)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mixed_factors_equal_casting_them_first(fused, dtype):
+    """fp32 factors with 16-bit x (what LSLoLinear passes under autocast): the kernels round them as
+    they read them, so y, h, grad_x, d scales and the in-place add equal the call with the factors
+    cast first, and the fp32 dA / dB round to that call's 16-bit ones."""
+    case = _to_device(make_case(37, 24, 20, MIXED_RANKS, density=0.5, spread="with_none", seed=21))
+    x16 = {**case, "x": case["x"].to(dtype), "base_out": case["base_out"].to(dtype),
+           "grad_out": case["grad_out"].to(dtype)}
+    cast = {**x16, "lora_a": case["lora_a"].to(dtype), "lora_b": case["lora_b"].to(dtype)}
+    with triton_kernels.fused_kernels(fused):
+        y_mixed, h_mixed = triton_kernels.lora_forward_triton(x16["x"], x16["base_out"], *_direct_args(x16))
+        y_cast, h_cast = triton_kernels.lora_forward_triton(cast["x"], cast["base_out"], *_direct_args(cast))
+        g_mixed = triton_kernels.lora_backward_triton(x16["grad_out"], x16["x"], h_mixed, *_direct_args(x16))
+        g_cast = triton_kernels.lora_backward_triton(cast["grad_out"], cast["x"], h_cast, *_direct_args(cast))
+        out_mixed, out_cast = x16["base_out"].clone(), x16["base_out"].clone()
+        triton_kernels.lora_add_triton(out_mixed, x16["x"], *_direct_args(x16))
+        triton_kernels.lora_add_triton(out_cast, cast["x"], *_direct_args(cast))
+    # Bit for bit where the conversion rounds to nearest even as torch's cast does: on a GPU, and for
+    # fp16 in the interpreter. The interpreter truncates fp32 -> bf16 (even with
+    # fp_downcast_rounding="rtne", triton 3.9): there, the bf16 tolerance.
+    exact = not triton_kernels.INTERPRETED or dtype == torch.float16
+
+    def same(got, want, name):
+        if exact:
+            assert torch.equal(got, want), name
+        else:
+            assert_close(got, want, dtype, name)
+
+    same(y_mixed, y_cast, "y")
+    same(h_mixed, h_cast, "h")
+    same(out_mixed, out_cast, "add_ out")
+    assert g_mixed[1].dtype == torch.float32 and g_mixed[2].dtype == torch.float32
+    for name, gm, gc in zip(("dx", "dA", "dB", "dscales"), g_mixed, g_cast):
+        same(gm.to(gc.dtype), gc, name)
+    # and against the reference on the mixed inputs
+    y_ref, h_ref = lslo_kernels.lora_forward_reference(x16["x"], x16["base_out"], *_direct_args(x16))
+    assert_close(y_mixed, y_ref, dtype, "mixed y")
+    with pytest.raises(TypeError, match="must have x's dtype"):  # fp16 factors with bf16 x: refused
+        other = torch.float16 if dtype == torch.bfloat16 else torch.bfloat16
+        bad = {**x16, "lora_a": case["lora_a"].to(other), "lora_b": case["lora_b"].to(other)}
+        triton_kernels.lora_forward_triton(x16["x"], x16["base_out"], *_direct_args(bad))
+
+
 def test_fused_auto_mode_fuses_except_under_graph_capture(monkeypatch):
     """FUSED=None (the default): eager launches take the fused paths (single-launch forward at small
     T, two-launch backward), launches being captured into a CUDA graph the unfused ones; either way
