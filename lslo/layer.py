@@ -694,25 +694,36 @@ class LSLoDualLinear(nn.Module):
         if x.shape[-1:] != (self.in_features,):
             raise ValueError(f"x has last dimension {tuple(x.shape[-1:])}, expected in_features={self.in_features}")
         sets = (self.src, self.tgt)
-        if x.dtype != self.src.lora_A.dtype:
+        device = x.device
+        if device != self.src.lora_A.device:
+            raise ValueError(f"x is on {device} but the adapter is on {self.src.lora_A.device}")
+        factors = [(s.lora_A, s.lora_B) for s in sets]
+        autocast = device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type)
+        if autocast:  # as LSLoLinear.forward: the LoRA terms in the autocast dtype, the op with autocast off
+            compute = torch.get_autocast_dtype(device.type)
+            x = x.to(compute)
+            if not (self.src._backend_mixed_for(x) and mixed_factors(compute, self.src.lora_A.dtype)):
+                factors = [(a.to(compute), b.to(compute)) for a, b in factors]
+        elif x.dtype != self.src.lora_A.dtype:
             raise TypeError(f"x dtype {x.dtype} != adapter dtype {self.src.lora_A.dtype}; cast the module or the input")
-        if x.device != self.src.lora_A.device:
-            raise ValueError(f"x is on {x.device} but the adapter is on {self.src.lora_A.device}")
         weights = self.mix_weights_now() if mix is None else mix
         lead = x.shape[:-1]
         routings = [s._routing(x, ids, lead) for s, ids in zip(sets, (src, tgt))]
         backend = self.src._backend_for(x)
         base_out = self.base_layer(x)
+        if base_out.dtype != x.dtype:  # autocast may leave the base in another dtype than asked
+            base_out = base_out.to(x.dtype)
         out_rows = base_out.reshape(-1, self.out_features)
         x_rows = x.reshape(-1, self.in_features)
         # The mixing weight multiplies each set's scales: (L,) products, differentiable in both.
         scales = [s._scales_arg() * weights[i].to(s.scales.dtype if s.scales.dtype in _SCALE_DTYPES else torch.float32)
                   for i, s in enumerate(sets)]
         params = [t for s in sets for t in (s.lora_A, s.lora_B)]
-        in_place = _inference(out_rows, *params, *scales)
+        in_place = not autocast and _inference(out_rows, *params, *scales)
         y = out_rows
-        for s, routing, sc in zip(sets, routings, scales):
-            y = s._lora_into(x_rows, y, routing, s.lora_A, s.lora_B, sc, backend, in_place=in_place)
+        with torch.autocast(device.type, enabled=False) if autocast else contextlib.nullcontext():
+            for s, routing, sc, (a, b) in zip(sets, routings, scales, factors):
+                y = s._lora_into(x_rows, y, routing, a, b, sc, backend, in_place=in_place)
         return y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:

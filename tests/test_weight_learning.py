@@ -157,6 +157,33 @@ def test_dual_equals_two_weighted_single_routing_calls(backend, lora_out):
         assert_close(layer(x, src, tgt), y.detach(), torch.float32, "inference_mode y")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dual_under_autocast_tracks_fp32(backend):
+    """Weight Learning with mixed precision (lslo train --mixed-precision bf16): under bf16 autocast
+    the dual layer returns bf16 and its output and every gradient follow the fp32 call within bf16
+    rounding (it used to hand fp32 x and a bf16 base output to the kernel)."""
+    mix = LSLoMix((0.4, -0.3))
+    layer = _dual(backend, mix)
+    x = torch.randn(4, 5, 16)
+    src, tgt = torch.tensor([0, 1, 2, -1]), torch.tensor([3, 3, 0, 1])
+    grad = torch.randn(4, 5, 12)
+    outs = {}
+    for amp in (False, True):
+        layer.zero_grad(set_to_none=True)
+        mix.logits.grad = None  # a shared mix is not one of the layer's modules
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            y = layer(xi, src, tgt)
+        assert y.dtype == (torch.bfloat16 if amp else torch.float32)
+        y.float().backward(grad)
+        outs[amp] = [y.detach().float(), xi.grad, mix.logits.grad.clone()] + [
+            getattr(getattr(layer, n), p).grad for n in ("src", "tgt") for p in ("lora_A", "lora_B", "scales")]
+    names = ["y", "dx", "d logits"] + [f"{n}.{p}" for n in ("src", "tgt") for p in ("lora_A", "lora_B", "scales")]
+    for name, got, want in zip(names, outs[True], outs[False]):
+        assert got.dtype == want.dtype, name
+        assert_close(got, want, torch.bfloat16, f"autocast {name}")
+
+
 def test_dual_gradcheck_fp64_through_logits_and_x():
     layer = _dual("auto", LSLoMix((0.1, 0.2))).double()
     src, tgt = torch.tensor([0, 1, -1]), torch.tensor([2, 3, 3])
