@@ -799,11 +799,14 @@ HostBuffer<T> host_buffer(int64_t count) {
 }
 
 // y = base + LoRA term (y may be base: add_), h kept when non-null. Rows of x, base and y may be
-// strided (ldx, ldbase, ldy).
+// strided (ldx, ldbase, ldy). staged_bmt: s (B * M)^T of every language staged beforehand
+// (stage_factors), rows of ldb = padded_ld(d), or null to stage the present languages' rows here.
 template <typename scalar_t>
 void forward_impl(const Problem& p, const scalar_t* x, const scalar_t* base, int64_t ldbase, scalar_t* y, int64_t ldy,
                   bool stream, const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& prune_mask,
-                  typename std::conditional_t<std::is_same_v<scalar_t, double>, double, float>* h) {
+                  typename std::conditional_t<std::is_same_v<scalar_t, double>, double, float>* h,
+                  const typename std::conditional_t<std::is_same_v<scalar_t, double>, double, float>* staged_bmt =
+                      nullptr) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const int64_t T = p.T, k = p.k, d = p.d;
   const int64_t lda = padded_ld<acc_t>(k), ldb = padded_ld<acc_t>(d);
@@ -825,7 +828,7 @@ void forward_impl(const Problem& p, const scalar_t* x, const scalar_t* base, int
   const bool a_is_acc = std::is_same_v<scalar_t, acc_t>;
   const auto stages = plan_stages<acc_t>(p, split, scale, a_is_acc, lda, ldb, staged_a, staged_b);
   HostBuffer<acc_t> a_buf = host_buffer<acc_t>(staged_a);
-  HostBuffer<acc_t> b_buf = host_buffer<acc_t>(staged_b);
+  HostBuffer<acc_t> b_buf = host_buffer<acc_t>(staged_bmt ? 0 : staged_b);
   std::vector<ChunkBuffers<acc_t>> buffers;  // allocated here: nothing may throw inside the region
   const TokenChunks chunks = token_chunks();
   const int64_t chunk_tokens = std::min<int64_t>(chunks.chunk, T);
@@ -845,8 +848,9 @@ void forward_impl(const Problem& p, const scalar_t* x, const scalar_t* base, int
   auto run_part = [&](int part) {
     const PartStage<acc_t>& st = stages[part];
     stage_a_rows(a_dst + st.offset_a, lda, st.col0, a_src, k, st.a_rows);
-    kernels.stage_bmt(b_dst + st.offset_b, ldb, st.col0, b_src, mask, p.R, st.cols, 0, d);
-    const StagedWeights<acc_t> w{a_dst + st.offset_a, b_dst + st.offset_b, st.col0, a_in_place};
+    const acc_t* bmt = staged_bmt ? staged_bmt + st.col0 * ldb : b_dst + st.offset_b;
+    if (!staged_bmt) kernels.stage_bmt(b_dst + st.offset_b, ldb, st.col0, b_src, mask, p.R, st.cols, 0, d);
+    const StagedWeights<acc_t> w{a_dst + st.offset_a, bmt, st.col0, a_in_place};
     for (const Piece& piece : split.pieces[part]) kernels.forward_piece(args, w, piece, buffers[part]);
     fence_streaming_stores();
   };
@@ -905,6 +909,77 @@ void add_cpu(const at::Tensor& out, const at::Tensor& x, const at::Tensor& lora_
     // Streaming stores would evict a line that was just read: no gain in place.
     forward_impl<scalar_t>(p, x.data_ptr<scalar_t>(), o, ldo, o, ldo, false, lora_a, lora_b, prune_mask,
                            static_cast<acc_t*>(nullptr));
+  });
+}
+
+// Inference factors staged once: (R, padded_ld(d)) rows s_l (B_l * M_l)^T in the accumulation
+// dtype, what add_ otherwise stages on every call for the languages present. For a decoding loop,
+// where B, the mask and the scales do not change between calls (the caller keys its cache on them).
+at::Tensor stage_factors_cpu(const at::Tensor& lora_b, const at::Tensor& prune_mask, const at::Tensor& scales,
+                             const at::Tensor& rank_offsets) {
+  constexpr const char* op = "lslo_cpp::stage_factors";
+  TORCH_CHECK(lora_b.dim() == 2 && lora_b.is_contiguous() && lora_b.device().is_cpu(), op,
+              ": lora_b must be a contiguous (d, R) CPU tensor");
+  TORCH_CHECK(prune_mask.sizes() == lora_b.sizes() && prune_mask.scalar_type() == at::kBool && prune_mask.is_contiguous(),
+              op, ": prune_mask must be a contiguous bool tensor of lora_b's shape");
+  TORCH_CHECK(rank_offsets.dim() == 1 && rank_offsets.scalar_type() == at::kLong && rank_offsets.device().is_cpu(),
+              op, ": rank_offsets must be a 1-D int64 CPU tensor");
+  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == rank_offsets.size(0) - 1, op,
+              ": scales must have one entry per language");
+  const int64_t d = lora_b.size(0), R = lora_b.size(1), L = scales.size(0);
+  const at::Tensor offsets = rank_offsets.contiguous();
+  const int64_t* ro = offsets.data_ptr<int64_t>();
+  TORCH_CHECK(ro[0] == 0 && ro[L] == R, op, ": rank_offsets must run from 0 to R=", R);
+  const at::Tensor s64 = scales.to(at::kDouble).contiguous();
+  const at::ScalarType acc_type = accum_type(lora_b.scalar_type());
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, lora_b.scalar_type(), "lslo_cpp_stage_factors", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const int64_t ldb = padded_ld<acc_t>(d);
+    out = at::empty({R, ldb}, lora_b.options().dtype(acc_type));
+    std::vector<acc_t> scale(R);
+    for (int64_t l = 0; l < L; ++l) {
+      TORCH_CHECK(ro[l + 1] >= ro[l], op, ": rank_offsets must not decrease");
+      for (int64_t c = ro[l]; c < ro[l + 1]; ++c) scale[c] = static_cast<acc_t>(s64.data_ptr<double>()[l]);
+    }
+    StagedColumns<acc_t> cols;
+    cols.scale = scale.data();
+    if (R > 0) cols.ranges.emplace_back(0, R);
+    acc_t* dst = out.data_ptr<acc_t>();
+    if (R > 0 && d > 0)
+      select_kernels<scalar_t, acc_t>().stage_bmt(dst, ldb, 0, lora_b.data_ptr<scalar_t>(),
+                                                   prune_mask.data_ptr<bool>(), R, cols, 0, d);
+    for (int64_t c = 0; c < R; ++c)  // the padding past d: zeros, never read as weights
+      for (int64_t i = d; i < ldb; ++i) dst[c * ldb + i] = acc_t(0);
+  });
+  return out;
+}
+
+// add_ with the factors staged by stage_factors (``staged``, (R, padded_ld(d)), accumulation
+// dtype): the same result as add_ with lora_b / prune_mask / scales, whose staging it skips.
+void add_staged_cpu(const at::Tensor& out, const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                    const at::Tensor& prune_mask, const at::Tensor& scales, const at::Tensor& rank_offsets,
+                    const at::Tensor& sorted_token_idx, const at::Tensor& lang_offsets, int64_t max_rank,
+                    const at::Tensor& staged) {
+  constexpr const char* op = "lslo_cpp::add_staged_";
+  const Problem p = check_problem(op, x, lora_a, lora_b, prune_mask, scales, rank_offsets, sorted_token_idx,
+                                  lang_offsets, max_rank, /*strided_x=*/true);
+  check_rows(out, op, "out");
+  check_output_like(out, p, x, op, "out");
+  const at::ScalarType acc_type = accum_type(x.scalar_type());
+  TORCH_CHECK(staged.scalar_type() == acc_type && staged.device().is_cpu() && staged.is_contiguous() &&
+                  staged.dim() == 2 && staged.size(0) == p.R,
+              op, ": staged must be the contiguous (R, padded d) ", acc_type, " tensor stage_factors returns, got ",
+              staged.scalar_type(), " ", staged.sizes());
+  if (p.T == 0 || p.d == 0) return;
+  const int64_t ldo = p.T > 1 ? out.stride(0) : p.d;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lslo_cpp_add_staged_", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    TORCH_CHECK(staged.size(1) == padded_ld<acc_t>(p.d), op, ": staged has ", staged.size(1),
+                " columns, expected ", padded_ld<acc_t>(p.d), " (d padded to a cache line)");
+    scalar_t* o = out.data_ptr<scalar_t>();
+    forward_impl<scalar_t>(p, x.data_ptr<scalar_t>(), o, ldo, o, ldo, false, lora_a, lora_b, prune_mask,
+                           static_cast<acc_t*>(nullptr), staged.data_ptr<acc_t>());
   });
 }
 
@@ -1137,6 +1212,10 @@ TORCH_LIBRARY(lslo_cpp, m) {
   m.def(
       "lora(Tensor x, Tensor base_out, Tensor lora_a, Tensor lora_b, Tensor prune_mask, Tensor scales, "
       "Tensor rank_offsets, Tensor sorted_token_idx, Tensor lang_offsets, int max_rank) -> Tensor");
+  m.def("stage_factors(Tensor lora_b, Tensor prune_mask, Tensor scales, Tensor rank_offsets) -> Tensor");
+  m.def(
+      "add_staged_(Tensor(a!) out, Tensor x, Tensor lora_a, Tensor lora_b, Tensor prune_mask, Tensor scales, "
+      "Tensor rank_offsets, Tensor sorted_token_idx, Tensor lang_offsets, int max_rank, Tensor staged) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(lslo_cpp, CPU, m) {
@@ -1144,6 +1223,8 @@ TORCH_LIBRARY_IMPL(lslo_cpp, CPU, m) {
   m.impl("backward", &lslo::backward_cpu);
   m.impl("add_", &lslo::add_cpu);
   m.impl("lora", &lslo::lora_cpu);
+  m.impl("stage_factors", &lslo::stage_factors_cpu);
+  m.impl("add_staged_", &lslo::add_staged_cpu);
 }
 
 TORCH_LIBRARY_IMPL(lslo_cpp, Autograd, m) {

@@ -37,6 +37,8 @@ __all__ = ["LSLoDualLinear", "LSLoFactors", "LSLoLinear", "LSLoMix"]
 _INITS = ("lora", "reference")
 _INDEXES = ("src", "tgt")
 _SCALE_DTYPES = (torch.float32, torch.float64)
+# LSLoLinear decodes with staged factors (Backend.stage_factors) from this many entries of B up.
+_STAGED_MIN_ENTRIES = 1 << 14
 
 
 def _unit_rows(t: torch.Tensor) -> torch.Tensor:
@@ -104,6 +106,8 @@ class _LanguageFactors:
         self._backend_name = None
         self._backend_add = None
         self._backend_mixed = False
+        self._backend_staged = None
+        self._staged = None  # (key, staged factors, storages kept alive): see _staged_factors
 
         total = sum(ranks)
         self.lora_A = nn.Parameter(torch.empty(total, lora_in_features, device=device, dtype=dtype))
@@ -235,8 +239,36 @@ class _LanguageFactors:
             self._backend_name = resolve_backend(self.backend, x.device, x.dtype)
             impl = lslo_kernels.get_backend(self._backend_name)
             self._backend_add, self._backend_mixed = impl.add_, impl.mixed_factors
+            # Staged decoding factors only where staging is a visible part of a call: below ~16k
+            # entries of B it costs less than the ~1-2 us of checking the cache.
+            big = self.lora_B.numel() >= _STAGED_MIN_ENTRIES
+            self._backend_staged = (impl.stage_factors, impl.add_staged_) if (
+                big and impl.stage_factors is not None and impl.add_staged_ is not None) else None
+            self._staged = None
             self._backend_key = key
         return self._backend_name
+
+    def _staged_factors(self, stage, lora_b: torch.Tensor, mask: torch.Tensor,
+                        rank_offsets: torch.Tensor) -> torch.Tensor:
+        """The backend's staged decoding factors (``Backend.stage_factors``), rebuilt only when
+        lora_B, the mask, the scales or the rank offsets changed: keyed on each one's version
+        counter (bumped by every in-place write, optimizer steps included) and data pointer (a
+        new tensor assigned to ``.data``); the keyed storages are held, so no other tensor can
+        take their addresses while the entry lives. Freed by :meth:`clear_decoding_cache`."""
+        raw_scales = self._buffers["scales"] if "scales" in self._buffers else self._parameters["scales"]
+        tensors = (lora_b, mask, raw_scales, rank_offsets)
+        key = tuple((t._version, t.data_ptr()) for t in tensors)
+        cached = self._staged
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        scales = raw_scales if raw_scales.dtype in _SCALE_DTYPES else raw_scales.float()
+        staged = stage(lora_b, mask, scales, rank_offsets)
+        self._staged = (key, staged, tuple(t.untyped_storage() for t in tensors))
+        return staged
+
+    def clear_decoding_cache(self) -> None:
+        """Free the staged decoding factors (rebuilt by the next ``no_grad`` call that uses them)."""
+        self._staged = None
 
     def _backend_mixed_for(self, x: torch.Tensor) -> bool:
         """Whether the backend for x takes fp32 factors with x's 16-bit dtype (``mixed_factors``)."""
@@ -513,8 +545,13 @@ class LSLoLinear(_LanguageFactors, nn.Module):
         routing = self._routing(x, lang, lead)
         x_rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         out = _base_forward(base, x_rows)
-        add_(out, _unit_rows(x_rows), lora_a, lora_b, mask, scales, rank_offsets, routing.sorted_token_idx,
-             routing.lang_offsets, self.max_rank)
+        staged = self._backend_staged
+        if staged is not None and lora_b.is_contiguous():
+            staged[1](out, _unit_rows(x_rows), lora_a, lora_b, mask, scales, rank_offsets, routing.sorted_token_idx,
+                      routing.lang_offsets, self.max_rank, self._staged_factors(staged[0], lora_b, mask, rank_offsets))
+        else:
+            add_(out, _unit_rows(x_rows), lora_a, lora_b, mask, scales, rank_offsets, routing.sorted_token_idx,
+                 routing.lang_offsets, self.max_rank)
         return out if x.dim() == 2 else out.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:

@@ -4,7 +4,9 @@ The kernels live in ``csrc/`` and register, when ``_C`` is imported, the ops (sc
 
 * ``torch.ops.lslo_cpp.forward`` / ``backward``: the backend's forward and backward;
 * ``torch.ops.lslo_cpp.add_``: inference, the LoRA term added into the base output in place;
-* ``torch.ops.lslo_cpp.lora``: training, y with its autograd node in C++.
+* ``torch.ops.lslo_cpp.lora``: training, y with its autograd node in C++;
+* ``torch.ops.lslo_cpp.stage_factors`` / ``add_staged_``: decoding with the factors staged once
+  (``s_l (B_l * M_l)^T`` rows, what ``add_`` stages on every call) instead of per call.
 
 CPU; fp32, bf16, fp16, fp64. This module adds their fake (meta) implementations from ``spec.py``,
 so ``torch.compile`` and ``torch.library.opcheck`` can trace them, and registers the backend with
@@ -35,6 +37,14 @@ def _register_fakes() -> None:
         torch.library.register_fake(f"lslo_cpp::{op.name}")(spec.FAKES[op.name])
 
 
+def _optional_op(name: str):
+    """An op of a newer _C than the one built here is absent until it is rebuilt: None, not an error."""
+    try:
+        return getattr(torch.ops.lslo_cpp, name).default
+    except AttributeError:
+        return None
+
+
 _BUILD_COMMAND = "`pip install --no-build-isolation -e .` (with torch installed first)"
 
 try:
@@ -59,5 +69,7 @@ else:
             dtypes=DTYPES,
             add_=lora_add_cpp,
             autograd=lora_autograd_cpp,
+            stage_factors=_optional_op("stage_factors"),
+            add_staged_=_optional_op("add_staged_"),
         )
     )

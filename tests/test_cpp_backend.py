@@ -90,6 +90,13 @@ def _check_against_reference(case, dtype):
     out = base_out.clone()
     lora_add_cpp(out, x, a, b, *rest)  # inference, in place: same y
     _assert_close(out, y_ref, dtype, "add_")
+    # decoding with the factors staged once: the same bits as add_, which stages them per call
+    staged = torch.ops.lslo_cpp.stage_factors(b, case["prune_mask"], case["scales"], case["rank_offsets"])
+    d = b.shape[0]
+    assert staged.shape[0] == b.shape[1] and staged.shape[1] >= d and torch.all(staged[:, d:] == 0)
+    out_staged = base_out.clone()
+    torch.ops.lslo_cpp.add_staged_(out_staged, x, a, b, *rest, staged)
+    assert torch.equal(out_staged, out), "add_staged_ differs from add_"
     # the backward gets the same h, so that its own error is measured
     grads_ref = lora_backward_reference(grad_out, x, h_ref, a, b, *rest)
     grads = lora_backward_cpp(grad_out, x, h_ref, a, b, *rest)
@@ -107,6 +114,18 @@ def _check_against_reference(case, dtype):
             assert torch.all(grads[1][ro[lang_id]:ro[lang_id + 1]] == 0)
             assert torch.all(grads[2][:, ro[lang_id]:ro[lang_id + 1]] == 0)
     return y, h, grads
+
+
+def test_add_staged_rejects_a_staged_tensor_of_another_layout():
+    case = make_case(6, 8, 20, [2, 3], density=0.5, seed=3)
+    x, base_out, a, b = (case[n] for n in ("x", "base_out", "lora_a", "lora_b"))
+    staged = torch.ops.lslo_cpp.stage_factors(b, case["prune_mask"], case["scales"], case["rank_offsets"])
+    for bad, match in ((staged[:, :20].contiguous(), "d padded"), (staged.double(), "staged must be"),
+                       (staged[:1].contiguous(), "staged must be")):
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.lslo_cpp.add_staged_(base_out.clone(), x, a, b, *_op_args(case), bad)
+    with pytest.raises(RuntimeError, match="scales must have one entry per language"):
+        torch.ops.lslo_cpp.stage_factors(b, case["prune_mask"], case["scales"][:1], case["rank_offsets"])
 
 
 # ------------------------------------------------------------------------------ the extension

@@ -386,6 +386,57 @@ def test_autocast_hands_fp32_factors_to_a_backend_that_takes_them(monkeypatch):
     torch.testing.assert_close(results[True][4], results[False][4])
 
 
+def test_decoding_with_staged_factors_follows_every_change_of_the_factors(monkeypatch):
+    """A big enough layer on a backend with stage_factors decodes with factors staged once: equal to
+    the per-call path, restaged after each in-place update of B, the mask, the scales or a new
+    ``.data``, and not restaged while nothing changed."""
+    if "cpp" not in lslo_kernels.available_backends("cpu"):
+        pytest.skip("cpp not built")
+    from lslo import layer as layer_mod
+
+    layer = _layer(in_f=64, out_f=160, ranks=[2] * 16 + [8] * 14, backend="cpp", learn_scales=True)
+    assert layer.lora_B.numel() >= layer_mod._STAGED_MIN_ENTRIES
+    stagings = []
+    real_stage = lslo_kernels.get_backend("cpp").stage_factors
+    x = torch.randn(9, 64)
+    ids = torch.tensor([0, 5, 29, -1, 5, 17, 3, 3, 20])
+
+    def per_call():  # the same layer through the unstaged add_
+        with torch.no_grad():
+            out = layer.base_layer(x)
+            lslo_kernels.get_backend("cpp").add_(out, x, layer.lora_A, layer.lora_B, layer.prune_mask,
+                                                 layer.scales.detach(), layer.rank_offsets,
+                                                 *(lambda r: (r.sorted_token_idx, r.lang_offsets))(
+                                                     lslo_kernels.build_routing(ids, 30)), layer.max_rank)
+        return out
+
+    def decode():
+        layer._backend_for(x)  # resolve, then spy on the staging the layer holds
+        stage, add = layer._backend_staged
+        layer._backend_staged = (lambda *a: stagings.append(1) or real_stage(*a), add)
+        with torch.no_grad():
+            return layer(x, lang=ids)
+
+    assert torch.equal(decode(), per_call()) and len(stagings) == 1
+    assert torch.equal(decode(), per_call()) and len(stagings) == 1  # unchanged: reused
+    with torch.no_grad():
+        layer.lora_B.mul_(1.5)  # an optimizer-like in-place update
+    assert torch.equal(decode(), per_call()) and len(stagings) == 2
+    layer.set_prune_mask(keep=torch.rand_like(layer.lora_B) > 0.5)
+    assert torch.equal(decode(), per_call()) and len(stagings) == 3
+    with torch.no_grad():
+        layer.scales[3] = 2.5
+    assert torch.equal(decode(), per_call()) and len(stagings) == 4
+    layer.lora_B.data = torch.randn_like(layer.lora_B)
+    assert torch.equal(decode(), per_call()) and len(stagings) == 5
+    layer.clear_decoding_cache()
+    assert layer._staged is None
+    assert torch.equal(decode(), per_call()) and len(stagings) == 6
+    small = _layer(backend="cpp")  # below the size where staging pays: the per-call path
+    small._backend_for(x[:, :16])
+    assert small._backend_staged is None
+
+
 def test_cpp_training_uses_the_compiled_autograd_node(monkeypatch):
     if "cpp" not in lslo_kernels.available_backends("cpu"):
         pytest.skip("cpp not built")
