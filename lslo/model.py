@@ -286,9 +286,17 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike) -> None:
     a kill at any instant leaves the previous save or this one, never one file of each. An existing
     ``directory`` holding other files than a save is refused (ValueError) rather than replaced.
     Files get the mode the umask gives (0644 under umask 022).
+
+    A Weight-Learning model (:func:`apply_weight_learning`: dual layers and mixes, no LSLo config)
+    is saved with :func:`lslo.analysis.save_weight_learning` (its own two files, same guarantees).
     """
     from safetensors.torch import save_file
 
+    if get_lslo_config(model) is None and weight_learning_config(model) is not None:
+        from .analysis import save_weight_learning
+
+        save_weight_learning(model, directory)
+        return
     config = _require_config(model, "save_adapters")
     tensors = {}
     for name, module in lslo_modules(model).items():
@@ -393,8 +401,19 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     adapters saved for another base model (type, width, depth, FFN, vocabulary), for another
     language list or LSLo layout, a tensor file that doesn't cover exactly this model's LSLo
     modules, and damaged or foreign files (the message names the file). Returns ``model``.
+
+    A directory holding a Weight-Learning save (:func:`save_adapters` of a model with dual layers)
+    is loaded with :func:`lslo.analysis.load_weight_learning`, which applies Weight Learning to
+    ``model`` if needed.
     """
     directory = os.fspath(directory)
+    from .analysis import WL_CONFIG_NAME, load_weight_learning
+    from .io import recover_directory
+
+    recover_directory(directory)  # an interrupted swap decides which files are there
+    if (not os.path.exists(os.path.join(directory, ADAPTER_CONFIG_NAME))
+            and os.path.exists(os.path.join(directory, WL_CONFIG_NAME))):
+        return load_weight_learning(model, directory)
     files = _read_adapter_files(directory, with_weights=True)
     weights_path = os.path.join(directory, ADAPTER_WEIGHTS_NAME)
     config, saved_fingerprint = _parse_adapter_config(files[ADAPTER_CONFIG_NAME],

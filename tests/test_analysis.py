@@ -474,6 +474,33 @@ def test_weight_learning_state_round_trips(tmp_path):
         torch.testing.assert_close(_wl_loss(fresh, batch), _wl_loss(model, batch))
 
 
+def test_save_and_load_adapters_take_weight_learning_models(tmp_path):
+    """lslo.save_adapters / load_adapters on a Weight-Learning model (dual layers, no LSLo config)
+    write and read its state through the Weight-Learning files: a fresh base model gets the same
+    tensors and the same loss."""
+    from transformers import M2M100ForConditionalGeneration
+
+    from lslo.model import weight_learning_mixes
+
+    model = wl_model()
+    with torch.no_grad():
+        for mix in weight_learning_mixes(model).values():
+            mix.logits.normal_()
+    lslo.save_adapters(model, tmp_path / "wl")
+    assert sorted(p.name for p in (tmp_path / "wl").iterdir()) == sorted([analysis.WL_CONFIG_NAME,
+                                                                           analysis.WL_WEIGHTS_NAME])
+    torch.manual_seed(0)  # the base weights of wl_model
+    fresh = M2M100ForConditionalGeneration(tiny_config(vocab_size=64)).eval()
+    assert lslo.load_adapters(fresh, tmp_path / "wl") is fresh
+    before, after = analysis.weight_learning_state(model), analysis.weight_learning_state(fresh)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    batch = _wl_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(_wl_loss(fresh, batch), _wl_loss(model, batch))
+    with pytest.raises(ValueError, match="no LSLo adapters|holds no|lslo_config"):
+        lslo.load_adapters(M2M100ForConditionalGeneration(tiny_config(vocab_size=64)), tmp_path / "nothing")
+
+
 def test_index_plan_of_another_depth_is_refused(tmp_path):
     from lslo.train import _load_index_plan
 
