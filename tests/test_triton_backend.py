@@ -238,23 +238,28 @@ def test_split_rule_targets_small_batches():
     assert tiny_features.fwd_shrink.num_splits == 1
 
 
-def test_random_layouts_property():
-    """Tile bookkeeping under random language layouts (hypothesis, few examples: interpreter)."""
+def _random_layouts_property(compare, *, examples: int, max_tokens: int, max_rank: int, k: int, d: int) -> None:
+    """Tile bookkeeping under random language layouts (hypothesis, few examples: interpreter):
+    ``compare(case, dtype)`` on random token counts, rank lists and spreads."""
     hypothesis = pytest.importorskip("hypothesis")
     st = hypothesis.strategies
 
-    @hypothesis.settings(max_examples=12, deadline=None, derandomize=True)
+    @hypothesis.settings(max_examples=examples, deadline=None, derandomize=True)
     @hypothesis.given(
-        num_tokens=st.integers(1, 90),
-        ranks=st.lists(st.integers(1, 20), min_size=1, max_size=9),
+        num_tokens=st.integers(1, max_tokens),
+        ranks=st.lists(st.integers(1, max_rank), min_size=1, max_size=9),
         spread=st.sampled_from(["uniform", "single", "with_none", "sparse"]),
         seed=st.integers(0, 2**16),
     )
     def check(num_tokens, ranks, spread, seed):
-        case = make_case(num_tokens, 5, 6, ranks, density=0.7, spread=spread, dtype=torch.float32, seed=seed)
-        _compare(_to_device(case), torch.float32)
+        case = make_case(num_tokens, k, d, ranks, density=0.7, spread=spread, dtype=torch.float32, seed=seed)
+        compare(_to_device(case), torch.float32)
 
     check()
+
+
+def test_random_layouts_property():
+    _random_layouts_property(_compare, examples=12, max_tokens=90, max_rank=20, k=5, d=6)
 
 
 def test_compile_fullgraph_traces_the_op():
@@ -510,23 +515,9 @@ def test_fused_layer_decoding_and_training():
 
 
 def test_fused_random_layouts_property(monkeypatch):
-    """Tile bookkeeping of the fused kernels under random language layouts (hypothesis, few examples)."""
-    hypothesis = pytest.importorskip("hypothesis")
-    st = hypothesis.strategies
+    """The same for the fused kernels, with small blocks and split-K so that tiles and splits vary."""
     _small_blocks(monkeypatch, num_splits=2)
-
-    @hypothesis.settings(max_examples=8, deadline=None, derandomize=True)
-    @hypothesis.given(
-        num_tokens=st.integers(1, 70),
-        ranks=st.lists(st.integers(1, 64), min_size=1, max_size=9),
-        spread=st.sampled_from(["uniform", "single", "with_none", "sparse"]),
-        seed=st.integers(0, 2**16),
-    )
-    def check(num_tokens, ranks, spread, seed):
-        case = make_case(num_tokens, 17, 18, ranks, density=0.7, spread=spread, dtype=torch.float32, seed=seed)
-        _compare_fused(_to_device(case), torch.float32)
-
-    check()
+    _random_layouts_property(_compare_fused, examples=8, max_tokens=70, max_rank=64, k=17, d=18)
 
 
 def test_fused_opcheck_registered_ops():
