@@ -378,12 +378,19 @@ std::vector<PartStage<acc_t>> plan_stages(const Problem& p, const WorkSplit& spl
   return stages;
 }
 
+// The scale of every column of B: s_l for the columns rank_offsets[l]:rank_offsets[l + 1].
+template <typename acc_t>
+std::vector<acc_t> column_scales(const std::vector<int64_t>& rank_offsets, const std::vector<double>& scales,
+                                 int64_t R) {
+  std::vector<acc_t> scale(R);
+  for (size_t l = 0; l < scales.size(); ++l)
+    for (int64_t c = rank_offsets[l]; c < rank_offsets[l + 1]; ++c) scale[c] = static_cast<acc_t>(scales[l]);
+  return scale;
+}
+
 template <typename acc_t>
 std::vector<acc_t> column_scales(const Problem& p) {
-  std::vector<acc_t> scale(p.R);
-  for (int64_t l = 0; l < p.L; ++l)
-    for (int64_t c = p.rank_offsets[l]; c < p.rank_offsets[l + 1]; ++c) scale[c] = static_cast<acc_t>(p.scales[l]);
-  return scale;
+  return column_scales<acc_t>(p.rank_offsets, p.scales, p.R);
 }
 
 at::ScalarType accum_type(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
@@ -892,24 +899,55 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x, const at::Te
 }
 
 // Inference: out += LoRA term in place, nothing kept for a backward. out and x may be column
-// slices (rows with a stride): the reduced LoRA widths of LSLoLinear need no copy.
-void add_cpu(const at::Tensor& out, const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
-             const at::Tensor& prune_mask, const at::Tensor& scales, const at::Tensor& rank_offsets,
-             const at::Tensor& sorted_token_idx, const at::Tensor& lang_offsets, int64_t max_rank) {
-  constexpr const char* op = "lslo_cpp::add_";
+// slices (rows with a stride): the reduced LoRA widths of LSLoLinear need no copy. staged: the
+// factors stage_factors returned ((R, padded_ld(d)), accumulation dtype), whose per-call staging
+// is then skipped, or null (add_).
+void add_into(const char* op, const at::Tensor& out, const at::Tensor& x, const at::Tensor& lora_a,
+              const at::Tensor& lora_b, const at::Tensor& prune_mask, const at::Tensor& scales,
+              const at::Tensor& rank_offsets, const at::Tensor& sorted_token_idx, const at::Tensor& lang_offsets,
+              int64_t max_rank, const at::Tensor* staged) {
   const Problem p = check_problem(op, x, lora_a, lora_b, prune_mask, scales, rank_offsets, sorted_token_idx,
                                   lang_offsets, max_rank, /*strided_x=*/true);
   check_rows(out, op, "out");
   check_output_like(out, p, x, op, "out");
+  if (staged) {
+    const at::ScalarType acc_type = accum_type(x.scalar_type());
+    TORCH_CHECK(staged->scalar_type() == acc_type && staged->device().is_cpu() && staged->is_contiguous() &&
+                    staged->dim() == 2 && staged->size(0) == p.R,
+                op, ": staged must be the contiguous (R, padded d) ", acc_type, " tensor stage_factors returns, got ",
+                staged->scalar_type(), " ", staged->sizes());
+  }
   if (p.T == 0 || p.d == 0) return;
   const int64_t ldo = p.T > 1 ? out.stride(0) : p.d;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lslo_cpp_add_", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const acc_t* staged_bmt = nullptr;
+    if (staged) {
+      TORCH_CHECK(staged->size(1) == padded_ld<acc_t>(p.d), op, ": staged has ", staged->size(1),
+                  " columns, expected ", padded_ld<acc_t>(p.d), " (d padded to a cache line)");
+      staged_bmt = staged->data_ptr<acc_t>();
+    }
     scalar_t* o = out.data_ptr<scalar_t>();
     // Streaming stores would evict a line that was just read: no gain in place.
     forward_impl<scalar_t>(p, x.data_ptr<scalar_t>(), o, ldo, o, ldo, false, lora_a, lora_b, prune_mask,
-                           static_cast<acc_t*>(nullptr));
+                           static_cast<acc_t*>(nullptr), staged_bmt);
   });
+}
+
+void add_cpu(const at::Tensor& out, const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
+             const at::Tensor& prune_mask, const at::Tensor& scales, const at::Tensor& rank_offsets,
+             const at::Tensor& sorted_token_idx, const at::Tensor& lang_offsets, int64_t max_rank) {
+  add_into("lslo_cpp::add_", out, x, lora_a, lora_b, prune_mask, scales, rank_offsets, sorted_token_idx,
+           lang_offsets, max_rank, nullptr);
+}
+
+// add_ with the factors staged by stage_factors: the same result as add_, without its staging.
+void add_staged_cpu(const at::Tensor& out, const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                    const at::Tensor& prune_mask, const at::Tensor& scales, const at::Tensor& rank_offsets,
+                    const at::Tensor& sorted_token_idx, const at::Tensor& lang_offsets, int64_t max_rank,
+                    const at::Tensor& staged) {
+  add_into("lslo_cpp::add_staged_", out, x, lora_a, lora_b, prune_mask, scales, rank_offsets, sorted_token_idx,
+           lang_offsets, max_rank, &staged);
 }
 
 // Inference factors staged once: (R, padded_ld(d)) rows s_l (B_l * M_l)^T in the accumulation
@@ -928,20 +966,18 @@ at::Tensor stage_factors_cpu(const at::Tensor& lora_b, const at::Tensor& prune_m
               ": scales must have one entry per language");
   const int64_t d = lora_b.size(0), R = lora_b.size(1), L = scales.size(0);
   const at::Tensor offsets = rank_offsets.contiguous();
-  const int64_t* ro = offsets.data_ptr<int64_t>();
+  const std::vector<int64_t> ro(offsets.data_ptr<int64_t>(), offsets.data_ptr<int64_t>() + L + 1);
   TORCH_CHECK(ro[0] == 0 && ro[L] == R, op, ": rank_offsets must run from 0 to R=", R);
+  for (int64_t l = 0; l < L; ++l) TORCH_CHECK(ro[l + 1] >= ro[l], op, ": rank_offsets must not decrease");
   const at::Tensor s64 = scales.to(at::kDouble).contiguous();
+  const std::vector<double> s(s64.data_ptr<double>(), s64.data_ptr<double>() + L);
   const at::ScalarType acc_type = accum_type(lora_b.scalar_type());
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, lora_b.scalar_type(), "lslo_cpp_stage_factors", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const int64_t ldb = padded_ld<acc_t>(d);
     out = at::empty({R, ldb}, lora_b.options().dtype(acc_type));
-    std::vector<acc_t> scale(R);
-    for (int64_t l = 0; l < L; ++l) {
-      TORCH_CHECK(ro[l + 1] >= ro[l], op, ": rank_offsets must not decrease");
-      for (int64_t c = ro[l]; c < ro[l + 1]; ++c) scale[c] = static_cast<acc_t>(s64.data_ptr<double>()[l]);
-    }
+    const std::vector<acc_t> scale = column_scales<acc_t>(ro, s, R);
     StagedColumns<acc_t> cols;
     cols.scale = scale.data();
     if (R > 0) cols.ranges.emplace_back(0, R);
@@ -953,34 +989,6 @@ at::Tensor stage_factors_cpu(const at::Tensor& lora_b, const at::Tensor& prune_m
       for (int64_t i = d; i < ldb; ++i) dst[c * ldb + i] = acc_t(0);
   });
   return out;
-}
-
-// add_ with the factors staged by stage_factors (``staged``, (R, padded_ld(d)), accumulation
-// dtype): the same result as add_ with lora_b / prune_mask / scales, whose staging it skips.
-void add_staged_cpu(const at::Tensor& out, const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
-                    const at::Tensor& prune_mask, const at::Tensor& scales, const at::Tensor& rank_offsets,
-                    const at::Tensor& sorted_token_idx, const at::Tensor& lang_offsets, int64_t max_rank,
-                    const at::Tensor& staged) {
-  constexpr const char* op = "lslo_cpp::add_staged_";
-  const Problem p = check_problem(op, x, lora_a, lora_b, prune_mask, scales, rank_offsets, sorted_token_idx,
-                                  lang_offsets, max_rank, /*strided_x=*/true);
-  check_rows(out, op, "out");
-  check_output_like(out, p, x, op, "out");
-  const at::ScalarType acc_type = accum_type(x.scalar_type());
-  TORCH_CHECK(staged.scalar_type() == acc_type && staged.device().is_cpu() && staged.is_contiguous() &&
-                  staged.dim() == 2 && staged.size(0) == p.R,
-              op, ": staged must be the contiguous (R, padded d) ", acc_type, " tensor stage_factors returns, got ",
-              staged.scalar_type(), " ", staged.sizes());
-  if (p.T == 0 || p.d == 0) return;
-  const int64_t ldo = p.T > 1 ? out.stride(0) : p.d;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lslo_cpp_add_staged_", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    TORCH_CHECK(staged.size(1) == padded_ld<acc_t>(p.d), op, ": staged has ", staged.size(1),
-                " columns, expected ", padded_ld<acc_t>(p.d), " (d padded to a cache line)");
-    scalar_t* o = out.data_ptr<scalar_t>();
-    forward_impl<scalar_t>(p, x.data_ptr<scalar_t>(), o, ldo, o, ldo, false, lora_a, lora_b, prune_mask,
-                           static_cast<acc_t*>(nullptr), staged.data_ptr<acc_t>());
-  });
 }
 
 // ------------------------------------------------------------------------------------ backward

@@ -270,10 +270,18 @@ class _LanguageFactors:
         """Free the staged decoding factors (rebuilt by the next ``no_grad`` call that uses them)."""
         self._staged = None
 
-    def _backend_mixed_for(self, x: torch.Tensor) -> bool:
-        """Whether the backend for x takes fp32 factors with x's 16-bit dtype (``mixed_factors``)."""
-        self._backend_for(x)
-        return self._backend_mixed
+    def _autocast_factors(self, x: torch.Tensor, lora_a: torch.Tensor,
+                          lora_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The factors the op gets under autocast, x already in the autocast dtype: as they are when
+        the backend for x takes fp32 factors with x's 16-bit dtype (``Backend.mixed_factors``: it
+        rounds them as it reads them and returns fp32 gradients; on an H100 the two casts and their
+        two backward casts cost ~4 x 29 us of host time per layer and step, issue 12's profile),
+        else cast to x's dtype, the fp32 master factors getting their gradients through the casts."""
+        if x.device == lora_a.device and mixed_factors(x.dtype, lora_a.dtype):
+            self._backend_for(x)
+            if self._backend_mixed:
+                return lora_a, lora_b
+        return lora_a.to(x.dtype), lora_b.to(x.dtype)
 
     def _tensors(self):
         """(lora_A, lora_B, prune_mask, scales as the op takes them, rank_offsets), read from the
@@ -481,15 +489,10 @@ class LSLoLinear(_LanguageFactors, nn.Module):
         autocast = device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type)
         if autocast:
             # Mixed precision (torch.autocast / accelerate): the LoRA term runs in the autocast dtype like
-            # the base Linear; the fp32 master factors get their gradients through these casts. The op
-            # itself then runs with autocast off: its kernels choose their own accumulation precision.
-            # A backend with mixed_factors takes the fp32 master factors as they are (it rounds them
-            # as it reads them, and returns fp32 gradients): on an H100 the two casts and their two
-            # backward casts cost ~4 x 29 us of host time per layer and step (issue 12's profile).
-            compute = torch.get_autocast_dtype(device.type)
-            x = x.to(compute)
-            if device != lora_a.device or not (self._backend_mixed_for(x) and mixed_factors(compute, lora_a.dtype)):
-                lora_a, lora_b = lora_a.to(compute), lora_b.to(compute)
+            # the base Linear (factors: _autocast_factors). The op itself then runs with autocast off:
+            # its kernels choose their own accumulation precision.
+            x = x.to(torch.get_autocast_dtype(device.type))
+            lora_a, lora_b = self._autocast_factors(x, lora_a, lora_b)
         elif x.dtype != lora_a.dtype:
             raise TypeError(f"x dtype {x.dtype} != adapter dtype {lora_a.dtype}; cast the module or the input")
         if device != lora_a.device:
@@ -737,10 +740,8 @@ class LSLoDualLinear(nn.Module):
         factors = [(s.lora_A, s.lora_B) for s in sets]
         autocast = device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type)
         if autocast:  # as LSLoLinear.forward: the LoRA terms in the autocast dtype, the op with autocast off
-            compute = torch.get_autocast_dtype(device.type)
-            x = x.to(compute)
-            if not (self.src._backend_mixed_for(x) and mixed_factors(compute, self.src.lora_A.dtype)):
-                factors = [(a.to(compute), b.to(compute)) for a, b in factors]
+            x = x.to(torch.get_autocast_dtype(device.type))
+            factors = [s._autocast_factors(x, a, b) for s, (a, b) in zip(sets, factors)]
         elif x.dtype != self.src.lora_A.dtype:
             raise TypeError(f"x dtype {x.dtype} != adapter dtype {self.src.lora_A.dtype}; cast the module or the input")
         weights = self.mix_weights_now() if mix is None else mix
