@@ -4,6 +4,9 @@
 //   lslo_cpp::backward  -> (grad_x, grad_a, grad_b, grad_scales)
 //   lslo_cpp::add_      out += LoRA term in place, no h              inference
 //   lslo_cpp::lora      -> y, with a C++ autograd node calling backward: training without a Python layer
+//   lslo_cpp::linear_forward -> (y, h)   y = x W^T + bias + LoRA term: the frozen base Linear and the
+//                                         LoRA term in one op (LoRA pass first, then the GEMM into it)
+//   lslo_cpp::linear_lora    -> y        linear_forward with a C++ autograd node (training)
 //
 // Same math and output dtypes as lslo_kernels/reference.py:
 //   h_t = A_l x_t  (fp32, fp64 for fp64 inputs)        y_t = base_out_t + s_l (B_l * M_l) h_t
@@ -991,6 +994,54 @@ at::Tensor stage_factors_cpu(const at::Tensor& lora_b, const at::Tensor& prune_m
   return out;
 }
 
+// y = x W^T + bias + LoRA term, h kept: the frozen base Linear and the LoRA term in one op. The
+// LoRA pass runs first and writes bias + LoRA term into y (the bias row read with row stride 0, or a
+// zero row), then the base GEMM accumulates x W^T into y (beta = 1). A separate pass after the GEMM
+// (lora: y = base_out + LoRA term) reads the whole base output again once the GEMM has evicted it
+// from the caches; here y is read inside the GEMM, which addmm with a bias does anyway. Measured on
+// the project's 2-core EPYC (fp32, lang30, 2 threads), fwd+bwd over the base Linear at T=2048,
+// with the backward's x W of linear_lora: 1024->1024 1.066x -> 1.003x, 4096->1024 1.014x -> 0.925x
+// (medians of interleaved rounds; a Python prototype of this order).
+void check_weight(const at::Tensor& weight, const std::optional<at::Tensor>& bias, const Problem& p,
+                  const at::Tensor& x, const char* op) {
+  TORCH_CHECK(weight.device().is_cpu() && weight.dim() == 2 && weight.size(0) == p.d && weight.size(1) == p.k, op,
+              ": weight must be a (d, k) = (", p.d, ", ", p.k, ") CPU tensor, got ", weight.sizes(), " on ",
+              weight.device());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight dtype ", weight.scalar_type(), " != x dtype ",
+              x.scalar_type());
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == p.d, op,
+                ": bias must be a (d,) = (", p.d, ",) CPU tensor, got ", bias->sizes(), " on ", bias->device());
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), op, ": bias dtype ", bias->scalar_type(), " != x dtype ",
+                x.scalar_type());
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                      const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+                                                      const at::Tensor& lora_b, const at::Tensor& prune_mask,
+                                                      const at::Tensor& scales, const at::Tensor& rank_offsets,
+                                                      const at::Tensor& sorted_token_idx,
+                                                      const at::Tensor& lang_offsets, int64_t max_rank) {
+  constexpr const char* op = "lslo_cpp::linear_forward";
+  const Problem p = check_problem(op, x, lora_a, lora_b, prune_mask, scales, rank_offsets, sorted_token_idx,
+                                  lang_offsets, max_rank);
+  check_weight(weight, bias, p, x, op);
+  at::Tensor y = empty_output({p.T, p.d}, x.options());
+  at::Tensor h = at::empty({p.T, p.max_rank}, x.options().dtype(accum_type(x.scalar_type())));
+  if (p.T == 0) return {y, h};
+  const bool has_bias = bias.has_value() && bias->defined();
+  const at::Tensor row = has_bias ? bias->contiguous() : at::zeros({p.d}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lslo_cpp_linear_forward", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    // Plain stores: the GEMM reads y right after, and what is still cached is read from there.
+    forward_impl<scalar_t>(p, x.data_ptr<scalar_t>(), row.data_ptr<scalar_t>(), /*ldbase=*/0,
+                           y.data_ptr<scalar_t>(), p.d, false, lora_a, lora_b, prune_mask, h.data_ptr<acc_t>());
+  });
+  y.addmm_(x, weight.t());
+  return {y, h};
+}
+
 // ------------------------------------------------------------------------------------ backward
 template <typename scalar_t>
 void backward_impl(const Problem& p, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& h,
@@ -1202,6 +1253,86 @@ at::Tensor lora_cpu(const at::Tensor& x, const at::Tensor& base_out, const at::T
                                  lang_offsets, max_rank));
 }
 
+
+// linear_forward with its backward as a C++ autograd node: grad_x = (LoRA part, written by the
+// backward kernel) + grad_y W accumulated into it by the GEMM (beta = 1), so autograd does not add
+// two (T, k) gradients of x in a separate pass. The weight and bias get gradients only when they
+// require them (a frozen base does not).
+class LinearLoraFunction : public torch::autograd::Function<LinearLoraFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+                            const at::Tensor& lora_b, const at::Tensor& prune_mask, const at::Tensor& scales,
+                            const at::Tensor& rank_offsets, const at::Tensor& sorted_token_idx,
+                            const at::Tensor& lang_offsets, int64_t max_rank) {
+    static const auto fwd = c10::Dispatcher::singleton()
+                                .findSchemaOrThrow("lslo_cpp::linear_forward", "")
+                                .typed<std::tuple<at::Tensor, at::Tensor>(
+                                    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                    const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, h] = fwd.call(x, weight, bias, lora_a, lora_b, prune_mask, scales, rank_offsets, sorted_token_idx,
+                           lang_offsets, max_rank);
+    ctx->save_for_backward(
+        {x, h, weight, lora_a, lora_b, prune_mask, scales, rank_offsets, sorted_token_idx, lang_offsets});
+    ctx->saved_data["max_rank"] = max_rank;
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    static const auto bwd = c10::Dispatcher::singleton()
+                                .findSchemaOrThrow("lslo_cpp::backward", "")
+                                .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                                    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                    const at::Tensor&, const at::Tensor&, int64_t)>();
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& x = saved[0];
+    const at::Tensor& weight = saved[2];
+    const at::Tensor grad_y = grads[0].contiguous();
+    // needs_input_grad counts the tensor inputs that were given: an absent bias has no edge.
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const int shift = has_bias ? 1 : 0;
+    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1);
+    const bool need_bias = has_bias && ctx->needs_input_grad(2);
+    const bool need_a = ctx->needs_input_grad(2 + shift), need_b = ctx->needs_input_grad(3 + shift);
+    const bool need_scales = ctx->needs_input_grad(5 + shift);
+    at::Tensor grad_x, grad_a, grad_b, grad_scales, grad_w, grad_bias;
+    if (need_x || need_a || need_b || need_scales) {
+      std::tie(grad_x, grad_a, grad_b, grad_scales) =
+          bwd.call(grad_y, x, saved[1], saved[3], saved[4], saved[5], saved[6], saved[7], saved[8], saved[9],
+                   ctx->saved_data["max_rank"].toInt());
+      if (need_x) grad_x.addmm_(grad_y, weight);
+    }
+    if (need_w) grad_w = grad_y.t().mm(x);
+    if (need_bias) grad_bias = grad_y.sum(0);
+    auto keep = [](bool need, const at::Tensor& g) { return need ? g : at::Tensor(); };
+    return {keep(need_x, grad_x), keep(need_w, grad_w),   keep(need_bias, grad_bias), keep(need_a, grad_a),
+            keep(need_b, grad_b), at::Tensor(),            keep(need_scales, grad_scales), at::Tensor(),
+            at::Tensor(),         at::Tensor(),            at::Tensor()};
+  }
+};
+
+at::Tensor linear_lora_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& prune_mask,
+                                const at::Tensor& scales, const at::Tensor& rank_offsets,
+                                const at::Tensor& sorted_token_idx, const at::Tensor& lang_offsets,
+                                int64_t max_rank) {
+  return LinearLoraFunction::apply(x, weight, bias, lora_a, lora_b, prune_mask, scales, rank_offsets,
+                                   sorted_token_idx, lang_offsets, max_rank);
+}
+
+at::Tensor linear_lora_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& prune_mask,
+                           const at::Tensor& scales, const at::Tensor& rank_offsets,
+                           const at::Tensor& sorted_token_idx, const at::Tensor& lang_offsets, int64_t max_rank) {
+  return std::get<0>(linear_forward_cpu(x, weight, bias, lora_a, lora_b, prune_mask, scales, rank_offsets,
+                                        sorted_token_idx, lang_offsets, max_rank));
+}
+
 }  // namespace
 }  // namespace lslo
 
@@ -1224,6 +1355,13 @@ TORCH_LIBRARY(lslo_cpp, m) {
   m.def(
       "add_staged_(Tensor(a!) out, Tensor x, Tensor lora_a, Tensor lora_b, Tensor prune_mask, Tensor scales, "
       "Tensor rank_offsets, Tensor sorted_token_idx, Tensor lang_offsets, int max_rank, Tensor staged) -> ()");
+  m.def(
+      "linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor prune_mask, "
+      "Tensor scales, Tensor rank_offsets, Tensor sorted_token_idx, Tensor lang_offsets, int max_rank) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "linear_lora(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor prune_mask, "
+      "Tensor scales, Tensor rank_offsets, Tensor sorted_token_idx, Tensor lang_offsets, int max_rank) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lslo_cpp, CPU, m) {
@@ -1233,10 +1371,13 @@ TORCH_LIBRARY_IMPL(lslo_cpp, CPU, m) {
   m.impl("lora", &lslo::lora_cpu);
   m.impl("stage_factors", &lslo::stage_factors_cpu);
   m.impl("add_staged_", &lslo::add_staged_cpu);
+  m.impl("linear_forward", &lslo::linear_forward_cpu);
+  m.impl("linear_lora", &lslo::linear_lora_cpu);
 }
 
 TORCH_LIBRARY_IMPL(lslo_cpp, Autograd, m) {
   m.impl("lora", &lslo::lora_autograd);
+  m.impl("linear_lora", &lslo::linear_lora_autograd);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

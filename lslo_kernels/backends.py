@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from . import reference
-from .spec import ADD, BACKWARD, FORWARD, LORA, check_signature
+from .spec import ADD, BACKWARD, FORWARD, LINEAR, LORA, check_signature
 
 __all__ = ["Backend", "available_backends", "check_backend", "get_backend", "register_backend", "resolve_backend"]
 
@@ -46,6 +46,9 @@ class Backend:
             call, prepared once; ``add_staged_`` is ``spec.ADD`` plus that tensor, and skips the
             staging. The caller keeps the staged tensor while B, the mask and the scales are
             unchanged (``LSLoLinear`` keys it on their version counters).
+        linear: optional ``spec.LINEAR``: the frozen base Linear and the LoRA term in one op with
+            its autograd (``y = x W^T + bias + LoRA term``), which saves the separate pass of the
+            LoRA term over the base output and autograd's sum of the two gradients of x.
     """
 
     name: str
@@ -58,6 +61,7 @@ class Backend:
     mixed_factors: bool = False
     stage_factors: Callable | None = None
     add_staged_: Callable | None = None
+    linear: Callable | None = None
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -74,6 +78,8 @@ def check_backend(backend: Backend) -> None:
         check_signature(backend.add_, ADD, f"backend {backend.name!r} add_")
     if backend.autograd is not None:
         check_signature(backend.autograd, LORA, f"backend {backend.name!r} autograd")
+    if backend.linear is not None:
+        check_signature(backend.linear, LINEAR, f"backend {backend.name!r} linear")
 
 
 def register_backend(backend: Backend) -> None:

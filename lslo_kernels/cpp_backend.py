@@ -6,7 +6,10 @@ The kernels live in ``csrc/`` and register, when ``_C`` is imported, the ops (sc
 * ``torch.ops.lslo_cpp.add_``: inference, the LoRA term added into the base output in place;
 * ``torch.ops.lslo_cpp.lora``: training, y with its autograd node in C++;
 * ``torch.ops.lslo_cpp.stage_factors`` / ``add_staged_``: decoding with the factors staged once
-  (``s_l (B_l * M_l)^T`` rows, what ``add_`` stages on every call) instead of per call.
+  (``s_l (B_l * M_l)^T`` rows, what ``add_`` stages on every call) instead of per call;
+* ``torch.ops.lslo_cpp.linear_forward`` / ``linear_lora``: the frozen base Linear and the LoRA term
+  in one op (the LoRA pass first, the base GEMM accumulating into its output), ``linear_lora``
+  with its autograd in C++: training of an adapted ``nn.Linear``.
 
 CPU; fp32, bf16, fp16, fp64. This module adds their fake (meta) implementations from ``spec.py``,
 so ``torch.compile`` and ``torch.library.opcheck`` can trace them, and registers the backend with
@@ -33,8 +36,9 @@ lora_forward_cpp = lora_backward_cpp = lora_add_cpp = lora_autograd_cpp = None
 
 
 def _register_fakes() -> None:
-    for op in (spec.FORWARD, spec.BACKWARD, spec.ADD, spec.LORA):
-        torch.library.register_fake(f"lslo_cpp::{op.name}")(spec.FAKES[op.name])
+    for op in (spec.FORWARD, spec.BACKWARD, spec.ADD, spec.LORA, spec.LINEAR_FORWARD, spec.LINEAR):
+        if _optional_op(op.name) is not None:
+            torch.library.register_fake(f"lslo_cpp::{op.name}")(spec.FAKES[op.name])
 
 
 def _optional_op(name: str):
@@ -71,5 +75,6 @@ else:
             autograd=lora_autograd_cpp,
             stage_factors=_optional_op("stage_factors"),
             add_staged_=_optional_op("add_staged_"),
+            linear=_optional_op("linear_lora"),
         )
     )

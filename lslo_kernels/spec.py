@@ -32,6 +32,8 @@ __all__ = [
     "BACKWARD",
     "FACTORS",
     "FORWARD",
+    "LINEAR",
+    "LINEAR_FORWARD",
     "LORA",
     "PARAMS",
     "ROUTING",
@@ -57,6 +59,8 @@ class Param:
 PARAMS: dict[str, Param] = {p.name: p for p in (
     Param("x", "Tensor", "(T, k) input rows, float32/bfloat16/float16/float64"),
     Param("base_out", "Tensor", "(T, d) dtype of x: output of the frozen base layer for x"),
+    Param("weight", "Tensor", "(d, k) dtype of x: weight W of the frozen base Linear"),
+    Param("bias", "Tensor?", "(d,) dtype of x, or None: bias of the frozen base Linear"),
     Param("out", "Tensor(a!)", "(T, d) dtype of x, unit column stride: base output, the LoRA term is added in place"),
     Param("grad_out", "Tensor", "(T, d) dtype of x: gradient of y"),
     Param("h", "Tensor", "(T, max_rank) fp32 (fp64 for fp64 x): A_l x_t saved by the forward, 0 past r_l"),
@@ -108,6 +112,11 @@ BACKWARD = OpSpec("backward", ("grad_out", "x", "h", *FACTORS, *ROUTING, "max_ra
 ADD = OpSpec("add_", ("out", "x", *FACTORS, *ROUTING, "max_rank"), ())
 # Training entry with its autograd in C++ (cpp backend): y with the gradients of FORWARD's inputs.
 LORA = OpSpec("lora", FORWARD.inputs, ("y",))
+# The base Linear and the LoRA term in one op (cpp backend): y = x W^T + bias + LoRA term, h as FORWARD's.
+# LINEAR is its training entry, autograd in C++: gradients of x, the factors and the scales, and of
+# weight / bias where they require them.
+LINEAR_FORWARD = OpSpec("linear_forward", ("x", "weight", "bias", *FACTORS, *ROUTING, "max_rank"), ("y", "h"))
+LINEAR = OpSpec("linear_lora", LINEAR_FORWARD.inputs, ("y",))
 
 
 def mixed_factors(x_dtype: torch.dtype, factor_dtype: torch.dtype) -> bool:
@@ -169,7 +178,22 @@ def fake_lora(x, base_out, lora_a, lora_b, prune_mask, scales, rank_offsets, sor
     return torch.empty_like(base_out, memory_format=torch.contiguous_format)
 
 
-FAKES = {FORWARD.name: fake_forward, BACKWARD.name: fake_backward, ADD.name: fake_add, LORA.name: fake_lora}
-SPECS = {s.name: s for s in (FORWARD, BACKWARD, ADD, LORA)}
+def fake_linear_forward(x, weight, bias, lora_a, lora_b, prune_mask, scales, rank_offsets, sorted_token_idx,
+                        lang_offsets, max_rank):
+    """Outputs of :data:`LINEAR_FORWARD`: y (T, d) dtype of x, h (T, max_rank)."""
+    y = x.new_empty((x.shape[0], weight.shape[0]))
+    h = x.new_empty((x.shape[0], max_rank), dtype=accum_dtype(x.dtype))
+    return y, h
+
+
+def fake_linear(x, weight, bias, lora_a, lora_b, prune_mask, scales, rank_offsets, sorted_token_idx, lang_offsets,
+                max_rank):
+    """Output of :data:`LINEAR`: y (T, d) dtype of x."""
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+FAKES = {FORWARD.name: fake_forward, BACKWARD.name: fake_backward, ADD.name: fake_add, LORA.name: fake_lora,
+         LINEAR_FORWARD.name: fake_linear_forward, LINEAR.name: fake_linear}
+SPECS = {s.name: s for s in (FORWARD, BACKWARD, ADD, LORA, LINEAR_FORWARD, LINEAR)}
 for _name, _fake in FAKES.items():
     check_signature(_fake, SPECS[_name], f"fake of {_name}")  # the shape functions follow the contract too

@@ -48,7 +48,8 @@ def test_python_custom_ops_take_their_schemas_from_the_spec():
 
 
 @needs_cpp
-@pytest.mark.parametrize("op_spec", [spec.FORWARD, spec.BACKWARD, spec.ADD, spec.LORA], ids=lambda s: s.name)
+@pytest.mark.parametrize("op_spec", [spec.FORWARD, spec.BACKWARD, spec.ADD, spec.LORA, spec.LINEAR_FORWARD, spec.LINEAR],
+                         ids=lambda s: s.name)
 def test_cpp_schemas_equal_the_spec(op_spec):
     assert str(getattr(torch.ops.lslo_cpp, op_spec.name).default._schema) == "lslo_cpp::" + op_spec.schema()
 
@@ -61,17 +62,20 @@ def test_fake_implementations_match_real_outputs():
            case["rank_offsets"], r.sorted_token_idx, r.lang_offsets, case["max_rank"])
     y, h = torch.ops.lslo_cpp.forward(*fwd)
     bwd = (case["grad_out"], case["x"], h, *fwd[2:])
-    real = {"forward": (y, h), "backward": torch.ops.lslo_cpp.backward(*bwd), "lora": (torch.ops.lslo_cpp.lora(*fwd),)}
+    weight = torch.randn(5, 6)
+    linear = {"with bias": (case["x"], weight, torch.randn(5), *fwd[2:]), "without": (case["x"], weight, None, *fwd[2:])}
+    ops = torch.ops.lslo_cpp
+    calls = {"forward": (ops.forward, fwd, False), "backward": (ops.backward, bwd, False), "lora": (ops.lora, fwd, True)}
+    for label, args in linear.items():
+        calls[f"linear_forward {label}"] = (ops.linear_forward, args, False)
+        calls[f"linear_lora {label}"] = (ops.linear_lora, args, True)
+    real = {name: (fn(*args),) if single else fn(*args) for name, (fn, args, single) in calls.items()}
     mode = FakeTensorMode()
     with mode:
-        fakes = {
-            "forward": torch.ops.lslo_cpp.forward(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
-                                                    for a in fwd)),
-            "backward": torch.ops.lslo_cpp.backward(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
-                                                      for a in bwd)),
-            "lora": (torch.ops.lslo_cpp.lora(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
-                                               for a in fwd)),),
-        }
+        fakes = {}
+        for name, (fn, args, single) in calls.items():
+            out = fn(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+            fakes[name] = (out,) if single else out
     for name, outs in real.items():
         assert len(fakes[name]) == len(outs), name
         for fake, out in zip(fakes[name], outs):
@@ -86,7 +90,7 @@ def test_reference_and_backend_argument_names_are_the_spec_names():
                         (lslo_kernels.lora_add_reference, spec.ADD)):
         assert tuple(inspect.signature(fn).parameters) == op_spec.inputs
     # no kernel reads the raw per-token ids: they stop at the routing
-    for op_spec in (spec.FORWARD, spec.BACKWARD, spec.ADD, spec.LORA):
+    for op_spec in spec.SPECS.values():
         assert "lang" not in op_spec.inputs
 
 

@@ -437,3 +437,130 @@ def test_public_entry_without_validation_still_raises():
         lslo_kernels.grouped_lora(case["x"], case["base_out"], case["lora_a"], case["lora_b"], case["prune_mask"],
                                   case["scales"], case["rank_offsets"], bad, case["max_rank"], backend="cpp",
                                   validate=False)
+
+
+# ------------------------------------------------------- linear_lora: base Linear + LoRA term in one op
+LINEAR_LEAVES = ("x", "weight", "bias", "lora_a", "lora_b", "scales")
+
+
+def _linear_case(num_tokens, in_features, out_features, ranks, *, dtype, spread="with_none", bias=True, seed=0):
+    case = make_case(num_tokens, in_features, out_features, ranks, density=0.5, spread=spread, dtype=dtype, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    case["weight"] = (torch.randn(out_features, in_features, generator=g) / max(in_features, 1) ** 0.5).to(dtype)
+    case["bias"] = torch.randn(out_features, generator=g).to(dtype) if bias else None
+    return case
+
+
+def _linear_run(case, use_op: bool, needs=LINEAR_LEAVES):
+    """y and the gradients of ``needs`` (None for the others), through linear_lora or through the truth:
+    F.linear followed by the reference op, autograd summing the two gradients of x."""
+    leaves = {n: (case[n].clone().requires_grad_(n in needs) if case[n] is not None else None)
+              for n in LINEAR_LEAVES}
+    r = case["routing"]
+    if use_op:
+        y = torch.ops.lslo_cpp.linear_lora(leaves["x"], leaves["weight"], leaves["bias"], leaves["lora_a"],
+                                           leaves["lora_b"], case["prune_mask"], leaves["scales"],
+                                           case["rank_offsets"], r.sorted_token_idx, r.lang_offsets, case["max_rank"])
+    else:
+        base_out = torch.nn.functional.linear(leaves["x"], leaves["weight"], leaves["bias"])
+        y = lslo_kernels.grouped_lora(leaves["x"], base_out, leaves["lora_a"], leaves["lora_b"], case["prune_mask"],
+                                      leaves["scales"], case["rank_offsets"], r, case["max_rank"],
+                                      backend="reference")
+    y.backward(case["grad_out"])
+    return y.detach(), {n: (leaves[n].grad if leaves[n] is not None else None) for n in LINEAR_LEAVES}
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("num_tokens, in_features, out_features, ranks, spread", [
+    (83, 48, 40, MIXED_RANKS, "with_none"),   # odd sizes, ranks 1..64, tokens without a language
+    (7, 1, 5, [3], "single"),                  # one language, k = 1
+    (64, 123, 7, [2, 8, 1], "sparse"),         # empty language groups
+    (0, 16, 8, [2, 8], "uniform"),             # empty batch
+])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_lora_matches_base_linear_then_reference(dtype, num_tokens, in_features, out_features, ranks, spread,
+                                                        bias):
+    case = _linear_case(num_tokens, in_features, out_features, ranks, dtype=dtype, spread=spread, bias=bias, seed=5)
+    y, grads = _linear_run(case, use_op=True)
+    y_ref, grads_ref = _linear_run(case, use_op=False)
+    _assert_close(y, y_ref, dtype, "y")
+    for name in LINEAR_LEAVES:
+        if case[name] is None:
+            assert grads[name] is None
+            continue
+        _assert_close(grads[name], grads_ref[name], dtype, f"d{name}")
+
+
+@needs_cpp
+@pytest.mark.parametrize("needs", [("x",), ("lora_a", "lora_b"), ("scales",), ("weight",), ("bias",), ("x", "bias")])
+def test_linear_lora_gives_only_the_gradients_asked_for(needs):
+    case = _linear_case(21, 9, 6, [2, 3, 1], dtype=torch.float32, seed=2)
+    _y, grads = _linear_run(case, use_op=True, needs=needs)
+    _y, grads_ref = _linear_run(case, use_op=False, needs=needs)
+    for name in LINEAR_LEAVES:
+        assert (grads[name] is None) == (name not in needs), name
+        if name in needs:
+            _assert_close(grads[name], grads_ref[name], torch.float32, f"d{name}")
+
+
+@needs_cpp
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_lora_gradcheck_fp64(bias):
+    case = _linear_case(13, 6, 5, [2, 3, 1, 9], dtype=torch.float64, bias=bias, seed=3)
+    case["scales"] = case["scales"].double()
+    r = case["routing"]
+    names = [n for n in LINEAR_LEAVES if case[n] is not None]
+
+    def f(*tensors):
+        t = dict(zip(names, tensors), bias=None) if not bias else dict(zip(names, tensors))
+        return torch.ops.lslo_cpp.linear_lora(t["x"], t["weight"], t["bias"], t["lora_a"], t["lora_b"],
+                                              case["prune_mask"], t["scales"], case["rank_offsets"],
+                                              r.sorted_token_idx, r.lang_offsets, case["max_rank"])
+
+    assert torch.autograd.gradcheck(f, tuple(case[n].clone().requires_grad_(True) for n in names))
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_lora_opcheck(dtype):
+    case = _linear_case(17, 6, 5, [2, 1, 4], dtype=dtype, seed=2)
+    r = case["routing"]
+    rest = (case["prune_mask"], case["scales"], case["rank_offsets"], r.sorted_token_idx, r.lang_offsets,
+            case["max_rank"])
+    for bias in (case["bias"], None):
+        args = (case["x"], case["weight"], bias, case["lora_a"], case["lora_b"], *rest)
+        torch.library.opcheck(torch.ops.lslo_cpp.linear_forward.default, args)
+        leaves = [t.clone().requires_grad_(True) if t is not None else None for t in args[:5]]
+        torch.library.opcheck(torch.ops.lslo_cpp.linear_lora.default, (*leaves, *rest))
+
+
+@needs_cpp
+def test_linear_lora_rejects_a_mismatched_base():
+    case = _linear_case(9, 6, 4, [2, 3], dtype=torch.float32, seed=1)
+    r = case["routing"]
+    rest = (case["lora_a"], case["lora_b"], case["prune_mask"], case["scales"], case["rank_offsets"],
+            r.sorted_token_idx, r.lang_offsets, case["max_rank"])
+    for weight, bias, message in (
+        (case["weight"].t().contiguous(), case["bias"], r"weight must be a \(d, k\) = \(4, 6\)"),
+        (case["weight"].double(), case["bias"], "weight dtype Double != x dtype Float"),
+        (case["weight"], case["bias"][:3], r"bias must be a \(d,\) = \(4,\)"),
+        (case["weight"], case["bias"].half(), "bias dtype Half"),
+    ):
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.lslo_cpp.linear_lora(case["x"], weight, bias, *rest)
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("spread", ["uniform", "single"])
+def test_linear_lora_on_every_kernel_variant_and_thread_split(isa, threads, spread):
+    # Big enough to be split across threads (the bias row is read with row stride 0 by every part).
+    case = _linear_case(700, 64, 96, [2] * 5 + [8] * 4 + [64], dtype=torch.float32, spread=spread, seed=threads)
+    with kernel_config(isa, threads, stream_min_bytes=0):
+        y, grads = _linear_run(case, use_op=True)
+    y_ref, grads_ref = _linear_run(case, use_op=False)
+    _assert_close(y, y_ref, torch.float32, "y")
+    for name in LINEAR_LEAVES:
+        _assert_close(grads[name], grads_ref[name], torch.float32, f"d{name}")

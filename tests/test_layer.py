@@ -401,13 +401,16 @@ def test_decoding_with_staged_factors_follows_every_change_of_the_factors(monkey
     x = torch.randn(9, 64)
     ids = torch.tensor([0, 5, 29, -1, 5, 17, 3, 3, 20])
 
-    def per_call():  # the same layer through the unstaged add_
-        with torch.no_grad():
-            out = layer.base_layer(x)
+    def per_call():  # the same layer through the unstaged add_, in the decoding path's order
+        with torch.no_grad():  # (LoRA term into the bias rows, then the base GEMM into them)
+            out = layer.base_layer.bias.expand(9, 160).contiguous()
             lslo_kernels.get_backend("cpp").add_(out, x, layer.lora_A, layer.lora_B, layer.prune_mask,
                                                  layer.scales.detach(), layer.rank_offsets,
                                                  *(lambda r: (r.sorted_token_idx, r.lang_offsets))(
                                                      lslo_kernels.build_routing(ids, 30)), layer.max_rank)
+            out.addmm_(x, layer.base_layer.weight.t())
+            # and the same numbers, to rounding, as the base Linear followed by the LoRA term
+            torch.testing.assert_close(out, _expected(layer, x, ids))
         return out
 
     def decode():
@@ -437,12 +440,31 @@ def test_decoding_with_staged_factors_follows_every_change_of_the_factors(monkey
     assert small._backend_staged is None
 
 
-def test_cpp_training_uses_the_compiled_autograd_node(monkeypatch):
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("widths", [{}, {"lora_out_features": 5, "lora_in_features": 9}])
+@pytest.mark.parametrize("train_base", [False, True])
+def test_cpp_training_uses_the_compiled_autograd_node(monkeypatch, bias, widths, train_base):
+    """Training on cpp: a plain Linear base with full LoRA widths goes through the one op of the base
+    Linear and the LoRA term (``Backend.linear``, autograd in C++); reduced widths take the C++ LoRA
+    node after the base. Either way no Python custom op, and the reference's numbers, the base's
+    weight and bias gradients included when they are trained."""
     if "cpp" not in lslo_kernels.available_backends("cpu"):
         pytest.skip("cpp not built")
-    ref, fast = _layer(backend="reference", learn_scales=True), _layer(backend="cpp", learn_scales=True)
+    layers = []
+    for backend in ("reference", "cpp"):
+        torch.manual_seed(0)
+        layer = lslo.LSLoLinear(nn.Linear(16, 12, bias=bias), [2, 8, 3], backend=backend, learn_scales=True, **widths)
+        with torch.no_grad():
+            layer.lora_B.normal_()
+        layer.base_layer.requires_grad_(train_base)
+        layers.append(layer)
+    ref, fast = layers
     x = torch.randn(5, 16)
     ids = torch.tensor([0, 1, 2, -1, 1])
+    fast._backend_for(x)
+    calls, real = [], fast._backend_linear
+    assert real is not None
+    fast._backend_linear = lambda *args: calls.append(1) or real(*args)
     grads = []
     for layer in (ref, fast):
         if layer is fast:
@@ -450,9 +472,15 @@ def test_cpp_training_uses_the_compiled_autograd_node(monkeypatch):
         xl = x.clone().requires_grad_(True)
         y = layer(xl, lang=ids)
         y.square().sum().backward()
-        grads.append((y.detach(), xl.grad, layer.lora_A.grad, layer.lora_B.grad, layer.scales.grad))
-    for name, got, want in zip(("y", "dx", "dA", "dB", "dscales"), grads[1], grads[0]):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=name)
+        base = [p.grad for p in layer.base_layer.parameters()]
+        grads.append((y.detach(), xl.grad, layer.lora_A.grad, layer.lora_B.grad, layer.scales.grad, *base))
+    assert len(calls) == (0 if widths else 1)
+    names = ("y", "dx", "dA", "dB", "dscales", "dweight", "dbias")
+    for name, got, want in zip(names, grads[1], grads[0]):
+        if want is None:
+            assert got is None, name
+        else:
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=name)
 
 
 # --------------------------------------------------------------------------- routing checks
