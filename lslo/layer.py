@@ -314,6 +314,29 @@ class _LanguageFactors:
             return lang
         return route_tokens(lang, lead, self.num_languages, validate=self.validate, device=x.device, name="lang")
 
+    def _linear_forward(self, base: nn.Module, x: torch.Tensor, routing: Routing, lora_a: torch.Tensor,
+                        lora_b: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
+        """Training: ``base(x)`` plus this set's LoRA term as one op with its autograd (``Backend.linear``:
+        the LoRA pass first, then the base GEMM accumulating into its output; in the backward the
+        GEMM accumulates into the LoRA part of grad_x, so autograd adds no two gradients of x).
+        Returns (T, out) rows, or None where it does not apply: a base that is not a plain hook-free
+        ``nn.Linear``, reduced LoRA widths, or torch.compile (the custom op traces).
+
+        Measured on the 2-core EPYC, fp32, lang30, T=2048, 2 threads, fwd+bwd of the layer over the base
+        Linear's, medians of 20-30 interleaved rounds, two runs, LoRA node after the base -> this op:
+        1024->1024 1.17-1.18x -> 1.10-1.12x, 1024->4096 1.04-1.05x -> 0.94-0.98x, 4096->1024
+        1.11-1.13x -> 1.02-1.03x."""
+        if not _plain_linear(base) or torch.compiler.is_compiling():
+            return None
+        params, buffers = base._parameters, self._buffers
+        weight = params["weight"]
+        if weight.shape != (self.lora_out_features, self.lora_in_features):  # reduced LoRA widths
+            return None
+        x_rows = x.reshape(-1, weight.shape[1]).contiguous()
+        return self._backend_linear(x_rows, weight, params["bias"], lora_a, lora_b, buffers["prune_mask"], scales,
+                                    buffers["rank_offsets"], routing.sorted_token_idx, routing.lang_offsets,
+                                    self.max_rank)
+
     def _lora_into(self, x_rows: torch.Tensor, out_rows: torch.Tensor, routing: Routing, lora_a: torch.Tensor,
                    lora_b: torch.Tensor, scales: torch.Tensor, backend: str, in_place: bool) -> torch.Tensor:
         """out_rows (T, out) plus this set's LoRA term of x_rows (T, in); in place when ``in_place``.
@@ -503,7 +526,7 @@ class LSLoLinear(_LanguageFactors, nn.Module):
         routing = self._routing(x, lang, lead)
         backend = self._backend_for(x)
         if self._backend_linear is not None and not autocast and torch.is_grad_enabled():
-            y = self._linear_forward(x, routing, lora_a, lora_b, scales)
+            y = self._linear_forward(self._modules["base_layer"], x, routing, lora_a, lora_b, scales)
             if y is not None:
                 return y.view(*lead, self.out_features)
         base_out = _base_forward(self.base_layer, x)
@@ -523,25 +546,6 @@ class LSLoLinear(_LanguageFactors, nn.Module):
             else:
                 y = self._lora_into(x_rows, out_rows, routing, lora_a, lora_b, scales, backend, in_place=False)
         return y.view(*lead, self.out_features)
-
-    def _linear_forward(self, x, routing, lora_a, lora_b, scales) -> torch.Tensor | None:
-        """Training: the base Linear and the LoRA term in one op with its autograd (``Backend.linear``:
-        the LoRA pass first, then the base GEMM accumulating into its output; in the backward the
-        GEMM accumulates into the LoRA part of grad_x, so autograd adds no two gradients of x).
-        Measured on the 2-core EPYC, fp32, lang30, T=2048, 2 threads, fwd+bwd of the layer over the base
-        Linear's, medians of 20-30 interleaved rounds, two runs, LoRA node after the base -> this op:
-        1024->1024 1.17-1.18x -> 1.10-1.12x, 1024->4096 1.04-1.05x -> 0.94-0.98x, 4096->1024
-        1.11-1.13x -> 1.02-1.03x. None where it does not apply: a base that is not a plain hook-free
-        ``nn.Linear``, reduced LoRA widths, or torch.compile (the custom op traces)."""
-        base = self._modules["base_layer"]
-        if (self.lora_in_features != self.in_features or self.lora_out_features != self.out_features
-                or not _plain_linear(base) or torch.compiler.is_compiling()):
-            return None
-        params, buffers = base._parameters, self._buffers
-        x_rows = x.reshape(-1, self.in_features).contiguous()
-        return self._backend_linear(x_rows, params["weight"], params["bias"], lora_a, lora_b, buffers["prune_mask"],
-                                    scales, buffers["rank_offsets"], routing.sorted_token_idx, routing.lang_offsets,
-                                    self.max_rank)
 
     def _decode_forward(self, x, lang) -> torch.Tensor | None:
         """The ``no_grad`` / ``inference_mode`` path of decoding, or None where it does not apply.
@@ -782,14 +786,22 @@ class LSLoDualLinear(nn.Module):
         lead = x.shape[:-1]
         routings = [s._routing(x, ids, lead) for s, ids in zip(sets, (src, tgt))]
         backend = self.src._backend_for(x)
-        base_out = self.base_layer(x)
-        if base_out.dtype != x.dtype:  # autocast may leave the base in another dtype than asked
-            base_out = base_out.to(x.dtype)
-        out_rows = base_out.reshape(-1, self.out_features)
         x_rows = x.reshape(-1, self.in_features)
         # The mixing weight multiplies each set's scales: (L,) products, differentiable in both.
         scales = [s._scales_arg() * weights[i].to(s.scales.dtype if s.scales.dtype in _SCALE_DTYPES else torch.float32)
                   for i, s in enumerate(sets)]
+        first = self.src
+        if first._backend_linear is not None and not autocast and torch.is_grad_enabled():
+            # Training: the base Linear and the source set's term in one op (_LanguageFactors._linear_forward),
+            # then the target set's term.
+            y = first._linear_forward(self._modules["base_layer"], x_rows, routings[0], *factors[0], scales[0])
+            if y is not None:
+                y = self.tgt._lora_into(x_rows, y, routings[1], *factors[1], scales[1], backend, in_place=False)
+                return y.view(*lead, self.out_features)
+        base_out = self.base_layer(x)
+        if base_out.dtype != x.dtype:  # autocast may leave the base in another dtype than asked
+            base_out = base_out.to(x.dtype)
+        out_rows = base_out.reshape(-1, self.out_features)
         params = [t for s in sets for t in (s.lora_A, s.lora_B)]
         in_place = not autocast and _inference(out_rows, *params, *scales)
         y = out_rows
