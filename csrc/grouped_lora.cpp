@@ -7,6 +7,7 @@
 //   lslo_cpp::linear_forward -> (y, h)   y = x W^T + bias + LoRA term: the frozen base Linear and the
 //                                         LoRA term in one op (LoRA pass first, then the GEMM into it)
 //   lslo_cpp::linear_lora    -> y        linear_forward with a C++ autograd node (training)
+//   lslo_cpp::linear_staged  -> y        decoding: the same with stage_factors' factors, no h
 //
 // Same math and output dtypes as lslo_kernels/reference.py:
 //   h_t = A_l x_t  (fp32, fp64 for fp64 inputs)        y_t = base_out_t + s_l (B_l * M_l) h_t
@@ -901,18 +902,13 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x, const at::Te
   return {y, h};
 }
 
-// Inference: out += LoRA term in place, nothing kept for a backward. out and x may be column
-// slices (rows with a stride): the reduced LoRA widths of LSLoLinear need no copy. staged: the
-// factors stage_factors returned ((R, padded_ld(d)), accumulation dtype), whose per-call staging
-// is then skipped, or null (add_).
-void add_into(const char* op, const at::Tensor& out, const at::Tensor& x, const at::Tensor& lora_a,
-              const at::Tensor& lora_b, const at::Tensor& prune_mask, const at::Tensor& scales,
-              const at::Tensor& rank_offsets, const at::Tensor& sorted_token_idx, const at::Tensor& lang_offsets,
-              int64_t max_rank, const at::Tensor* staged) {
-  const Problem p = check_problem(op, x, lora_a, lora_b, prune_mask, scales, rank_offsets, sorted_token_idx,
-                                  lang_offsets, max_rank, /*strided_x=*/true);
-  check_rows(out, op, "out");
-  check_output_like(out, p, x, op, "out");
+// out = base + LoRA term for a validated problem, nothing kept for a backward: base is out itself
+// (in place) or, with base_row, one (d,) row of x's dtype read for every token (row stride 0).
+// staged: the factors stage_factors returned ((R, padded_ld(d)), accumulation dtype), whose
+// per-call staging is then skipped, or null.
+void add_impl(const char* op, const Problem& p, const at::Tensor& out, const at::Tensor& x, const at::Tensor& lora_a,
+              const at::Tensor& lora_b, const at::Tensor& prune_mask, const at::Tensor* staged,
+              const at::Tensor* base_row = nullptr) {
   if (staged) {
     const at::ScalarType acc_type = accum_type(x.scalar_type());
     TORCH_CHECK(staged->scalar_type() == acc_type && staged->device().is_cpu() && staged->is_contiguous() &&
@@ -931,10 +927,25 @@ void add_into(const char* op, const at::Tensor& out, const at::Tensor& x, const 
       staged_bmt = staged->data_ptr<acc_t>();
     }
     scalar_t* o = out.data_ptr<scalar_t>();
-    // Streaming stores would evict a line that was just read: no gain in place.
-    forward_impl<scalar_t>(p, x.data_ptr<scalar_t>(), o, ldo, o, ldo, false, lora_a, lora_b, prune_mask,
-                           static_cast<acc_t*>(nullptr), staged_bmt);
+    const scalar_t* base = base_row ? base_row->data_ptr<scalar_t>() : o;
+    // Streaming stores: none in place (they would evict a line just read), none for a fresh output
+    // the base GEMM reads next.
+    forward_impl<scalar_t>(p, x.data_ptr<scalar_t>(), base, base_row ? 0 : ldo, o, ldo, false, lora_a, lora_b,
+                           prune_mask, static_cast<acc_t*>(nullptr), staged_bmt);
   });
+}
+
+// Inference: out += LoRA term in place. out and x may be column slices (rows with a stride): the
+// reduced LoRA widths of LSLoLinear need no copy.
+void add_into(const char* op, const at::Tensor& out, const at::Tensor& x, const at::Tensor& lora_a,
+              const at::Tensor& lora_b, const at::Tensor& prune_mask, const at::Tensor& scales,
+              const at::Tensor& rank_offsets, const at::Tensor& sorted_token_idx, const at::Tensor& lang_offsets,
+              int64_t max_rank, const at::Tensor* staged) {
+  const Problem p = check_problem(op, x, lora_a, lora_b, prune_mask, scales, rank_offsets, sorted_token_idx,
+                                  lang_offsets, max_rank, /*strided_x=*/true);
+  check_rows(out, op, "out");
+  check_output_like(out, p, x, op, "out");
+  add_impl(op, p, out, x, lora_a, lora_b, prune_mask, staged);
 }
 
 void add_cpu(const at::Tensor& out, const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
@@ -1040,6 +1051,26 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(const at::Tensor& x, const
   });
   y.addmm_(x, weight.t());
   return {y, h};
+}
+
+// Decoding: y = x W^T + bias + LoRA term with the factors stage_factors returned, in one call: the
+// LoRA pass writes bias + LoRA term into the fresh y (no copy of the bias rows first), then the base
+// GEMM accumulates into it. Nothing kept for a backward (inference only). x may have strided rows.
+at::Tensor linear_staged_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& prune_mask,
+                             const at::Tensor& scales, const at::Tensor& rank_offsets,
+                             const at::Tensor& sorted_token_idx, const at::Tensor& lang_offsets, int64_t max_rank,
+                             const at::Tensor& staged) {
+  constexpr const char* op = "lslo_cpp::linear_staged";
+  const Problem p = check_problem(op, x, lora_a, lora_b, prune_mask, scales, rank_offsets, sorted_token_idx,
+                                  lang_offsets, max_rank, /*strided_x=*/true);
+  check_weight(weight, bias, p, x, op);
+  at::Tensor y = empty_output({p.T, p.d}, x.options());
+  const bool has_bias = bias.has_value() && bias->defined();
+  const at::Tensor row = has_bias ? bias->contiguous() : at::zeros({p.d}, x.options());
+  add_impl(op, p, y, x, lora_a, lora_b, prune_mask, &staged, &row);
+  if (p.T > 0) y.addmm_(x, weight.t());
+  return y;
 }
 
 // ------------------------------------------------------------------------------------ backward
@@ -1360,6 +1391,10 @@ TORCH_LIBRARY(lslo_cpp, m) {
       "Tensor scales, Tensor rank_offsets, Tensor sorted_token_idx, Tensor lang_offsets, int max_rank) "
       "-> (Tensor, Tensor)");
   m.def(
+      "linear_staged(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor prune_mask, "
+      "Tensor scales, Tensor rank_offsets, Tensor sorted_token_idx, Tensor lang_offsets, int max_rank, "
+      "Tensor staged) -> Tensor");
+  m.def(
       "linear_lora(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor prune_mask, "
       "Tensor scales, Tensor rank_offsets, Tensor sorted_token_idx, Tensor lang_offsets, int max_rank) -> Tensor");
 }
@@ -1373,6 +1408,7 @@ TORCH_LIBRARY_IMPL(lslo_cpp, CPU, m) {
   m.impl("add_staged_", &lslo::add_staged_cpu);
   m.impl("linear_forward", &lslo::linear_forward_cpu);
   m.impl("linear_lora", &lslo::linear_lora_cpu);
+  m.impl("linear_staged", &lslo::linear_staged_cpu);
 }
 
 TORCH_LIBRARY_IMPL(lslo_cpp, Autograd, m) {

@@ -244,8 +244,8 @@ class _LanguageFactors:
             # Staged decoding factors only where staging is a visible part of a call: below ~16k
             # entries of B it costs less than the ~1-2 us of checking the cache.
             big = self.lora_B.numel() >= _STAGED_MIN_ENTRIES
-            self._backend_staged = (impl.stage_factors, impl.add_staged_) if (
-                big and impl.stage_factors is not None and impl.add_staged_ is not None) else None
+            self._backend_staged = (impl.stage_factors, impl.linear_staged) if (
+                big and impl.stage_factors is not None and impl.linear_staged is not None) else None
             self._staged = None
             self._backend_key = key
         return self._backend_name
@@ -578,17 +578,16 @@ class LSLoLinear(_LanguageFactors, nn.Module):
         x_rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         staged = self._backend_staged
         if staged is not None and lora_b.is_contiguous():
-            # LoRA term first, into the bias rows, then the base GEMM accumulates into them (beta = 1):
-            # the output is read and written inside the GEMM, not once more after it has left the
-            # caches. 1024->1024 at T=160, fp32, 2 threads: 1.091x -> 1.043x the base Linear; T=5:
-            # 1.129x -> 1.061x (medians of 40 interleaved rounds, same run).
+            # One call (Backend.linear_staged): the LoRA term first, written with the bias into the fresh
+            # output, then the base GEMM accumulates into it (beta = 1): the output is read and written
+            # inside the GEMM, not once more after the GEMM has evicted it from the caches. 1024->1024,
+            # fp32, 2 threads, over the base Linear (medians of interleaved rounds, same run), F.linear
+            # then add_staged_ -> LoRA term first (as three torch calls): T=160 1.091x -> 1.043x, T=5
+            # 1.129x -> 1.061x.
             params = base._parameters
-            weight, bias = params["weight"], params["bias"]
-            shape = (x_rows.shape[0], self.out_features)
-            out = bias.expand(shape).contiguous() if bias is not None else x_rows.new_zeros(shape)
-            staged[1](out, _unit_rows(x_rows), lora_a, lora_b, mask, scales, rank_offsets, routing.sorted_token_idx,
-                      routing.lang_offsets, self.max_rank, self._staged_factors(staged[0], lora_b, mask, rank_offsets))
-            out.addmm_(x_rows, weight.t())
+            out = staged[1](_unit_rows(x_rows), params["weight"], params["bias"], lora_a, lora_b, mask, scales,
+                            rank_offsets, routing.sorted_token_idx, routing.lang_offsets, self.max_rank,
+                            self._staged_factors(staged[0], lora_b, mask, rank_offsets))
         else:
             out = _base_forward(base, x_rows)
             add_(out, _unit_rows(x_rows), lora_a, lora_b, mask, scales, rank_offsets, routing.sorted_token_idx,

@@ -9,7 +9,8 @@ The kernels live in ``csrc/`` and register, when ``_C`` is imported, the ops (sc
   (``s_l (B_l * M_l)^T`` rows, what ``add_`` stages on every call) instead of per call;
 * ``torch.ops.lslo_cpp.linear_forward`` / ``linear_lora``: the frozen base Linear and the LoRA term
   in one op (the LoRA pass first, the base GEMM accumulating into its output), ``linear_lora``
-  with its autograd in C++: training of an adapted ``nn.Linear``.
+  with its autograd in C++: training of an adapted ``nn.Linear``;
+* ``torch.ops.lslo_cpp.linear_staged``: decoding, the same with ``stage_factors``' factors (no h).
 
 CPU; fp32, bf16, fp16, fp64. This module adds their fake (meta) implementations from ``spec.py``,
 so ``torch.compile`` and ``torch.library.opcheck`` can trace them, and registers the backend with
@@ -76,5 +77,6 @@ else:
             stage_factors=_optional_op("stage_factors"),
             add_staged_=_optional_op("add_staged_"),
             linear=_optional_op("linear_lora"),
+            linear_staged=_optional_op("linear_staged"),
         )
     )

@@ -564,3 +564,55 @@ def test_linear_lora_on_every_kernel_variant_and_thread_split(isa, threads, spre
     _assert_close(y, y_ref, torch.float32, "y")
     for name in LINEAR_LEAVES:
         _assert_close(grads[name], grads_ref[name], torch.float32, f"d{name}")
+
+
+# ------------------------------------------------- linear_staged: decoding, base Linear + staged factors
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("num_tokens, in_features, out_features, ranks, spread", [
+    (83, 48, 40, MIXED_RANKS, "with_none"), (5, 1, 7, [3], "single"), (64, 123, 7, [2, 8, 1], "sparse"),
+    (0, 16, 8, [2, 8], "uniform"),
+])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("strided_x", [False, True])
+def test_linear_staged_equals_bias_rows_add_staged_then_gemm(dtype, num_tokens, in_features, out_features, ranks,
+                                                            spread, bias, strided_x):
+    """linear_staged is, bit for bit, the bias rows + add_staged_ + the base GEMM accumulating into them, and
+    equals F.linear followed by the reference op to the dtype's tolerance."""
+    case = _linear_case(num_tokens, in_features, out_features, ranks, dtype=dtype, spread=spread, bias=bias, seed=9)
+    x = case["x"]
+    if strided_x:  # a column slice of a wider tensor: rows with a stride
+        x = torch.cat([x, torch.ones(num_tokens, 3, dtype=dtype)], dim=1)[:, :in_features]
+    r = case["routing"]
+    factors = (case["lora_a"], case["lora_b"], case["prune_mask"], case["scales"], case["rank_offsets"],
+               r.sorted_token_idx, r.lang_offsets, case["max_rank"])
+    staged = torch.ops.lslo_cpp.stage_factors(case["lora_b"], case["prune_mask"], case["scales"],
+                                              case["rank_offsets"])
+    y = torch.ops.lslo_cpp.linear_staged(x, case["weight"], case["bias"], *factors, staged)
+    rows = (case["bias"].expand(num_tokens, out_features).contiguous() if bias
+            else torch.zeros(num_tokens, out_features, dtype=dtype))
+    torch.ops.lslo_cpp.add_staged_(rows, x, *factors, staged)
+    rows.addmm_(x, case["weight"].t())
+    assert torch.equal(y, rows)
+    truth = lslo_kernels.grouped_lora(x.contiguous(), torch.nn.functional.linear(x, case["weight"], case["bias"]),
+                                      case["lora_a"], case["lora_b"], case["prune_mask"], case["scales"],
+                                      case["rank_offsets"], r, case["max_rank"], backend="reference")
+    _assert_close(y, truth, dtype, "y")
+
+
+@needs_cpp
+def test_linear_staged_rejects_bad_input():
+    case = _linear_case(9, 6, 20, [2, 3], dtype=torch.float32, seed=1)
+    r = case["routing"]
+    factors = (case["lora_a"], case["lora_b"], case["prune_mask"], case["scales"], case["rank_offsets"],
+               r.sorted_token_idx, r.lang_offsets, case["max_rank"])
+    staged = torch.ops.lslo_cpp.stage_factors(case["lora_b"], case["prune_mask"], case["scales"],
+                                              case["rank_offsets"])
+    for weight, bias, st, match in (
+        (case["weight"], case["bias"], staged[:, :20].contiguous(), "d padded"),
+        (case["weight"], case["bias"], staged.double(), "staged must be"),
+        (case["weight"][:, :5], case["bias"], staged, r"weight must be a \(d, k\)"),
+        (case["weight"], case["bias"].double(), staged, "bias dtype Double"),
+    ):
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.lslo_cpp.linear_staged(case["x"], weight, bias, *factors, st)
