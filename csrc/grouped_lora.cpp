@@ -7,7 +7,8 @@
 //   lslo_cpp::linear_forward -> (y, h)   y = x W^T + bias + LoRA term: the frozen base Linear and the
 //                                         LoRA term in one op (LoRA pass first, then the GEMM into it)
 //   lslo_cpp::linear_lora    -> y        linear_forward with a C++ autograd node (training)
-//   lslo_cpp::linear_staged  -> y        decoding: the same with stage_factors' factors, no h
+//   lslo_cpp::linear_decode  -> y        decoding: the same in one call, no h, optionally with
+//                                         the factors of stage_factors
 //
 // Same math and output dtypes as lslo_kernels/reference.py:
 //   h_t = A_l x_t  (fp32, fp64 for fp64 inputs)        y_t = base_out_t + s_l (B_l * M_l) h_t
@@ -1053,22 +1054,26 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(const at::Tensor& x, const
   return {y, h};
 }
 
-// Decoding: y = x W^T + bias + LoRA term with the factors stage_factors returned, in one call: the
-// LoRA pass writes bias + LoRA term into the fresh y (no copy of the bias rows first), then the base
-// GEMM accumulates into it. Nothing kept for a backward (inference only). x may have strided rows.
-at::Tensor linear_staged_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+// Decoding: y = x W^T + bias + LoRA term in one call, nothing kept for a backward (inference only).
+// The LoRA pass writes bias + LoRA term into the fresh y (the bias row read with row stride 0, no
+// copy of the bias rows first), then the base GEMM accumulates into it (beta = 1), so y is read and
+// written inside the GEMM and not once more after it. staged: the factors stage_factors returned
+// (a decoding loop's cache), or None to stage those of the languages present, as add_ does. x may
+// have strided rows.
+at::Tensor linear_decode_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& prune_mask,
                              const at::Tensor& scales, const at::Tensor& rank_offsets,
                              const at::Tensor& sorted_token_idx, const at::Tensor& lang_offsets, int64_t max_rank,
-                             const at::Tensor& staged) {
-  constexpr const char* op = "lslo_cpp::linear_staged";
+                             const std::optional<at::Tensor>& staged) {
+  constexpr const char* op = "lslo_cpp::linear_decode";
   const Problem p = check_problem(op, x, lora_a, lora_b, prune_mask, scales, rank_offsets, sorted_token_idx,
                                   lang_offsets, max_rank, /*strided_x=*/true);
   check_weight(weight, bias, p, x, op);
   at::Tensor y = empty_output({p.T, p.d}, x.options());
   const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor row = has_bias ? bias->contiguous() : at::zeros({p.d}, x.options());
-  add_impl(op, p, y, x, lora_a, lora_b, prune_mask, &staged, &row);
+  const bool has_staged = staged.has_value() && staged->defined();
+  add_impl(op, p, y, x, lora_a, lora_b, prune_mask, has_staged ? &*staged : nullptr, &row);
   if (p.T > 0) y.addmm_(x, weight.t());
   return y;
 }
@@ -1391,9 +1396,9 @@ TORCH_LIBRARY(lslo_cpp, m) {
       "Tensor scales, Tensor rank_offsets, Tensor sorted_token_idx, Tensor lang_offsets, int max_rank) "
       "-> (Tensor, Tensor)");
   m.def(
-      "linear_staged(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor prune_mask, "
+      "linear_decode(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor prune_mask, "
       "Tensor scales, Tensor rank_offsets, Tensor sorted_token_idx, Tensor lang_offsets, int max_rank, "
-      "Tensor staged) -> Tensor");
+      "Tensor? staged) -> Tensor");
   m.def(
       "linear_lora(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor prune_mask, "
       "Tensor scales, Tensor rank_offsets, Tensor sorted_token_idx, Tensor lang_offsets, int max_rank) -> Tensor");
@@ -1408,7 +1413,7 @@ TORCH_LIBRARY_IMPL(lslo_cpp, CPU, m) {
   m.impl("add_staged_", &lslo::add_staged_cpu);
   m.impl("linear_forward", &lslo::linear_forward_cpu);
   m.impl("linear_lora", &lslo::linear_lora_cpu);
-  m.impl("linear_staged", &lslo::linear_staged_cpu);
+  m.impl("linear_decode", &lslo::linear_decode_cpu);
 }
 
 TORCH_LIBRARY_IMPL(lslo_cpp, Autograd, m) {

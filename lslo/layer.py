@@ -106,6 +106,7 @@ class _LanguageFactors:
         self._backend_name = None
         self._backend_add = None
         self._backend_linear = None
+        self._backend_decode = None
         self._backend_mixed = False
         self._backend_staged = None
         self._staged = None  # (key, staged factors, storages kept alive): see _staged_factors
@@ -240,12 +241,12 @@ class _LanguageFactors:
             self._backend_name = resolve_backend(self.backend, x.device, x.dtype)
             impl = lslo_kernels.get_backend(self._backend_name)
             self._backend_add, self._backend_mixed = impl.add_, impl.mixed_factors
-            self._backend_linear = impl.linear
+            self._backend_linear, self._backend_decode = impl.linear, impl.linear_decode
             # Staged decoding factors only where staging is a visible part of a call: below ~16k
             # entries of B it costs less than the ~1-2 us of checking the cache.
             big = self.lora_B.numel() >= _STAGED_MIN_ENTRIES
-            self._backend_staged = (impl.stage_factors, impl.linear_staged) if (
-                big and impl.stage_factors is not None and impl.linear_staged is not None) else None
+            self._backend_staged = impl.stage_factors if (
+                big and impl.stage_factors is not None and impl.linear_decode is not None) else None
             self._staged = None
             self._backend_key = key
         return self._backend_name
@@ -576,18 +577,21 @@ class LSLoLinear(_LanguageFactors, nn.Module):
         lead = x.shape[:-1]
         routing = self._routing(x, lang, lead)
         x_rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        staged = self._backend_staged
-        if staged is not None and lora_b.is_contiguous():
-            # One call (Backend.linear_staged): the LoRA term first, written with the bias into the fresh
+        decode = self._backend_decode
+        if decode is not None:
+            # One call (Backend.linear_decode): the LoRA term first, written with the bias into the fresh
             # output, then the base GEMM accumulates into it (beta = 1): the output is read and written
             # inside the GEMM, not once more after the GEMM has evicted it from the caches. 1024->1024,
-            # fp32, 2 threads, over the base Linear (medians of interleaved rounds, same run), F.linear
-            # then add_staged_ -> LoRA term first (as three torch calls): T=160 1.091x -> 1.043x, T=5
-            # 1.129x -> 1.061x.
+            # fp32, 2 threads, staged factors, over the base Linear (medians of 400-3000 interleaved
+            # rounds, same run): F.linear then the LoRA term in place was 1.091x at T=160 and 1.129x
+            # at T=5 (another run); the LoRA term first as three torch calls (bias rows, add, GEMM)
+            # 1.059x / 1.054x; this one call 1.033x / 1.024x.
             params = base._parameters
-            out = staged[1](_unit_rows(x_rows), params["weight"], params["bias"], lora_a, lora_b, mask, scales,
-                            rank_offsets, routing.sorted_token_idx, routing.lang_offsets, self.max_rank,
-                            self._staged_factors(staged[0], lora_b, mask, rank_offsets))
+            stage = self._backend_staged
+            staged = (self._staged_factors(stage, lora_b, mask, rank_offsets)
+                      if stage is not None and lora_b.is_contiguous() else None)
+            out = decode(_unit_rows(x_rows), params["weight"], params["bias"], lora_a, lora_b, mask, scales,
+                         rank_offsets, routing.sorted_token_idx, routing.lang_offsets, self.max_rank, staged)
         else:
             out = _base_forward(base, x_rows)
             add_(out, _unit_rows(x_rows), lora_a, lora_b, mask, scales, rank_offsets, routing.sorted_token_idx,

@@ -46,8 +46,9 @@ class Backend:
             call, prepared once; ``add_staged_`` is ``spec.ADD`` plus that tensor, and skips the
             staging. The caller keeps the staged tensor while B, the mask and the scales are
             unchanged (``LSLoLinear`` keys it on their version counters).
-        linear_staged: optional, decoding with staged factors in one call: ``spec.LINEAR_FORWARD``'s
-            arguments plus the staged tensor, returns y = x W^T + bias + LoRA term (no h, no autograd).
+        linear_decode: optional, decoding in one call: ``spec.LINEAR_FORWARD``'s arguments plus
+            ``staged`` (``stage_factors``' tensor, or None), returns y = x W^T + bias + LoRA term (no
+            h, no autograd).
         linear: optional ``spec.LINEAR``: the frozen base Linear and the LoRA term in one op with
             its autograd (``y = x W^T + bias + LoRA term``), which saves the separate pass of the
             LoRA term over the base output and autograd's sum of the two gradients of x.
@@ -64,7 +65,7 @@ class Backend:
     stage_factors: Callable | None = None
     add_staged_: Callable | None = None
     linear: Callable | None = None
-    linear_staged: Callable | None = None
+    linear_decode: Callable | None = None
 
 
 _BACKENDS: dict[str, Backend] = {}

@@ -10,7 +10,8 @@ The kernels live in ``csrc/`` and register, when ``_C`` is imported, the ops (sc
 * ``torch.ops.lslo_cpp.linear_forward`` / ``linear_lora``: the frozen base Linear and the LoRA term
   in one op (the LoRA pass first, the base GEMM accumulating into its output), ``linear_lora``
   with its autograd in C++: training of an adapted ``nn.Linear``;
-* ``torch.ops.lslo_cpp.linear_staged``: decoding, the same with ``stage_factors``' factors (no h).
+* ``torch.ops.lslo_cpp.linear_decode``: decoding, the same in one call (no h), optionally with
+  ``stage_factors``' factors.
 
 CPU; fp32, bf16, fp16, fp64. This module adds their fake (meta) implementations from ``spec.py``,
 so ``torch.compile`` and ``torch.library.opcheck`` can trace them, and registers the backend with
@@ -77,6 +78,6 @@ else:
             stage_factors=_optional_op("stage_factors"),
             add_staged_=_optional_op("add_staged_"),
             linear=_optional_op("linear_lora"),
-            linear_staged=_optional_op("linear_staged"),
+            linear_decode=_optional_op("linear_decode"),
         )
     )

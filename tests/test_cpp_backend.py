@@ -566,7 +566,7 @@ def test_linear_lora_on_every_kernel_variant_and_thread_split(isa, threads, spre
         _assert_close(grads[name], grads_ref[name], torch.float32, f"d{name}")
 
 
-# ------------------------------------------------- linear_staged: decoding, base Linear + staged factors
+# ------------------------------------------------- linear_decode: decoding, base Linear + LoRA term, one call
 @needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("num_tokens, in_features, out_features, ranks, spread", [
@@ -575,10 +575,11 @@ def test_linear_lora_on_every_kernel_variant_and_thread_split(isa, threads, spre
 ])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("strided_x", [False, True])
-def test_linear_staged_equals_bias_rows_add_staged_then_gemm(dtype, num_tokens, in_features, out_features, ranks,
-                                                            spread, bias, strided_x):
-    """linear_staged is, bit for bit, the bias rows + add_staged_ + the base GEMM accumulating into them, and
-    equals F.linear followed by the reference op to the dtype's tolerance."""
+@pytest.mark.parametrize("use_staged", [True, False])
+def test_linear_decode_equals_bias_rows_add_then_gemm(dtype, num_tokens, in_features, out_features, ranks, spread, bias,
+                                                      strided_x, use_staged):
+    """linear_decode is, bit for bit, the bias rows + add_staged_ (or add_) + the base GEMM accumulating into
+    them, and equals F.linear followed by the reference op to the dtype's tolerance."""
     case = _linear_case(num_tokens, in_features, out_features, ranks, dtype=dtype, spread=spread, bias=bias, seed=9)
     x = case["x"]
     if strided_x:  # a column slice of a wider tensor: rows with a stride
@@ -588,10 +589,13 @@ def test_linear_staged_equals_bias_rows_add_staged_then_gemm(dtype, num_tokens, 
                r.sorted_token_idx, r.lang_offsets, case["max_rank"])
     staged = torch.ops.lslo_cpp.stage_factors(case["lora_b"], case["prune_mask"], case["scales"],
                                               case["rank_offsets"])
-    y = torch.ops.lslo_cpp.linear_staged(x, case["weight"], case["bias"], *factors, staged)
+    y = torch.ops.lslo_cpp.linear_decode(x, case["weight"], case["bias"], *factors, staged if use_staged else None)
     rows = (case["bias"].expand(num_tokens, out_features).contiguous() if bias
             else torch.zeros(num_tokens, out_features, dtype=dtype))
-    torch.ops.lslo_cpp.add_staged_(rows, x, *factors, staged)
+    if use_staged:
+        torch.ops.lslo_cpp.add_staged_(rows, x, *factors, staged)
+    else:
+        torch.ops.lslo_cpp.add_(rows, x, *factors)
     rows.addmm_(x, case["weight"].t())
     assert torch.equal(y, rows)
     truth = lslo_kernels.grouped_lora(x.contiguous(), torch.nn.functional.linear(x, case["weight"], case["bias"]),
@@ -601,7 +605,7 @@ def test_linear_staged_equals_bias_rows_add_staged_then_gemm(dtype, num_tokens, 
 
 
 @needs_cpp
-def test_linear_staged_rejects_bad_input():
+def test_linear_decode_rejects_bad_input():
     case = _linear_case(9, 6, 20, [2, 3], dtype=torch.float32, seed=1)
     r = case["routing"]
     factors = (case["lora_a"], case["lora_b"], case["prune_mask"], case["scales"], case["rank_offsets"],
@@ -615,4 +619,4 @@ def test_linear_staged_rejects_bad_input():
         (case["weight"], case["bias"].double(), staged, "bias dtype Double"),
     ):
         with pytest.raises(RuntimeError, match=match):
-            torch.ops.lslo_cpp.linear_staged(case["x"], weight, bias, *factors, st)
+            torch.ops.lslo_cpp.linear_decode(case["x"], weight, bias, *factors, st)

@@ -415,8 +415,7 @@ def test_decoding_with_staged_factors_follows_every_change_of_the_factors(monkey
 
     def decode():
         layer._backend_for(x)  # resolve, then spy on the staging the layer holds
-        stage, add = layer._backend_staged
-        layer._backend_staged = (lambda *a: stagings.append(1) or real_stage(*a), add)
+        layer._backend_staged = lambda *a: stagings.append(1) or real_stage(*a)
         with torch.no_grad():
             return layer(x, lang=ids)
 
@@ -435,9 +434,14 @@ def test_decoding_with_staged_factors_follows_every_change_of_the_factors(monkey
     layer.clear_decoding_cache()
     assert layer._staged is None
     assert torch.equal(decode(), per_call()) and len(stagings) == 6
-    small = _layer(backend="cpp")  # below the size where staging pays: the per-call path
+    small = _layer(backend="cpp")  # below the size where staging pays: one call without staged factors
     small._backend_for(x[:, :16])
     assert small._backend_staged is None
+    seen, real_decode = [], small._backend_decode
+    small._backend_decode = lambda *args: seen.append(args[-1]) or real_decode(*args)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x[:, :16], lang=ids % 3), _expected(small, x[:, :16], ids % 3))
+    assert seen == [None]
 
 
 @pytest.mark.parametrize("bias", [True, False])
