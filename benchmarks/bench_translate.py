@@ -184,14 +184,17 @@ def _measure(case: _Case, tokenizer, log, only: list[str] | None = None) -> list
             log(f"  {case.name} round {round_index}: " + ", ".join(f"{k} {seconds[k][-1]:.2f}s" for k in names))
     rows = []
     for name in names:
-        rates = [n / s for s in seconds[name]]
-        p20, p50, p80 = _quantiles(rates)
-        rows.append({
-            "op": "e2e_beam5", "provider": name, "mode": "fwd", "metric": "sentences_per_s", "unit": "sent/s",
-            "case": case.name, "x_name": "sentences", "x_value": n, "languages": 30, "ranks": "2;2;8;8",
-            "dtype": "float32", "p20": p20, "p50": p50, "p80": p80, "reps": case.reps, "device": "cpu",
-            "threads": torch.get_num_threads(), "torch_version": torch.__version__, "note": note,
-        })
+        common = {"op": "e2e_beam5", "provider": name, "mode": "fwd", "case": case.name, "x_name": "sentences",
+                  "x_value": n, "languages": 30, "ranks": "2;2;8;8", "dtype": "float32", "reps": case.reps,
+                  "device": "cpu", "threads": torch.get_num_threads(), "torch_version": torch.__version__,
+                  "note": note}
+        p20, p50, p80 = _quantiles([n / s for s in seconds[name]])
+        rows.append({**common, "metric": "sentences_per_s", "unit": "sent/s", "p20": p20, "p50": p50, "p80": p80})
+        if "base" in seconds:
+            # Per-round time over the base model's in the same round: what the adapters cost on top of
+            # the model (1 + overhead), less exposed to a drift of the machine than sentences/s.
+            p20, p50, p80 = _quantiles([s / b for s, b in zip(seconds[name], seconds["base"])])
+            rows.append({**common, "metric": "time_vs_base", "unit": "x", "p20": p20, "p50": p50, "p80": p80})
     return rows
 
 
@@ -228,12 +231,30 @@ def run(quick: bool = True, log: Callable[[str], None] = lambda msg: print(msg, 
 
 
 def _table(rows: list[dict]) -> str:
-    lines = [f"{'case':<22} {'provider':<20} {'sent/s p50':>11} {'(p20-p80)':>17} {'vs lslo_mixed':>14}"]
+    """sentences/s per provider and, where the base model was measured, time over the base's and what
+    the adapters add on top of it (PEFT's addition over lslo's)."""
+    header = (f"{'case':<22} {'provider':<20} {'sent/s p50':>11} {'(p20-p80)':>17} {'vs lslo_mixed':>14} "
+              f"{'time/base':>10}")
+    lines = [header]
+    notes = []
     for case in dict.fromkeys(r["case"] for r in rows):
-        mixed = next((r["p50"] for r in rows if r["case"] == case and r["provider"] == "lslo_mixed"), None)
-        for r in (r for r in rows if r["case"] == case):
+        rates = [r for r in rows if r["case"] == case and r["metric"] == "sentences_per_s"]
+        vs_base = {r["provider"]: r["p50"] for r in rows if r["case"] == case and r["metric"] == "time_vs_base"}
+        mixed = next((r["p50"] for r in rates if r["provider"] == "lslo_mixed"), None)
+        for r in rates:
             ratio = f"{r['p50'] / mixed:.2f}x" if mixed else "-"
-            lines.append(f"{case:<22} {r['provider']:<20} {r['p50']:>11.2f} {r['p20']:>8.2f}-{r['p80']:<8.2f} {ratio:>14}")
+            tb = f"{vs_base[r['provider']]:.2f}x" if r["provider"] in vs_base else "-"
+            lines.append(f"{case:<22} {r['provider']:<20} {r['p50']:>11.2f} {r['p20']:>8.2f}-{r['p80']:<8.2f} "
+                         f"{ratio:>14} {tb:>10}")
+        lslo_extra, peft_extra = vs_base.get("lslo_mixed"), vs_base.get("peft_adapter_names")
+        if lslo_extra is not None and peft_extra is not None:
+            lslo_pct, peft_pct = 100 * (lslo_extra - 1), 100 * (peft_extra - 1)
+            times = f" ({peft_pct / lslo_pct:.0f}x lslo's)" if lslo_pct > 1 else ""
+            notes.append(f"{case}: the adapters add {lslo_pct:+.0f}% (lslo, one mixed batch) and {peft_pct:+.0f}% "
+                         f"(PEFT adapter_names){times} to the base model's time; lslo_mixed/peft sentences/s is "
+                         f"bounded by base/peft = {peft_extra:.2f}x")
+    lines += ["", "time/base: median over rounds of the provider's time over the base model's in the same round.",
+              *notes]
     return "\n".join(lines)
 
 

@@ -214,7 +214,7 @@ def render(rows: list[dict], run_id: str | None = None) -> str:
             if r["metric"] == "skipped":
                 out.append(f"| {r['op']} | `{r['provider']}` | skip | | {r['note']} |")
             else:
-                out.append(f"| {r['op']} ({r['case']}) | `{r['provider']}` | {_num(r['p50']):.3g} {r['unit']} | "
+                out.append(f"| {r['op']} {r['metric']} ({r['case']}) | `{r['provider']}` | {_num(r['p50']):.3g} {r['unit']} | "
                            f"{_num(r['p20']):.3g}-{_num(r['p80']):.3g} | {r['note']} |")
         out += [""]
     if notes.notes:

@@ -260,3 +260,21 @@ def test_fixed_cost_and_dual_cases_report_their_metrics(tmp_path):
     metrics = {(r["provider"], r["metric"]): r for r in dual}
     assert ("dual", "ratio_vs_single") in metrics and ("dual", "time_ms") in metrics
     assert not metrics[("dual", "max_abs_err")]["note"]  # checked against two weighted reference calls
+
+
+def test_translate_table_reports_time_over_base_and_the_adapters_overheads():
+    """bench_translate's summary: per-round time over the base model, and the overhead line computed from it."""
+    from benchmarks import bench_translate
+
+    seconds = {"base": [1.0, 2.0, 1.0], "lslo_mixed": [1.1, 2.2, 1.05], "peft_adapter_names": [3.0, 6.2, 3.1]}
+    rows = []
+    for name, times in seconds.items():
+        for metric, values in (("sentences_per_s", [30 / t for t in times]),
+                               ("time_vs_base", [t / b for t, b in zip(times, seconds["base"])])):
+            p20, p50, p80 = bench_translate._quantiles(values)
+            rows.append({"case": "toy", "provider": name, "metric": metric, "p20": p20, "p50": p50, "p80": p80})
+    table = bench_translate._table(rows)
+    lines = {line.split()[1]: line for line in table.splitlines() if line.startswith("toy ")}
+    assert lines["lslo_mixed"].endswith("1.10x") and lines["peft_adapter_names"].endswith("3.10x")
+    assert "+10% (lslo, one mixed batch) and +210% (PEFT adapter_names) (21x lslo's)" in table
+    assert "bounded by base/peft = 3.10x" in table

@@ -60,7 +60,7 @@ def test_fake_implementations_match_real_outputs():
     r = case["routing"]
     fwd = (case["x"], case["base_out"], case["lora_a"], case["lora_b"], case["prune_mask"], case["scales"],
            case["rank_offsets"], r.sorted_token_idx, r.lang_offsets, case["max_rank"])
-    y, h = torch.ops.lslo_cpp.forward(*fwd)
+    _y, h = torch.ops.lslo_cpp.forward(*fwd)
     bwd = (case["grad_out"], case["x"], h, *fwd[2:])
     weight = torch.randn(5, 6)
     linear = {"with bias": (case["x"], weight, torch.randn(5), *fwd[2:]), "without": (case["x"], weight, None, *fwd[2:])}

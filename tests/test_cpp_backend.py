@@ -612,11 +612,11 @@ def test_linear_decode_rejects_bad_input():
                r.sorted_token_idx, r.lang_offsets, case["max_rank"])
     staged = torch.ops.lslo_cpp.stage_factors(case["lora_b"], case["prune_mask"], case["scales"],
                                               case["rank_offsets"])
-    for weight, bias, st, match in (
+    for weight, bias, bad_staged, match in (
         (case["weight"], case["bias"], staged[:, :20].contiguous(), "d padded"),
         (case["weight"], case["bias"], staged.double(), "staged must be"),
         (case["weight"][:, :5], case["bias"], staged, r"weight must be a \(d, k\)"),
         (case["weight"], case["bias"].double(), staged, "bias dtype Double"),
     ):
         with pytest.raises(RuntimeError, match=match):
-            torch.ops.lslo_cpp.linear_decode(case["x"], weight, bias, *factors, st)
+            torch.ops.lslo_cpp.linear_decode(case["x"], weight, bias, *factors, bad_staged)
