@@ -16,9 +16,9 @@ round), the statistic the suite reports too:
 * ``naive``: the per-language Python loop (training only; it is slow).
 
 Cases: the suite's headline (lang30 ranks, tokens uniform over 30 languages): training (forward +
-backward, x and the factors requiring grad, the base frozen) at T=2048, inference at T=160 and T=5,
-at M2M-124's three shapes; and the fixed cost of a 32->32 layer at T=1 and 5 (microseconds above
-the base per call). Run::
+backward, x and the factors requiring grad, the base frozen) at T=2048 at M2M-124's three shapes and
+with mixed ranks 2/8/64 at 1024->1024, inference at T=160 (three shapes) and T=5; and the fixed cost
+of a 32->32 layer at T=1 and 5 (microseconds above the base per call). Run::
 
     python -m benchmarks.cpp_quick [--threads 2] [--rounds 30] [--decode-rounds 300]
 """
@@ -75,9 +75,12 @@ def _time(fn, x, grad, leaves, train: bool, inner: int) -> float:
         return (time.perf_counter() - start) / inner
 
 
-def bench(num_tokens: int, shape: tuple[int, int], train: bool, rounds: int) -> dict[str, tuple[float, float, float]]:
-    """{provider: (median seconds, median per-round ratio to base, median per-round seconds above base)}."""
-    ranks, densities = ranks_for(LANG30, 30)
+def bench(num_tokens: int, shape: tuple[int, int], train: bool, rounds: int,
+          ranks_label: str = LANG30) -> dict[str, tuple[float, float, float]]:
+    """{provider: (median seconds, median per-round ratio to base, median per-round seconds above base)}
+    for 30 languages of ``ranks_label`` (the suite's labels: lang30, mix2/8/64, r8, ...)."""
+    ranks, densities = ranks_for(ranks_label, 30)
+    densities = 1.0 if densities is None else densities
     lang = make_lang(num_tokens, ranks, "uniform")
     problem = P.make_problem(*shape, ranks, lang, mask_density=densities)
     if train:
@@ -111,17 +114,20 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, {lslo_kernels._C.get_isa()} kernels, "
           f"{args.rounds} / {args.decode_rounds} rounds; cells: median ms (median of per-round ratios to base)")
-    cases = [(2048, s, True, args.rounds) for s in SHAPES] + [(160, s, False, args.decode_rounds) for s in SHAPES]
-    cases += [(5, (1024, 1024), False, args.decode_rounds)]
-    for num_tokens, shape, train, rounds in cases:
-        res = bench(num_tokens, shape, train, rounds)
+    cases = [(2048, s, True, args.rounds, LANG30) for s in SHAPES]
+    cases += [(2048, (1024, 1024), True, args.rounds, "mix2/8/64")]
+    cases += [(160, s, False, args.decode_rounds, LANG30) for s in SHAPES]
+    cases += [(5, (1024, 1024), False, args.decode_rounds, LANG30)]
+    for num_tokens, shape, train, rounds, label in cases:
+        res = bench(num_tokens, shape, train, rounds, label)
         cols = "  ".join(f"{n} {t * 1e3:8.3f} ({r:.3f}x)" for n, (t, r, _d) in res.items())
         mode = "fwd+bwd" if train else "fwd"
-        print(f"T={num_tokens:5d} {shape[0]:5d}->{shape[1]:<5d} {mode:8s} {cols}", flush=True)
+        print(f"T={num_tokens:5d} {shape[0]:5d}->{shape[1]:<5d} {label:9s} {mode:8s} {cols}", flush=True)
     for num_tokens in (1, 5):  # fixed cost: microseconds above the base per call
         res = bench(num_tokens, (32, 32), False, args.decode_rounds)
         cols = "  ".join(f"{n} {d * 1e6:+6.1f} us" for n, (_t, _r, d) in res.items() if n != "base")
-        print(f"T={num_tokens:5d}    32->32    fixed    base {res['base'][0] * 1e6:6.1f} us  {cols}", flush=True)
+        print(f"T={num_tokens:5d}    32->32    {LANG30:9s} fixed    base {res['base'][0] * 1e6:6.1f} us  {cols}",
+              flush=True)
 
 
 if __name__ == "__main__":
