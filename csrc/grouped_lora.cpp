@@ -1225,6 +1225,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
 }
 
 // ------------------------------------------------------------------------------ training entry
+// lslo_cpp::backward through the dispatcher, for the autograd nodes below.
+using BackwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t);
+
+const c10::TypedOperatorHandle<BackwardSignature>& backward_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("lslo_cpp::backward", "").typed<BackwardSignature>();
+  return op;
+}
+
 // y = forward(...)[0] with the backward as a C++ autograd node: a training call reaches the kernels
 // without a Python custom-op or autograd.Function layer. forward/backward are called through the
 // dispatcher (not directly), so that tracing (torch.compile, opcheck) sees them and uses their
@@ -1251,12 +1262,7 @@ class LoraFunction : public torch::autograd::Function<LoraFunction> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    static const auto bwd = c10::Dispatcher::singleton()
-                                .findSchemaOrThrow("lslo_cpp::backward", "")
-                                .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-                                    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                    const at::Tensor&, const at::Tensor&, int64_t)>();
+    const auto& bwd = backward_op();
     const auto saved = ctx->get_saved_variables();
     const at::Tensor grad_y = grads[0].contiguous();
     at::Tensor grad_x, grad_a, grad_b, grad_scales;
@@ -1319,12 +1325,7 @@ class LinearLoraFunction : public torch::autograd::Function<LinearLoraFunction> 
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    static const auto bwd = c10::Dispatcher::singleton()
-                                .findSchemaOrThrow("lslo_cpp::backward", "")
-                                .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-                                    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                    const at::Tensor&, const at::Tensor&, int64_t)>();
+    const auto& bwd = backward_op();
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& x = saved[0];
     const at::Tensor& weight = saved[2];

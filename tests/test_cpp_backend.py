@@ -451,6 +451,13 @@ def _linear_case(num_tokens, in_features, out_features, ranks, *, dtype, spread=
     return case
 
 
+def _factor_args(case):
+    """The factors, routing and max_rank of a case, in the order the ops take them after x (and the base)."""
+    r = case["routing"]
+    return (case["lora_a"], case["lora_b"], case["prune_mask"], case["scales"], case["rank_offsets"],
+            r.sorted_token_idx, r.lang_offsets, case["max_rank"])
+
+
 def _linear_run(case, use_op: bool, needs=LINEAR_LEAVES):
     """y and the gradients of ``needs`` (None for the others), through linear_lora or through the truth:
     F.linear followed by the reference op, autograd summing the two gradients of x."""
@@ -538,9 +545,7 @@ def test_linear_lora_opcheck(dtype):
 @needs_cpp
 def test_linear_lora_rejects_a_mismatched_base():
     case = _linear_case(9, 6, 4, [2, 3], dtype=torch.float32, seed=1)
-    r = case["routing"]
-    rest = (case["lora_a"], case["lora_b"], case["prune_mask"], case["scales"], case["rank_offsets"],
-            r.sorted_token_idx, r.lang_offsets, case["max_rank"])
+    rest = _factor_args(case)
     for weight, bias, message in (
         (case["weight"].t().contiguous(), case["bias"], r"weight must be a \(d, k\) = \(4, 6\)"),
         (case["weight"].double(), case["bias"], "weight dtype Double != x dtype Float"),
@@ -585,8 +590,7 @@ def test_linear_decode_equals_bias_rows_add_then_gemm(dtype, num_tokens, in_feat
     if strided_x:  # a column slice of a wider tensor: rows with a stride
         x = torch.cat([x, torch.ones(num_tokens, 3, dtype=dtype)], dim=1)[:, :in_features]
     r = case["routing"]
-    factors = (case["lora_a"], case["lora_b"], case["prune_mask"], case["scales"], case["rank_offsets"],
-               r.sorted_token_idx, r.lang_offsets, case["max_rank"])
+    factors = _factor_args(case)
     staged = torch.ops.lslo_cpp.stage_factors(case["lora_b"], case["prune_mask"], case["scales"],
                                               case["rank_offsets"])
     y = torch.ops.lslo_cpp.linear_decode(x, case["weight"], case["bias"], *factors, staged if use_staged else None)
@@ -607,9 +611,7 @@ def test_linear_decode_equals_bias_rows_add_then_gemm(dtype, num_tokens, in_feat
 @needs_cpp
 def test_linear_decode_rejects_bad_input():
     case = _linear_case(9, 6, 20, [2, 3], dtype=torch.float32, seed=1)
-    r = case["routing"]
-    factors = (case["lora_a"], case["lora_b"], case["prune_mask"], case["scales"], case["rank_offsets"],
-               r.sorted_token_idx, r.lang_offsets, case["max_rank"])
+    factors = _factor_args(case)
     staged = torch.ops.lslo_cpp.stage_factors(case["lora_b"], case["prune_mask"], case["scales"],
                                               case["rank_offsets"])
     for weight, bias, bad_staged, match in (
