@@ -45,7 +45,6 @@ def _layers(problem):
     one, two = P._lslo_layer(problem, "cpp"), P._lslo_layer(problem, "cpp")
     two._backend_for(problem.x)
     two._backend_linear = two._backend_decode = None  # cached per (backend, device, dtype): stays off
-    two._backend_staged = None
     return one, two
 
 

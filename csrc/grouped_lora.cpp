@@ -903,13 +903,13 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x, const at::Te
   return {y, h};
 }
 
-// out = base + LoRA term for a validated problem, nothing kept for a backward: base is out itself
-// (in place) or, with base_row, one (d,) row of x's dtype read for every token (row stride 0).
-// staged: the factors stage_factors returned ((R, padded_ld(d)), accumulation dtype), whose
-// per-call staging is then skipped, or null.
-void add_impl(const char* op, const Problem& p, const at::Tensor& out, const at::Tensor& x, const at::Tensor& lora_a,
-              const at::Tensor& lora_b, const at::Tensor& prune_mask, const at::Tensor* staged,
-              const at::Tensor* base_row = nullptr) {
+// out = base + LoRA term for a validated problem: base is out itself (in place) or, with base_row,
+// one (d,) row of x's dtype read for every token (row stride 0). staged: the factors stage_factors
+// returned ((R, padded_ld(d)), accumulation dtype), whose per-call staging is then skipped, or
+// null. h: the (T, max_rank) accumulation-dtype tensor the forward keeps for a backward, or null.
+void lora_pass(const char* op, const Problem& p, const at::Tensor& out, const at::Tensor& x, const at::Tensor& lora_a,
+               const at::Tensor& lora_b, const at::Tensor& prune_mask, const at::Tensor* staged,
+               const at::Tensor* base_row = nullptr, at::Tensor* h = nullptr) {
   if (staged) {
     const at::ScalarType acc_type = accum_type(x.scalar_type());
     TORCH_CHECK(staged->scalar_type() == acc_type && staged->device().is_cpu() && staged->is_contiguous() &&
@@ -917,9 +917,9 @@ void add_impl(const char* op, const Problem& p, const at::Tensor& out, const at:
                 op, ": staged must be the contiguous (R, padded d) ", acc_type, " tensor stage_factors returns, got ",
                 staged->scalar_type(), " ", staged->sizes());
   }
-  if (p.T == 0 || p.d == 0) return;
+  if (p.T == 0 || (p.d == 0 && h == nullptr)) return;  // with d = 0, h = A x is still the backward's
   const int64_t ldo = p.T > 1 ? out.stride(0) : p.d;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lslo_cpp_add_", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lslo_cpp_lora_pass", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const acc_t* staged_bmt = nullptr;
     if (staged) {
@@ -932,7 +932,7 @@ void add_impl(const char* op, const Problem& p, const at::Tensor& out, const at:
     // Streaming stores: none in place (they would evict a line just read), none for a fresh output
     // the base GEMM reads next.
     forward_impl<scalar_t>(p, x.data_ptr<scalar_t>(), base, base_row ? 0 : ldo, o, ldo, false, lora_a, lora_b,
-                           prune_mask, static_cast<acc_t*>(nullptr), staged_bmt);
+                           prune_mask, h ? h->data_ptr<acc_t>() : static_cast<acc_t*>(nullptr), staged_bmt);
   });
 }
 
@@ -946,7 +946,7 @@ void add_into(const char* op, const at::Tensor& out, const at::Tensor& x, const 
                                   lang_offsets, max_rank, /*strided_x=*/true);
   check_rows(out, op, "out");
   check_output_like(out, p, x, op, "out");
-  add_impl(op, p, out, x, lora_a, lora_b, prune_mask, staged);
+  lora_pass(op, p, out, x, lora_a, lora_b, prune_mask, staged);
 }
 
 void add_cpu(const at::Tensor& out, const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
@@ -1006,14 +1006,6 @@ at::Tensor stage_factors_cpu(const at::Tensor& lora_b, const at::Tensor& prune_m
   return out;
 }
 
-// y = x W^T + bias + LoRA term, h kept: the frozen base Linear and the LoRA term in one op. The
-// LoRA pass runs first and writes bias + LoRA term into y (the bias row read with row stride 0, or a
-// zero row), then the base GEMM accumulates x W^T into y (beta = 1). A separate pass after the GEMM
-// (lora: y = base_out + LoRA term) reads the whole base output again once the GEMM has evicted it
-// from the caches; here y is read inside the GEMM, which addmm with a bias does anyway. Measured on
-// the project's 2-core EPYC (fp32, lang30, 2 threads), fwd+bwd over the base Linear at T=2048,
-// with the backward's x W of linear_lora: 1024->1024 1.066x -> 1.003x, 4096->1024 1.014x -> 0.925x
-// (medians of interleaved rounds; a Python prototype of this order).
 void check_weight(const at::Tensor& weight, const std::optional<at::Tensor>& bias, const Problem& p,
                   const at::Tensor& x, const char* op) {
   TORCH_CHECK(weight.device().is_cpu() && weight.dim() == 2 && weight.size(0) == p.d && weight.size(1) == p.k, op,
@@ -1029,6 +1021,19 @@ void check_weight(const at::Tensor& weight, const std::optional<at::Tensor>& bia
   }
 }
 
+// The row every token's output starts from: the bias, or zeros.
+at::Tensor bias_row(const std::optional<at::Tensor>& bias, const Problem& p, const at::Tensor& x) {
+  return bias.has_value() && bias->defined() ? bias->contiguous() : at::zeros({p.d}, x.options());
+}
+
+// y = x W^T + bias + LoRA term, h kept: the frozen base Linear and the LoRA term in one op. The
+// LoRA pass runs first and writes bias + LoRA term into y (the bias row read with row stride 0, or a
+// zero row), then the base GEMM accumulates x W^T into y (beta = 1). A separate pass after the GEMM
+// (lora: y = base_out + LoRA term) reads the whole base output again once the GEMM has evicted it
+// from the caches; here y is read inside the GEMM, which addmm with a bias does anyway. Measured on
+// the project's 2-core EPYC (fp32, lang30, 2 threads), fwd+bwd over the base Linear at T=2048,
+// with the backward's x W of linear_lora: 1024->1024 1.066x -> 1.003x, 4096->1024 1.014x -> 0.925x
+// (medians of interleaved rounds; a Python prototype of this order).
 std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                       const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
                                                       const at::Tensor& lora_b, const at::Tensor& prune_mask,
@@ -1041,25 +1046,15 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(const at::Tensor& x, const
   check_weight(weight, bias, p, x, op);
   at::Tensor y = empty_output({p.T, p.d}, x.options());
   at::Tensor h = at::empty({p.T, p.max_rank}, x.options().dtype(accum_type(x.scalar_type())));
-  if (p.T == 0) return {y, h};
-  const bool has_bias = bias.has_value() && bias->defined();
-  const at::Tensor row = has_bias ? bias->contiguous() : at::zeros({p.d}, x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lslo_cpp_linear_forward", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    // Plain stores: the GEMM reads y right after, and what is still cached is read from there.
-    forward_impl<scalar_t>(p, x.data_ptr<scalar_t>(), row.data_ptr<scalar_t>(), /*ldbase=*/0,
-                           y.data_ptr<scalar_t>(), p.d, false, lora_a, lora_b, prune_mask, h.data_ptr<acc_t>());
-  });
-  y.addmm_(x, weight.t());
+  const at::Tensor row = bias_row(bias, p, x);
+  lora_pass(op, p, y, x, lora_a, lora_b, prune_mask, nullptr, &row, &h);
+  if (p.T > 0) y.addmm_(x, weight.t());
   return {y, h};
 }
 
-// Decoding: y = x W^T + bias + LoRA term in one call, nothing kept for a backward (inference only).
-// The LoRA pass writes bias + LoRA term into the fresh y (the bias row read with row stride 0, no
-// copy of the bias rows first), then the base GEMM accumulates into it (beta = 1), so y is read and
-// written inside the GEMM and not once more after it. staged: the factors stage_factors returned
-// (a decoding loop's cache), or None to stage those of the languages present, as add_ does. x may
-// have strided rows.
+// Decoding: y = x W^T + bias + LoRA term in one call, nothing kept for a backward (inference only),
+// in linear_forward's order. staged: the factors stage_factors returned (a decoding loop's cache),
+// or None to stage those of the languages present, as add_ does. x may have strided rows.
 at::Tensor linear_decode_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& prune_mask,
                              const at::Tensor& scales, const at::Tensor& rank_offsets,
@@ -1070,10 +1065,9 @@ at::Tensor linear_decode_cpu(const at::Tensor& x, const at::Tensor& weight, cons
                                   lang_offsets, max_rank, /*strided_x=*/true);
   check_weight(weight, bias, p, x, op);
   at::Tensor y = empty_output({p.T, p.d}, x.options());
-  const bool has_bias = bias.has_value() && bias->defined();
-  const at::Tensor row = has_bias ? bias->contiguous() : at::zeros({p.d}, x.options());
+  const at::Tensor row = bias_row(bias, p, x);
   const bool has_staged = staged.has_value() && staged->defined();
-  add_impl(op, p, y, x, lora_a, lora_b, prune_mask, has_staged ? &*staged : nullptr, &row);
+  lora_pass(op, p, y, x, lora_a, lora_b, prune_mask, has_staged ? &*staged : nullptr, &row);
   if (p.T > 0) y.addmm_(x, weight.t());
   return y;
 }

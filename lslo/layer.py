@@ -320,14 +320,16 @@ class _LanguageFactors:
         """Training: ``base(x)`` plus this set's LoRA term as one op with its autograd (``Backend.linear``:
         the LoRA pass first, then the base GEMM accumulating into its output; in the backward the
         GEMM accumulates into the LoRA part of grad_x, so autograd adds no two gradients of x).
-        Returns (T, out) rows, or None where it does not apply: a base that is not a plain hook-free
-        ``nn.Linear``, reduced LoRA widths, or torch.compile (the custom op traces).
+        Returns (T, out) rows, or None where it does not apply: a backend without the op, grad mode
+        off, a base that is not a plain hook-free ``nn.Linear``, reduced LoRA widths, or
+        torch.compile (the custom op traces). Resolve the backend (``_backend_for``) first.
 
         Measured on the 2-core EPYC, fp32, lang30, T=2048, 2 threads, fwd+bwd of the layer over the base
         Linear's, medians of 20-30 interleaved rounds, two runs, LoRA node after the base -> this op:
         1024->1024 1.17-1.18x -> 1.10-1.12x, 1024->4096 1.04-1.05x -> 0.94-0.98x, 4096->1024
         1.11-1.13x -> 1.02-1.03x."""
-        if not _plain_linear(base) or torch.compiler.is_compiling():
+        if (self._backend_linear is None or not torch.is_grad_enabled() or not _plain_linear(base)
+                or torch.compiler.is_compiling()):
             return None
         params, buffers = base._parameters, self._buffers
         weight = params["weight"]
@@ -526,10 +528,10 @@ class LSLoLinear(_LanguageFactors, nn.Module):
         lead = x.shape[:-1]
         routing = self._routing(x, lang, lead)
         backend = self._backend_for(x)
-        if self._backend_linear is not None and not autocast and torch.is_grad_enabled():
-            y = self._linear_forward(self._modules["base_layer"], x, routing, lora_a, lora_b, scales)
-            if y is not None:
-                return y.view(*lead, self.out_features)
+        y = None if autocast else self._linear_forward(self._modules["base_layer"], x, routing, lora_a, lora_b,
+                                                        scales)
+        if y is not None:
+            return y.view(*lead, self.out_features)
         base_out = _base_forward(self.base_layer, x)
         if base_out.dtype != x.dtype:  # autocast may leave the base in another dtype than asked
             base_out = base_out.to(x.dtype)
@@ -793,14 +795,13 @@ class LSLoDualLinear(nn.Module):
         # The mixing weight multiplies each set's scales: (L,) products, differentiable in both.
         scales = [s._scales_arg() * weights[i].to(s.scales.dtype if s.scales.dtype in _SCALE_DTYPES else torch.float32)
                   for i, s in enumerate(sets)]
-        first = self.src
-        if first._backend_linear is not None and not autocast and torch.is_grad_enabled():
-            # Training: the base Linear and the source set's term in one op (_LanguageFactors._linear_forward),
-            # then the target set's term.
-            y = first._linear_forward(self._modules["base_layer"], x_rows, routings[0], *factors[0], scales[0])
-            if y is not None:
-                y = self.tgt._lora_into(x_rows, y, routings[1], *factors[1], scales[1], backend, in_place=False)
-                return y.view(*lead, self.out_features)
+        # Training: the base Linear and the source set's term in one op (_LanguageFactors._linear_forward),
+        # then the target set's term.
+        y = None if autocast else self.src._linear_forward(self._modules["base_layer"], x_rows, routings[0],
+                                                            *factors[0], scales[0])
+        if y is not None:
+            y = self.tgt._lora_into(x_rows, y, routings[1], *factors[1], scales[1], backend, in_place=False)
+            return y.view(*lead, self.out_features)
         base_out = self.base_layer(x)
         if base_out.dtype != x.dtype:  # autocast may leave the base in another dtype than asked
             base_out = base_out.to(x.dtype)

@@ -41,11 +41,10 @@ class Backend:
         mixed_factors: takes float32 factors with fp16/bf16 x (``spec.mixed_factors``), so that a
             layer under autocast passes its fp32 master factors without casting them (and their
             gradients back) on every call.
-        stage_factors / add_staged_: optional pair for decoding loops. ``stage_factors(lora_b,
-            prune_mask, scales, rank_offsets)`` returns the factors ``add_`` would stage on every
-            call, prepared once; ``add_staged_`` is ``spec.ADD`` plus that tensor, and skips the
-            staging. The caller keeps the staged tensor while B, the mask and the scales are
-            unchanged (``LSLoLinear`` keys it on their version counters).
+        stage_factors: optional, for decoding loops: ``stage_factors(lora_b, prune_mask, scales,
+            rank_offsets)`` returns the factors ``add_`` would stage on every call, prepared once,
+            for ``linear_decode``'s ``staged``. The caller keeps the staged tensor while B, the mask
+            and the scales are unchanged (``LSLoLinear`` keys it on their version counters).
         linear_decode: optional, decoding in one call: ``spec.LINEAR_FORWARD``'s arguments plus
             ``staged`` (``stage_factors``' tensor, or None), returns y = x W^T + bias + LoRA term (no
             h, no autograd).
@@ -63,7 +62,6 @@ class Backend:
     autograd: Callable | None = None
     mixed_factors: bool = False
     stage_factors: Callable | None = None
-    add_staged_: Callable | None = None
     linear: Callable | None = None
     linear_decode: Callable | None = None
 

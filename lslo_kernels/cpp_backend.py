@@ -5,8 +5,8 @@ The kernels live in ``csrc/`` and register, when ``_C`` is imported, the ops (sc
 * ``torch.ops.lslo_cpp.forward`` / ``backward``: the backend's forward and backward;
 * ``torch.ops.lslo_cpp.add_``: inference, the LoRA term added into the base output in place;
 * ``torch.ops.lslo_cpp.lora``: training, y with its autograd node in C++;
-* ``torch.ops.lslo_cpp.stage_factors`` / ``add_staged_``: decoding with the factors staged once
-  (``s_l (B_l * M_l)^T`` rows, what ``add_`` stages on every call) instead of per call;
+* ``torch.ops.lslo_cpp.stage_factors``: decoding's factors staged once (``s_l (B_l * M_l)^T`` rows,
+  what ``add_`` stages on every call), for ``linear_decode``; ``add_staged_`` is ``add_`` with them;
 * ``torch.ops.lslo_cpp.linear_forward`` / ``linear_lora``: the frozen base Linear and the LoRA term
   in one op (the LoRA pass first, the base GEMM accumulating into its output), ``linear_lora``
   with its autograd in C++: training of an adapted ``nn.Linear``;
@@ -76,7 +76,6 @@ else:
             add_=lora_add_cpp,
             autograd=lora_autograd_cpp,
             stage_factors=_optional_op("stage_factors"),
-            add_staged_=_optional_op("add_staged_"),
             linear=_optional_op("linear_lora"),
             linear_decode=_optional_op("linear_decode"),
         )
