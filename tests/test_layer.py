@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import lslo
@@ -302,50 +303,111 @@ def test_inference_reaches_the_kernel_directly_and_equals_the_autograd_path(monk
 
 
 def test_decoding_path_is_taken_only_where_it_applies_and_equals_the_truth(monkeypatch):
-    """LSLoLinear._decode_forward (no_grad, plain base, full widths) against the per-token truth; every
-    case it must leave to the general path (hooks on the base, reduced widths, autocast) still runs
-    the hook / gives the general path's result."""
+    """LSLoLinear's no-grad paths against the per-token truth: the first call takes _decode_forward
+    (no_grad, plain base, full widths), which leaves a plan; later calls take _planned_decode. Every
+    case they must leave to the general path (hooks on the base, reduced widths, autocast, language-id
+    tensors for the plan, a changed backend) still runs the hook / gives the general path's result."""
     layer = _layer()
-    taken = []
-    original = lslo.LSLoLinear._decode_forward
+    taken = []  # per call: "plan", "decode" or "general"
 
-    def spy(self, x, lang):
-        y = original(self, x, lang)
-        taken.append(y is not None)
+    def spy(name, original):
+        def wrapped(self, *args):
+            y = original(self, *args)
+            if y is not None:
+                taken.append(name)
+            return y
+        return wrapped
+
+    monkeypatch.setattr(lslo.LSLoLinear, "_decode_forward", spy("decode", lslo.LSLoLinear._decode_forward))
+    monkeypatch.setattr(lslo.LSLoLinear, "_planned_decode", spy("plan", lslo.LSLoLinear._planned_decode))
+
+    def call(*args, **kwargs):
+        before = len(taken)
+        y = layer(*args, **kwargs)
+        if len(taken) == before:
+            taken.append("general")
         return y
 
-    monkeypatch.setattr(lslo.LSLoLinear, "_decode_forward", spy)
     x = torch.randn(6, 16)
     ids = torch.tensor([0, 2, -1, 1, 1, 0])
     with torch.no_grad():
-        torch.testing.assert_close(layer(x, lang=ids), _expected(layer, x, ids), atol=1e-5, rtol=1e-5)
-        wide = torch.randn(6, 20)[:, 2:18]  # rows with a stride: the in-place kernel takes them as they are
-        torch.testing.assert_close(layer(wide, lang=ids), _expected(layer, wide.contiguous(), ids), atol=1e-5,
+        torch.testing.assert_close(call(x, lang=ids), _expected(layer, x, ids), atol=1e-5, rtol=1e-5)
+        wide = torch.randn(6, 20)[:, 2:18]  # rows with a stride: the kernels take them as they are
+        torch.testing.assert_close(call(wide, lang=ids), _expected(layer, wide.contiguous(), ids), atol=1e-5,
                                    rtol=1e-5)
         with lslo.route(tgt=torch.tensor([1, 2])):  # ids from the context, 3-D input, per-sequence ids
             x3 = torch.randn(2, 3, 16)
-            torch.testing.assert_close(layer(x3), _expected(layer, x3.reshape(6, 16), torch.tensor([1] * 3 + [2] * 3))
-                                       .reshape(2, 3, 12), atol=1e-5, rtol=1e-5)
-        assert taken == [True, True, True]
+            want3 = _expected(layer, x3.reshape(6, 16), torch.tensor([1] * 3 + [2] * 3)).reshape(2, 3, 12)
+            torch.testing.assert_close(call(x3), want3, atol=1e-5, rtol=1e-5)
+            xt = torch.randn(16, 6).t()  # columns with a stride: the op refuses them, the general path copies
+            torch.testing.assert_close(call(xt), _expected(layer, xt.contiguous(), torch.tensor([1] * 3 + [2] * 3)),
+                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(call(x3), want3, atol=1e-5, rtol=1e-5)
+        routing = lslo_kernels.build_routing(ids, layer.num_languages)
+        torch.testing.assert_close(call(x, lang=routing), _expected(layer, x, ids), atol=1e-5, rtol=1e-5)
+        # Language-id tensors: the plan leaves them to _decode_forward (routing, checks). An input the op
+        # refuses drops the plan; _decode_forward makes it again only from an input the op takes as it is.
+        assert taken == ["decode", "decode", "plan", "decode", "decode", "plan"]
         taken.clear()
         calls = []
         want = _expected(layer, x, ids)
         handle = layer.base_layer.register_forward_hook(lambda m, i, o: calls.append(1))
-        torch.testing.assert_close(layer(x, lang=ids), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(call(x, lang=routing), want, atol=1e-5, rtol=1e-5)
         handle.remove()
-        assert calls == [1] and taken == [False]  # the hook ran: the general path called the module
+        assert calls == [1] and taken == ["general"]  # the hook ran: the general path called the module
         taken.clear()
+        call(x, lang=routing)
+        call(x, lang=routing)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = layer(x, lang=ids)
-        assert y.dtype == torch.bfloat16 and taken == [False]
+            y = call(x, lang=routing)
+        assert y.dtype == torch.bfloat16 and taken == ["decode", "plan", "general"]
+        taken.clear()
         layer.backend = "reference"  # a changed backend is seen (the cache is keyed on it)
-        torch.testing.assert_close(layer(x, lang=ids), _expected(layer, x, ids), atol=1e-5, rtol=1e-5)
-        assert layer._backend_name == "reference" and taken == [False, True]
+        torch.testing.assert_close(call(x, lang=routing), _expected(layer, x, ids), atol=1e-5, rtol=1e-5)
+        assert layer._backend_name == "reference" and taken == ["decode"] and layer._decode_plan is None
     narrow = _layer(lora_out_features=5)
     with torch.no_grad():
         taken.clear()
-        torch.testing.assert_close(narrow(x, lang=ids), _expected(narrow, x, ids), atol=1e-5, rtol=1e-5)
-        assert taken == [False]
+        layer = narrow
+        torch.testing.assert_close(call(x, lang=ids), _expected(narrow, x, ids), atol=1e-5, rtol=1e-5)
+        assert taken == ["general"]
+
+
+def test_decoding_plan_follows_changes_of_the_layer():
+    """A planned no-grad call (_planned_decode) sees what changed since the plan was made: new B values
+    (optimizer step: the staged factors are rebuilt), a new prune mask, new scales, a merged
+    language, a base weight replaced, a new input width (the op refuses it: the general path words
+    the error), and a layer moved to float64."""
+    layer = _layer()
+    layer.lora_B.data.normal_()
+    x = torch.randn(6, 16)
+    ids = torch.tensor([0, 2, -1, 1, 1, 0])
+    routing = lslo_kernels.build_routing(ids, layer.num_languages)
+    with torch.no_grad():
+        layer(x, lang=routing)
+        assert layer._decode_plan is not None
+        layer.lora_B.mul_(-2.0)
+        torch.testing.assert_close(layer(x, lang=routing), _expected(layer, x, ids), atol=1e-5, rtol=1e-5)
+        layer.set_prune_mask(torch.rand(layer.lora_B.shape) < 0.5)
+        torch.testing.assert_close(layer(x, lang=routing), _expected(layer, x, ids), atol=1e-5, rtol=1e-5)
+        layer.scales.mul_(0.5)
+        torch.testing.assert_close(layer(x, lang=routing), _expected(layer, x, ids), atol=1e-5, rtol=1e-5)
+        layer.base_layer.weight = nn.Parameter(torch.randn_like(layer.base_layer.weight), requires_grad=False)
+        torch.testing.assert_close(layer(x, lang=routing), _expected(layer, x, ids), atol=1e-5, rtol=1e-5)
+        layer.merge(2)
+        assert layer._decode_plan is not None  # merge leaves the plan; the call sees the merged state
+        y = layer(x[:2], lang=torch.tensor([2, 2]))
+        torch.testing.assert_close(y, F.linear(x[:2], layer.base_layer.weight, layer.base_layer.bias))
+        assert layer._decode_plan is None
+        layer.unmerge()
+        torch.testing.assert_close(layer(x, lang=routing), _expected(layer, x, ids), atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="in_features=16"):
+            layer(torch.randn(6, 15), lang=routing)
+        assert layer._decode_plan is None
+        layer(x, lang=routing)
+        layer.double()
+        x64 = x.double()
+        torch.testing.assert_close(layer(x64, lang=routing), _expected(layer, x64, ids), atol=1e-10, rtol=1e-10)
 
 
 def test_autocast_hands_fp32_factors_to_a_backend_that_takes_them(monkeypatch):
