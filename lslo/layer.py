@@ -9,9 +9,11 @@ without padding to the largest rank, so the whole mixed batch goes to one groupe
 Hot path: the routing comes from the one cache of ``lslo.route`` (built and range-checked once
 per batch); without autograd (``no_grad``, ``inference_mode``, frozen adapters) the LoRA term is
 added into the base layer's output in place by the backend's kernel (``lslo_kernels.ops.lora_add_call``:
-no custom-op or autograd layer, no output copy); in training the backend's compiled autograd
-entry is called directly where it has one (``cpp``). Under ``torch.compile`` the layers use the
-custom op, which traces.
+no custom-op or autograd layer, no output copy), or on ``cpp`` computed with the base in one C++
+call (``linear_decode``), which after a layer's first no-grad call is all its forward does besides
+a few checks (``LSLoLinear._planned_decode``); in training the backend's compiled autograd entry is
+called directly where it has one (``cpp``). Under ``torch.compile`` the layers use the custom op,
+which traces.
 """
 
 from __future__ import annotations
