@@ -661,6 +661,8 @@ class LSLoLinear(_LanguageFactors, nn.Module):
         scales = buffers["scales"] if "scales" in buffers else params["scales"]
         weights = base._parameters
         two_d = x.dim() == 2
+        # An x of another width reshapes into another number of rows than the routing's tokens (or
+        # fails to): the op refuses either, so no row is read against the wrong routing.
         try:
             staged = self._staged_factors(stage, lora_b, mask, rank_offsets) if stage is not None else None
             out = decode(x if two_d else x.reshape(-1, self.in_features), weights["weight"], weights["bias"],
