@@ -262,14 +262,17 @@ class _LanguageFactors:
     def _staged_factors(self, stage, lora_b: torch.Tensor, mask: torch.Tensor,
                         rank_offsets: torch.Tensor) -> torch.Tensor | None:
         """The backend's staged decoding factors (``Backend.stage_factors``; None for a non-contiguous
-        lora_B, which the kernel then reads as it is), rebuilt only when
+        lora_B or inference tensors, which the kernel then stages per call), rebuilt only when
         lora_B, the mask, the scales or the rank offsets changed: keyed on each one's version
         counter (bumped by every in-place write, optimizer steps included) and data pointer (a
         new tensor assigned to ``.data``); the keyed storages are held, so no other tensor can
         take their addresses while the entry lives. Freed by :meth:`clear_decoding_cache`."""
         raw_scales = self._buffers["scales"] if "scales" in self._buffers else self._parameters["scales"]
         tensors = (lora_b, mask, raw_scales, rank_offsets)
-        key = tuple((t._version, t.data_ptr()) for t in tensors)
+        try:
+            key = tuple((t._version, t.data_ptr()) for t in tensors)
+        except RuntimeError:  # inference tensors (a layer built under inference_mode) have no version
+            return None  # counter, so no cache can tell their changes: the kernel stages per call
         cached = self._staged
         if cached is not None and cached[0] == key:
             return cached[1]

@@ -373,6 +373,24 @@ def test_decoding_path_is_taken_only_where_it_applies_and_equals_the_truth(monke
         assert taken == ["general"]
 
 
+def test_layer_built_under_inference_mode_decodes():
+    """A layer whose tensors are inference tensors (built or loaded under torch.inference_mode) has no
+    version counters to key staged factors on: it decodes with the factors staged per call, in and
+    out of inference mode, and equals the per-token truth."""
+    with torch.inference_mode():
+        layer = lslo.LSLoLinear(nn.Linear(160, 128), [8, 64, 56])  # 128 x 128 = 16k entries of B: staged size
+        layer.lora_B.normal_()
+        x = torch.randn(7, 160)
+        ids = torch.tensor([0, 1, 2, -1, 2, 1, 0])
+        want = _expected(layer, x, ids)
+        for _ in range(2):  # the general path, then the plan
+            torch.testing.assert_close(layer(x, lang=ids), want, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(layer(x, lang=build_routing(ids, 3)), want, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x, lang=ids), want, atol=1e-4, rtol=1e-4)
+    assert layer._staged is None
+
+
 def test_decoding_plan_follows_changes_of_the_layer():
     """A planned no-grad call (_planned_decode) sees what changed since the plan was made: new B values
     (optimizer step: the staged factors are rebuilt), a new prune mask, new scales, a merged
