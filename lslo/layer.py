@@ -45,6 +45,12 @@ _grad_enabled = torch.is_grad_enabled
 _is_compiling = torch.compiler.is_compiling
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (
     lambda: torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"))
+# What a layer caches between calls, reset to these values: the resolved backend and its ops (see
+# _LanguageFactors._backend_for), the staged decoding factors ((key, staged factors, storages kept
+# alive): _staged_factors) and LSLoLinear's decoding plan (_planned_decode).
+_CALL_CACHES = {"_backend_key": None, "_backend_name": None, "_backend_add": None, "_backend_linear": None,
+                "_backend_decode": None, "_backend_mixed": False, "_backend_staged": None, "_staged": None,
+                "_decode_plan": None}
 # LSLoLinear decodes with staged factors (Backend.stage_factors) from this many entries of B up.
 _STAGED_MIN_ENTRIES = 1 << 14
 
@@ -110,14 +116,7 @@ class _LanguageFactors:
         self.backend = backend
         self.validate = validate
         self.max_rank = max(ranks)
-        self._backend_key = None
-        self._backend_name = None
-        self._backend_add = None
-        self._backend_linear = None
-        self._backend_decode = None
-        self._backend_mixed = False
-        self._backend_staged = None
-        self._staged = None  # (key, staged factors, storages kept alive): see _staged_factors
+        self.__dict__.update(_CALL_CACHES)
 
         total = sum(ranks)
         self.lora_A = nn.Parameter(torch.empty(total, lora_in_features, device=device, dtype=dtype))
@@ -242,6 +241,13 @@ class _LanguageFactors:
         self.prune_mask.copy_(state["prune_mask"].to(torch.bool))
         self.scales.copy_(state["scales"])
 
+    def __getstate__(self) -> dict:
+        """Pickling (``torch.save`` of a whole module, ``copy.deepcopy``, multiprocessing) leaves the
+        call caches out: the compiled ops in them cannot be pickled, and the next call rebuilds them."""
+        state = self.__dict__.copy()
+        state.update(_CALL_CACHES)
+        return state
+
     # ---------------------------------------------------------------- the op
     def _backend_for(self, x: torch.Tensor) -> str:
         key = (self.backend, x.device, x.dtype)
@@ -284,7 +290,12 @@ class _LanguageFactors:
         return staged
 
     def clear_decoding_cache(self) -> None:
-        """Free the staged decoding factors (rebuilt by the next ``no_grad`` call that uses them)."""
+        """Free the staged decoding factors (rebuilt by the next ``no_grad`` call that uses them).
+
+        Needed after writing lora_B, the mask or the scales through ``.data`` in place
+        (``layer.lora_B.data.copy_(...)``): such writes bump no version counter, so the cache cannot
+        see them. Writes to the tensors themselves (optimizer steps, ``load_state_dict``, in-place ops
+        under ``no_grad``) and new tensors assigned to ``.data`` are seen."""
         self._staged = None
 
     def _autocast_factors(self, x: torch.Tensor, lora_a: torch.Tensor,
@@ -512,7 +523,7 @@ class LSLoLinear(_LanguageFactors, nn.Module):
             )
 
     # ---------------------------------------------------------------- forward
-    _decode_plan: tuple | None = None  # see _planned_decode; per instance once a decoding call set it
+    _decode_plan: tuple | None = None  # also for layers pickled before there was a plan
 
     def forward(self, x: torch.Tensor, lang: torch.Tensor | Routing | None = None) -> torch.Tensor:
         """Args: x: (..., in_features); lang: see the class docstring. Returns (..., out_features)."""

@@ -391,6 +391,41 @@ def test_layer_built_under_inference_mode_decodes():
     assert layer._staged is None
 
 
+@pytest.mark.parametrize("learn_scales", [False, True])
+def test_layer_pickles_after_calls_and_copies_compute_the_same(learn_scales):
+    """torch.save of a whole module, copy.deepcopy and multiprocessing pickle the layer: after training
+    and decoding calls (backend ops, staged factors and the decoding plan cached) it still pickles,
+    without those caches, and the copy computes what the original does, forward and gradients."""
+    import copy
+    import io
+    import pickle
+
+    layer = _layer(in_f=160, out_f=128, ranks=(8, 64, 56), learn_scales=learn_scales)
+    x = torch.randn(7, 160)
+    ids = torch.tensor([0, 1, 2, -1, 2, 1, 0])
+    layer(x, lang=ids).sum().backward()
+    with torch.no_grad():
+        layer(x, lang=ids)
+        layer(x, lang=ids)
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    copies = [torch.load(buffer, weights_only=False), pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)]
+    for other in copies:
+        assert other._staged is None and other._decode_plan is None and other._backend_key is None
+        with torch.no_grad():
+            torch.testing.assert_close(other(x, lang=ids), layer(x, lang=ids), atol=0, rtol=0)
+            torch.testing.assert_close(other(x, lang=ids), layer(x, lang=ids), atol=0, rtol=0)
+        other.zero_grad()
+        layer.zero_grad()
+        other(x, lang=ids).square().sum().backward()
+        layer(x, lang=ids).square().sum().backward()
+        for name, p in layer.named_parameters():
+            if p.grad is not None:
+                torch.testing.assert_close(dict(other.named_parameters())[name].grad, p.grad, atol=0, rtol=0)
+    assert layer._decode_plan is not None  # the original keeps its caches
+
+
 def test_decoding_plan_follows_changes_of_the_layer():
     """A planned no-grad call (_planned_decode) sees what changed since the plan was made: new B values
     (optimizer step: the staged factors are rebuilt), a new prune mask, new scales, a merged
