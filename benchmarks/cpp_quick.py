@@ -12,7 +12,8 @@ round), the statistic the suite reports too:
   ``linear_decode`` in inference, ``linear_lora`` in training);
 * ``lslo_two_ops``: the same layer with its base as a separate call, the LoRA term after it
   (``add_`` into the base output in inference, the ``lora`` autograd node in training): the
-  composition before the one-op paths, kept to measure them;
+  composition before the one-op paths, kept to measure them (in inference both layers take their
+  planned path after the first call, so the two differ by the op alone);
 * ``naive``: the per-language Python loop (training only; it is slow).
 
 Cases: the suite's headline (lang30 ranks, tokens uniform over 30 languages): training (forward +

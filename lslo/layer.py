@@ -10,10 +10,10 @@ Hot path: the routing comes from the one cache of ``lslo.route`` (built and rang
 per batch); without autograd (``no_grad``, ``inference_mode``, frozen adapters) the LoRA term is
 added into the base layer's output in place by the backend's kernel (``lslo_kernels.ops.lora_add_call``:
 no custom-op or autograd layer, no output copy), or on ``cpp`` computed with the base in one C++
-call (``linear_decode``), which after a layer's first no-grad call is all its forward does besides
-a few checks (``LSLoLinear._planned_decode``); in training the backend's compiled autograd entry is
-called directly where it has one (``cpp``). Under ``torch.compile`` the layers use the custom op,
-which traces.
+call (``linear_decode``); after a layer's first no-grad call on ``cpp`` or ``triton``, those kernel
+calls are all its forward does besides a few checks (``LSLoLinear._planned_decode``). In training
+the backend's compiled autograd entry is called directly where it has one (``cpp``). Under
+``torch.compile`` the layers use the custom op, which traces.
 """
 
 from __future__ import annotations
@@ -51,6 +51,10 @@ _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (
 _CALL_CACHES = {"_backend_key": None, "_backend_name": None, "_backend_add": None, "_backend_linear": None,
                 "_backend_decode": None, "_backend_mixed": False, "_backend_staged": None, "_staged": None,
                 "_decode_plan": None}
+# Backends whose decoding kernels (linear_decode, add_) check every argument against x and the routing
+# (the C++ op's check_problem, triton's _check_common), so that a planned call may skip the layer's
+# checks: see LSLoLinear._planned_decode.
+_CHECKING_BACKENDS = ("cpp", "triton")
 # LSLoLinear decodes with staged factors (Backend.stage_factors) from this many entries of B up.
 _STAGED_MIN_ENTRIES = 1 << 14
 
@@ -627,21 +631,26 @@ class LSLoLinear(_LanguageFactors, nn.Module):
             rows = _unit_rows(x_rows)
             out = decode(rows, params["weight"], params["bias"], lora_a, lora_b, mask, scales,
                          rank_offsets, routing.sorted_token_idx, routing.lang_offsets, self.max_rank, staged)
-            # The next no-grad calls go straight to the op (_planned_decode), where its arguments are
-            # the ones it takes as they are: x's rows unit-strided, the scales float32/float64.
-            buffers = self._buffers
-            if rows is x_rows and scales is (buffers["scales"] if "scales" in buffers else self._parameters["scales"]):
-                self._decode_plan = (self.backend, device, decode, stage)
         else:
+            stage = None
+            rows = _unit_rows(x_rows)
             out = _base_forward(base, x_rows)
-            add_(out, _unit_rows(x_rows), lora_a, lora_b, mask, scales, rank_offsets, routing.sorted_token_idx,
+            add_(out, rows, lora_a, lora_b, mask, scales, rank_offsets, routing.sorted_token_idx,
                  routing.lang_offsets, self.max_rank)
+        # The next no-grad calls go straight to the kernels (_planned_decode), where their arguments are
+        # the ones they take as they are: x's rows unit-strided, the scales float32/float64, and a
+        # backend whose kernels check the rest themselves.
+        buffers = self._buffers
+        if (rows is x_rows and self._backend_name in _CHECKING_BACKENDS
+                and scales is (buffers["scales"] if "scales" in buffers else self._parameters["scales"])):
+            self._decode_plan = (self.backend, device, decode, stage, add_)
         return out if x.dim() == 2 else out.view(*lead, self.out_features)
 
     def _planned_decode(self, plan: tuple, x, lang) -> torch.Tensor | None:
-        """The no-grad call once :meth:`_decode_forward` took ``linear_decode``: the same op with the
-        same arguments, minus the checks the op makes itself. Returns None where it does not apply
-        (the caller then takes the general path, which checks everything and words the errors).
+        """The no-grad call once :meth:`_decode_forward` has run: the same kernels with the same
+        arguments (``linear_decode``, or ``F.linear`` then the backend's ``add_``), minus the checks the
+        kernels make themselves. Returns None where it does not apply (the caller then takes the
+        general path, which checks everything and words the errors).
 
         Why: on the project's 2-core EPYC VM each torch-level Python call right after a large GEMM
         costs 5-20 us (cold caches), and the general path makes ~30 of them. 1024->1024, fp32,
@@ -649,13 +658,14 @@ class LSLoLinear(_LanguageFactors, nn.Module):
         alternating calls): T=160 1.14-1.15x through _decode_forward, 1.08-1.12x with this plan,
         the op alone 1.07-1.08x; T=5 1.20-1.25x, 1.09-1.14x, 1.05-1.06x.
 
-        What the op checks (RuntimeError here, the plan is dropped and the general path reports):
-        x's dtype, device, width and row layout against the weight and the factors; the routing's
-        token count and number of languages. What is checked here: the layer's backend, merge
+        What the kernels check (an error here drops the plan and the general path reports): x's
+        dtype, device, width and row layout against the weight and the factors; the routing's token
+        count and number of languages. Only backends whose kernels check all that get a plan
+        (``_CHECKING_BACKENDS``; the reference backend's loop does not). What is checked here: the layer's backend, merge
         state and hooks (any change drops the plan) and the routing source (a Routing, or the
         ``lslo.route`` context; language-id tensors take the general path).
         """
-        backend, device, decode, stage = plan
+        backend, device, decode, stage, add_ = plan
         base = self._modules["base_layer"]
         if (type(x) is not torch.Tensor or self.backend is not backend or self.merged_language is not None
                 or type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks or _global_hooks()):
@@ -678,11 +688,16 @@ class LSLoLinear(_LanguageFactors, nn.Module):
         # An x of another width reshapes into another number of rows than the routing's tokens (or
         # fails to): the op refuses either, so no row is read against the wrong routing.
         try:
-            staged = self._staged_factors(stage, lora_b, mask, rank_offsets) if stage is not None else None
-            out = decode(x if two_d else x.reshape(-1, self.in_features), weights["weight"], weights["bias"],
-                         params["lora_A"], lora_b, mask, scales, rank_offsets, routing.sorted_token_idx,
-                         routing.lang_offsets, self.max_rank, staged)
-        except RuntimeError:
+            x_rows = x if two_d else x.reshape(-1, self.in_features)
+            if decode is not None:
+                staged = self._staged_factors(stage, lora_b, mask, rank_offsets) if stage is not None else None
+                out = decode(x_rows, weights["weight"], weights["bias"], params["lora_A"], lora_b, mask, scales,
+                             rank_offsets, routing.sorted_token_idx, routing.lang_offsets, self.max_rank, staged)
+            else:
+                out = F.linear(x_rows, weights["weight"], weights["bias"])
+                add_(out, x_rows, params["lora_A"], lora_b, mask, scales, rank_offsets, routing.sorted_token_idx,
+                     routing.lang_offsets, self.max_rank)
+        except (RuntimeError, ValueError, TypeError):
             self._decode_plan = None
             return None
         return out if two_d else out.view(*x.shape[:-1], self.out_features)

@@ -426,6 +426,37 @@ def test_layer_pickles_after_calls_and_copies_compute_the_same(learn_scales):
     assert layer._decode_plan is not None  # the original keeps its caches
 
 
+def test_decoding_plan_of_a_backend_without_the_one_op():
+    """A checking backend without linear_decode (cpp built without it; triton) plans F.linear then its
+    add_: the planned calls equal the truth, for contiguous rows, rows with a stride and 3-D input;
+    the reference backend, whose loop checks nothing, gets no plan."""
+    if "cpp" not in lslo_kernels.available_backends("cpu"):
+        pytest.skip("cpp not built")
+    layer = _layer(backend="cpp")
+    x = torch.randn(6, 16)
+    ids = torch.tensor([0, 2, -1, 1, 1, 0])
+    routing = build_routing(ids, layer.num_languages)
+    layer._backend_for(x)
+    layer._backend_decode = None  # cached per (backend, device, dtype): stays off
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(layer(x, lang=routing), _expected(layer, x, ids), atol=1e-5, rtol=1e-5)
+        plan = layer._decode_plan
+        assert plan is not None and plan[2] is None and plan[4] is layer._backend_add
+        wide = torch.randn(6, 20)[:, 2:18]
+        torch.testing.assert_close(layer(wide, lang=routing), _expected(layer, wide.contiguous(), ids), atol=1e-5,
+                                   rtol=1e-5)
+        x3 = x.reshape(2, 3, 16)
+        torch.testing.assert_close(layer(x3, lang=routing), _expected(layer, x, ids).reshape(2, 3, 12), atol=1e-5,
+                                   rtol=1e-5)
+        assert layer._decode_plan is plan
+    reference = _layer(backend="reference")
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(reference(x, lang=routing), _expected(reference, x, ids), atol=1e-5, rtol=1e-5)
+    assert reference._decode_plan is None
+
+
 def test_decoding_plan_follows_changes_of_the_layer():
     """A planned no-grad call (_planned_decode) sees what changed since the plan was made: new B values
     (optimizer step: the staged factors are rebuilt), a new prune mask, new scales, a merged

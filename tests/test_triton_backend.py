@@ -514,6 +514,45 @@ def test_fused_layer_decoding_and_training():
         assert_close(grads["triton"][n], grads["reference"][n], torch.float32, f"layer grad {n}")
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_planned_layer_decoding_equals_the_reference(fused):
+    """After its first no-grad call, an LSLoLinear on the triton backend decodes through its plan
+    (F.linear, then triton's add_, without the layer's checks): the same outputs as the reference
+    backend for ids from lslo.route on 3-D input, a Routing, and rows the kernel copies (a column
+    stride); a wrong input width still gets the layer's ValueError."""
+    import lslo
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(24, 20, device=DEVICE)
+    layers = {name: lslo.LSLoLinear(base, [2, 7, 3], backend=name).to(DEVICE) for name in ("reference", "triton")}
+    with torch.no_grad():
+        init = torch.randn_like(layers["reference"].lora_B)
+        for layer in layers.values():
+            layer.lora_B.copy_(init)
+            layer.lora_A.copy_(layers["reference"].lora_A)
+    triton_layer = layers["triton"]
+    x = torch.randn(2, 9, 24, device=DEVICE)
+    flat_ids = torch.tensor([1] * 9 + [2] * 9, device=DEVICE)
+    routing = lslo_kernels.build_routing(flat_ids, 3)
+    strided = torch.randn(24, 18, device=DEVICE).t()
+    with triton_kernels.fused_kernels(fused), torch.no_grad():
+        with lslo.route(tgt=torch.tensor([1, 2], device=DEVICE)):
+            for _ in range(2):  # the general path (which makes the plan), then the plan
+                assert_close(triton_layer(x), layers["reference"](x), torch.float32, "context 3-D")
+            assert triton_layer._decode_plan is not None
+        assert_close(triton_layer(x.reshape(18, 24), lang=routing), layers["reference"](x.reshape(18, 24), lang=routing),
+                     torch.float32, "routing")
+        assert_close(triton_layer(strided, lang=routing), layers["reference"](strided, lang=routing), torch.float32,
+                     "strided columns")
+        assert triton_layer._decode_plan is not None
+        with pytest.raises(ValueError, match="in_features=24"):
+            triton_layer(torch.randn(18, 23, device=DEVICE), lang=routing)
+        assert triton_layer._decode_plan is None  # dropped by the refused call; the next call makes it again
+        assert_close(triton_layer(x.reshape(18, 24), lang=routing), layers["reference"](x.reshape(18, 24), lang=routing),
+                     torch.float32, "after the error")
+        assert triton_layer._decode_plan is not None
+
+
 def test_fused_random_layouts_property(monkeypatch):
     """The same for the fused kernels, with small blocks and split-K so that tiles and splits vary."""
     _small_blocks(monkeypatch, num_splits=2)
