@@ -278,9 +278,9 @@ class _LanguageFactors:
         new tensor assigned to ``.data``); the keyed storages are held, so no other tensor can
         take their addresses while the entry lives. Freed by :meth:`clear_decoding_cache`."""
         raw_scales = self._buffers["scales"] if "scales" in self._buffers else self._parameters["scales"]
-        tensors = (lora_b, mask, raw_scales, rank_offsets)
-        try:
-            key = tuple((t._version, t.data_ptr()) for t in tensors)
+        try:  # written out, not a generator: this runs on every decoding call (~0.5% of a T=5 1024->1024 call)
+            key = ((lora_b._version, lora_b.data_ptr()), (mask._version, mask.data_ptr()),
+                   (raw_scales._version, raw_scales.data_ptr()), (rank_offsets._version, rank_offsets.data_ptr()))
         except RuntimeError:  # inference tensors (a layer built under inference_mode) have no version
             return None  # counter, so no cache can tell their changes: the kernel stages per call
         cached = self._staged
@@ -290,7 +290,7 @@ class _LanguageFactors:
             return None
         scales = raw_scales if raw_scales.dtype in _SCALE_DTYPES else raw_scales.float()
         staged = stage(lora_b, mask, scales, rank_offsets)
-        self._staged = (key, staged, tuple(t.untyped_storage() for t in tensors))
+        self._staged = (key, staged, tuple(t.untyped_storage() for t in (lora_b, mask, raw_scales, rank_offsets)))
         return staged
 
     def clear_decoding_cache(self) -> None:

@@ -101,8 +101,18 @@ def _check_against_reference(case, dtype):
     grads_ref = lora_backward_reference(grad_out, x, h_ref, a, b, *rest)
     grads = lora_backward_cpp(grad_out, x, h_ref, a, b, *rest)
     assert len(grads) == 4
-    for name, g, g_ref in zip(("dx", "dA", "dB", "dscales"), grads, grads_ref):
+    for name, g, g_ref in zip(("dx", "dA", "dB"), grads, grads_ref):
         _assert_close(g, g_ref, dtype, name)
+    # d s_l sums <dy_t, (B_l * M_l) h_t> over every token and output of a language: a sum with
+    # cancellation, whose rounding error scales with the sum of its terms' magnitudes, not with the
+    # result (hypothesis found T=80, k=1, d=60, one language: |result| 0.07, error 1.1e-5 in fp32 on
+    # terms whose magnitudes sum to 1027, i.e. 1e-8 of it). That sum is the reference's d s on
+    # absolute values; a lost term would be ~0.2 there.
+    magnitude = lora_backward_reference(grad_out.abs(), x, h_ref.abs(), a, b.abs(), *rest)[3]
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(grads[3].double(), grads_ref[3].double(), rtol=rtol,
+                               atol=atol * max(1.0, float(magnitude.max()) if magnitude.numel() else 1.0),
+                               msg=lambda m: f"dscales: {m}")
     # exact zeros: pruned entries of B, tokens without adapter, languages without tokens
     assert torch.all(grads[2][~case["prune_mask"]] == 0)
     none = case["routing"].lang < 0
