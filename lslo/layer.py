@@ -661,9 +661,9 @@ class LSLoLinear(_LanguageFactors, nn.Module):
         What the kernels check (an error here drops the plan and the general path reports): x's
         dtype, device, width and row layout against the weight and the factors; the routing's token
         count and number of languages. Only backends whose kernels check all that get a plan
-        (``_CHECKING_BACKENDS``; the reference backend's loop does not). What is checked here: the layer's backend, merge
-        state and hooks (any change drops the plan) and the routing source (a Routing, or the
-        ``lslo.route`` context; language-id tensors take the general path).
+        (``_CHECKING_BACKENDS``; the reference backend's loop does not). What is checked here: the
+        layer's backend, merge state and hooks (any change drops the plan) and the routing source (a
+        Routing, or the ``lslo.route`` context; language-id tensors take the general path).
         """
         backend, device, decode, stage, add_ = plan
         base = self._modules["base_layer"]

@@ -540,16 +540,17 @@ def test_planned_layer_decoding_equals_the_reference(fused):
             for _ in range(2):  # the general path (which makes the plan), then the plan
                 assert_close(triton_layer(x), layers["reference"](x), torch.float32, "context 3-D")
             assert triton_layer._decode_plan is not None
-        assert_close(triton_layer(x.reshape(18, 24), lang=routing), layers["reference"](x.reshape(18, 24), lang=routing),
-                     torch.float32, "routing")
+        flat = x.reshape(18, 24)
+        assert_close(triton_layer(flat, lang=routing), layers["reference"](flat, lang=routing), torch.float32,
+                     "routing")
         assert_close(triton_layer(strided, lang=routing), layers["reference"](strided, lang=routing), torch.float32,
                      "strided columns")
         assert triton_layer._decode_plan is not None
         with pytest.raises(ValueError, match="in_features=24"):
             triton_layer(torch.randn(18, 23, device=DEVICE), lang=routing)
         assert triton_layer._decode_plan is None  # dropped by the refused call; the next call makes it again
-        assert_close(triton_layer(x.reshape(18, 24), lang=routing), layers["reference"](x.reshape(18, 24), lang=routing),
-                     torch.float32, "after the error")
+        assert_close(triton_layer(flat, lang=routing), layers["reference"](flat, lang=routing), torch.float32,
+                     "after the error")
         assert triton_layer._decode_plan is not None
 
 
