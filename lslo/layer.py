@@ -269,15 +269,15 @@ class _LanguageFactors:
             self._backend_key = key
         return self._backend_name
 
-    def _staged_factors(self, stage, lora_b: torch.Tensor, mask: torch.Tensor,
+    def _staged_factors(self, stage, lora_b: torch.Tensor, mask: torch.Tensor, raw_scales: torch.Tensor,
                         rank_offsets: torch.Tensor) -> torch.Tensor | None:
         """The backend's staged decoding factors (``Backend.stage_factors``; None for a non-contiguous
         lora_B or inference tensors, which the kernel then stages per call), rebuilt only when
         lora_B, the mask, the scales or the rank offsets changed: keyed on each one's version
         counter (bumped by every in-place write, optimizer steps included) and data pointer (a
         new tensor assigned to ``.data``); the keyed storages are held, so no other tensor can
-        take their addresses while the entry lives. Freed by :meth:`clear_decoding_cache`."""
-        raw_scales = self._buffers["scales"] if "scales" in self._buffers else self._parameters["scales"]
+        take their addresses while the entry lives. Freed by :meth:`clear_decoding_cache`. raw_scales:
+        the ``scales`` buffer or parameter itself (its version is the key's), before any cast."""
         try:  # written out, not a generator: this runs on every decoding call (~0.5% of a T=5 1024->1024 call)
             key = ((lora_b._version, lora_b.data_ptr()), (mask._version, mask.data_ptr()),
                    (raw_scales._version, raw_scales.data_ptr()), (rank_offsets._version, rank_offsets.data_ptr()))
@@ -616,7 +616,10 @@ class LSLoLinear(_LanguageFactors, nn.Module):
         lead = x.shape[:-1]
         routing = self._routing(x, lang, lead)
         x_rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        decode = self._backend_decode
+        rows = _unit_rows(x_rows)
+        buffers = self._buffers
+        raw_scales = buffers["scales"] if "scales" in buffers else self._parameters["scales"]
+        decode, stage = self._backend_decode, self._backend_staged  # stage is None without decode
         if decode is not None:
             # One call (Backend.linear_decode): the LoRA term first, written with the bias into the fresh
             # output, then the base GEMM accumulates into it (beta = 1): the output is read and written
@@ -626,23 +629,17 @@ class LSLoLinear(_LanguageFactors, nn.Module):
             # at T=5 (another run); the LoRA term first as three torch calls (bias rows, add, GEMM)
             # 1.059x / 1.054x; this one call 1.033x / 1.024x.
             params = base._parameters
-            stage = self._backend_staged
-            staged = self._staged_factors(stage, lora_b, mask, rank_offsets) if stage is not None else None
-            rows = _unit_rows(x_rows)
+            staged = self._staged_factors(stage, lora_b, mask, raw_scales, rank_offsets) if stage is not None else None
             out = decode(rows, params["weight"], params["bias"], lora_a, lora_b, mask, scales,
                          rank_offsets, routing.sorted_token_idx, routing.lang_offsets, self.max_rank, staged)
         else:
-            stage = None
-            rows = _unit_rows(x_rows)
             out = _base_forward(base, x_rows)
             add_(out, rows, lora_a, lora_b, mask, scales, rank_offsets, routing.sorted_token_idx,
                  routing.lang_offsets, self.max_rank)
         # The next no-grad calls go straight to the kernels (_planned_decode), where their arguments are
         # the ones they take as they are: x's rows unit-strided, the scales float32/float64, and a
         # backend whose kernels check the rest themselves.
-        buffers = self._buffers
-        if (rows is x_rows and self._backend_name in _CHECKING_BACKENDS
-                and scales is (buffers["scales"] if "scales" in buffers else self._parameters["scales"])):
+        if rows is x_rows and self._backend_name in _CHECKING_BACKENDS and scales is raw_scales:
             self._decode_plan = (self.backend, device, decode, stage, add_)
         return out if x.dim() == 2 else out.view(*lead, self.out_features)
 
@@ -690,7 +687,7 @@ class LSLoLinear(_LanguageFactors, nn.Module):
         try:
             x_rows = x if two_d else x.reshape(-1, self.in_features)
             if decode is not None:
-                staged = self._staged_factors(stage, lora_b, mask, rank_offsets) if stage is not None else None
+                staged = self._staged_factors(stage, lora_b, mask, scales, rank_offsets) if stage is not None else None
                 out = decode(x_rows, weights["weight"], weights["bias"], params["lora_A"], lora_b, mask, scales,
                              rank_offsets, routing.sorted_token_idx, routing.lang_offsets, self.max_rank, staged)
             else:
