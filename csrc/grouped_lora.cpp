@@ -1026,14 +1026,26 @@ at::Tensor bias_row(const std::optional<at::Tensor>& bias, const Problem& p, con
   return bias.has_value() && bias->defined() ? bias->contiguous() : at::zeros({p.d}, x.options());
 }
 
-// y = x W^T + bias + LoRA term, h kept: the frozen base Linear and the LoRA term in one op. The
-// LoRA pass runs first and writes bias + LoRA term into y (the bias row read with row stride 0, or a
-// zero row), then the base GEMM accumulates x W^T into y (beta = 1). A separate pass after the GEMM
-// (lora: y = base_out + LoRA term) reads the whole base output again once the GEMM has evicted it
-// from the caches; here y is read inside the GEMM, which addmm with a bias does anyway. Measured on
-// the project's 2-core EPYC (fp32, lang30, 2 threads), fwd+bwd over the base Linear at T=2048,
-// with the backward's x W of linear_lora: 1024->1024 1.066x -> 1.003x, 4096->1024 1.014x -> 0.925x
-// (medians of interleaved rounds; a Python prototype of this order).
+// y = x W^T + bias + LoRA term for a validated problem (weight checked), the order of both linear
+// ops: the LoRA pass runs first and writes bias + LoRA term into the fresh y (the bias row read with
+// row stride 0, or a zero row), then the base GEMM accumulates x W^T into y (beta = 1). A separate
+// pass after the GEMM (lora: y = base_out + LoRA term) reads the whole base output again once the
+// GEMM has evicted it from the caches; here y is read inside the GEMM, which addmm with a bias does
+// anyway. Measured on the project's 2-core EPYC (fp32, lang30, 2 threads), fwd+bwd over the base
+// Linear at T=2048, with the backward's x W of linear_lora: 1024->1024 1.066x -> 1.003x, 4096->1024
+// 1.014x -> 0.925x (medians of interleaved rounds; a Python prototype of this order). staged and h
+// as lora_pass's.
+at::Tensor lora_then_base(const char* op, const Problem& p, const at::Tensor& x, const at::Tensor& weight,
+                          const std::optional<at::Tensor>& bias, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                          const at::Tensor& prune_mask, const at::Tensor* staged, at::Tensor* h) {
+  at::Tensor y = empty_output({p.T, p.d}, x.options());
+  const at::Tensor row = bias_row(bias, p, x);
+  lora_pass(op, p, y, x, lora_a, lora_b, prune_mask, staged, &row, h);
+  if (p.T > 0) y.addmm_(x, weight.t());
+  return y;
+}
+
+// Training's forward: the base Linear and the LoRA term in one op (lora_then_base), h kept.
 std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                       const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
                                                       const at::Tensor& lora_b, const at::Tensor& prune_mask,
@@ -1044,16 +1056,13 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(const at::Tensor& x, const
   const Problem p = check_problem(op, x, lora_a, lora_b, prune_mask, scales, rank_offsets, sorted_token_idx,
                                   lang_offsets, max_rank);
   check_weight(weight, bias, p, x, op);
-  at::Tensor y = empty_output({p.T, p.d}, x.options());
   at::Tensor h = at::empty({p.T, p.max_rank}, x.options().dtype(accum_type(x.scalar_type())));
-  const at::Tensor row = bias_row(bias, p, x);
-  lora_pass(op, p, y, x, lora_a, lora_b, prune_mask, nullptr, &row, &h);
-  if (p.T > 0) y.addmm_(x, weight.t());
+  at::Tensor y = lora_then_base(op, p, x, weight, bias, lora_a, lora_b, prune_mask, nullptr, &h);
   return {y, h};
 }
 
 // Decoding: y = x W^T + bias + LoRA term in one call, nothing kept for a backward (inference only),
-// in linear_forward's order. staged: the factors stage_factors returned (a decoding loop's cache),
+// through lora_then_base. staged: the factors stage_factors returned (a decoding loop's cache),
 // or None to stage those of the languages present, as add_ does. x may have strided rows.
 at::Tensor linear_decode_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& prune_mask,
@@ -1064,12 +1073,9 @@ at::Tensor linear_decode_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   const Problem p = check_problem(op, x, lora_a, lora_b, prune_mask, scales, rank_offsets, sorted_token_idx,
                                   lang_offsets, max_rank, /*strided_x=*/true);
   check_weight(weight, bias, p, x, op);
-  at::Tensor y = empty_output({p.T, p.d}, x.options());
-  const at::Tensor row = bias_row(bias, p, x);
   const bool has_staged = staged.has_value() && staged->defined();
-  lora_pass(op, p, y, x, lora_a, lora_b, prune_mask, has_staged ? &*staged : nullptr, &row);
-  if (p.T > 0) y.addmm_(x, weight.t());
-  return y;
+  return lora_then_base(op, p, x, weight, bias, lora_a, lora_b, prune_mask, has_staged ? &*staged : nullptr,
+                        nullptr);
 }
 
 // ------------------------------------------------------------------------------------ backward
