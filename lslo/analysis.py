@@ -16,7 +16,7 @@ language-specific pruning (LSP), their figures and correlations, and per-languag
   ratios in place of coarse resource groups; a plan turns ISE scores into both under a parameter
   budget and writes a config file ``lslo train --config`` reads.
 - **Weight Learning** (Section 4.1, Eq. 5; Figure 1): a source- and a target-indexed LSLo in every
-  module, mixed by ``softmax`` of two logits per encoder/decoder layer (:func:`lslo.model.apply_weight_learning`),
+  module, mixed by ``softmax`` of two logits per encoder/decoder layer (:mod:`lslo.weight_learning`),
   trained by the engine (``method="weight-learning"``); the larger weight per layer gives the index plan
   ``lslo train --index-plan`` reads (:func:`learn_index`).
 
@@ -44,6 +44,22 @@ from torch import nn
 
 from .config import GROUP_ORDER, RESOURCE_GROUPS
 from .io import atomic_write_file
+from .weight_learning import (  # the Weight-Learning names lived here before lslo.weight_learning: re-exported
+    INDEX_PLAN_FORMAT,  # noqa: F401
+    WL_CONFIG_NAME,
+    WL_FORMAT,  # noqa: F401
+    WL_WEIGHTS_NAME,  # noqa: F401
+    _check_weights,
+    _mix_weights_json,
+    derive_index_plan,
+    learned_mix_weights,
+    load_weight_learning,
+    read_index_plan,
+    save_weight_learning,
+    weight_learning_config,
+    weight_learning_state,
+    write_index_plan,
+)
 
 __all__ = [
     "MODULE_LABELS",
@@ -1152,8 +1168,7 @@ def run_analyses(model_dir: str | os.PathLike, flores_dir: str | os.PathLike, ou
     over ``epochs`` epochs) into ``out_dir/ise``, correlates each language's score with its
     ``resource_sizes`` (e.g. the pretraining sentences of the demo's synthetic languages: the analogue
     of Tables 9-10), and makes a plan (:func:`plan_from_scores`) at the budget of ``budget`` ranks,
-    written to ``out_dir/plan.toml``. With ``weight_learning`` (and an lslo that has the dual-routing
-    layers) it first runs :func:`learn_index` into ``out_dir/wl`` and the plan's config uses the learned
+    written to ``out_dir/plan.toml``. With ``weight_learning`` it first runs :func:`learn_index` into ``out_dir/wl`` and the plan's config uses the learned
     index plan.
 
     "Recovered" means: the overall Pearson correlation between each language's total score and
@@ -1173,7 +1188,7 @@ def run_analyses(model_dir: str | os.PathLike, flores_dir: str | os.PathLike, ou
         budget: the plan's budget (see :func:`parse_budget`); default the paper's ranks of the resource
             groups present (2;2;8 on lang12), so the plan competes with them at equal size.
         lr, max_tokens, warmup_updates, seed, progress, train_overrides: training settings.
-        weight_learning: also run Weight Learning (skipped, with a note, when lslo lacks the dual layers).
+        weight_learning: also run Weight Learning.
         wl_epochs: epochs of Weight Learning (default ``epochs``).
 
     Returns:
@@ -1200,17 +1215,11 @@ def run_analyses(model_dir: str | os.PathLike, flores_dir: str | os.PathLike, ou
                              max_tokens=max_tokens, warmup_updates=warmup_updates, seed=seed, cpu=True,
                              sizes=str(sizes_file) if sizes_file else None, overwrite=True, progress=progress)
     index = None
-    notes = []
     if weight_learning:
-        try:
-            _weight_learning_api()
-        except RuntimeError as exc:
-            notes.append(f"Weight Learning skipped: {exc}")
-        else:
-            index = learn_index(LearnIndexArguments(
-                model=str(model_dir), output_dir=str(out / "wl"), flores_dir=str(flores_dir), languages=languages,
-                rank=rank, epochs=wl_epochs or epochs, lr=lr, max_tokens=max_tokens, warmup_updates=warmup_updates,
-                seed=seed, cpu=True, overwrite=True, progress=progress), train_overrides=train_overrides)
+        index = learn_index(LearnIndexArguments(
+            model=str(model_dir), output_dir=str(out / "wl"), flores_dir=str(flores_dir), languages=languages,
+            rank=rank, epochs=wl_epochs or epochs, lr=lr, max_tokens=max_tokens, warmup_updates=warmup_updates,
+            seed=seed, cpu=True, overwrite=True, progress=progress), train_overrides=train_overrides)
     estimate = estimate_subspace(args, train_overrides=train_overrides)
     scores = estimate.scores
     # The demo's sizes are the truth of its languages: the paper's numbers must not fill gaps.
@@ -1226,7 +1235,7 @@ def run_analyses(model_dir: str | os.PathLike, flores_dir: str | os.PathLike, ou
                                   index_plan=str(index.files["index_plan"]) if index is not None else None)
     ordered = [g for g in GROUP_ORDER if g in group_means]
     monotone = all(group_means[a] >= group_means[b] for a, b in itertools.pairwise(ordered))
-    lines = [*notes, *([index.summary, ""] if index is not None else []), estimate.summary, "",
+    lines = [*([index.summary, ""] if index is not None else []), estimate.summary, "",
              (f"ISE vs resource sizes (each language's total score): log10 sizes r = {overall['r']:.2f} "
               f"(p = {overall['p']:.3g}); raw sizes r = {correlation_raw['overall']['r']:.2f} "
               f"(p = {correlation_raw['overall']['p']:.3g}); n = {overall['n']}"),
@@ -1240,198 +1249,6 @@ def run_analyses(model_dir: str | os.PathLike, flores_dir: str | os.PathLike, ou
 
 
 # ============================================================ weight learning
-WL_FORMAT = "lslo-weight-learning"
-WL_CONFIG_NAME = "lslo_weight_learning.json"
-WL_WEIGHTS_NAME = "lslo_weight_learning.safetensors"
-INDEX_PLAN_FORMAT = "lslo-index-plan"
-_WL_LAYER = re.compile(r"(?:^|\.)(encoder|decoder)\.layers\.(\d+)$")
-
-
-def _weight_learning_api():
-    """(apply_weight_learning, weight_learning_mixes, weight_learning_config) of lslo.model."""
-    from . import model as model_module
-
-    api = tuple(getattr(model_module, name, None)
-                for name in ("apply_weight_learning", "weight_learning_mixes", "weight_learning_config"))
-    if any(function is None for function in api):
-        raise RuntimeError("Weight Learning needs lslo.model.apply_weight_learning / weight_learning_mixes / "
-                           "weight_learning_config (the dual-routing layers), which this lslo lacks")
-    return api
-
-
-def weight_learning_config(model: nn.Module):
-    """The :class:`lslo.LSLoConfig` :func:`lslo.model.apply_weight_learning` used on ``model``, or None
-    (:func:`lslo.model.weight_learning_config`, re-exported here for the Weight-Learning file helpers)."""
-    _, _, config_of = _weight_learning_api()
-    return config_of(model)
-
-
-def _dual_modules(model: nn.Module) -> dict[str, nn.Module]:
-    from .layer import LSLoDualLinear
-
-    return {name: m for name, m in model.named_modules() if isinstance(m, LSLoDualLinear)}
-
-
-def weight_learning_state(model: nn.Module) -> dict[str, Any]:
-    """Every tensor Weight Learning trains or needs to reload: ``{name}.src.lora_A`` ... of each dual
-    module (factors, mask, ranks, scales of both sets) and ``{layer}.lslo_mix.logits`` of each layer."""
-    config = weight_learning_config(model)
-    if config is None:
-        raise ValueError("the model carries no Weight Learning layers (lslo.model.apply_weight_learning)")
-    _, mixes, _ = _weight_learning_api()
-    tensors = {}
-    for name, module in _dual_modules(model).items():
-        for index in ("src", "tgt"):
-            for key, tensor in getattr(module, index).adapter_state_dict().items():
-                tensors[f"{name}.{index}.{key}"] = tensor.detach().to("cpu").contiguous()
-    for layer, mix in mixes(model).items():
-        tensors[f"{layer}.lslo_mix.logits"] = mix.logits.detach().to("cpu").contiguous()
-    return tensors
-
-
-def save_weight_learning(model: nn.Module, directory: str | os.PathLike) -> None:
-    """Write a Weight-Learning model's trainable state (safetensors) and config (JSON), all-or-nothing.
-
-    The training engine saves ``method="weight-learning"`` runs (checkpoints and ``final/``) with it;
-    :func:`load_weight_learning` reads it back onto a fresh base model.
-    """
-    from safetensors.torch import save_file
-
-    from .io import atomic_directory
-    from .model import model_fingerprint
-
-    tensors = weight_learning_state(model)
-    meta = {"format": WL_FORMAT, "version": 1, "config": weight_learning_config(model).to_dict(),
-            "base_model": model_fingerprint(model), "mix_weights": _mix_weights_json(learned_mix_weights(model))}
-    text = json.dumps(meta, indent=2, allow_nan=False)
-    with atomic_directory(directory, replaceable=(WL_CONFIG_NAME, WL_WEIGHTS_NAME)) as staging:
-        save_file(tensors, os.path.join(staging, WL_WEIGHTS_NAME))
-        Path(staging, WL_CONFIG_NAME).write_text(text, encoding="utf-8")
-
-
-def load_weight_learning(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Load what :func:`save_weight_learning` wrote into ``model`` (applying Weight Learning if needed).
-
-    Refused with ValueError: another base model, another config than the one already applied, a
-    tensor file that does not cover exactly the model's dual layers and mixes. Returns ``model``.
-    """
-    import torch
-    from safetensors.torch import load_file
-
-    from .config import LSLoConfig
-    from .io import recover_directory
-    from .model import model_fingerprint
-
-    apply, mixes, _ = _weight_learning_api()
-    directory = Path(directory)
-    recover_directory(directory)
-    config_path, weights_path = directory / WL_CONFIG_NAME, directory / WL_WEIGHTS_NAME
-    if not config_path.is_file() or not weights_path.is_file():
-        raise ValueError(f"{directory} holds no Weight-Learning state ({WL_CONFIG_NAME} and {WL_WEIGHTS_NAME})")
-    try:
-        meta = json.loads(config_path.read_text(encoding="utf-8"))
-        config = LSLoConfig.from_dict(meta["config"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{config_path} is damaged or not a Weight-Learning config ({exc})") from None
-    if meta.get("format") != WL_FORMAT:
-        raise ValueError(f"{config_path} is not a Weight-Learning config (format {meta.get('format')!r})")
-    fingerprint = model_fingerprint(model)
-    differences = [k for k, v in meta.get("base_model", {}).items() if fingerprint.get(k) != v]
-    if differences:
-        raise ValueError(f"{directory} was saved for a different base model (differs in {differences})")
-    current = weight_learning_config(model)
-    if current is None:
-        apply(model, config)
-    elif current.to_dict() != config.to_dict():
-        raise ValueError(f"{directory} holds Weight Learning of another config than the model's")
-    try:
-        tensors = load_file(str(weights_path))
-    except Exception as exc:  # noqa: BLE001 (any failure to deserialise means a damaged file)
-        raise ValueError(f"{weights_path}: damaged or not a safetensors file ({exc})") from None
-    expected = set(weight_learning_state(model))
-    if set(tensors) != expected:
-        missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-        raise ValueError(f"{weights_path} does not match the model's Weight-Learning layers: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}")
-    with torch.no_grad():
-        for name, module in _dual_modules(model).items():
-            for index in ("src", "tgt"):
-                prefix = f"{name}.{index}."
-                getattr(module, index).load_adapter_state_dict(
-                    {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-        for layer, mix in mixes(model).items():
-            mix.logits.copy_(tensors[f"{layer}.lslo_mix.logits"])
-    return model
-
-
-def learned_mix_weights(model: nn.Module) -> dict[str, list[tuple[float, float]]]:
-    """Each layer's ``(w_src, w_tgt) = softmax(logits)`` (Eq. 5), by side, in layer order.
-
-    Returns:
-        ``{"encoder": [(w_src, w_tgt), ...], "decoder": [...]}``; ValueError when the model has no
-        mixes or a layer of a side has none (every layer needs a weight for an index plan).
-    """
-    import torch
-
-    _, mixes, _ = _weight_learning_api()
-    found: dict[str, dict[int, tuple[float, float]]] = {}
-    for layer, mix in mixes(model).items():
-        match = _WL_LAYER.search(layer)
-        if match is None:
-            continue
-        with torch.no_grad():
-            w = mix().double().tolist()
-        found.setdefault(match.group(1), {})[int(match.group(2))] = (float(w[0]), float(w[1]))
-    if not found:
-        raise ValueError("the model has no Weight-Learning mixes (lslo.model.apply_weight_learning)")
-    out = {}
-    for side in _SIDES:
-        if side not in found:
-            continue
-        layers = found[side]
-        missing = [i for i in range(max(layers) + 1) if i not in layers]
-        if missing:
-            raise ValueError(f"{side} layers {missing} have no Weight-Learning mix: no index can be derived for them")
-        out[side] = [layers[i] for i in range(len(layers))]
-    return out
-
-
-def _mix_weights_json(weights: Mapping[str, Sequence[Sequence[float]]]) -> dict[str, list[dict[str, float]]]:
-    return {side: [{"layer": i + 1, "w_src": w[0], "w_tgt": w[1]} for i, w in enumerate(values)]
-            for side, values in weights.items()}
-
-
-def _check_weights(weights: Mapping[str, Sequence[Sequence[float]]]) -> dict[str, list[tuple[float, float]]]:
-    if not isinstance(weights, Mapping) or not weights:
-        raise ValueError("mix weights must be {'encoder': [(w_src, w_tgt), ...], 'decoder': [...]}")
-    out = {}
-    for side, values in weights.items():
-        if side not in _SIDES:
-            raise ValueError(f"mix weights: unknown side {side!r}; use 'encoder' and 'decoder'")
-        pairs = []
-        for i, pair in enumerate(values):
-            pair = (pair["w_src"], pair["w_tgt"]) if isinstance(pair, Mapping) else tuple(pair)
-            if len(pair) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in pair):
-                raise ValueError(f"mix weights[{side!r}][{i}] must be two finite numbers (w_src, w_tgt), got {pair!r}")
-            pairs.append((float(pair[0]), float(pair[1])))
-        if not pairs:
-            raise ValueError(f"mix weights[{side!r}] is empty")
-        out[side] = pairs
-    return out
-
-
-def derive_index_plan(weights: Mapping[str, Sequence[Sequence[float]]]) -> dict[str, list[str]]:
-    """The index with the larger weight in every layer (paper Section 4.1): ``"src"`` where
-    ``w_src > w_tgt``, else ``"tgt"`` (a tie, as untrained logits give, keeps the target index that
-    every decoder layer and the top of the encoder follow in the paper's Figure 1).
-
-    Returns:
-        ``{"encoder": ["src", ...], "decoder": [...]}``, as ``LSLoConfig.index_plan`` takes it.
-    """
-    return {side: ["src" if w_src > w_tgt else "tgt" for w_src, w_tgt in pairs]
-            for side, pairs in _check_weights(weights).items()}
-
-
 def plot_index_weights(weights: Mapping[str, Sequence[Sequence[float]]], out_png: str | os.PathLike, *,
                        title: str | None = None, dpi: int = 120):
     """Figure 1 of the paper: enc_src, enc_tgt, dec_src and dec_tgt weights over the layers.
@@ -1459,51 +1276,6 @@ def plot_index_weights(weights: Mapping[str, Sequence[Sequence[float]]], out_png
     ax.set_title(title or "Weight Learning: source vs target index per layer")
     save_figure(figure, out_png, dpi)
     return figure
-
-
-def write_index_plan(weights: Mapping[str, Sequence[Sequence[float]]], path: str | os.PathLike) -> Path:
-    """Write the derived index plan as ``lslo train --index-plan FILE`` reads it (JSON, atomically):
-    ``{"format", "index_plan": {"encoder": [...], "decoder": [...]}, "num_layers", "weights"}``."""
-    weights = _check_weights(weights)
-    plan = derive_index_plan(weights)
-    document = {"format": INDEX_PLAN_FORMAT, "index_plan": plan,
-                "num_layers": {side: len(v) for side, v in plan.items()}, "weights": _mix_weights_json(weights)}
-    path = Path(path)
-    if path.suffix != ".json":
-        raise ValueError(f"index plan {path}: use a .json file name (lslo train --index-plan reads JSON)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(document, indent=1)
-    atomic_write_file(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-    return path
-
-
-def read_index_plan(path: str | os.PathLike, *, num_encoder_layers: int | None = None,
-                    num_decoder_layers: int | None = None) -> dict[str, list[str] | str]:
-    """An index plan file (``{"index_plan": {...}}`` or the plan itself), checked against a model's depth.
-
-    ValueError naming the file when it is not JSON, holds no valid plan, or was learned for another
-    number of encoder/decoder layers than given.
-    """
-    from .config import LSLoConfig
-
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"index plan file {path} does not exist")
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"index plan file {path} is not valid JSON ({exc})") from None
-    plan = document.get("index_plan", document) if isinstance(document, dict) else document
-    try:
-        plan = LSLoConfig(languages=["en"], ranks=1, index_plan=plan).index_plan
-    except ValueError as exc:
-        raise ValueError(f"index plan file {path}: {exc}") from None
-    for side, depth in (("encoder", num_encoder_layers), ("decoder", num_decoder_layers)):
-        value = plan.get(side) if isinstance(plan, Mapping) else None
-        if depth is not None and isinstance(value, list) and len(value) != depth:
-            raise ValueError(f"index plan file {path} was learned for a {len(value)}-layer {side}; this model's "
-                             f"{side} has {depth} layers")
-    return plan
 
 
 def _help_field(default, text: str):
@@ -1608,7 +1380,6 @@ def learn_index(args: LearnIndexArguments, *, train_overrides: Mapping[str, Any]
 
     if args.output_dir is None:
         raise ValueError("--output-dir is required")
-    _weight_learning_api()  # fail before training when this lslo has no dual layers
     out = Path(args.output_dir)
     run_dir = None
     if args.adapters is not None:

@@ -15,9 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,8 +23,31 @@ from torch import nn
 
 from .config import GROUP_ORDER, LSLoConfig
 from .context import route
+from .injection import (
+    FINGERPRINT_KEYS,
+    LSLO_STATE_ATTR,
+    find_targets,
+    get_lslo_config,
+    inject,
+    lslo_modules,
+    model_fingerprint,
+)
+from .injection import layer_counts as _layer_counts
+from .injection import module_type as _module_type
+from .injection import restore_requires_grad as _restore_requires_grad
+from .injection import set_module as _set_module
 from .io import atomic_directory, atomic_write_file, read_directory_files, recover_directory
 from .layer import LSLoLinear
+from .weight_learning import (  # MIX_ATTR, apply_, remove_weight_learning, weight_learning_mixes: re-exported (lived here)
+    MIX_ATTR,  # noqa: F401
+    apply_weight_learning,  # noqa: F401
+    holds_weight_learning,
+    load_weight_learning,
+    remove_weight_learning,  # noqa: F401
+    save_weight_learning,
+    weight_learning_config,
+    weight_learning_mixes,  # noqa: F401
+)
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -51,14 +72,9 @@ ADAPTER_CONFIG_NAME = "lslo_config.json"
 ADAPTER_WEIGHTS_NAME = "lslo_adapters.safetensors"
 _FORMAT = "lslo-adapters"
 _FORMAT_VERSION = 1
-_STATE_ATTR = "_lslo_state"
-# Where a Linear sits: "<...>.encoder.layers.3.self_attn.q_proj" -> ("encoder", 3, "self_attn.q_proj").
-_LAYER_PATH = re.compile(r"(?:^|\.)(encoder|decoder)\.layers\.(\d+)\.(.+)$")
+_STATE_ATTR = LSLO_STATE_ATTR
 # Keys of LSLoLinear.adapter_state_dict().
 _ADAPTER_KEYS = ("lora_A", "lora_B", "prune_mask", "ranks", "scales")
-# The fields of the base model an adapter file is bound to.
-_FINGERPRINT_KEYS = ("model_type", "d_model", "encoder_layers", "decoder_layers", "encoder_ffn_dim",
-                     "decoder_ffn_dim", "vocab_size")
 # Config fields that do not change what the saved tensors mean.
 _RUNTIME_FIELDS = ("backend", "init")
 # What an adapter directory may hold when a save replaces it: one save, and the temporary files of
@@ -66,78 +82,12 @@ _RUNTIME_FIELDS = ("backend", "init")
 _REPLACEABLE = (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, f".{ADAPTER_CONFIG_NAME}.*", f".{ADAPTER_WEIGHTS_NAME}.*")
 
 
-@dataclass
-class _InjectionState:
-    """What :func:`apply_lslo` did, kept on the model so that it can be checked and undone."""
-
-    config: LSLoConfig
-    requires_grad: dict[str, bool]  # base parameter name -> requires_grad before injection
-
-
 # ------------------------------------------------------------------ helpers
-def get_lslo_config(model: nn.Module) -> LSLoConfig | None:
-    """The config :func:`apply_lslo` used on ``model``, or None if it carries no LSLo."""
-    state = getattr(model, _STATE_ATTR, None)
-    return None if state is None else state.config
-
-
 def _require_config(model: nn.Module, what: str) -> LSLoConfig:
     config = get_lslo_config(model)
     if config is None:
         raise ValueError(f"{what}: the model carries no LSLo adapters; call lslo.apply_lslo(model, config) first")
     return config
-
-
-def lslo_modules(model: nn.Module) -> dict[str, LSLoLinear]:
-    """Every :class:`LSLoLinear` of ``model`` by its module path, in module order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, LSLoLinear)}
-
-
-def _module_type(name: str) -> str:
-    """"model.encoder.layers.3.self_attn.q_proj" -> "encoder.self_attn.q_proj"."""
-    match = _LAYER_PATH.search(name)
-    return f"{match.group(1)}.{match.group(3)}" if match else name
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
-def _restore_requires_grad(model: nn.Module, state: _InjectionState) -> None:
-    for name, flag in state.requires_grad.items():
-        model.get_parameter(name).requires_grad_(flag)
-
-
-def _find_targets(model: nn.Module, config: LSLoConfig) -> list[tuple[str, nn.Linear, str, int, str]]:
-    """(path, linear, side, layer index, path inside the layer) of every Linear the config targets."""
-    found = []
-    for name, module in model.named_modules():
-        if type(module) is not nn.Linear:  # subclasses (quantised layers, ...) are not supported
-            continue
-        match = _LAYER_PATH.search(name)
-        if match is None:
-            continue  # embeddings, lm_head: outside the encoder/decoder layers, no index to follow
-        side, layer, layer_path = match.group(1), int(match.group(2)), match.group(3)
-        if config.is_target(name, layer_path):
-            found.append((name, module, side, layer, layer_path))
-    return found
-
-
-def _layer_counts(model: nn.Module) -> tuple[int, int]:
-    counts = {"encoder": 0, "decoder": 0}
-    model_config = getattr(model, "config", None)
-    for side in counts:
-        depth = getattr(model_config, f"{side}_layers", None)
-        if isinstance(depth, int):
-            counts[side] = depth
-    if not all(counts.values()):  # not an HF config: count the layers by their module paths
-        for name, _ in model.named_modules():
-            match = _LAYER_PATH.search(name)
-            if match:
-                counts[match.group(1)] = max(counts[match.group(1)], int(match.group(2)) + 1)
-    return counts["encoder"], counts["decoder"]
 
 
 # ------------------------------------------------------------- injection
@@ -168,14 +118,9 @@ def apply_lslo(model: nn.Module, config: LSLoConfig) -> nn.Module:
         raise ValueError("the model already carries LSLo adapters with a different config; call lslo.remove_lslo(model) first")
     if lslo_modules(model):
         raise ValueError("the model holds LSLoLinear modules that apply_lslo did not inject; remove them first")
-    targets = _find_targets(model, config)
-    if not targets:
-        raise ValueError(
-            f"LSLoConfig.target_modules={config.target_modules!r} matched no nn.Linear inside "
-            "encoder.layers.<i> / decoder.layers.<i> of this model"
-        )
+    targets = find_targets(model, config)
     # As PEFT: a listed name that matches nothing is a typo or a different architecture, not a no-op.
-    unmatched = config.unmatched_targets([name for name, *_ in targets])
+    unmatched = config.unmatched_targets([target.name for target in targets])
     if unmatched:
         raise ValueError(
             f"LSLoConfig.target_modules: {unmatched} matched no nn.Linear inside encoder.layers.<i> / "
@@ -183,21 +128,13 @@ def apply_lslo(model: nn.Module, config: LSLoConfig) -> nn.Module:
         )
     plan = config.resolve_index_plan(*_layer_counts(model))
 
-    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name, linear, side, layer, layer_path in targets:
-        widths = {}
-        if config.ffn == "reference" and layer_path == "fc1":
-            widths["lora_out_features"] = min(linear.in_features, linear.out_features)  # first d_model units
-        elif config.ffn == "reference" and layer_path == "fc2":
-            widths["lora_in_features"] = min(linear.in_features, linear.out_features)
-        wrapped = LSLoLinear(
-            linear, config.language_ranks, index=plan[side][layer], scale=config.scale, init=config.init,
-            backend=config.backend, **widths,
+    def wrap(target, widths):
+        return LSLoLinear(
+            target.linear, config.language_ranks, index=plan[target.side][target.layer], scale=config.scale,
+            init=config.init, backend=config.backend, **widths,
         )
-        _set_module(model, name, wrapped)
-    setattr(model, _STATE_ATTR, _InjectionState(config=config, requires_grad=requires_grad))
+
+    setattr(model, _STATE_ATTR, inject(model, config, targets, wrap))
     return model
 
 
@@ -271,12 +208,6 @@ def forward_with_langs(model: nn.Module, batch: Mapping[str, Any], src_lang_ids,
 
 
 # ------------------------------------------------------------ adapter i/o
-def model_fingerprint(model: nn.Module) -> dict[str, Any]:
-    """The base-model fields an adapter file is bound to (from ``model.config``)."""
-    model_config = getattr(model, "config", None)
-    return {key: getattr(model_config, key, None) for key in _FINGERPRINT_KEYS}
-
-
 def save_adapters(model: nn.Module, directory: str | os.PathLike) -> None:
     """Write the adapters (not the base) to ``directory``, all-or-nothing.
 
@@ -288,13 +219,11 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike) -> None:
     Files get the mode the umask gives (0644 under umask 022).
 
     A Weight-Learning model (:func:`apply_weight_learning`: dual layers and mixes, no LSLo config)
-    is saved with :func:`lslo.analysis.save_weight_learning` (its own two files, same guarantees).
+    is saved with :func:`lslo.weight_learning.save_weight_learning` (its own two files, same guarantees).
     """
     from safetensors.torch import save_file
 
     if get_lslo_config(model) is None and weight_learning_config(model) is not None:
-        from .analysis import save_weight_learning
-
         save_weight_learning(model, directory)
         return
     config = _require_config(model, "save_adapters")
@@ -403,16 +332,12 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     modules, and damaged or foreign files (the message names the file). Returns ``model``.
 
     A directory holding a Weight-Learning save (:func:`save_adapters` of a model with dual layers)
-    is loaded with :func:`lslo.analysis.load_weight_learning`, which applies Weight Learning to
+    is loaded with :func:`lslo.weight_learning.load_weight_learning`, which applies Weight Learning to
     ``model`` if needed.
     """
     directory = os.fspath(directory)
-    from .analysis import WL_CONFIG_NAME, load_weight_learning
-    from .io import recover_directory
-
     recover_directory(directory)  # an interrupted swap decides which files are there
-    if (not os.path.exists(os.path.join(directory, ADAPTER_CONFIG_NAME))
-            and os.path.exists(os.path.join(directory, WL_CONFIG_NAME))):
+    if not os.path.exists(os.path.join(directory, ADAPTER_CONFIG_NAME)) and holds_weight_learning(directory):
         return load_weight_learning(model, directory)
     files = _read_adapter_files(directory, with_weights=True)
     weights_path = os.path.join(directory, ADAPTER_WEIGHTS_NAME)
@@ -421,7 +346,7 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     tensors = _parse_adapter_tensors(files[ADAPTER_WEIGHTS_NAME], weights_path)
     fingerprint = model_fingerprint(model)
     differences = [f"{k}: adapters {saved_fingerprint.get(k)!r}, model {fingerprint[k]!r}"
-                   for k in _FINGERPRINT_KEYS if saved_fingerprint.get(k) != fingerprint[k]]
+                   for k in FINGERPRINT_KEYS if saved_fingerprint.get(k) != fingerprint[k]]
     if differences:
         raise ValueError(f"adapters in {directory} were saved for a different base model ({'; '.join(differences)})")
     current = get_lslo_config(model)
@@ -613,102 +538,3 @@ def load_base_model(name_or_path: str, *, dtype: torch.dtype | None = None, devi
     if device is not None:
         model = model.to(device)
     return model.eval()
-
-
-
-# ------------------------------------------------------------ weight learning
-_WEIGHT_LEARNING_ATTR = "_lslo_weight_learning"
-MIX_ATTR = "lslo_mix"  # name of the LSLoMix registered on each encoder/decoder layer
-
-
-def apply_weight_learning(model: nn.Module, config: LSLoConfig, *, learn_scales: bool = False,
-                          mix_init: tuple[float, float] = (0.0, 0.0)) -> nn.Module:
-    """Weight Learning (paper Section 4.1, Eq. 5): both routings in every target Linear, mixed per layer.
-
-    Freezes ``model`` and swaps each Linear ``config`` targets for an :class:`~lslo.layer.LSLoDualLinear`
-    (a source-indexed and a target-indexed factor set around the frozen Linear), and registers one
-    :class:`~lslo.layer.LSLoMix` (two logits, ``(w_src, w_tgt) = softmax(logits)``) on every encoder
-    and decoder layer, shared by all the dual modules of that layer:
-    ``y = W x + w_src * LSLo_src(x) + w_tgt * LSLo_tgt(x)``. The config's index plan is not used
-    (learning it is the point); its ranks, targets, scale, init, ffn and backend are.
-
-    Run the model inside ``with lslo.route(src=..., tgt=...)`` (both ids are needed). Trainable after
-    the call: both factor sets, the mixing logits, and the scales when ``learn_scales``.
-    :func:`weight_learning_mixes` reads the learned weights back; :func:`remove_weight_learning`
-    undoes the call.
-
-    Args:
-        model: an M2M-100-architecture model (see :func:`apply_lslo`), without LSLo adapters.
-        config: ranks, targets, scale, init, ffn and backend of both factor sets.
-        learn_scales: hold each set's per-language scales as trainable Parameters.
-        mix_init: initial (src, tgt) logits of every layer.
-
-    Returns:
-        ``model`` itself.
-    """
-    from .layer import LSLoDualLinear, LSLoMix
-
-    if not isinstance(config, LSLoConfig):
-        raise TypeError(f"config must be an LSLoConfig, got {type(config).__name__}")
-    if get_lslo_config(model) is not None or lslo_modules(model):
-        raise ValueError("the model already carries LSLo adapters; call lslo.remove_lslo(model) first")
-    if getattr(model, _WEIGHT_LEARNING_ATTR, None) is not None:
-        raise ValueError("apply_weight_learning was already applied to this model; call remove_weight_learning first")
-    targets = _find_targets(model, config)
-    if not targets:
-        raise ValueError(
-            f"LSLoConfig.target_modules={config.target_modules!r} matched no nn.Linear inside "
-            "encoder.layers.<i> / decoder.layers.<i> of this model"
-        )
-    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    mixes: dict[str, LSLoMix] = {}
-    for name, linear, _side, _layer, layer_path in targets:
-        layer_name = name[: len(name) - len(layer_path) - 1]  # "...encoder.layers.3"
-        if layer_name not in mixes:
-            mixes[layer_name] = LSLoMix(mix_init).to(linear.weight.device)
-            model.get_submodule(layer_name).add_module(MIX_ATTR, mixes[layer_name])
-        widths = {}
-        if config.ffn == "reference" and layer_path == "fc1":
-            widths["lora_out_features"] = min(linear.in_features, linear.out_features)
-        elif config.ffn == "reference" and layer_path == "fc2":
-            widths["lora_in_features"] = min(linear.in_features, linear.out_features)
-        _set_module(model, name, LSLoDualLinear(
-            linear, config.language_ranks, mix=mixes[layer_name], scale=config.scale, init=config.init,
-            backend=config.backend, learn_scales=learn_scales, **widths,
-        ))
-    setattr(model, _WEIGHT_LEARNING_ATTR, _InjectionState(config=config, requires_grad=requires_grad))
-    return model
-
-
-def weight_learning_mixes(model: nn.Module) -> dict[str, Any]:
-    """The :class:`~lslo.layer.LSLoMix` of every layer, by layer path (e.g. ``"model.encoder.layers.3"``).
-
-    ``mix()`` gives that layer's (2,) weights ``(w_src, w_tgt)``; ``mix.logits`` the trained logits.
-    """
-    from .layer import LSLoMix
-
-    return {name.rpartition(".")[0]: m for name, m in model.named_modules()
-            if isinstance(m, LSLoMix) and name.endswith("." + MIX_ATTR)}
-
-
-def weight_learning_config(model: nn.Module) -> LSLoConfig | None:
-    """The :class:`LSLoConfig` :func:`apply_weight_learning` used on ``model``, or None when it was not applied."""
-    state = getattr(model, _WEIGHT_LEARNING_ATTR, None)
-    return None if state is None else state.config
-
-
-def remove_weight_learning(model: nn.Module) -> nn.Module:
-    """Undo :func:`apply_weight_learning`: the original Linears back, mixes removed, ``requires_grad`` restored."""
-    from .layer import LSLoDualLinear
-
-    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, LSLoDualLinear)]:
-        _set_module(model, name, module.base_layer)
-    for layer_name in weight_learning_mixes(model):
-        delattr(model.get_submodule(layer_name), MIX_ATTR)
-    state = getattr(model, _WEIGHT_LEARNING_ATTR, None)
-    if state is not None:
-        _restore_requires_grad(model, state)
-        delattr(model, _WEIGHT_LEARNING_ATTR)
-    return model

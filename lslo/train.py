@@ -47,6 +47,7 @@ from .context import route
 from .io import atomic_directory, atomic_write_file, recover_directory
 from .model import apply_lslo, load_adapters, load_base_model, model_fingerprint, save_adapters
 from .pruning import gradual_pruning_ratio, prune, pruning_summary
+from .weight_learning import index_plan_document
 
 __all__ = [
     "PRESETS",
@@ -614,7 +615,7 @@ class _Run:
     def save_trained(self, model: torch.nn.Module, directory: Path) -> None:
         """The adapters (or, for weight-learning, both routings and the mixing logits) into ``directory``."""
         if self.weight_learning:
-            from .analysis import save_weight_learning
+            from .weight_learning import save_weight_learning
 
             save_weight_learning(model, directory)
         else:
@@ -622,7 +623,7 @@ class _Run:
 
     def load_trained(self, model: torch.nn.Module, directory: Path) -> None:
         if self.weight_learning:
-            from .analysis import load_weight_learning
+            from .weight_learning import load_weight_learning
 
             load_weight_learning(model, directory)
         else:
@@ -773,14 +774,7 @@ def _zero_sums() -> dict[str, float]:
 def _load_index_plan(value: str):
     """``--index-plan``: a preset name or a JSON file written by Weight Learning."""
     if value and (value.endswith(".json") or os.path.sep in value):
-        path = Path(value)
-        if not path.is_file():
-            raise ValueError(f"--index-plan file {path} does not exist")
-        try:
-            plan = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"--index-plan file {path} is not valid JSON ({exc})") from None
-        return plan.get("index_plan", plan) if isinstance(plan, dict) else plan
+        return index_plan_document(value, what="--index-plan file")
     return value
 
 

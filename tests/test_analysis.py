@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import lslo
-from lslo import analysis
+from lslo import analysis, weight_learning
 from lslo.pruning import prune
 from lslo.testing import randomize_adapters, tiny_config
 from tests.hf_fixtures import RUN_LANGS, tiny_run_setup
@@ -366,7 +366,7 @@ def wl_model(dtype=torch.float32, seed=0):
     apply_weight_learning(model, lslo.LSLoConfig(languages=list(LANGS), ranks=4))
     model.to(dtype)  # the mixing logits too
     with torch.no_grad():
-        for module in analysis._dual_modules(model).values():
+        for module in weight_learning._dual_modules(model).values():
             for factors in (module.src, module.tgt):
                 factors.lora_B.normal_(0.0, 0.3)
     return model
@@ -394,7 +394,7 @@ def test_mixing_logits_get_gradients_and_are_shared_by_the_layer():
     assert sorted(mixes) == [f"model.{side}.layers.{i}" for side in ("decoder", "encoder") for i in range(2)]
     logits = [name for name, p in model.named_parameters() if p.requires_grad and name.endswith("logits")]
     assert len(logits) == 4  # two logits per layer, none per module
-    for name, module in analysis._dual_modules(model).items():
+    for name, module in weight_learning._dual_modules(model).items():
         layer = re.match(r"(.*\.layers\.\d+)\.", name).group(1)
         with torch.no_grad():
             mixes[layer].logits.add_(torch.tensor([0.25, -0.5]))  # moving a layer's logits moves all its modules...

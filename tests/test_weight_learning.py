@@ -289,3 +289,23 @@ def test_apply_weight_learning_injects_duals_and_one_mix_per_layer():
     assert not any(isinstance(m, (LSLoDualLinear, LSLoMix)) for m in model.modules())
     assert {n for n, _ in model.named_parameters()} == {n for n, _ in base.named_parameters()}
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_train_reads_the_index_plan_file_weight_learning_writes(tmp_path):
+    # One reader of the plan file (lslo.weight_learning.index_plan_document) for `lslo train --index-plan`
+    # and read_index_plan; a file that is not UTF-8 is a ValueError naming the flag, not a UnicodeDecodeError.
+    from lslo.train import _load_index_plan
+    from lslo.weight_learning import read_index_plan, write_index_plan
+
+    path = write_index_plan({"encoder": [(0.7, 0.3), (0.2, 0.8)], "decoder": [(0.4, 0.6)]}, tmp_path / "plan.json")
+    expected = {"encoder": ["src", "tgt"], "decoder": ["tgt"]}
+    assert _load_index_plan(str(path)) == expected
+    assert read_index_plan(path, num_encoder_layers=2, num_decoder_layers=1) == expected
+    assert _load_index_plan("tgt") == "tgt"
+    with pytest.raises(ValueError, match=r"--index-plan file .*missing\.json does not exist"):
+        _load_index_plan(str(tmp_path / "missing.json"))
+    (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ValueError, match=r"--index-plan file .*binary\.json is not valid JSON"):
+        _load_index_plan(str(tmp_path / "binary.json"))
+    with pytest.raises(ValueError, match=r"^index plan file .*binary\.json is not valid JSON"):
+        read_index_plan(tmp_path / "binary.json")
