@@ -229,9 +229,9 @@ def test_analyses_compare_ise_plans_with_resource_groups_at_equal_budget(quick_d
 
 
 def plan_params(plan, scores):
-    from lslo import analysis
+    from lslo import plans
 
-    return sum(plan["ranks"].values()) * analysis._parameters_per_rank(scores)
+    return sum(plan["ranks"].values()) * plans._parameters_per_rank(scores)
 
 
 def test_compare_systems_on_fixed_rows():
