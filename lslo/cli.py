@@ -34,6 +34,31 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+import lslo
+from lslo.analysis import (
+    EstimateArguments,
+    LearnIndexArguments,
+    PlanArguments,
+    estimate_subspace,
+    format_plan,
+    learn_index,
+    make_plan,
+)
+from lslo.io import atomic_write_file
+from lslo.model import read_adapter_config
+from lslo.train import (
+    PRESETS,
+    EvalArguments,
+    Interrupted,
+    TrainArguments,
+    TrainingError,
+    evaluate_run,
+    format_presets,
+    load_config_file,
+    train,
+)
 
 __all__ = ["main", "read_tsv"]
 
@@ -80,9 +105,6 @@ def _load(args):
     """(model, tokenizer) from --model/--tokenizer/--adapters/--dtype/--device."""
     from transformers import AutoTokenizer
 
-    import lslo
-    from lslo.model import read_adapter_config
-
     if args.adapters:  # a missing or damaged adapter config fails before the model is loaded
         read_adapter_config(args.adapters)
     model = lslo.load_base_model(args.model, dtype=_torch_dtype(args.dtype), device=args.device)
@@ -93,8 +115,6 @@ def _load(args):
 
 
 def _cmd_translate(args) -> int:
-    import lslo
-
     if args.input == "-":
         src_langs, tgt_langs, sentences = read_tsv(sys.stdin)
     else:
@@ -111,17 +131,11 @@ def _cmd_translate(args) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()
     else:  # all-or-nothing: a killed run never leaves a half-written translation file
-        from pathlib import Path
-
-        from lslo.io import atomic_write_file
-
         atomic_write_file(args.output, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return 0
 
 
 def _cmd_merge(args) -> int:
-    import lslo
-
     model, tokenizer = _load(args)
     merged = lslo.merge_direction(model, args.src, args.tgt)
     merged.save_pretrained(args.output)
@@ -133,8 +147,6 @@ def _cmd_merge(args) -> int:
 def _cmd_params(args) -> int:
     import torch
     from transformers import AutoConfig, M2M100Config, M2M100ForConditionalGeneration
-
-    import lslo
 
     if args.model:
         model_config = AutoConfig.from_pretrained(args.model)
@@ -212,8 +224,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("bench", help="run the benchmark suite (arguments go to benchmarks.__main__)", add_help=False)
 
-    from lslo.train import EvalArguments, TrainArguments
-
     train = commands.add_parser("train", help="fine-tune many-to-many with LSLo (or ft-all) and gradual pruning",
                                 description="Many-to-many fine-tuning on FLORES-101 dev (or a TSV) with LSLo and the "
                                             "Gradual Pruning Schedule. Runs on CPU, one GPU, or many under "
@@ -254,8 +264,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_analysis_commands(commands) -> None:
     """``lslo estimate``, ``lslo plan`` and ``lslo learn-index`` (lslo.analysis)."""
-    from lslo.analysis import EstimateArguments, LearnIndexArguments, PlanArguments
-
     estimate = commands.add_parser(
         "estimate", help="Intrinsic Subspace Estimation (--pool layer) or language-specific pruning (--pool language)",
         description="Train LSLo with one rank everywhere under the Gradual Pruning Schedule, then score every "
@@ -279,22 +287,16 @@ def _add_analysis_commands(commands) -> None:
 
 
 def _cmd_estimate(args) -> int:
-    from lslo.analysis import EstimateArguments, estimate_subspace
-
     return _run_analysis(lambda: estimate_subspace(EstimateArguments(**_given(args, EstimateArguments))))
 
 
 def _cmd_learn_index(args) -> int:
-    from lslo.analysis import LearnIndexArguments, learn_index
-
     return _run_analysis(lambda: learn_index(LearnIndexArguments(**_given(args, LearnIndexArguments))))
 
 
 def _run_analysis(run) -> int:
     """Run an analysis that trains: print its summary and files; interruptions as ``lslo train``."""
     import signal
-
-    from lslo.train import Interrupted, TrainingError
 
     try:
         result = run()
@@ -313,8 +315,6 @@ def _run_analysis(run) -> int:
 
 
 def _cmd_plan(args) -> int:
-    from lslo.analysis import PlanArguments, format_plan, make_plan
-
     plan, path = make_plan(PlanArguments(**_given(args, PlanArguments)))
     print(format_plan(plan))
     print(f"[lslo] wrote {path}; train with: lslo train --config {path} --model ... --output-dir ...", file=sys.stderr)
@@ -357,8 +357,6 @@ def _given(args, cls) -> dict:
 def _cmd_train(args) -> int:
     import signal
 
-    from lslo.train import PRESETS, Interrupted, TrainArguments, TrainingError, format_presets, load_config_file, train
-
     if args.list_presets:
         print(format_presets())
         return 0
@@ -382,6 +380,7 @@ def _cmd_train(args) -> int:
         print(f"[lslo] {result.global_step} steps over {result.epochs_done} epochs; final weights in {result.final_dir}; "
               f"metrics in {result.metrics_path}")
     if result.scores:
+        # lslo.evaluate imports transformers (through lslo.inference): only when a run ends with scores
         from lslo.evaluate import format_table
 
         print(format_table({values.get("method", "pretrain"): result.scores}, style="plain"))
@@ -391,8 +390,8 @@ def _cmd_train(args) -> int:
 def _cmd_demo(args) -> int:
     import signal
 
+    # the demo's modules (synthetic corpus, pretraining, transformers): loaded by `lslo demo` only
     from lslo.demo.run import run_demo
-    from lslo.train import Interrupted
 
     try:
         run_demo(args.output_dir, quick=args.quick, model=args.model, flores_dir=args.flores_dir,
@@ -407,8 +406,6 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from lslo.train import EvalArguments, evaluate_run
-
     result = evaluate_run(EvalArguments(**_given(args, EvalArguments)))
     print(result["table"])
     for path in result["files"].values():

@@ -33,7 +33,10 @@ from sacrebleu.metrics import BLEU, CHRF
 from sacrebleu.tokenizers import tokenizer_spm
 
 from .config import GROUP_ORDER, RESOURCE_GROUPS, LSLoConfig
+from .inference import translate
 from .io import atomic_write_file
+from .model import get_lslo_config
+from .plotting import _new_figure, _save_figure
 
 __all__ = [
     "METRICS",
@@ -606,23 +609,6 @@ def _entry_metric(entries: Iterable) -> str:
     return _default_metrics(row_sets)[0]
 
 
-def _save_figure(figure, out_png: str | os.PathLike, dpi: int) -> Path:
-    path = Path(out_png)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_file(path, lambda temp: figure.savefig(temp, format="png", dpi=dpi, bbox_inches="tight"))
-    return path
-
-
-def _new_figure(**kwargs):
-    # An Agg canvas on a bare Figure: no pyplot, no global backend switch, no figure registry.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(**kwargs)
-    FigureCanvasAgg(figure)
-    return figure
-
-
 def plot_epoch_curves(
     history: Mapping[str, Sequence[Any] | Mapping[int, Any]],
     out_png: str | os.PathLike,
@@ -839,9 +825,6 @@ def evaluate(
         One row per direction, in ``directions`` order: ``{"src", "tgt", "direction", "group",
         "n", "spbleu" (None without the SentencePiece model), "chrf++", "bleu"}`` (+ ``"hypotheses"``).
     """
-    from .inference import translate
-    from .model import get_lslo_config
-
     directions, sources, targets = _test_set(references, directions, max_sentences)
     if accelerator is not None and hasattr(accelerator, "unwrap_model"):
         model = accelerator.unwrap_model(model)

@@ -1,8 +1,8 @@
 """Every figure of the analyses, drawn from saved results: ISE / LSP score heatmaps (paper Figures 2, 4, 5
 and 6) and Weight Learning's mixing weights per layer (Figure 1).
 
-The training curves and score bars of runs (:func:`plot_epoch_curves`, :func:`plot_group_bars`) are
-drawn by :mod:`lslo.evaluate` and re-exported here, so that every figure can be imported from one place.
+Every figure is a bare Agg ``Figure`` written atomically (:func:`_new_figure`, :func:`_save_figure`);
+the run figures of :mod:`lslo.evaluate` (per-epoch curves, group bars) are drawn with the same two.
 """
 
 from __future__ import annotations
@@ -10,15 +10,14 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from .config import RESOURCE_GROUPS
-from .evaluate import _new_figure, _save_figure, plot_epoch_curves, plot_group_bars
+from .io import atomic_write_file
 from .scores import _GROUP_COLOURS, _languages_of, _rows_of, _sides_present, score_matrix
 from .weight_learning import _check_weights
 
 __all__ = [
-    "plot_epoch_curves",
-    "plot_group_bars",
     "plot_index_weights",
     "plot_language_modules",
     "plot_layer_modules",
@@ -27,8 +26,22 @@ __all__ = [
 ]
 
 
-def _figure_tools():
-    return _new_figure, _save_figure
+def _save_figure(figure, out_png: str | os.PathLike, dpi: int) -> Path:
+    """Write ``figure`` as a PNG at ``out_png``, atomically; returns the path."""
+    path = Path(out_png)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_file(path, lambda temp: figure.savefig(temp, format="png", dpi=dpi, bbox_inches="tight"))
+    return path
+
+
+def _new_figure(**kwargs):
+    # An Agg canvas on a bare Figure: no pyplot, no global backend switch, no figure registry.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(**kwargs)
+    FigureCanvasAgg(figure)
+    return figure
 
 
 # ===================================================================== scores
@@ -67,12 +80,11 @@ def _colourbar(figure, image, axes):
 
 
 def _side_panels(scores, out_png, *, by: str, ylabel: str, title: str | None, group_of, dpi: int):
-    new_figure, save_figure = _figure_tools()
     sides = _sides_present(scores)
     panels = [(side, *score_matrix(scores, side=side, by=by)) for side in sides]
     norm = _symmetric_norm([m for *_, m in panels])
     height = max(3.0, 0.3 * max(len(rows) for _, rows, _, _ in panels) + 1.5)
-    figure = new_figure(figsize=(4.0 * len(sides) + 1.5, height))
+    figure = _new_figure(figsize=(4.0 * len(sides) + 1.5, height))
     axes = figure.subplots(1, len(sides), squeeze=False, gridspec_kw={
         "width_ratios": [max(len(columns), 1) for _, _, columns, _ in panels]})[0]
     image = None
@@ -83,7 +95,7 @@ def _side_panels(scores, out_png, *, by: str, ylabel: str, title: str | None, gr
     _colourbar(figure, image, axes)
     if title:
         figure.suptitle(title)
-    save_figure(figure, out_png, dpi)
+    _save_figure(figure, out_png, dpi)
     return figure
 
 
@@ -115,7 +127,6 @@ def plot_layer_modules(scores, out_png: str | os.PathLike, *, title: str | None 
 
 def _panel_grid(scores, out_png, keys, *, by: str, select: str, panel_title, title, group_of, dpi, ylabel: str):
     """One panel (an encoder and a decoder heatmap side by side) per key, in a grid of up to 3 panels a row."""
-    new_figure, save_figure = _figure_tools()
     if not keys:
         raise ValueError(f"no {select} to draw a panel for")
     sides = _sides_present(scores)
@@ -124,7 +135,7 @@ def _panel_grid(scores, out_png, keys, *, by: str, select: str, panel_title, tit
     per_row = min(3, len(keys))
     grid_rows = math.ceil(len(keys) / per_row)
     n_rows = max(len(rows) for panel in panels for _, rows, _, _ in panel)
-    figure = new_figure(figsize=(per_row * (3.2 * len(sides)) + 1.5, grid_rows * max(2.6, 0.25 * n_rows + 1.4)))
+    figure = _new_figure(figsize=(per_row * (3.2 * len(sides)) + 1.5, grid_rows * max(2.6, 0.25 * n_rows + 1.4)))
     ratios = [max(len(columns), 1) for _, _, columns, _ in panels[0]] * per_row
     axes = figure.subplots(grid_rows, per_row * len(sides), squeeze=False, gridspec_kw={"width_ratios": ratios})
     used = []
@@ -144,7 +155,7 @@ def _panel_grid(scores, out_png, keys, *, by: str, select: str, panel_title, tit
     _colourbar(figure, image, used)
     if title:
         figure.suptitle(title)
-    save_figure(figure, out_png, dpi)
+    _save_figure(figure, out_png, dpi)
     return figure
 
 
@@ -181,9 +192,8 @@ def plot_index_weights(weights: Mapping[str, Sequence[Sequence[float]]], out_png
     Returns:
         The matplotlib ``Figure`` (one axes, two lines per side), already saved.
     """
-    new_figure, save_figure = _figure_tools()
     weights = _check_weights(weights)
-    figure = new_figure(figsize=(6.0, 3.8))
+    figure = _new_figure(figsize=(6.0, 3.8))
     ax = figure.subplots()
     styles = {"encoder": ("enc", "-"), "decoder": ("dec", "--")}
     for side, pairs in weights.items():
@@ -199,5 +209,5 @@ def plot_index_weights(weights: Mapping[str, Sequence[Sequence[float]]], out_png
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     ax.set_title(title or "Weight Learning: source vs target index per layer")
-    save_figure(figure, out_png, dpi)
+    _save_figure(figure, out_png, dpi)
     return figure

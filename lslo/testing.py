@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from .layer import LSLoLinear
+
 __all__ = [
     "RUN_LANGS", "RUN_STEMS", "encode_pairs", "m2m124_config", "make_sentences", "make_tokenizer", "one_thread",
     "randomize_adapters", "tiny_config", "tiny_model", "tiny_run_setup", "write_flores",
@@ -161,8 +163,6 @@ def tiny_model(tokenizer, seed: int = 0, dtype: torch.dtype = torch.float64, wei
 def randomize_adapters(model, seed: int = 0, std: float = 0.5) -> None:
     """Random LSLo factors: A ~ N(0, 1/in), B ~ N(0, std^2), so that each language's update
     s B A x is of the order of a base output (weight_std sqrt(in) |x|): routing then matters."""
-    from lslo import LSLoLinear
-
     generator = torch.Generator().manual_seed(seed)
     for module in model.modules():
         if isinstance(module, LSLoLinear):

@@ -301,7 +301,7 @@ def test_evaluate_one_row_per_direction(model, tokenizer, references, spm_model,
         calls.append(len(args[2]))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(lslo.inference, "translate", counting)
+    monkeypatch.setattr(ev, "translate", counting)  # evaluate calls the translate it imported
     rows = ev.evaluate(model, tokenizer, references, None, max_sentences=3, scorer=scorer, keep_hypotheses=True, **GEN)
     monkeypatch.undo()
     assert calls == [36]  # all 12 directions x 3 sentences in one translate call

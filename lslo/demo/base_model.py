@@ -35,7 +35,12 @@ from pathlib import Path
 
 import torch
 
+from ..config import RESOURCE_GROUPS
+from ..data import load_flores, read_tsv_corpus
+from ..evaluate import Scorer, evaluate, group_table
 from ..io import atomic_directory, atomic_write_file
+from ..testing import make_tokenizer
+from ..train import TrainArguments, train
 
 __all__ = [
     "PretrainConfig",
@@ -70,8 +75,6 @@ def train_demo_tokenizer(examples: Sequence, directory: str | os.PathLike, *,
     Returns:
         the ``M2M100Tokenizer``.
     """
-    from ..testing import make_tokenizer
-
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     texts: dict[str, list[str]] = {}
@@ -229,9 +232,6 @@ def pretrain_base_model(
 
     from transformers import M2M100ForConditionalGeneration
 
-    from ..data import read_tsv_corpus
-    from ..train import TrainArguments, train
-
     config = config or PretrainConfig()
     log = log or (lambda message: None)
     tsv = Path(corpus_dir) / "pretrain.tsv"
@@ -314,10 +314,6 @@ def zero_shot_scores(model, tokenizer, flores_dir: str | os.PathLike, languages:
         (rows, table): :func:`lslo.evaluate.evaluate` rows per direction (bleu, chrf++) and
         :func:`lslo.evaluate.group_table` of BLEU (``table["scores"]["H2H"]`` ...).
     """
-    from ..config import RESOURCE_GROUPS
-    from ..data import load_flores
-    from ..evaluate import Scorer, evaluate, group_table
-
     languages = list(languages)
     references = load_flores(flores_dir, languages, split)
     group_of = dict(group_of) if group_of is not None else {c: RESOURCE_GROUPS[c] for c in languages}

@@ -30,7 +30,23 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..analysis import plan_from_scores, plan_train_config, read_scores, run_analyses, write_plan_config
+from ..data import load_flores, resolve_languages
+from ..evaluate import (
+    METRIC_LABELS,
+    Scorer,
+    evaluate,
+    format_table,
+    group_table,
+    plot_epoch_curves,
+    plot_group_bars,
+    write_scores,
+)
 from ..io import atomic_write_file
+from ..model import format_parameter_report, get_lslo_config, load_adapters, load_base_model, parameter_report
+from ..train import METRICS_NAME, TrainArguments, train
+from .base_model import PretrainConfig, pretrain_base_model
+from .synthetic import CorpusSpec, write_corpus
 
 __all__ = ["FULL", "QUICK", "DemoSettings", "DemoSystem", "run_demo"]
 
@@ -221,8 +237,6 @@ def run_demo(
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     if flores_dir is not None:
-        from ..data import load_flores, resolve_languages
-
         codes = list(resolve_languages(languages or "lang12", flores_dir=flores_dir))
         load_flores(flores_dir, codes, "dev")  # a folder not in the FLORES layout fails here, before any work
         load_flores(flores_dir, codes, "devtest")
@@ -251,8 +265,6 @@ def run_demo(
 def _prepare(out, state, settings, codes, seed, model, flores_dir, progress, log) -> tuple[Path, Path]:
     if flores_dir is not None:
         return Path(flores_dir), Path(model)
-    from .base_model import PretrainConfig, pretrain_base_model
-    from .synthetic import CorpusSpec, write_corpus
 
     corpus_dir, base_dir = out / "data", out / "base_model"
     if not state.done("data"):
@@ -274,8 +286,6 @@ def _prepare(out, state, settings, codes, seed, model, flores_dir, progress, log
 
 
 def _load_system(base_dir: Path, final_dir: Path | None, method: str | None):
-    from ..model import load_adapters, load_base_model
-
     if final_dir is not None and method == "ft-all":
         return load_base_model(str(final_dir))
     model = load_base_model(str(base_dir))
@@ -326,11 +336,6 @@ def _run_system(out, settings, codes, seed, base_dir, corpus_dir, system: DemoSy
     torch.set_num_threads(settings.threads)
     from transformers import AutoTokenizer
 
-    from ..data import load_flores
-    from ..evaluate import Scorer, evaluate, write_scores
-    from ..model import get_lslo_config, parameter_report
-    from ..train import TrainArguments, train
-
     run_dir = out / "systems" / system.slug
     clock = time.perf_counter()
     final_dir = None
@@ -374,8 +379,6 @@ def _reference_system(settings: DemoSettings) -> DemoSystem:
 
 def _plan_system(reference: DemoSystem, plan: Mapping[str, Any]) -> DemoSystem:
     """The reference's recipe (lr, GPS schedule, index plan) with the plan's ranks and pruning ratios."""
-    from ..analysis import plan_train_config
-
     config = plan_train_config(plan)
     train = {k: v for k, v in (reference.train or {}).items() if k not in ("ranks", "prune", "prune_pool")}
     train["ranks"] = config["ranks"]
@@ -389,8 +392,6 @@ def _plan_system(reference: DemoSystem, plan: Mapping[str, Any]) -> DemoSystem:
 def _analyses(out, state, settings, base_dir, corpus_dir, codes, seed, rows, progress, log, *, workers: int):
     """Weight Learning, ISE and plans (stage ``analyses``), then the plans trained as systems and compared
     with the resource-group system at the same budget. Returns (summary, the plan systems' rows)."""
-    from ..analysis import plan_from_scores, read_scores, run_analyses, write_plan_config
-
     analysis_dir = out / "analyses"
     path = analysis_dir / "summary.json"
     options = settings.analysis
@@ -469,8 +470,6 @@ def compare_systems(references: Mapping[str, Sequence[Mapping[str, Any]]],
         "directions_better", "directions", "paired_se" (of the mean per-direction difference), "winner"
         (or "tie"), "clear" (the AVG difference exceeds 2 paired s.e.), "equal_budget"}], "text"}``.
     """
-    from ..evaluate import METRIC_LABELS, group_table
-
     if reference not in references:
         raise ValueError(f"reference {reference!r} is not among the reference systems {sorted(references)}")
     params = params or {}
@@ -546,10 +545,6 @@ def _summary_line(tables: Mapping[str, Mapping[str, Any]], metric_label: str) ->
 
 
 def _report(out, state, settings, codes, base_dir, rows, analysis, *, synthetic: bool, log) -> DemoResult:
-    from ..evaluate import format_table, group_table, plot_epoch_curves, plot_group_bars
-    from ..model import format_parameter_report, parameter_report
-    from ..train import METRICS_NAME
-
     clock = time.perf_counter()
     params = {name: state.data["done"].get(f"system:{name}", {}).get("params") for name in rows}
     metric = "bleu"
