@@ -82,7 +82,7 @@ def _quantiles(values: list[float]) -> tuple[float, float, float]:
 def _build(case: _Case, tokenizer, log) -> tuple[torch.nn.Module, dict[str, Callable[[], object]], int, str]:
     """The providers of one case: name -> a callable translating the whole benchmark set."""
     import lslo
-    from lslo.inference import ForcedLanguageTokens, _encode_by_source, lang_token_id
+    from lslo.inference import ForcedLanguageTokens, encode_by_source, lang_token_id
     from lslo.testing import (
         m2m124_config,
         make_sentences,
@@ -140,7 +140,7 @@ def _build(case: _Case, tokenizer, log) -> tuple[torch.nn.Module, dict[str, Call
                 else:
                     peft_model.add_adapter(code, lora)
         peft_model.eval()
-        encoded = _encode_by_source(tokenizer, sentences, src_langs)
+        encoded = encode_by_source(tokenizer, sentences, src_langs)
         forced = torch.tensor([lang_token_id(tokenizer, t) for t in tgt_langs])
 
         def peft_translate():

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--decode-rounds", type=int, default=300, help="rounds of the inference cases")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, {lslo_kernels._C.get_isa()} kernels, "
+    print(f"torch {torch.__version__}, {args.threads} threads, {lslo_kernels.cpp_backend.kernel_isa()} kernels, "
           f"{args.rounds} / {args.decode_rounds} rounds; cells: median ms (median of per-round ratios to base)")
     cases = [(2048, s, True, args.rounds, LANG30) for s in SHAPES]
     cases += [(2048, (1024, 1024), True, args.rounds, "mix2/8/64")]

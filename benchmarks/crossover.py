@@ -1,7 +1,7 @@
 """Where the C++ kernels should stop forking OpenMP threads: one thread vs all, per batch size.
 
 The cpp backend runs a call on the calling thread when its estimated work (streamed elements,
-``T * (k + 2 d) + present ranks * (k + d)``) is below ``_C.set_min_parallel_work``'s threshold.
+``T * (k + 2 d) + present ranks * (k + d)``) is below ``lslo_kernels.cpp_backend.set_min_parallel_work``'s threshold.
 This script times the in-place inference kernel (``torch.ops.lslo_cpp.add_``, lang30 ranks, tokens
 uniform over 30 languages) with the threshold at 0 (always fork) and at infinity (never), the
 two interleaved round by round, and prints the ratio and the work estimate at each T. On a shared
@@ -21,6 +21,7 @@ import torch
 
 import lslo_kernels
 from benchmarks.suite import _cpu_snapshot, foreign_cpu_share, make_lang, ranks_for
+from lslo_kernels.cpp_backend import set_min_parallel_work
 
 __all__ = ["measure"]
 
@@ -32,8 +33,6 @@ def _work(k: int, d: int, tokens: int, ranks: list[int], lang: torch.Tensor) -> 
 
 def measure(k: int, d: int, tokens: int, rounds: int = 15, min_s: float = 0.004) -> dict:
     """Median times (us) of one add_ call with and without the fork, and the work estimate."""
-    from lslo_kernels import _C
-
     ranks, _densities = ranks_for("lang30", 30)
     lang = make_lang(tokens, ranks, "uniform")
     g = torch.Generator().manual_seed(0)
@@ -57,20 +56,20 @@ def measure(k: int, d: int, tokens: int, rounds: int = 15, min_s: float = 0.004)
     call()
     inner = max(1, int(min_s / max(time.perf_counter() - t0, 1e-7)))
     times = {"fork": [], "no_fork": []}
-    before = _C.set_min_parallel_work(0)
+    before = set_min_parallel_work(0)
     snap = _cpu_snapshot()
     try:
         for rnd in range(rounds):
             order = ("fork", "no_fork") if rnd % 2 == 0 else ("no_fork", "fork")
             for mode in order:
-                _C.set_min_parallel_work(0 if mode == "fork" else 2**62)
+                set_min_parallel_work(0 if mode == "fork" else 2**62)
                 call()
                 t0 = time.perf_counter()
                 for _ in range(inner):
                     call()
                 times[mode].append((time.perf_counter() - t0) / inner * 1e6)
     finally:
-        _C.set_min_parallel_work(before)
+        set_min_parallel_work(before)
     return {
         "fork_us": statistics.median(times["fork"]),
         "no_fork_us": statistics.median(times["no_fork"]),

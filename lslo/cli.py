@@ -21,7 +21,7 @@
     lslo plan --scores O --budget "2;2;8" [--output plan.toml]
         per-language ranks and pruning ratios from ISE scores, as a ``lslo train --config`` file.
     lslo bench [ARGS...]
-        runs ``benchmarks.__main__.main(ARGS)`` (the benchmark suite, when it is importable).
+        runs ``benchmarks.__main__.main(ARGS)``: the benchmark suite of a source checkout (not installed).
 
 User errors (bad values, missing or damaged files, a device this machine lacks) print one line
 ``lslo: error: ...`` on stderr, no traceback, and exit with status 2; other operating-system
@@ -164,13 +164,21 @@ def _cmd_params(args) -> int:
     return 0
 
 
+def _checkout_roots() -> list[Path]:
+    """Where `lslo bench` looks for a source checkout: the current directory, then the one holding lslo/."""
+    return [Path.cwd(), Path(lslo.__file__).resolve().parent.parent]
+
+
 def _cmd_bench(argv: Sequence[str]) -> int:
-    try:
-        bench = importlib.import_module("benchmarks.__main__")
-    except ModuleNotFoundError as exc:
-        if exc.name in ("benchmarks", "benchmarks.__main__"):
-            raise CLIError("the benchmark suite (benchmarks/__main__.py) is not importable; run from the repository root") from None
-        raise
+    # benchmarks/ is not installed with the package (pyproject.toml): it runs from a source checkout.
+    root = next((r for r in _checkout_roots() if (r / "benchmarks" / "__main__.py").is_file()), None)
+    if root is None:
+        raise CLIError("lslo bench runs the benchmark suite of a source checkout (benchmarks/ is not installed with "
+                       "the package) and found none in the current directory or beside lslo/; run it from the "
+                       "repository root")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    bench = importlib.import_module("benchmarks.__main__")
     status = bench.main(list(argv))
     return int(status or 0)
 
@@ -222,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="reference (default) reproduces the paper's counts")
     params.set_defaults(handler=_cmd_params)
 
-    commands.add_parser("bench", help="run the benchmark suite (arguments go to benchmarks.__main__)", add_help=False)
+    commands.add_parser("bench", help="run the benchmark suite of a source checkout (arguments go to benchmarks.__main__)",
+                        add_help=False)
 
     train = commands.add_parser("train", help="fine-tune many-to-many with LSLo (or ft-all) and gradual pruning",
                                 description="Many-to-many fine-tuning on FLORES-101 dev (or a TSV) with LSLo and the "

@@ -30,7 +30,7 @@ from .config import LSLoConfig
 from .context import route
 from .model import get_lslo_config
 
-__all__ = ["ForcedLanguageTokens", "lang_token_id", "translate"]
+__all__ = ["ForcedLanguageTokens", "encode_by_source", "lang_token_id", "translate"]
 
 
 class ForcedLanguageTokens(LogitsProcessor):
@@ -104,6 +104,10 @@ def _encode_by_source(tokenizer, sentences: Sequence[str], src_langs: Sequence[s
         if previous is not None:
             tokenizer.src_lang = previous
     return encoded
+
+
+# Public: the ids translate() feeds the model, for baselines that must see the same input (benchmarks/).
+encode_by_source = _encode_by_source
 
 
 def translate(

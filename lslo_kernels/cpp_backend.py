@@ -80,3 +80,24 @@ else:
             linear_decode=_optional_op("linear_decode"),
         )
     )
+
+
+def kernel_isa() -> str | None:
+    """The CPU kernel variant of the C++ backend: ``"avx2"`` (AVX2 + FMA) or ``"baseline"``; None without ``_C``."""
+    if lora_forward_cpp is None:
+        return None
+    return importlib.import_module(f"{__package__}._C").get_isa()
+
+
+def set_min_parallel_work(work: int) -> int:
+    """Set the work (in multiply-adds) below which the C++ kernels run on one thread; returns the previous value.
+
+    ``0`` parallelises every call, a huge value none (``benchmarks/crossover.py`` measures where forking
+    starts to pay). RuntimeError when the extension is not built.
+    """
+    if lora_forward_cpp is None:
+        raise RuntimeError("lslo_kernels._C is not built: the C++ backend and its thread threshold are absent")
+    return int(importlib.import_module(f"{__package__}._C").set_min_parallel_work(int(work)))
+
+
+__all__ += ["kernel_isa", "set_min_parallel_work"]

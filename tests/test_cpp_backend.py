@@ -632,3 +632,18 @@ def test_linear_decode_rejects_bad_input():
     ):
         with pytest.raises(RuntimeError, match=match):
             torch.ops.lslo_cpp.linear_decode(case["x"], weight, bias, *factors, bad_staged)
+
+
+@needs_cpp
+def test_public_kernel_settings_reach_the_extension():
+    # benchmarks/ use these instead of lslo_kernels._C: the ISA in use and the single-thread threshold.
+    from lslo_kernels import cpp_backend
+
+    assert cpp_backend.kernel_isa() in ("avx2", "baseline")
+    before = cpp_backend.set_min_parallel_work(12345)
+    try:
+        assert cpp_backend.set_min_parallel_work(before) == 12345
+    finally:
+        cpp_backend.set_min_parallel_work(before)
+    with pytest.raises(RuntimeError, match="expected work >= 0"):
+        cpp_backend.set_min_parallel_work(-1)
