@@ -39,9 +39,8 @@ _SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "to", "vi", "ba", "de", "fo", 
 def one_thread():
     """Run tiny-model code on one intra-op thread, then restore the thread count.
 
-    Ops on a d_model-32 model take microseconds; a second thread only adds synchronisation, and on
-    a busy 2-core machine it made a beam-5 translation of 10 sentences 5-30x slower (0.17 s on one
-    thread vs 0.9-6 s on two, torch 2.13 CPU, load average ~4).
+    Ops on a d_model-32 model are tiny: a second thread only adds synchronisation, which on a busy
+    machine makes them much slower (measured: benchmarks/README.md, "Measurements behind comments").
     """
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
