@@ -14,22 +14,24 @@ from __future__ import annotations
 
 import ast
 import sys
-
-import pytest
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("lslo", "lslo_kernels")
 
-# Reached after issue 22's layout work; the issue's targets: no cycle, <= ~30 local imports, <= 6 long functions,
-# no module over ~900 lines.
-MAX_LOCAL_IMPORTS = 83
-MAX_UNCOMMENTED_LOCAL_IMPORTS = 83
-MAX_LONG_FUNCTIONS = 12
+# Reached by issue 22's layout work (before it: 7 modules in one cycle, 83 local imports none commented, 12 long
+# functions, analysis.py 1,642 lines). The issue's targets: no cycle, <= ~30 local imports each with a comment,
+# <= 6 functions over 80 lines, no module over ~900 lines. What is left: train.py's 14 and data.py's 2 uncommented
+# local imports, the long functions listed by the report, triton_kernels/train/data/layer over 900 lines.
+MAX_CYCLIC_MODULES = 0
+MAX_LOCAL_IMPORTS = 18
+MAX_UNCOMMENTED_LOCAL_IMPORTS = 16
+MAX_LONG_FUNCTIONS = 11
 LONG_FUNCTION_LINES = 80
-MAX_MODULE_LINES = 1642
-MAX_CYCLIC_MODULES = 7
+MAX_MODULE_LINES = 1349
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,32 @@ def _has_comment(lines: list[str], line: int) -> bool:
     return "#" in here or above.startswith("#")
 
 
+@dataclass
+class _Module:
+    """One module being measured: its name, whether it is a package's __init__, its lines."""
+
+    name: str
+    is_package: bool
+    lines: list[str]
+
+
+def _visit(node: ast.AST, module: _Module, names: set[str], report: Report, scope: list[str], in_function: bool) -> None:
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, (ast.Import, ast.ImportFrom)):
+            for target in _resolve(child, module.name, module.is_package, names):
+                commented = _has_comment(module.lines, child.lineno)
+                report.imports.append(Import(module.name, target, child.lineno, in_function, commented))
+        elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            length = child.end_lineno - child.lineno + 1
+            if length > LONG_FUNCTION_LINES:
+                report.long_functions.append((module.name, ".".join([*scope, child.name]), length))
+            _visit(child, module, names, report, [*scope, child.name], True)
+        elif isinstance(child, ast.ClassDef):
+            _visit(child, module, names, report, [*scope, child.name], in_function)
+        else:
+            _visit(child, module, names, report, scope, in_function)
+
+
 def measure() -> Report:
     """Parse every module of PACKAGES and measure it."""
     files = _module_files()
@@ -116,30 +144,9 @@ def measure() -> Report:
     report = Report()
     for name, path in files.items():
         text = path.read_text(encoding="utf-8")
-        lines = text.splitlines()
-        report.module_lines[name] = len(lines)
-        tree = ast.parse(text, filename=str(path))
-        is_package = path.name == "__init__.py"
-
-        def visit(node: ast.AST, scope: list[str], in_function: bool) -> None:
-            for child in ast.iter_child_nodes(node):
-                if isinstance(child, (ast.Import, ast.ImportFrom)):
-                    for target in _resolve(child, name, is_package, names):
-                        report.imports.append(
-                            Import(name, target, child.lineno, in_function, _has_comment(lines, child.lineno))
-                        )
-                elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                    qualified = ".".join(scope + [child.name])
-                    length = child.end_lineno - child.lineno + 1
-                    if length > LONG_FUNCTION_LINES:
-                        report.long_functions.append((name, qualified, length))
-                    visit(child, scope + [child.name], True)
-                elif isinstance(child, ast.ClassDef):
-                    visit(child, scope + [child.name], in_function)
-                else:
-                    visit(child, scope, in_function)
-
-        visit(tree, [], False)
+        module = _Module(name, path.name == "__init__.py", text.splitlines())
+        report.module_lines[name] = len(module.lines)
+        _visit(ast.parse(text, filename=str(path)), module, names, report, [], False)
     return report
 
 
