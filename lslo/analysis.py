@@ -342,6 +342,30 @@ def _group_means(totals: Mapping[str, float], group_of) -> dict[str, float]:
     return {g: sum(by_group[g]) / len(by_group[g]) for g in GROUP_ORDER if g in by_group}
 
 
+def _write_sizes(out: Path, resource_sizes: Mapping[str, float]) -> Path:
+    """``out/resource_sizes.json`` ({code: size}) for ``lslo estimate --sizes``; returns its path."""
+    sizes = {str(c): parse_size(v) for c, v in resource_sizes.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    sizes_file = out / "resource_sizes.json"
+    text = json.dumps(sizes, indent=1)
+    atomic_write_file(sizes_file, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return sizes_file
+
+
+def _recovery(scores, resource_sizes: Mapping[str, float] | None, group_of):
+    """(raw-size correlations, log-size correlations, mean total score per group, whether the means fall
+    H > M > L > V) of ISE scores against the languages' resource sizes."""
+    # The demo's sizes are the truth of its languages: the paper's numbers must not fill gaps.
+    merged = {c: parse_size(v) for c, v in resource_sizes.items()} if resource_sizes else PAPER_BITEXT_SIZES
+    correlation_raw = module_correlations(scores, merged, log_sizes=False)
+    correlation_log = module_correlations(scores, merged, log_sizes=True)
+    totals = {c: d["score"] for c, d in language_demands(scores).items()}
+    group_means = _group_means(totals, group_of)
+    ordered = [g for g in GROUP_ORDER if g in group_means]
+    monotone = all(group_means[a] >= group_means[b] for a, b in itertools.pairwise(ordered))
+    return correlation_raw, correlation_log, group_means, monotone
+
+
 def run_analyses(model_dir: str | os.PathLike, flores_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                  languages: str | Sequence[str] | None = None, resource_sizes: Mapping[str, float] | None = None,
                  group_of=None, epochs: int = 6, prune_start: int = 1, prune_duration: int = 3, rank: int = 8,
@@ -355,8 +379,8 @@ def run_analyses(model_dir: str | os.PathLike, flores_dir: str | os.PathLike, ou
     over ``epochs`` epochs) into ``out_dir/ise``, correlates each language's score with its
     ``resource_sizes`` (e.g. the pretraining sentences of the demo's synthetic languages: the analogue
     of Tables 9-10), and makes a plan (:func:`plan_from_scores`) at the budget of ``budget`` ranks,
-    written to ``out_dir/plan.toml``. With ``weight_learning`` it first runs :func:`learn_index` into ``out_dir/wl`` and the plan's config uses the learned
-    index plan.
+    written to ``out_dir/plan.toml``. With ``weight_learning`` it first runs :func:`learn_index` into
+    ``out_dir/wl`` and the plan's config uses the learned index plan.
 
     "Recovered" means: the overall Pearson correlation between each language's total score and
     log10(size) is positive with p < 0.05 (lower resource -> more negative score -> more space).
@@ -389,13 +413,7 @@ def run_analyses(model_dir: str | os.PathLike, flores_dir: str | os.PathLike, ou
         languages = list(resource_sizes)
     if languages is not None and not isinstance(languages, str):
         languages = ",".join(languages)
-    sizes_file = None
-    if resource_sizes is not None:
-        sizes = {str(c): parse_size(v) for c, v in resource_sizes.items()}
-        out.mkdir(parents=True, exist_ok=True)
-        sizes_file = out / "resource_sizes.json"
-        text = json.dumps(sizes, indent=1)
-        atomic_write_file(sizes_file, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    sizes_file = _write_sizes(out, resource_sizes) if resource_sizes is not None else None
     args = EstimateArguments(model=str(model_dir), output_dir=str(out / "ise"), flores_dir=str(flores_dir),
                              languages=languages, pool="layer", rank=rank, prune_ratio=prune_ratio,
                              prune_start=prune_start, prune_duration=prune_duration, epochs=epochs, lr=lr,
@@ -409,19 +427,12 @@ def run_analyses(model_dir: str | os.PathLike, flores_dir: str | os.PathLike, ou
             seed=seed, cpu=True, overwrite=True, progress=progress), train_overrides=train_overrides)
     estimate = estimate_subspace(args, train_overrides=train_overrides)
     scores = estimate.scores
-    # The demo's sizes are the truth of its languages: the paper's numbers must not fill gaps.
-    merged = {c: parse_size(v) for c, v in resource_sizes.items()} if resource_sizes else PAPER_BITEXT_SIZES
-    correlation_raw = module_correlations(scores, merged, log_sizes=False)
-    correlation_log = module_correlations(scores, merged, log_sizes=True)
-    totals = {c: d["score"] for c, d in language_demands(scores).items()}
-    group_means = _group_means(totals, group_of)
+    correlation_raw, correlation_log, group_means, monotone = _recovery(scores, resource_sizes, group_of)
     overall = correlation_log["overall"]
     recovered = bool(math.isfinite(overall["r"]) and overall["r"] > 0 and overall["p"] < 0.05)
     plan = plan_from_scores(scores, budget)
     plan_path = write_plan_config(plan, out / "plan.toml",
                                   index_plan=str(index.files["index_plan"]) if index is not None else None)
-    ordered = [g for g in GROUP_ORDER if g in group_means]
-    monotone = all(group_means[a] >= group_means[b] for a, b in itertools.pairwise(ordered))
     lines = [*([index.summary, ""] if index is not None else []), estimate.summary, "",
              (f"ISE vs resource sizes (each language's total score): log10 sizes r = {overall['r']:.2f} "
               f"(p = {overall['p']:.3g}); raw sizes r = {correlation_raw['overall']['r']:.2f} "

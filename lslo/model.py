@@ -38,7 +38,7 @@ from .injection import restore_requires_grad as _restore_requires_grad
 from .injection import set_module as _set_module
 from .io import atomic_directory, atomic_write_file, read_directory_files, recover_directory
 from .layer import LSLoLinear
-from .weight_learning import (  # MIX_ATTR, apply_, remove_weight_learning, weight_learning_mixes: re-exported (lived here)
+from .weight_learning import (  # the F401 names: Weight Learning's injection lived here, re-exported
     MIX_ATTR,  # noqa: F401
     apply_weight_learning,  # noqa: F401
     holds_weight_learning,

@@ -99,6 +99,30 @@ def _water_fill(weights: Sequence[float], total: float, floor: float = 1.0) -> l
         fixed |= newly
 
 
+def _integer_ranks(continuous: Sequence[float], weights: Sequence[float], units: int) -> list[int]:
+    """Water-filled ranks rounded down (at least 1), the units left over given by largest remainder
+    (ties to the larger weight, then the earlier language): the sum never exceeds ``units``."""
+    ranks = [max(1, math.floor(x + 1e-9)) for x in continuous]
+    leftover = units - sum(ranks)
+    order = sorted(range(len(continuous)), key=lambda i: (-(continuous[i] - math.floor(continuous[i] + 1e-9)),
+                                                           -weights[i], i))
+    for i in order[:max(leftover, 0)]:
+        ranks[i] += 1
+    return ranks
+
+
+def _prune_ratios(kept: Mapping[str, float], max_prune: float) -> dict[str, float]:
+    """``1 - kept_l / kept_max`` per language, capped at ``max_prune``, rounded to 0.01, those under 0.05 dropped."""
+    kept_max = max(kept.values())
+    prune = {}
+    for code, share in kept.items():
+        ratio = 0.0 if kept_max <= 0 else min(max_prune, 1.0 - share / kept_max)
+        ratio = round(ratio, 2)
+        if ratio >= 0.05:
+            prune[code] = min(ratio, max_prune)
+    return prune
+
+
 def plan_from_scores(scores, budget, *, sharpness: float = 4.0, max_prune: float = 0.9,
                      groups: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Per-language ranks and pruning ratios from ISE scores, under a budget of trainable parameters.
@@ -126,10 +150,8 @@ def plan_from_scores(scores, budget, *, sharpness: float = 4.0, max_prune: float
        groups. Sharpness 4 turns a ratio of 1.33-1.5 into 3.2-5, around the 1:4 of 2;2;8 that the
        paper found by trial. The value was chosen from the kept shares and the paper's ratio before
        any plan was evaluated, not tuned on evaluation scores. ``lslo demo --analyses`` trains plans
-       at sharpness 1 and 4 and reports both. Measured there (2026-11-27, BLEU, 100 devtest
-       sentences x 42 directions), against 2;2;8+GPS(0.9) at the same 126,464 parameters:
-       sharpness 4 (ranks 2,2,2 / 2,3 / 7,8) ties (40.41 vs 40.41 AVG), sharpness 1 (ranks 3-5)
-       loses 0.72 +- 0.21.
+       at sharpness 1 and 4 against the resource-group ranks at the same budget and reports both (the
+       README's demo section gives what it found).
     3. **Pruning ratios.** The paper found that high-resource languages fine-tune best in an even
        smaller subspace than rank 2 (GPS 0.9, Section 6.3; pruned entries still count as parameters
        in its #Params). ISE measured, by the same L1 criterion GPS uses, how much smaller each
@@ -170,19 +192,8 @@ def plan_from_scores(scores, budget, *, sharpness: float = 4.0, max_prune: float
                          f"{len(languages)} languages x {per_rank:,} parameters = {len(languages) * per_rank:,}")
     weights = [max(demands[c]["kept"], 0.0) ** sharpness for c in languages]
     continuous = _water_fill(weights, float(units))
-    ranks = [max(1, math.floor(x + 1e-9)) for x in continuous]
-    leftover = units - sum(ranks)
-    order = sorted(range(len(languages)), key=lambda i: (-(continuous[i] - math.floor(continuous[i] + 1e-9)),
-                                                          -weights[i], i))
-    for i in order[:max(leftover, 0)]:
-        ranks[i] += 1
-    kept_max = max(demands[c]["kept"] for c in languages)
-    prune = {}
-    for code in languages:
-        ratio = 0.0 if kept_max <= 0 else min(max_prune, 1.0 - demands[code]["kept"] / kept_max)
-        ratio = round(ratio, 2)
-        if ratio >= 0.05:
-            prune[code] = min(ratio, max_prune)
+    ranks = _integer_ranks(continuous, weights, units)
+    prune = _prune_ratios({c: demands[c]["kept"] for c in languages}, max_prune)
     return {
         "languages": languages, "ranks": dict(zip(languages, ranks)), "prune": prune,
         "demand": {c: demands[c]["kept"] for c in languages}, "scores": {c: demands[c]["score"] for c in languages},

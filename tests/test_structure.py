@@ -25,11 +25,11 @@ PACKAGES = ("lslo", "lslo_kernels")
 # Reached by issue 22's layout work (before it: 7 modules in one cycle, 83 local imports none commented, 12 long
 # functions, analysis.py 1,642 lines). The issue's targets: no cycle, <= ~30 local imports each with a comment,
 # <= 6 functions over 80 lines, no module over ~900 lines. What is left: train.py's 14 and data.py's 2 uncommented
-# local imports, the long functions listed by the report, triton_kernels/train/data/layer over 900 lines.
+# local imports, the 9 long functions the report lists (none in the modules issue 22 split), 4 modules over 900 lines.
 MAX_CYCLIC_MODULES = 0
 MAX_LOCAL_IMPORTS = 18
 MAX_UNCOMMENTED_LOCAL_IMPORTS = 16
-MAX_LONG_FUNCTIONS = 11
+MAX_LONG_FUNCTIONS = 9
 LONG_FUNCTION_LINES = 80
 MAX_MODULE_LINES = 1349
 
