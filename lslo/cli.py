@@ -20,6 +20,9 @@
         ``lslo train --index-plan``.
     lslo plan --scores O --budget "2;2;8" [--output plan.toml]
         per-language ranks and pruning ratios from ISE scores, as a ``lslo train --config`` file.
+    lslo serve --adapters R/final [--model M] [--port 5000] [--max-batch-size 32] [--workers 1] ...
+        a LibreTranslate-compatible HTTP API (POST /translate, GET /languages, /health, /metrics) that
+        batches requests of every direction into one generate call (lslo.serve; the ``serve`` extra).
     lslo bench [ARGS...]
         runs ``benchmarks.__main__.main(ARGS)`` (the benchmark suite, when it is importable).
 
@@ -249,7 +252,54 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     demo.set_defaults(handler=_cmd_demo)
     _add_analysis_commands(commands)
+    _add_serve_command(commands)
     return parser
+
+
+def _add_serve_command(commands) -> None:
+    """``lslo serve`` (lslo.serve): flags from ServeConfig's fields."""
+    import dataclasses
+
+    try:
+        from lslo.serve import ServeConfig
+    except ModuleNotFoundError as exc:  # the serve extra (litserve, prometheus_client) is not installed
+        missing = exc.name
+        stub = commands.add_parser("serve", help="HTTP API (needs the serve extra: pip install 'lslo[serve]')")
+        stub.add_argument("rest", nargs=argparse.REMAINDER)
+        stub.set_defaults(handler=lambda args: _serve_missing(missing))
+        return
+    serve = commands.add_parser(
+        "serve", help="a LibreTranslate-compatible HTTP API batching every direction together",
+        description="Serve the model and its adapters over HTTP (POST /translate, GET /languages, /health, "
+                    "/metrics); requests of different directions that arrive together are decoded in one "
+                    "generate call. SIGTERM or Ctrl-C drains the in-flight requests and exits 0.")
+    for f in dataclasses.fields(ServeConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = _field_type(str(f.type))
+        default = None if f.default is dataclasses.MISSING else f.default
+        text = f.metadata.get("help", "")
+        if f.name == "model":
+            text += " (default: the base recorded with --adapters)"
+        serve.add_argument(flag, type=kind, default=None, metavar=f.name.upper(),
+                           help=f"{text} (default: {default})" if default is not None else text)
+    serve.set_defaults(handler=_cmd_serve)
+
+
+def _serve_missing(module: str) -> int:
+    raise CLIError(f"lslo serve needs the serve extra ({module} is not installed): pip install 'lslo[serve]'")
+
+
+def _cmd_serve(args) -> int:
+    from lslo.serve import ServeConfig, default_model, serve
+
+    given = _given(args, ServeConfig)
+    if "model" not in given:
+        recorded = default_model(given["adapters"]) if "adapters" in given else None
+        if recorded is None:
+            raise CLIError("--model is required (no --adapters folder recording its base model was given)")
+        given["model"] = recorded
+    serve(ServeConfig(**given))
+    return 0
 
 
 def _add_analysis_commands(commands) -> None:
