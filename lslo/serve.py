@@ -439,6 +439,9 @@ class TranslateFront:
             return None
         try:
             status, payload = await self._forward(scope, receive, request, request_id)
+        except Exception:
+            logging.getLogger(__name__).exception("request %d failed", request_id)
+            status, payload = 500, {"error": "internal error"}
         finally:
             self.state.release()
         if status == 200:

@@ -365,15 +365,22 @@ def test_cli_two_replicas_and_sigterm_drain(built):
         threads = [threading.Thread(target=client, args=(k,)) for k in range(len(jobs))]
         for thread in threads:
             thread.start()
+        in_flight = 0
         for _ in range(100):  # SIGTERM once requests are in flight
-            if metric(url, "lslo_queue_depth") > 0:
+            in_flight = metric(url, "lslo_queue_depth")
+            if in_flight > 0:
                 break
             time.sleep(0.02)
         process.send_signal(signal.SIGTERM)
         for thread in threads:
             thread.join(timeout=120)
-        for k, (q, s, t) in enumerate(jobs):
-            assert answers[k] is not None and answers[k].status_code == 200, answers[k] and answers[k].text
+        assert in_flight > 0 and all(answer is not None for answer in answers)  # every request answered
+        served = [k for k, answer in enumerate(answers) if answer.status_code == 200]
+        late = [answer for answer in answers if answer.status_code != 200]  # arrived after SIGTERM
+        assert len(served) >= in_flight
+        assert all(a.status_code == 503 and "shutting down" in a.json()["error"] for a in late), late
+        for k in served:
+            q, s, t = jobs[k]
             assert answers[k].json()["translatedText"] == expected(built, q, s, t)
         assert _stop(process) == 0
     finally:
