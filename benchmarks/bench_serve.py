@@ -12,9 +12,12 @@ requests of 30 directions are batched together, against
 
 Each set-up is a real server process (``lslo.serve.serve``) on 127.0.0.1; an asyncio client
 (httpx) sends one-sentence requests at exponentially distributed gaps (Poisson arrivals) at each
-``--rates`` for ``--duration`` seconds, direction drawn uniformly from the 30. Reported per set-up
-and rate: offered rate, answered sentences/s, p50/p99 latency of the answered requests, and the
-documented refusals (503, queue full) and any other error.
+``--rates`` for ``--duration`` seconds, direction drawn uniformly from the 30; ``--clients N`` adds
+a closed-loop load (N clients, each sending its next request when the last is answered). Reported
+per set-up and load: answered sentences/s (over the time until the last answer), p50/p99 latency
+of the answered requests, the documented refusals (503, queue full), any other error or lost
+request, and from the server's ``/metrics`` the mean sentences, directions and seconds of its
+predict calls under that load.
 
 Models: ``demo`` (the demo's shape, d_model 64, 2 + 2 layers, random weights) by default;
 ``--shape 615m`` the M2M-124 615M shape with random weights (slow on a CPU; for a GPU machine).
@@ -118,46 +121,98 @@ def stop_server(process: subprocess.Popen) -> int:
         return process.wait()
 
 
-async def poisson_load(url: str, rate: float, duration: float, sentences: list[str], seed: int) -> dict:
-    """Send one-sentence requests at Poisson arrivals of ``rate``/s for ``duration`` s; wait for every answer."""
+def batch_counters(url: str) -> dict[str, float]:
+    """Sums and counts of the server's batch histograms (``/metrics``)."""
     import httpx
 
-    rng = random.Random(seed)
-    latencies: list[float] = []
-    statuses: dict[int, int] = {}
+    wanted = {f"lslo_batch_{name}_{part}" for name in ("size", "directions", "seconds") for part in ("sum", "count")}
+    values = {}
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in wanted:
+            values[name] = float(value)
+    return values
 
-    async def one(client, sentence, direction):
+
+def _batch_means(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Mean sentences, directions and seconds per predict call between two :func:`batch_counters`."""
+    def delta(key):
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    batches = delta("lslo_batch_size_count")
+    mean = (lambda name: delta(f"lslo_batch_{name}_sum") / batches) if batches else (lambda name: float("nan"))
+    return {"batches": int(batches), "mean_batch_sentences": mean("size"), "mean_batch_directions": mean("directions"),
+            "mean_batch_s": mean("seconds")}
+
+
+class _Tally:
+    """Latencies of the answered requests and a count per status (-1: no answer, connection lost)."""
+
+    def __init__(self):
+        self.latencies: list[float] = []
+        self.statuses: dict[int, int] = {}
+
+    async def send(self, client, url: str, sentence: str, direction: tuple[str, str]) -> None:
+        import httpx
+
         started = time.monotonic()
         try:
             answer = await client.post(url + "/translate", json={"q": sentence, "source": direction[0],
                                                                 "target": direction[1]})
             status = answer.status_code
         except httpx.HTTPError:
-            status = -1  # connection error: counted as lost
-        statuses[status] = statuses.get(status, 0) + 1
+            status = -1
+        self.statuses[status] = self.statuses.get(status, 0) + 1
         if status == 200:
-            latencies.append(time.monotonic() - started)
+            self.latencies.append(time.monotonic() - started)
 
-    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
-    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
-        tasks, start = [], time.monotonic()
+    def summary(self, elapsed: float) -> dict:
+        latencies = sorted(self.latencies)
+
+        def quantile(q):
+            return latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else float("nan")
+
+        return {"sent": sum(self.statuses.values()), "answered": len(latencies),
+                "sentences_per_s": len(latencies) / elapsed, "p50_s": quantile(0.50), "p99_s": quantile(0.99),
+                "refused_503": self.statuses.get(503, 0),
+                "other_errors": sum(n for s, n in self.statuses.items() if s not in (200, 503))}
+
+
+def _client(clients: int):
+    import httpx
+
+    limits = httpx.Limits(max_connections=max(512, clients), max_keepalive_connections=max(512, clients))
+    return httpx.AsyncClient(timeout=300, limits=limits)
+
+
+async def poisson_load(url: str, rate: float, duration: float, sentences: list[str], seed: int) -> dict:
+    """Send one-sentence requests at Poisson arrivals of ``rate``/s for ``duration`` s; wait for every answer."""
+    rng, tally, tasks = random.Random(seed), _Tally(), []
+    async with _client(0) as client:
+        start = time.monotonic()
         at = rng.expovariate(rate)
         while at < duration:
             delay = start + at - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.ensure_future(one(client, rng.choice(sentences), rng.choice(DIRECTIONS))))
+            tasks.append(asyncio.ensure_future(tally.send(client, url, rng.choice(sentences), rng.choice(DIRECTIONS))))
             at += rng.expovariate(rate)
         await asyncio.gather(*tasks)
-        elapsed = time.monotonic() - start
-    latencies.sort()
+        return tally.summary(time.monotonic() - start)
 
-    def quantile(q):
-        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else float("nan")
 
-    return {"sent": len(tasks), "answered": len(latencies), "sentences_per_s": len(latencies) / elapsed,
-            "p50_s": quantile(0.50), "p99_s": quantile(0.99), "refused_503": statuses.get(503, 0),
-            "other_errors": sum(n for s, n in statuses.items() if s not in (200, 503))}
+async def closed_loop_load(url: str, clients: int, duration: float, sentences: list[str], seed: int) -> dict:
+    """``clients`` clients, each sending its next one-sentence request as soon as the last is answered."""
+    rng, tally = random.Random(seed), _Tally()
+    async with _client(clients) as client:
+        start = time.monotonic()
+
+        async def loop():
+            while time.monotonic() - start < duration:
+                await tally.send(client, url, rng.choice(sentences), rng.choice(DIRECTIONS))
+
+        await asyncio.gather(*[loop() for _ in range(clients)])
+        return tally.summary(time.monotonic() - start)
 
 
 def main(argv=None) -> int:
@@ -165,6 +220,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", choices=["demo", "615m"], default="demo", help="model shape (random weights)")
     parser.add_argument("--rates", default="4,16,64", help="offered requests/s, comma-separated")
     parser.add_argument("--duration", type=float, default=8.0, help="seconds of arrivals per rate")
+    parser.add_argument("--clients", type=int, default=0,
+                        help="also a closed-loop load of this many clients for --duration s (0: none)")
     parser.add_argument("--setups", default=",".join(SETUPS), help=f"subset of {','.join(SETUPS)}")
     parser.add_argument("--num-beams", type=int, default=5)
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -192,9 +249,16 @@ def main(argv=None) -> int:
                        "device": args.device, **SETUPS[setup]}
             process, url = start_server(options)
             try:
-                for k, rate in enumerate(rates):
-                    result = asyncio.run(poisson_load(url, rate, args.duration, sentences, seed=k))
-                    rows.append({"shape": args.shape, "setup": setup, "offered_per_s": rate, **result})
+                loads = [(f"{rate:g}/s", poisson_load(url, rate, args.duration, sentences, seed=k))
+                         for k, rate in enumerate(rates)]
+                if args.clients:
+                    loads.append((f"{args.clients} clients",
+                                  closed_loop_load(url, args.clients, args.duration, sentences, seed=99)))
+                for load, run in loads:
+                    before = batch_counters(url)
+                    result = asyncio.run(run)
+                    rows.append({"shape": args.shape, "setup": setup, "load": load, **result,
+                                 **_batch_means(before, batch_counters(url))})
                     print(json.dumps(rows[-1]), file=sys.stderr)
             finally:
                 stop_server(process)
@@ -208,14 +272,16 @@ def main(argv=None) -> int:
 
 
 def table(rows: list[dict]) -> str:
-    """A markdown table of the rows, with each set-up's throughput over ``mixed`` at the same offered rate."""
-    mixed = {r["offered_per_s"]: r["sentences_per_s"] for r in rows if r["setup"] == "mixed"}
-    lines = ["| setup | offered req/s | answered sent/s | vs mixed | p50 s | p99 s | 503 | other errors |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    """A markdown table of the rows, with each set-up's throughput over ``mixed`` under the same load."""
+    mixed = {r["load"]: r["sentences_per_s"] for r in rows if r["setup"] == "mixed"}
+    lines = [("| setup | load | answered sent/s | vs mixed | p50 s | p99 s | 503 | other errors | sent./batch | "
+              "directions/batch | s/batch |"),
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        ratio = r["sentences_per_s"] / mixed[r["offered_per_s"]] if mixed.get(r["offered_per_s"]) else float("nan")
-        lines.append(f"| {r['setup']} | {r['offered_per_s']:g} | {r['sentences_per_s']:.2f} | {ratio:.2f} | "
-                     f"{r['p50_s']:.3f} | {r['p99_s']:.3f} | {r['refused_503']} | {r['other_errors']} |")
+        ratio = r["sentences_per_s"] / mixed[r["load"]] if mixed.get(r["load"]) else float("nan")
+        lines.append(f"| {r['setup']} | {r['load']} | {r['sentences_per_s']:.2f} | {ratio:.2f} | "
+                     f"{r['p50_s']:.3f} | {r['p99_s']:.3f} | {r['refused_503']} | {r['other_errors']} | "
+                     f"{r['mean_batch_sentences']:.1f} | {r['mean_batch_directions']:.1f} | {r['mean_batch_s']:.3f} |")
     return "\n".join(lines)
 
 

@@ -386,3 +386,19 @@ def test_cli_two_replicas_and_sigterm_drain(built):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_bench_serve_summaries():
+    """bench_serve's batch means (from two /metrics snapshots) and its table's ratio to ``mixed``."""
+    from benchmarks import bench_serve
+
+    before = {"lslo_batch_size_sum": 10, "lslo_batch_size_count": 2, "lslo_batch_directions_sum": 2,
+              "lslo_batch_seconds_sum": 1.0}
+    after = {"lslo_batch_size_sum": 40, "lslo_batch_size_count": 5, "lslo_batch_directions_sum": 14,
+             "lslo_batch_seconds_sum": 2.5}
+    means = bench_serve._batch_means(before, after)
+    assert means == {"batches": 3, "mean_batch_sentences": 10.0, "mean_batch_directions": 4.0, "mean_batch_s": 0.5}
+    row = {"p50_s": 0.1, "p99_s": 0.2, "refused_503": 0, "other_errors": 0, **means}
+    text = bench_serve.table([{**row, "setup": "mixed", "load": "4/s", "sentences_per_s": 8.0},
+                              {**row, "setup": "direction", "load": "4/s", "sentences_per_s": 2.0}])
+    assert "| direction | 4/s | 2.00 | 0.25 |" in text
