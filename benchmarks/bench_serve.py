@@ -95,7 +95,7 @@ def start_server(options: dict, timeout_s: float = 300.0) -> tuple[subprocess.Po
 
     code = "import json, sys; from lslo.serve import ServeConfig, serve; serve(ServeConfig(**json.loads(sys.argv[1])))"
     env = {**os.environ, "PYTHONPATH": str(_REPO), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    process = subprocess.Popen([sys.executable, "-c", code, json.dumps(options)], env=env,
+    process = subprocess.Popen([sys.executable, "-c", code, json.dumps(options)], env=env, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{options['port']}"
     deadline = time.monotonic() + timeout_s
@@ -108,7 +108,7 @@ def start_server(options: dict, timeout_s: float = 300.0) -> tuple[subprocess.Po
         except httpx.HTTPError:
             pass
         time.sleep(0.25)
-    process.kill()
+    os.killpg(process.pid, signal.SIGKILL)
     raise RuntimeError(f"the server was not ready within {timeout_s} s")
 
 
@@ -116,8 +116,8 @@ def stop_server(process: subprocess.Popen) -> int:
     process.send_signal(signal.SIGTERM)
     try:
         return process.wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        process.kill()
+    except subprocess.TimeoutExpired:  # the whole group: its workers and HTTP processes too
+        os.killpg(process.pid, signal.SIGKILL)
         return process.wait()
 
 

@@ -25,6 +25,7 @@ forked API servers inherit and the spawned workers receive with their ``LitAPI``
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import dataclasses
 import json
 import logging
@@ -36,7 +37,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import litserve
@@ -51,6 +52,7 @@ __all__ = [
 ]
 
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
+_DRAIN_QUIET_S = 0.5  # on SIGTERM, how long nothing must be in flight before the processes stop
 _JSON = "application/json"
 _FORM = "application/x-www-form-urlencoded"
 
@@ -536,6 +538,15 @@ def _errors_as_json(send, path: str):
 
 
 # ------------------------------------------------------------------ the inference worker (LitAPI)
+def _exit_with_parent() -> None:
+    """On Linux, get SIGTERM when the parent dies: a server killed with SIGKILL leaves no worker
+    behind polling its queue (LitServe's batching loop polls every millisecond)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the parent's own shutdown stops the workers
+        pass
+
+
 class LSLoTranslateAPI(litserve.LitAPI):
     """LitServe API of one replica: loads the model, then translates the batches LitServe gathers.
 
@@ -561,6 +572,7 @@ class LSLoTranslateAPI(litserve.LitAPI):
         # A terminal's Ctrl-C reaches every process of the group: the main process drains, and
         # this worker must go on answering until it is told to stop.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _exit_with_parent()
         dtype = None if self.config.dtype is None else getattr(torch, self.config.dtype)
         self.model = load_base_model(self.config.model, dtype=dtype, device=device)
         self.tokenizer = AutoTokenizer.from_pretrained(self.config.tokenizer or self.config.model)
@@ -692,7 +704,16 @@ def _install_drain(server: litserve.LitServer, state: SharedState, drain_timeout
 
     def drain() -> None:
         deadline = time.monotonic() + drain_timeout_s
-        while state.inflight.value > 0 and time.monotonic() < deadline:
+        quiet_since = None
+        # Stop once nothing has been in flight for a moment: a request already on its way when the
+        # signal came is read and answered (503) rather than cut off by the HTTP servers' exit.
+        while time.monotonic() < deadline:
+            if state.inflight.value > 0:
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= _DRAIN_QUIET_S:
+                break
             time.sleep(0.02)
         # The event LitServe's run() waits on (its own /shutdown endpoint sets the same one).
         while getattr(server, "_shutdown_event", None) is None:
@@ -737,8 +758,3 @@ def serve(config: ServeConfig, batching: Callable | None = None) -> None:
         if own_dir:
             shutil.rmtree(os.environ.pop("PROMETHEUS_MULTIPROC_DIR"), ignore_errors=True)
 
-
-def config_from_mapping(values: Mapping[str, Any]) -> ServeConfig:
-    """A :class:`ServeConfig` from the fields present in ``values`` (others keep their defaults)."""
-    names = {f.name for f in dataclasses.fields(ServeConfig)}
-    return ServeConfig(**{k: v for k, v in values.items() if k in names and v is not None})

@@ -78,6 +78,15 @@ def expected(built, sentences, src, tgt):
                               max_new_tokens=MAX_NEW, progress=False)
 
 
+def _kill(process) -> None:
+    """SIGKILL the server's process group (its workers and HTTP servers too)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=10)
+
+
 def _wait_ready(process, url: str, seconds: float = 90.0) -> None:
     deadline = time.monotonic() + seconds
     for _ in range(int(seconds / 0.2)):
@@ -91,14 +100,16 @@ def _wait_ready(process, url: str, seconds: float = 90.0) -> None:
         if time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    process.kill()
+    _kill(process)
     raise AssertionError(f"the server was not ready within {seconds} s")
 
 
 def _start(command: list[str], port: int):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # Its own process group: a failing test kills the server with its workers and HTTP processes.
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     _wait_ready(process, url)
     return process, url
@@ -110,8 +121,7 @@ def _stop(process, seconds: float = 60.0) -> int:
     try:
         return process.wait(timeout=seconds)
     except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=10)
+        _kill(process)
         raise AssertionError(f"the server did not stop within {seconds} s of SIGTERM") from None
 
 
@@ -123,8 +133,11 @@ def server(built):
             f"num_beams={BEAMS}, max_new_tokens={MAX_NEW}, max_batch_size=16, batch_timeout_ms=150, max_queue=12, "
             "max_chars=2000, drain_timeout_s=30, device='cpu'), batching=FailOnMarker())")
     process, url = _start([sys.executable, "-c", code], port)
-    yield url
-    assert _stop(process) == 0
+    try:
+        yield url
+        assert _stop(process) == 0
+    finally:
+        _kill(process)
 
 
 def post(url, payload, **kwargs):
@@ -357,14 +370,18 @@ def test_cli_two_replicas_and_sigterm_drain(built):
         sentences = make_sentences(12, seed=13)
         jobs = [(sentences[k: k + 3], LANGS[k % 4], LANGS[(k + 1) % 4]) for k in range(0, 12, 3)] * 2
         answers = [None] * len(jobs)
+        sending = threading.Semaphore(0)
 
         def client(k):
             q, s, t = jobs[k]
+            sending.release()
             answers[k] = post(url, {"q": q, "source": s, "target": t})
 
         threads = [threading.Thread(target=client, args=(k,)) for k in range(len(jobs))]
         for thread in threads:
             thread.start()
+        for _ in jobs:  # every client on its way (a later one may still be refused with 503)
+            assert sending.acquire(timeout=30)
         in_flight = 0
         for _ in range(100):  # SIGTERM once requests are in flight
             in_flight = metric(url, "lslo_queue_depth")
@@ -384,8 +401,7 @@ def test_cli_two_replicas_and_sigterm_drain(built):
             assert answers[k].json()["translatedText"] == expected(built, q, s, t)
         assert _stop(process) == 0
     finally:
-        if process.poll() is None:
-            process.kill()
+        _kill(process)
 
 
 def test_bench_serve_summaries():
