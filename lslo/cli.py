@@ -260,14 +260,8 @@ def _add_serve_command(commands) -> None:
     """``lslo serve`` (lslo.serve): flags from ServeConfig's fields."""
     import dataclasses
 
-    try:
-        from lslo.serve import ServeConfig
-    except ModuleNotFoundError as exc:  # the serve extra (litserve, prometheus_client) is not installed
-        missing = exc.name
-        stub = commands.add_parser("serve", help="HTTP API (needs the serve extra: pip install 'lslo[serve]')")
-        stub.add_argument("rest", nargs=argparse.REMAINDER)
-        stub.set_defaults(handler=lambda args: _serve_missing(missing))
-        return
+    from lslo.serve_config import ServeConfig
+
     serve = commands.add_parser(
         "serve", help="a LibreTranslate-compatible HTTP API batching every direction together",
         description="Serve the model and its adapters over HTTP (POST /translate, GET /languages, /health, "
@@ -285,13 +279,16 @@ def _add_serve_command(commands) -> None:
     serve.set_defaults(handler=_cmd_serve)
 
 
-def _serve_missing(module: str) -> int:
-    raise CLIError(f"lslo serve needs the serve extra ({module} is not installed): pip install 'lslo[serve]'")
-
-
 def _cmd_serve(args) -> int:
-    from lslo.serve import ServeConfig, default_model, serve
+    from lslo.serve_config import ServeConfig
 
+    try:  # imported here: the serving stack is an optional extra and slow to import
+        from lslo.serve import default_model, serve
+    except ModuleNotFoundError as exc:
+        if exc.name in ("lslo", "lslo.serve"):
+            raise
+        raise CLIError(f"lslo serve needs the serve extra ({exc.name} is not installed): "
+                       "pip install 'lslo[serve]'") from None
     given = _given(args, ServeConfig)
     if "model" not in given:
         recorded = default_model(given["adapters"]) if "adapters" in given else None
@@ -299,6 +296,12 @@ def _cmd_serve(args) -> int:
             raise CLIError("--model is required (no --adapters folder recording its base model was given)")
         given["model"] = recorded
     serve(ServeConfig(**given))
+    # Drained and stopped: a second SIGTERM or Ctrl-C while the interpreter exits must not turn
+    # this exit status 0 into a kill (at exit Python puts its own handlers back to the defaults).
+    import signal
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
     return 0
 
 

@@ -44,6 +44,7 @@ import litserve
 
 from .inference import translate
 from .model import load_adapters, load_base_model, read_adapter_config
+from .serve_config import ServeConfig
 
 __all__ = [
     "BATCHING", "LSLoTranslateAPI", "MixedDirections", "PerDirection", "RequestError", "ServeConfig", "SharedState",
@@ -51,66 +52,12 @@ __all__ = [
     "served_languages",
 ]
 
-_DTYPES = ("float32", "bfloat16", "float16", "float64")
 _DRAIN_QUIET_S = 0.5  # on SIGTERM, how long nothing must be in flight before the processes stop
 _JSON = "application/json"
 _FORM = "application/x-www-form-urlencoded"
 
 
 # ------------------------------------------------------------------ configuration
-@dataclasses.dataclass
-class ServeConfig:
-    """Everything ``lslo serve`` needs; each field is also a CLI flag (``--max-batch-size`` ...)."""
-
-    model: str = dataclasses.field(metadata={"help": "base model: local folder or hub id"})
-    adapters: str | None = dataclasses.field(default=None, metadata={"help": "folder written by lslo.save_adapters"})
-    tokenizer: str | None = dataclasses.field(default=None, metadata={"help": "tokenizer (default: --model)"})
-    host: str = dataclasses.field(default="127.0.0.1", metadata={"help": "127.0.0.1, 0.0.0.0 or ::"})
-    port: int = dataclasses.field(default=5000, metadata={"help": "TCP port (1024-65535)"})
-    device: str | None = dataclasses.field(default=None, metadata={"help": "cpu or cuda (default: cuda when available)"})
-    dtype: str | None = dataclasses.field(default=None, metadata={"help": "weights dtype (default: as stored)"})
-    num_beams: int = dataclasses.field(default=5, metadata={"help": "beam size"})
-    max_new_tokens: int = dataclasses.field(default=256, metadata={"help": "generated tokens per sentence at most"})
-    max_batch_size: int = dataclasses.field(default=32, metadata={
-        "help": "requests gathered into one predict call, and sentences per generate call"})
-    batch_timeout_ms: float = dataclasses.field(default=10.0, metadata={
-        "help": "how long a worker waits to fill a batch"})
-    max_queue: int = dataclasses.field(default=256, metadata={
-        "help": "requests admitted at once (queued or decoding); more get 503 with Retry-After"})
-    max_chars: int = dataclasses.field(default=5000, metadata={"help": "characters of q per request; more get 413"})
-    workers: int = dataclasses.field(default=1, metadata={
-        "help": "model replicas per device (LitServe workers_per_device), each its own process"})
-    api_servers: int = dataclasses.field(default=1, metadata={"help": "HTTP server processes (LitServe num_api_servers)"})
-    drain_timeout_s: float = dataclasses.field(default=30.0, metadata={
-        "help": "on SIGTERM/SIGINT, how long in-flight requests may take before the server stops anyway"})
-    batching: str = dataclasses.field(default="mixed", metadata={
-        "help": "mixed: one generate call for all directions; direction: one per direction (a baseline)"})
-    log_level: str = dataclasses.field(default="warning", metadata={"help": "uvicorn log level"})
-
-    def __post_init__(self):
-        positive = ("port", "num_beams", "max_new_tokens", "max_batch_size", "max_queue", "max_chars", "workers",
-                    "api_servers")
-        for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"ServeConfig.{name} must be a positive int, got {value!r}")
-        for name in ("batch_timeout_ms", "drain_timeout_s"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ValueError(f"ServeConfig.{name} must be a number >= 0, got {value!r}")
-        if not 1024 <= self.port <= 65535:
-            raise ValueError(f"ServeConfig.port must be in 1024..65535 (LitServe refuses lower ports), got {self.port}")
-        if self.host not in ("127.0.0.1", "0.0.0.0", "::"):
-            raise ValueError(f"ServeConfig.host must be 127.0.0.1, 0.0.0.0 or :: (LitServe binds no other), "
-                             f"got {self.host!r}")
-        if self.dtype is not None and self.dtype not in _DTYPES:
-            raise ValueError(f"ServeConfig.dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
-        if self.device is not None and self.device.split(":")[0] not in ("cpu", "cuda"):
-            raise ValueError(f"ServeConfig.device must be cpu or cuda, got {self.device!r}")
-        if isinstance(self.batching, str) and self.batching not in BATCHING:
-            raise ValueError(f"ServeConfig.batching must be one of {', '.join(BATCHING)}, got {self.batching!r}")
-
-
 def default_model(adapters: str) -> str | None:
     """The base model recorded with an adapter folder, or None when nothing records it.
 
@@ -172,7 +119,7 @@ class PerDirection(MixedDirections):
         return out
 
 
-BATCHING: dict[str, type[MixedDirections]] = {"mixed": MixedDirections, "direction": PerDirection}
+BATCHING: dict[str, type[MixedDirections]] = {"mixed": MixedDirections, "direction": PerDirection}  # = BATCHING_NAMES
 
 
 # ------------------------------------------------------------------ shared state
@@ -699,8 +646,11 @@ def build_server(config: ServeConfig, state: SharedState, languages: Sequence[st
                               timeout=False, middlewares=[front], model_metadata={"model": config.model})
 
 
-def _install_drain(server: litserve.LitServer, state: SharedState, drain_timeout_s: float) -> None:
-    """SIGTERM/SIGINT: refuse new requests, wait for the admitted ones, then stop LitServe."""
+def _install_drain(server: litserve.LitServer, state: SharedState, drain_timeout_s: float) -> dict:
+    """SIGTERM/SIGINT: refuse new requests, wait for the admitted ones, then stop LitServe.
+
+    Returns the handlers it replaced (signal number -> handler), to put back afterwards.
+    """
 
     def drain() -> None:
         deadline = time.monotonic() + drain_timeout_s
@@ -729,8 +679,7 @@ def _install_drain(server: litserve.LitServer, state: SharedState, drain_timeout
                 lambda record: "Monitoring worker crashed" not in record.getMessage())
             threading.Thread(target=drain, name="lslo-drain", daemon=True).start()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    return {signum: signal.signal(signum, on_signal) for signum in (signal.SIGTERM, signal.SIGINT)}
 
 
 def serve(config: ServeConfig, batching: Callable | None = None) -> None:
@@ -751,9 +700,13 @@ def serve(config: ServeConfig, batching: Callable | None = None) -> None:
     try:
         state = SharedState()
         server = build_server(config, state, languages, batching)
-        _install_drain(server, state, config.drain_timeout_s)
-        server.run(host=config.host, port=config.port, num_api_servers=config.api_servers, log_level=config.log_level,
-                   generate_client_file=False)
+        previous = _install_drain(server, state, config.drain_timeout_s)
+        try:
+            server.run(host=config.host, port=config.port, num_api_servers=config.api_servers,
+                       log_level=config.log_level, generate_client_file=False)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
     finally:
         if own_dir:
             shutil.rmtree(os.environ.pop("PROMETHEUS_MULTIPROC_DIR"), ignore_errors=True)

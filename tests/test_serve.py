@@ -115,9 +115,9 @@ def _start(command: list[str], port: int):
     return process, url
 
 
-def _stop(process, seconds: float = 60.0) -> int:
+def _stop(process, seconds: float = 60.0, signum: int = signal.SIGTERM) -> int:
     if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(signum)
     try:
         return process.wait(timeout=seconds)
     except subprocess.TimeoutExpired:
@@ -135,7 +135,7 @@ def server(built):
     process, url = _start([sys.executable, "-c", code], port)
     try:
         yield url
-        assert _stop(process) == 0
+        assert _stop(process, signum=signal.SIGINT) == 0  # Ctrl-C drains as SIGTERM does (the CLI test)
     finally:
         _kill(process)
 
@@ -348,6 +348,15 @@ def test_disconnected_client_is_dropped_and_others_unaffected(server, built):
 
 
 # ------------------------------------------------------------------ the CLI, two replicas, SIGTERM
+def test_config_names_the_batching_policies():
+    from lslo.serve import BATCHING
+    from lslo.serve_config import BATCHING_NAMES, ServeConfig
+
+    assert tuple(BATCHING) == BATCHING_NAMES  # ServeConfig checks names without importing lslo.serve
+    with pytest.raises(ValueError, match="max_queue must be a positive int, got 0"):
+        ServeConfig(model="m", max_queue=0)
+
+
 def test_cli_errors(built, capsys):
     from lslo.cli import main
 
@@ -399,7 +408,7 @@ def test_cli_two_replicas_and_sigterm_drain(built):
         for k in served:
             q, s, t = jobs[k]
             assert answers[k].json()["translatedText"] == expected(built, q, s, t)
-        assert _stop(process) == 0
+        assert process.wait(timeout=60) == 0
     finally:
         _kill(process)
 
