@@ -280,6 +280,8 @@ def _add_serve_command(commands) -> None:
 
 
 def _cmd_serve(args) -> int:
+    import signal
+
     from lslo.serve_config import ServeConfig
 
     try:  # imported here: the serving stack is an optional extra and slow to import
@@ -298,8 +300,6 @@ def _cmd_serve(args) -> int:
     serve(ServeConfig(**given))
     # Drained and stopped: a second SIGTERM or Ctrl-C while the interpreter exits must not turn
     # this exit status 0 into a kill (at exit Python puts its own handlers back to the defaults).
-    import signal
-
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_IGN)
     return 0
