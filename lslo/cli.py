@@ -20,6 +20,9 @@
         ``lslo train --index-plan``.
     lslo plan --scores O --budget "2;2;8" [--output plan.toml]
         per-language ranks and pruning ratios from ISE scores, as a ``lslo train --config`` file.
+    lslo serve --adapters R/final [--model M] [--port 5000] [--max-batch-size 32] [--workers 1] ...
+        a LibreTranslate-compatible HTTP API (POST /translate, GET /languages, /health, /metrics) that
+        batches requests of every direction into one generate call (lslo.serve; the ``serve`` extra).
     lslo bench [ARGS...]
         runs ``benchmarks.__main__.main(ARGS)``: the benchmark suite of a source checkout (not installed).
 
@@ -268,7 +271,57 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     demo.set_defaults(handler=_cmd_demo)
     _add_analysis_commands(commands)
+    _add_serve_command(commands)
     return parser
+
+
+def _add_serve_command(commands) -> None:
+    """``lslo serve`` (lslo.serve): flags from ServeConfig's fields."""
+    import dataclasses
+
+    from lslo.serve_config import ServeConfig
+
+    serve = commands.add_parser(
+        "serve", help="a LibreTranslate-compatible HTTP API batching every direction together",
+        description="Serve the model and its adapters over HTTP (POST /translate, GET /languages, /health, "
+                    "/metrics); requests of different directions that arrive together are decoded in one "
+                    "generate call. SIGTERM or Ctrl-C drains the in-flight requests and exits 0.")
+    for f in dataclasses.fields(ServeConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = _field_type(str(f.type))
+        default = None if f.default is dataclasses.MISSING else f.default
+        text = f.metadata.get("help", "")
+        if f.name == "model":
+            text += " (default: the base recorded with --adapters)"
+        serve.add_argument(flag, type=kind, default=None, metavar=f.name.upper(),
+                           help=f"{text} (default: {default})" if default is not None else text)
+    serve.set_defaults(handler=_cmd_serve)
+
+
+def _cmd_serve(args) -> int:
+    import signal
+
+    from lslo.serve_config import ServeConfig
+
+    try:  # imported here: the serving stack is an optional extra and slow to import
+        from lslo.serve import default_model, serve
+    except ModuleNotFoundError as exc:
+        if exc.name in ("lslo", "lslo.serve"):
+            raise
+        raise CLIError(f"lslo serve needs the serve extra ({exc.name} is not installed): "
+                       "pip install 'lslo[serve]'") from None
+    given = _given(args, ServeConfig)
+    if "model" not in given:
+        recorded = default_model(given["adapters"]) if "adapters" in given else None
+        if recorded is None:
+            raise CLIError("--model is required (no --adapters folder recording its base model was given)")
+        given["model"] = recorded
+    serve(ServeConfig(**given))
+    # Drained and stopped: a second SIGTERM or Ctrl-C while the interpreter exits must not turn
+    # this exit status 0 into a kill (at exit Python puts its own handlers back to the defaults).
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
+    return 0
 
 
 def _add_analysis_commands(commands) -> None:
