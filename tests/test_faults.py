@@ -348,3 +348,96 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_naming_device_and_folder(se
         assert all(row["status"] == "intact" for row in describe_checkpoints(out))
     finally:
         subprocess.run(["umount", str(mount)], check=False)
+
+
+# ------------------------------------------- 7. resume on another process count
+def test_reshard_keeps_the_global_batch_and_says_it_is_not_exact(setup, tmp_path):
+    """A checkpoint of 2 processes x update_freq 1 (rewritten from a 1-process x 2 run, which takes the
+    same steps), resumed on 1 process with --reshard: update_freq 2, the same losses as the straight
+    run (dropout off), and a record in metrics.jsonl that the run is no longer bit-exact."""
+    from safetensors.torch import load_file, save_file
+
+    from lslo.checkpoints import write_manifest
+
+    common = {"update_freq": 2, "dropout": 0.0, "max_steps": 3}
+    straight = tmp_path / "straight"
+    train(_args(setup, straight, **common))
+    out = tmp_path / "run"
+    train(_args(setup, out, **{**common, "max_steps": 1}))
+    checkpoint = list_checkpoints(out)[-1]
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state.update(world_size=2, update_freq=1, python_rng=state["python_rng"] * 2)
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    rng = load_file(str(checkpoint / "rng.safetensors"))
+    save_file({**rng, "torch.1": rng["torch.0"].clone()}, str(checkpoint / "rng.safetensors"))
+    (checkpoint / "manifest.json").unlink()
+    write_manifest(checkpoint)
+    with pytest.raises(ValueError, match=r"written by 2 processes, this run has 1.*--reshard"):
+        train(_args(setup, out, **common, resume=True))
+    train(_args(setup, out, **common, resume=True, reshard=True))
+    notes = [r for r in _records(out) if r["type"] == "reshard"]
+    assert notes == [{"type": "reshard", "from_processes": 2, "to_processes": 1, "update_freq": 2, "exact": False,
+                      "step": 1, "epoch": 1}]
+    losses = [(r["step"], r["loss"]) for r in _records(out) if r["type"] == "train"]
+    assert losses == [(r["step"], r["loss"]) for r in _records(straight) if r["type"] == "train"]
+    assert json.loads((list_checkpoints(out)[-1] / "trainer_state.json").read_text())["update_freq"] == 2
+
+
+# ------------------------------------------------------------- 8, 10. hostile text
+def _stdin(monkeypatch, data: bytes) -> None:
+    import io
+
+    # What a C locale gives Python: UTF-8 with surrogateescape, so invalid bytes arrive as surrogates.
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", errors="surrogateescape"))
+
+
+def test_invalid_utf8_on_stdin_is_one_line_with_the_line_number(setup, monkeypatch, capsys):
+    _stdin(monkeypatch, b"en\tfr\tHa lo sapije.\nen\tfr\tBa \xff\xfe sabade.\n")
+    code = cli_main(["translate", "--model", setup["model"], "--quiet", "--num-beams", "1", "--max-new-tokens", "4"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "Unable to cast" not in err, err
+    assert err.strip().splitlines() == ["lslo: error: input line 2 is not UTF-8 (byte 9 of the line)"]
+
+
+def test_a_bom_is_not_part_of_the_first_line(setup, tmp_path, monkeypatch, capsys):
+    from lslo.data import load_flores, read_tsv_corpus
+
+    tsv = tmp_path / "pairs.tsv"
+    tsv.write_text("en\tfr\tHa lo sapije.\tBa sabade fozu.\n", encoding="utf-8-sig")
+    assert read_tsv_corpus(tsv)[0].src_lang == "en"
+    flores = Path(shutil.copytree(setup["flores"], tmp_path / "flores"))
+    dev = flores / "dev" / "eng.dev"
+    dev.write_text(dev.read_text(), encoding="utf-8-sig")
+    assert not load_flores(flores, ["en"], "dev")["en"][0].startswith("\ufeff")
+    (flores / "dev" / "fra.dev").write_bytes(b"ok\n\xc3(\n")
+    with pytest.raises(ValueError, match=r"fra.dev' is not UTF-8 text \(line 2"):
+        load_flores(flores, ["fr"], "dev")
+    _stdin(monkeypatch, "\ufeffen\tfr\tHa lo sapije.\n".encode())
+    assert cli_main(["translate", "--model", setup["model"], "--quiet", "--num-beams", "1", "--max-new-tokens", "4"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1
+
+
+# ------------------------------------------------- 9. one long line is bounded
+_LONG_LINE_CHILD = """
+import random, resource, sys
+import lslo.cli, transformers, torch
+from transformers import M2M100ForConditionalGeneration
+vm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmSize")) * 1024
+limit = vm + 360 * 2**20  # imports done; what is left for loading the tiny model and translating
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+sys.exit(lslo.cli.main(["translate", "--model", sys.argv[1], "--quiet", "--num-beams", "16", "--max-new-tokens", "64"]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_a_20000_character_line_translates_under_a_memory_limit(setup):
+    """Bound: the input is cut to the model's positions (128 here), so one generate call holds
+    batch x beams rows of at most 128 source + 64 target tokens. Untruncated, the 20,000 random letters
+    are ~19k tokens, and 16 beams of them need more than the 360 MiB the child allows itself."""
+    rng = __import__("random").Random(0)
+    text = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(20000))
+    proc = subprocess.run([sys.executable, "-c", _LONG_LINE_CHILD, setup["model"]], input=f"en\tfr\t{text}\n",
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(proc.stdout.splitlines()) == 1
+    assert "1 of 1 input(s) longer than 128 tokens were truncated to 128" in proc.stderr
