@@ -1147,8 +1147,8 @@ class _Heartbeat:
         behind = [r for r, s in steps.items() if s == lowest and r != self.rank]
         if not behind:
             return f"the other processes are ahead of rank {self.rank}"
-        return "rank " + ", ".join(map(str, behind)) + f" stalled (last started step {lowest}; rank {self.rank} is " \
-            f"at step {steps[self.rank]})"
+        return "rank " + ", ".join(map(str, behind)) + f" stalled or died (it last started step {lowest}; rank " \
+            f"{self.rank} waited in step {steps[self.rank]})"
 
 
 def _timedelta(seconds: float):
@@ -1208,9 +1208,9 @@ def train(args: TrainArguments) -> TrainResult:
         return _train(run)
     except RuntimeError as exc:
         if run.world > 1 and not isinstance(exc, TrainingError) and _is_collective_timeout(exc):
+            where = f"the last good checkpoint is {run.last_good}" if run.last_good else "no checkpoint was written yet"
             raise TrainingError(f"rank {run.accelerator.process_index}: a collective did not complete within "
-                                f"--ddp-timeout {args.ddp_timeout} s: {run.heartbeat.stalled()}; the last good "
-                                f"checkpoint is {run.last_good}") from None
+                                f"--ddp-timeout {args.ddp_timeout} s: {run.heartbeat.stalled()}; {where}") from None
         raise
     finally:
         if run.lock is not None:

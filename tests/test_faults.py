@@ -441,3 +441,49 @@ def test_a_20000_character_line_translates_under_a_memory_limit(setup):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(proc.stdout.splitlines()) == 1
     assert "1 of 1 input(s) longer than 128 tokens were truncated to 128" in proc.stderr
+
+
+# ------------------------------------------------ 13, 14. distributed means distributed
+_DDP_CHILD = """
+import os, signal, sys, torch
+torch.set_num_threads(1)
+from lslo import train as engine
+from lslo.cli import main
+real = engine._Run.train_step
+def train_step(self, micro_batches, step):
+    if step == {stall_at} and self.accelerator.process_index == 1:
+        os.kill(os.getpid(), signal.SIGSTOP)  # a stalled worker: alive, never answering
+    return real(self, micro_batches, step)
+engine._Run.train_step = train_step
+sys.exit(main(["train", *{flags!r}]))
+"""
+
+
+def _torchrun(tmp_path: Path, flags: list[str], stall_at: int = 0, timeout: float = 240):
+    script = tmp_path / "ddp.py"
+    script.write_text(_DDP_CHILD.format(flags=flags, stall_at=stall_at))
+    env = {**ENV, "CUDA_VISIBLE_DEVICES": ""}  # a host without a GPU, whatever this one has
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                           str(29500 + os.getpid() % 1000 + stall_at), str(script)], env=env, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+    return proc, time.time() - start
+
+
+def test_torchrun_without_cpu_on_a_host_without_gpu_forms_the_process_group(setup, tmp_path):
+    out = tmp_path / "run"
+    values = _values(setup, out, cpu=False, max_steps=2)
+    proc, _ = _torchrun(tmp_path, _cli_flags(values))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    state = json.loads((list_checkpoints(out)[-1] / "trainer_state.json").read_text())
+    assert state["world_size"] == 2
+    assert [r["step"] for r in _records(out) if r["type"] == "train"] == [1, 2]  # each step logged once
+
+
+def test_a_stalled_worker_ends_the_job_naming_its_rank(setup, tmp_path):
+    out = tmp_path / "run"
+    values = _values(setup, out, max_steps=4, save_every=None, ddp_timeout=5)
+    proc, seconds = _torchrun(tmp_path, _cli_flags(values), stall_at=2)
+    assert proc.returncode != 0
+    assert "rank 1 stalled or died" in proc.stderr and "--ddp-timeout 5 s" in proc.stderr, proc.stderr[-3000:]
+    assert seconds < 120
