@@ -15,14 +15,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
+import random
 import socket
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
 
 __all__ = [
     "MANIFEST_NAME",
@@ -32,6 +36,10 @@ __all__ = [
     "data_fingerprint",
     "fingerprint_differences",
     "format_checkpoint_table",
+    "loading",
+    "read_trainer_state",
+    "rng_of_rank",
+    "safetensors_error",
     "save_error_message",
     "tree_size",
     "verify_checkpoint",
@@ -315,6 +323,91 @@ class RunLock:
         finally:
             os.close(self._fd)
             self._fd = None
+
+
+# ------------------------------------------------------- reading back
+@contextlib.contextmanager
+def loading(path: Path) -> Iterator[None]:
+    """Any failure while loading ``path`` becomes one CheckpointError naming it (no library traceback)."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 (torch, safetensors and pickle raise many types for one damaged file)
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise CheckpointError(f"--resume: {path} cannot be loaded ({type(exc).__name__}: {reason})") from None
+
+
+def safetensors_error() -> type[BaseException]:
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # older safetensors: its errors are OSErrors
+        return OSError
+    return SafetensorError
+
+
+# name -> (accepted types, what it must be); the keys a resume reads from trainer_state.json
+_STATE_TYPES = {
+    "epoch": (int, "an int"), "step_in_epoch": (int, "an int"), "global_step": (int, "an int"),
+    "pruned_epoch": (int, "an int"), "world_size": (int, "an int"), "pruning": (dict, "a table"),
+    "epoch_sums": (dict, "a table"), "python_rng": (list, "a list"), "run_config": (dict, "a table"),
+}
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's ``trainer_state.json``, every field a resume uses checked for presence and type.
+
+    Raises:
+        CheckpointError: naming the file and, for a wrong or missing field, the field.
+    """
+    with loading(path):
+        state = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(state, dict):
+        raise CheckpointError(f"--resume: {path} holds a JSON {type(state).__name__}, not a table")
+    for key, (kind, what) in _STATE_TYPES.items():
+        value = state.get(key)
+        if key not in state or isinstance(value, bool) or not isinstance(value, kind):
+            found = "missing" if key not in state else f"{type(value).__name__} {value!r}"[:80]
+            raise CheckpointError(f"--resume: {path}: {key!r} must be {what}, found {found}")
+    sums = state["epoch_sums"]
+    for key in ("loss", "tokens", "steps"):
+        if isinstance(sums.get(key), bool) or not isinstance(sums.get(key), (int, float)):
+            raise CheckpointError(f"--resume: {path}: epoch_sums[{key!r}] must be a number, found {sums.get(key)!r}")
+    if state["world_size"] < 1 or state["global_step"] < 0 or state["epoch"] < 1:
+        raise CheckpointError(f"--resume: {path}: world_size, global_step or epoch out of range")
+    return state
+
+
+def rng_of_rank(path: Path, state: dict[str, Any], tensors: dict[str, torch.Tensor], rank: int) -> dict[str, Any]:
+    """This process's RNG states from a checkpoint, checked so that setting them later cannot fail.
+
+    Args:
+        path: the checkpoint; state: its trainer state; tensors: its ``rng.safetensors``.
+        rank: this process (a resharded process beyond the saved count takes rank ``rank % saved``'s).
+
+    Returns:
+        ``{"python": state, "torch": (N,) uint8 tensor, "cuda": [...] when saved}``.
+    """
+    saved = rank % state["world_size"]
+    key = f"torch.{saved}"
+    if key not in tensors:
+        raise CheckpointError(f"--resume: {path / 'rng.safetensors'} has no {key!r} entry")
+    torch_state = tensors[key]
+    if torch_state.dtype != torch.uint8 or torch_state.shape != torch.get_rng_state().shape:
+        raise CheckpointError(f"--resume: {path / 'rng.safetensors'}: {key!r} is not a torch RNG state")
+    if len(state["python_rng"]) <= saved:
+        raise CheckpointError(f"--resume: {path / 'trainer_state.json'}: no python_rng entry for rank {saved}")
+    python = state["python_rng"][saved]
+    try:
+        random.Random().setstate((python[0], tuple(python[1]), python[2]))
+    except (TypeError, ValueError, IndexError, OverflowError) as exc:
+        raise CheckpointError(f"--resume: {path / 'trainer_state.json'}: python_rng[{saved}] is not a Python RNG "
+                              f"state ({exc})") from None
+    rng = {"python": python, "torch": torch_state}
+    cuda = [tensors[k] for k in sorted(t for t in tensors if t.startswith(f"cuda.{saved}."))]
+    if cuda:
+        rng["cuda"] = cuda
+    return rng
 
 
 # ------------------------------------------------------------ save errors

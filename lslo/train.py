@@ -50,6 +50,10 @@ from .checkpoints import (
     base_model_fingerprint,
     data_fingerprint,
     fingerprint_differences,
+    loading,
+    read_trainer_state,
+    rng_of_rank,
+    safetensors_error,
     save_error_message,
     tree_size,
     verify_checkpoint,
@@ -57,6 +61,7 @@ from .checkpoints import (
 )
 from .config import GROUP_ORDER, LSLoConfig
 from .context import route
+from .distributed import Heartbeat, distributed_setup, is_collective_timeout
 from .io import atomic_directory, atomic_write_file, recover_directory
 from .model import apply_lslo, load_adapters, load_base_model, model_fingerprint, save_adapters
 from .pruning import gradual_pruning_ratio, prune, pruning_summary
@@ -413,10 +418,10 @@ def _prepare_output_dir(args: TrainArguments, run_config: dict[str, Any], accele
             raise ValueError(f"--resume: {out} holds no {RUN_CONFIG_NAME}; it is not an lslo training run")
         try:
             saved = json.loads(config_path.read_text(encoding="utf-8"))
-            if not isinstance(saved, dict):
-                raise ValueError(f"a JSON {type(saved).__name__}, not a table")
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             raise ValueError(f"--resume: {config_path} is damaged ({exc})") from None
+        if not isinstance(saved, dict):
+            raise ValueError(f"--resume: {config_path} is damaged (a JSON {type(saved).__name__}, not a table)")
         _check_resumable(saved, run_config, args, str(out))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -658,7 +663,7 @@ class _Run:
         from accelerate.utils import set_seed
 
         self.args = args
-        cpu, handlers, launched = _distributed_setup(args)
+        cpu, handlers, launched = distributed_setup(args.cpu, args.ddp_timeout)
         self.accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=cpu, kwargs_handlers=handlers)
         self.is_main = self.accelerator.is_main_process
         self.world = self.accelerator.num_processes
@@ -669,7 +674,7 @@ class _Run:
         self.lock = RunLock(args.output_dir) if args.output_dir is not None else None
         self.last_good: Path | None = None  # the newest checkpoint known to be finite and complete
         self.resume_notes: list[dict[str, Any]] = []  # what makes a resumed run inexact, for metrics.jsonl
-        self.heartbeat = _Heartbeat(self.world, self.accelerator.process_index)
+        self.heartbeat = Heartbeat(self.world, self.accelerator.process_index)
         set_seed(args.seed)
 
     # ---- set-up
@@ -795,7 +800,7 @@ class _Run:
         if self.is_main:
             try:
                 self._write_checkpoint(path, state, rng_states)
-            except (OSError, RuntimeError, _safetensors_error()) as exc:
+            except (OSError, RuntimeError, safetensors_error()) as exc:
                 needed = tree_size(self.last_good) if self.last_good else 3 * sum(
                     p.numel() * p.element_size() for p in self.trainable)
                 error = save_error_message(exc, what=f"checkpoint {path.name}", folder=path.parent, needed=needed,
@@ -886,14 +891,14 @@ class _Run:
         """
         from safetensors.torch import load_file
 
-        state = _read_trainer_state(path / "trainer_state.json")
+        state = read_trainer_state(path / "trainer_state.json")
         changed = _check_resumable(state["run_config"], self.run_config, self.args, str(path))
         if changed:
             self.resume_notes.append({"type": "data_change", "files": changed, "exact": False})
         self._match_world(path, state)
         model = self.accelerator.unwrap_model(self.model)
         if self.lslo_config is not None:
-            with _loading(path / "adapters"):
+            with loading(path / "adapters"):
                 self.load_trained(model, path / "adapters")
         else:
             from safetensors.torch import load_model
@@ -901,17 +906,17 @@ class _Run:
             files = sorted((path / "model").glob("*.safetensors"))
             if len(files) != 1:
                 raise CheckpointError(f"--resume: {path / 'model'} should hold one safetensors file, found {len(files)}")
-            with _loading(files[0]):
+            with loading(files[0]):
                 load_model(model, str(files[0]), strict=False)
-        with _loading(path / "optimizer.pt"):
+        with loading(path / "optimizer.pt"):
             optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
             self.optimizer.load_state_dict(optimizer_state)
-        with _loading(path / "rng.safetensors"):
+        with loading(path / "rng.safetensors"):
             tensors = load_file(str(path / "rng.safetensors"))
-        self._resume_rng = _rng_of_rank(path, state, tensors, self.accelerator.process_index)
+        self._resume_rng = rng_of_rank(path, state, tensors, self.accelerator.process_index)
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None and state.get("scaler"):
-            with _loading(path / "trainer_state.json"):
+            with loading(path / "trainer_state.json"):
                 scaler.load_state_dict(state["scaler"])
         return state
 
@@ -1005,80 +1010,6 @@ def _zero_sums() -> dict[str, float]:
     return {"loss": 0.0, "tokens": 0, "steps": 0}
 
 
-# ------------------------------------------------------- resume: reading back
-@contextlib.contextmanager
-def _loading(path: Path):
-    """Any failure while loading ``path`` becomes one CheckpointError naming it (no library traceback)."""
-    try:
-        yield
-    except CheckpointError:
-        raise
-    except Exception as exc:  # noqa: BLE001 (torch, safetensors and pickle raise many types for one damaged file)
-        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
-        raise CheckpointError(f"--resume: {path} cannot be loaded ({type(exc).__name__}: {reason})") from None
-
-
-def _safetensors_error() -> type[BaseException]:
-    try:
-        from safetensors import SafetensorError
-    except ImportError:  # older safetensors: its errors are OSErrors
-        return OSError
-    return SafetensorError
-
-
-# name -> (accepted types, what it must be); the keys a resume reads from trainer_state.json
-_STATE_TYPES = {
-    "epoch": (int, "an int"), "step_in_epoch": (int, "an int"), "global_step": (int, "an int"),
-    "pruned_epoch": (int, "an int"), "world_size": (int, "an int"), "pruning": (dict, "a table"),
-    "epoch_sums": (dict, "a table"), "python_rng": (list, "a list"), "run_config": (dict, "a table"),
-}
-
-
-def _read_trainer_state(path: Path) -> dict[str, Any]:
-    """``trainer_state.json``, every field a resume uses checked for presence and type."""
-    with _loading(path):
-        state = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(state, dict):
-        raise CheckpointError(f"--resume: {path} holds a JSON {type(state).__name__}, not a table")
-    for key, (kind, what) in _STATE_TYPES.items():
-        value = state.get(key)
-        if key not in state or isinstance(value, bool) or not isinstance(value, kind):
-            found = "missing" if key not in state else f"{type(value).__name__} {value!r}"[:80]
-            raise CheckpointError(f"--resume: {path}: {key!r} must be {what}, found {found}")
-    sums = state["epoch_sums"]
-    for key in ("loss", "tokens", "steps"):
-        if isinstance(sums.get(key), bool) or not isinstance(sums.get(key), (int, float)):
-            raise CheckpointError(f"--resume: {path}: epoch_sums[{key!r}] must be a number, found {sums.get(key)!r}")
-    if state["world_size"] < 1 or state["global_step"] < 0 or state["epoch"] < 1:
-        raise CheckpointError(f"--resume: {path}: world_size, global_step or epoch out of range")
-    return state
-
-
-def _rng_of_rank(path: Path, state: dict[str, Any], tensors: dict[str, torch.Tensor], rank: int) -> dict[str, Any]:
-    """This process's RNG states from a checkpoint (a resharded process beyond the saved count takes
-    rank ``rank % saved``'s), checked so that setting them later cannot fail."""
-    saved = rank % state["world_size"]
-    key = f"torch.{saved}"
-    if key not in tensors:
-        raise CheckpointError(f"--resume: {path / 'rng.safetensors'} has no {key!r} entry")
-    torch_state = tensors[key]
-    if torch_state.dtype != torch.uint8 or torch_state.shape != torch.get_rng_state().shape:
-        raise CheckpointError(f"--resume: {path / 'rng.safetensors'}: {key!r} is not a torch RNG state")
-    if len(state["python_rng"]) <= saved:
-        raise CheckpointError(f"--resume: {path / 'trainer_state.json'}: no python_rng entry for rank {saved}")
-    python = state["python_rng"][saved]
-    try:
-        random.Random().setstate((python[0], tuple(python[1]), python[2]))
-    except (TypeError, ValueError, IndexError, OverflowError) as exc:
-        raise CheckpointError(f"--resume: {path / 'trainer_state.json'}: python_rng[{saved}] is not a Python RNG "
-                              f"state ({exc})") from None
-    rng = {"python": python, "torch": torch_state}
-    cuda = [tensors[k] for k in sorted(t for t in tensors if t.startswith(f"cuda.{saved}."))]
-    if cuda:
-        rng["cuda"] = cuda
-    return rng
-
-
 def _run_fingerprints(args: TrainArguments, languages: Sequence[str]) -> dict[str, Any]:
     """What the run trains: the base model and the training files, by content (see lslo.checkpoints)."""
     from . import data
@@ -1090,76 +1021,6 @@ def _run_fingerprints(args: TrainArguments, languages: Sequence[str]) -> dict[st
     else:
         files = []
     return {"model": base_model_fingerprint(args.model), "data": data_fingerprint(files)}
-
-
-# -------------------------------------------------------------- distributed
-def _distributed_setup(args: TrainArguments) -> tuple[bool, list, int]:
-    """(cpu, accelerate kwargs handlers, launched world size) for this process.
-
-    Under torchrun / ``accelerate launch`` (WORLD_SIZE > 1) on a host without a GPU, accelerate forms
-    no process group unless told ``cpu=True``: each process would train alone into the same folder.
-    The process group's timeout (--ddp-timeout) bounds every collective, so one stalled process ends
-    the job instead of hanging it.
-    """
-    from datetime import timedelta
-
-    from accelerate.utils import InitProcessGroupKwargs
-
-    try:
-        launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    except ValueError:
-        raise ValueError(f"WORLD_SIZE must be an int, got {os.environ.get('WORLD_SIZE')!r}") from None
-    if launched <= 1:
-        return args.cpu, [], launched
-    cpu = args.cpu or not torch.cuda.is_available()
-    return cpu, [InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout))], launched
-
-
-class _Heartbeat:
-    """Each process records the step it is entering in the launcher's store, so that a collective that
-    times out can name the process that stalled (the one that reached the fewest steps)."""
-
-    def __init__(self, world: int, rank: int):
-        self.world, self.rank, self.store = world, rank, None
-        if world > 1:
-            try:
-                self.store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                                                        is_master=False, timeout=_timedelta(10))
-            except Exception:  # noqa: BLE001 (no store reachable: the timeout message names no rank)
-                self.store = None
-
-    def beat(self, step: int) -> None:
-        if self.store is not None:
-            self.store.set(f"lslo/heartbeat/{self.rank}", str(step))
-
-    def stalled(self) -> str:
-        """Who stalled, as well as the store can tell."""
-        if self.store is None:
-            return "another process stalled or died"
-        steps = {}
-        self.store.set_timeout(_timedelta(2))
-        for rank in range(self.world):
-            try:
-                steps[rank] = int(self.store.get(f"lslo/heartbeat/{rank}"))
-            except Exception:  # noqa: BLE001 (a process that never reached step 1)
-                steps[rank] = 0
-        lowest = min(steps.values())
-        behind = [r for r, s in steps.items() if s == lowest and r != self.rank]
-        if not behind:
-            return f"the other processes are ahead of rank {self.rank}"
-        return "rank " + ", ".join(map(str, behind)) + f" stalled or died (it last started step {lowest}; rank " \
-            f"{self.rank} waited in step {steps[self.rank]})"
-
-
-def _timedelta(seconds: float):
-    from datetime import timedelta
-
-    return timedelta(seconds=seconds)
-
-
-def _is_collective_timeout(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return "timed out" in text or "timeout" in text or "connection closed by peer" in text
 
 
 def _load_index_plan(value: str):
@@ -1207,7 +1068,7 @@ def train(args: TrainArguments) -> TrainResult:
     try:
         return _train(run)
     except RuntimeError as exc:
-        if run.world > 1 and not isinstance(exc, TrainingError) and _is_collective_timeout(exc):
+        if run.world > 1 and not isinstance(exc, TrainingError) and is_collective_timeout(exc):
             where = f"the last good checkpoint is {run.last_good}" if run.last_good else "no checkpoint was written yet"
             raise TrainingError(f"rank {run.accelerator.process_index}: a collective did not complete within "
                                 f"--ddp-timeout {args.ddp_timeout} s: {run.heartbeat.stalled()}; {where}") from None
@@ -1336,7 +1197,7 @@ def _train(run: _Run) -> TrainResult:
                 with atomic_directory(final_dir) as tmp:
                     model.save_pretrained(tmp, safe_serialization=True)
                     run.tokenizer.save_pretrained(tmp)
-        except (OSError, RuntimeError, _safetensors_error()) as exc:
+        except (OSError, RuntimeError, safetensors_error()) as exc:
             error = save_error_message(exc, what="the final weights", folder=final_dir.parent,
                                        needed=tree_size(run.last_good), last_good=run.last_good)
     error = _shared(accelerator, error)

@@ -8,7 +8,6 @@ import errno
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -248,7 +247,7 @@ def test_a_second_writer_is_refused_and_a_stale_lock_taken_over(setup, tmp_path,
             time.sleep(0.1)
         # 6: a second `lslo train` (a real process) refuses at once, naming pid and host.
         second = subprocess.run([sys.executable, "-m", "lslo", "train", *_cli_flags(_values(setup, out, resume=True))],
-                                env=ENV, capture_output=True, text=True, timeout=120)
+                                env=ENV, capture_output=True, text=True, timeout=120, check=False)
         assert second.returncode == 2, second.stderr
         assert f"pid {holder.pid} on host {socket.gethostname()}" in second.stderr
         assert "Traceback" not in second.stderr
@@ -336,7 +335,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_naming_device_and_folder(se
     try:
         out = mount / "run"
         proc = subprocess.run([sys.executable, "-m", "lslo", "train", *_cli_flags(_values(setup, out, max_steps=6))],
-                              env=ENV, capture_output=True, text=True, timeout=300)
+                              env=ENV, capture_output=True, text=True, timeout=300, check=False)
         lines = [line for line in proc.stderr.splitlines() if line.startswith("lslo")]
         assert proc.returncode == 1 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
         assert f"no space left on lslo-test-tmpfs (tmpfs at {mount})" in lines[0], lines[0]
@@ -437,7 +436,7 @@ def test_a_20000_character_line_translates_under_a_memory_limit(setup):
     rng = __import__("random").Random(0)
     text = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(20000))
     proc = subprocess.run([sys.executable, "-c", _LONG_LINE_CHILD, setup["model"]], input=f"en\tfr\t{text}\n",
-                          env=ENV, capture_output=True, text=True, timeout=300)
+                          env=ENV, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(proc.stdout.splitlines()) == 1
     assert "1 of 1 input(s) longer than 128 tokens were truncated to 128" in proc.stderr
