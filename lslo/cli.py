@@ -71,15 +71,17 @@ def read_tsv(lines) -> tuple[list[str], list[str], list[str]]:
 
 
 def decode_lines(handle, where: str):
-    """UTF-8 lines of a binary stream, a leading byte-order mark dropped.
+    """UTF-8 lines of a binary stream (or of a text stream, checked), a leading byte-order mark dropped.
 
     Raises:
-        CLIError: naming ``where`` and the line number of the first line that is not UTF-8.
+        CLIError: naming ``where`` and the line number of the first line that is not UTF-8 (in a text
+            stream: that holds the surrogates Python decodes invalid bytes to under a C locale).
     """
     for number, raw in enumerate(handle, start=1):
         try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as error:
+            line = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+            line.encode("utf-8")
+        except (UnicodeDecodeError, UnicodeEncodeError) as error:
             raise CLIError(f"{where} line {number} is not UTF-8 (byte {error.start} of the line)") from None
         yield line.removeprefix("\ufeff") if number == 1 else line
 
@@ -112,7 +114,7 @@ def _cmd_translate(args) -> int:
     # Bytes, decoded here: text-mode stdin under a C locale lets invalid bytes through as surrogates,
     # which only the tokenizer's C++ code would trip on.
     if args.input == "-":
-        src_langs, tgt_langs, sentences = read_tsv(decode_lines(sys.stdin.buffer, "input"))
+        src_langs, tgt_langs, sentences = read_tsv(decode_lines(getattr(sys.stdin, "buffer", sys.stdin), "input"))
     else:
         with open(args.input, "rb") as f:
             src_langs, tgt_langs, sentences = read_tsv(decode_lines(f, args.input))

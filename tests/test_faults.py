@@ -444,14 +444,17 @@ def test_a_20000_character_line_translates_under_a_memory_limit(setup):
 
 # ------------------------------------------------ 13, 14. distributed means distributed
 _DDP_CHILD = """
-import os, signal, sys, torch
+import os, signal, sys, time, torch
 torch.set_num_threads(1)
 from lslo import train as engine
 from lslo.cli import main
 real = engine._Run.train_step
 def train_step(self, micro_batches, step):
     if step == {stall_at} and self.accelerator.process_index == 1:
-        os.kill(os.getpid(), signal.SIGSTOP)  # a stalled worker: alive, never answering
+        # A stalled worker: alive, never answering (SIGSTOP would do the same, but torchrun then waits
+        # 30 s before its SIGKILL; this one ends at torchrun's SIGTERM).
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        time.sleep(3600)
     return real(self, micro_batches, step)
 engine._Run.train_step = train_step
 sys.exit(main(["train", *{flags!r}]))
