@@ -10,6 +10,8 @@
     lslo train --model M --flores-dir D --languages lang12 --ranks "2;2;8" --prune "H=0.9,M=0.9" --output-dir R
         many-to-many fine-tuning with LSLo and the Gradual Pruning Schedule (``--preset`` a paper row,
         ``--method ft-all``, ``--resume``); ``accelerate launch -m lslo train ...`` on several GPUs.
+    lslo checkpoints R
+        the checkpoints of a training run: step, epoch, intact/damaged (against each one's manifest), size.
     lslo eval --model M --adapters R/final --flores-dir D [--split devtest] [--num-beams 5]
         spBLEU / chrF++ / BLEU per direction and the direction-group table.
     lslo estimate --model M --flores-dir D --languages lang12 --pool layer --output-dir O
