@@ -489,3 +489,32 @@ def test_a_stalled_worker_ends_the_job_naming_its_rank(setup, tmp_path):
     assert proc.returncode != 0
     assert "rank 1 stalled or died" in proc.stderr and "--ddp-timeout 5 s" in proc.stderr, proc.stderr[-3000:]
     assert seconds < 120
+
+
+def test_translate_truncates_long_inputs_with_one_warning_counting_them(setup):
+    """The in-process side of finding 9 (``lslo eval`` passes --max-length the same way): inputs over
+    max_input_length are cut (the EOS kept), one warning counts them, short ones are untouched."""
+    import warnings
+
+    from transformers import AutoTokenizer
+
+    import lslo
+    from lslo.train import EvalArguments
+
+    tokenizer = AutoTokenizer.from_pretrained(setup["model"])
+    model = lslo.load_base_model(setup["model"])
+    short, long = "Ha lo sapije.", " ".join(["Tojeka vipizu viguvi vipide je."] * 6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cut = lslo.translate(model, tokenizer, [long, short, long], "en", "fr", num_beams=1, max_new_tokens=3,
+                             progress=False, max_input_length=8)
+    messages = [str(w.message) for w in caught if "truncated" in str(w.message)]
+    assert messages == ["translate: 2 of 3 input(s) longer than 8 tokens were truncated to 8 (--max-length)"]
+    tokenizer.src_lang = "en"
+    ids = tokenizer([" ".join(long.split()[:40])])["input_ids"][0]
+    expected = lslo.translate(model, tokenizer, [tokenizer.decode(ids[1:7])], "en", "fr", num_beams=1,
+                              max_new_tokens=3, progress=False)
+    assert cut[0] == cut[2] == expected[0]
+    with pytest.raises(ValueError, match="max_input_length"):
+        lslo.translate(model, tokenizer, [short], "en", "fr", max_input_length=1, progress=False)
+    assert EvalArguments(max_length=64).max_length == 64
