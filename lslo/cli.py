@@ -10,6 +10,8 @@
     lslo train --model M --flores-dir D --languages lang12 --ranks "2;2;8" --prune "H=0.9,M=0.9" --output-dir R
         many-to-many fine-tuning with LSLo and the Gradual Pruning Schedule (``--preset`` a paper row,
         ``--method ft-all``, ``--resume``); ``accelerate launch -m lslo train ...`` on several GPUs.
+    lslo checkpoints R
+        the checkpoints of a training run: step, epoch, intact/damaged (against each one's manifest), size.
     lslo eval --model M --adapters R/final --flores-dir D [--split devtest] [--num-beams 5]
         spBLEU / chrF++ / BLEU per direction and the direction-group table.
     lslo estimate --model M --flores-dir D --languages lang12 --pool layer --output-dir O
@@ -98,6 +100,22 @@ def read_tsv(lines) -> tuple[list[str], list[str], list[str]]:
     return src_langs, tgt_langs, sentences
 
 
+def decode_lines(handle, where: str):
+    """UTF-8 lines of a binary stream (or of a text stream, checked), a leading byte-order mark dropped.
+
+    Raises:
+        CLIError: naming ``where`` and the line number of the first line that is not UTF-8 (in a text
+            stream: that holds the surrogates Python decodes invalid bytes to under a C locale).
+    """
+    for number, raw in enumerate(handle, start=1):
+        try:
+            line = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+            line.encode("utf-8")
+        except (UnicodeDecodeError, UnicodeEncodeError) as error:
+            raise CLIError(f"{where} line {number} is not UTF-8 (byte {error.start} of the line)") from None
+        yield line.removeprefix("\ufeff") if number == 1 else line
+
+
 def _torch_dtype(name: str | None):
     import torch
 
@@ -118,15 +136,17 @@ def _load(args):
 
 
 def _cmd_translate(args) -> int:
+    # Bytes, decoded here: text-mode stdin under a C locale lets invalid bytes through as surrogates,
+    # which only the tokenizer's C++ code would trip on.
     if args.input == "-":
-        src_langs, tgt_langs, sentences = read_tsv(sys.stdin)
+        src_langs, tgt_langs, sentences = read_tsv(decode_lines(getattr(sys.stdin, "buffer", sys.stdin), "input"))
     else:
-        with open(args.input, encoding="utf-8") as f:
-            src_langs, tgt_langs, sentences = read_tsv(f)
+        with open(args.input, "rb") as f:
+            src_langs, tgt_langs, sentences = read_tsv(decode_lines(f, args.input))
     model, tokenizer = _load(args)
     translations = lslo.translate(
         model, tokenizer, sentences, src_langs, tgt_langs, num_beams=args.num_beams, batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens, progress=not args.quiet,
+        max_new_tokens=args.max_new_tokens, progress=not args.quiet, max_length=args.max_length,
     )
     # One line per input line, whatever the model emits.
     text = "".join(t.replace("\r", " ").replace("\n", " ") + "\n" for t in translations)
@@ -209,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     translate.add_argument("--num-beams", type=int, default=5, help="beam size (default: 5, as the paper)")
     translate.add_argument("--batch-size", type=int, default=32, help="sentences per generate call (default: 32)")
     translate.add_argument("--max-new-tokens", type=int, default=256, help="max generated tokens (default: 256)")
+    translate.add_argument("--max-length", type=int, default=None,
+                           help="truncate inputs to this many tokens, with one warning counting them (default: the "
+                                "model's max_position_embeddings)")
     translate.add_argument("--quiet", action="store_true", help="no progress bar")
     translate.set_defaults(handler=_cmd_translate)
 
@@ -242,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             "`accelerate launch -m lslo train ...` / `torchrun -m lslo train ...`.")
     _add_dataclass_arguments(train, TrainArguments)
     train.add_argument("--list-presets", action="store_true", help="list the paper rows --preset reproduces, and exit")
+    train.add_argument("--list-checkpoints", action="store_true",
+                       help="list the checkpoints in --output-dir (as `lslo checkpoints`), and exit")
     train.set_defaults(handler=_cmd_train)
 
     evaluate = commands.add_parser("eval", help="translate a FLORES split and score it by direction group",
@@ -250,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                "direction, and the paper's direction-group table.")
     _add_dataclass_arguments(evaluate, EvalArguments)
     evaluate.set_defaults(handler=_cmd_eval)
+
+    checkpoints = commands.add_parser("checkpoints", help="list a training run's checkpoints: step, epoch, status, size",
+                                      description="Verify every checkpoint of an `lslo train` run folder against its "
+                                                  "manifest (sizes and SHA-256 of its files) and list them.")
+    checkpoints.add_argument("run_dir", metavar="DIR", help="the run folder (lslo train's --output-dir)")
+    checkpoints.set_defaults(handler=_cmd_checkpoints)
 
     demo = commands.add_parser("demo", help="the paper's experiment on synthetic languages, on a CPU, no downloads",
                                description="Synthetic languages, a tiny pretrained M2M-100, then Pretrain / Ft-all / "
@@ -422,6 +453,10 @@ def _cmd_train(args) -> int:
     if args.list_presets:
         print(format_presets())
         return 0
+    if args.list_checkpoints:
+        if args.output_dir is None:
+            raise CLIError("--list-checkpoints lists the checkpoints of --output-dir: give it")
+        return _list_checkpoints(args.output_dir)
     given = _given(args, TrainArguments)
     from_file = load_config_file(given["config"]) if "config" in given else {}
     preset = given.get("preset", from_file.get("preset"))
@@ -447,6 +482,24 @@ def _cmd_train(args) -> int:
 
         print(format_table({values.get("method", "pretrain"): result.scores}, style="plain"))
     return 0
+
+
+def _cmd_checkpoints(args) -> int:
+    return _list_checkpoints(args.run_dir)
+
+
+def _list_checkpoints(run_dir: str) -> int:
+    """Print the checkpoint table; exit status 1 when the newest checkpoint is damaged."""
+    from pathlib import Path
+
+    from lslo.checkpoints import format_checkpoint_table
+    from lslo.train import describe_checkpoints
+
+    if not Path(run_dir).is_dir():
+        raise CLIError(f"{run_dir} is not a directory")
+    rows = describe_checkpoints(run_dir)
+    print(format_checkpoint_table(rows))
+    return 1 if rows and rows[-1]["status"] == "damaged" else 0
 
 
 def _cmd_demo(args) -> int:

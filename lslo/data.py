@@ -266,10 +266,12 @@ def flores_file(flores_dir: str | os.PathLike, split: str, code: str, *, must_ex
 
 
 def _read_lines(path: Path) -> list[str]:
+    raw = path.read_bytes()
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a BOM, as some editors write one, is not part of the first sentence
     except UnicodeDecodeError as error:
-        raise ValueError(f"{str(path)!r} is not UTF-8 text (byte {error.start})") from None
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise ValueError(f"{str(path)!r} is not UTF-8 text (line {line}, byte {error.start})") from None
     # split on "\n" only: str.splitlines would also break lines at U+2028, U+0085 or form feeds,
     # which may occur inside a sentence and would silently misalign the files.
     lines = text.split("\n")
@@ -544,6 +546,8 @@ def read_tsv_corpus(path: str | os.PathLike) -> list[ParallelExample]:
                 raise ValueError(f"{where} is not UTF-8 (byte {error.start})") from None
             line = line.rstrip("\n")
             line = line.removesuffix("\r")
+            if number == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark, as some editors write one
             fields = line.split("\t")
             if number == 1 and tuple(f.strip().lower() for f in fields) == _TSV_HEADER:
                 continue

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -110,6 +111,23 @@ def _encode_by_source(tokenizer, sentences: Sequence[str], src_langs: Sequence[s
 encode_by_source = _encode_by_source
 
 
+def _truncate_inputs(encoded: list[list[int]], model: nn.Module, max_length: int | None) -> list[list[int]]:
+    """Cut id lists longer than ``max_length`` (default: the model's positions), keeping the last id (EOS)."""
+    if max_length is None:
+        max_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if not isinstance(max_length, int):
+            return encoded
+    elif isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        raise ValueError(f"max_input_length must be an int >= 2, got {max_length!r}")
+    long = [i for i, ids in enumerate(encoded) if len(ids) > max_length]
+    if long:
+        warnings.warn(f"translate: {len(long)} of {len(encoded)} input(s) longer than {max_length} tokens were "
+                      f"truncated to {max_length} (--max-length)", stacklevel=3)
+        for i in long:
+            encoded[i] = encoded[i][: max_length - 1] + encoded[i][-1:]
+    return encoded
+
+
 def translate(
     model: nn.Module,
     tokenizer,
@@ -123,6 +141,7 @@ def translate(
     config: LSLoConfig | None = None,
     progress: bool = True,
     return_token_ids: bool = False,
+    max_input_length: int | None = None,
     **generate_kwargs,
 ) -> list[str] | list[list[int]]:
     """Translate sentences of any mix of directions, one ``generate`` call per batch.
@@ -140,6 +159,11 @@ def translate(
         progress: show a tqdm progress bar (sentences).
         return_token_ids: return the generated ids (language token first, trailing padding
             removed) instead of decoded text.
+        max_input_length: source tokens per sentence at most (default: the model's
+            ``max_position_embeddings``); longer inputs are cut there, keeping their final
+            end-of-sentence token, with one warning counting them. With it, the memory one
+            ``generate`` call takes is bounded by that of ``batch_size * num_beams`` rows of
+            ``max_input_length`` source and ``max_new_tokens`` target tokens, whatever the input's length.
         generate_kwargs: more ``generate`` options (length_penalty, no_repeat_ngram_size, ...).
 
     Returns:
@@ -174,7 +198,7 @@ def translate(
     if n == 0:
         return []
 
-    encoded = _encode_by_source(tokenizer, sentences, src_langs)
+    encoded = _truncate_inputs(_encode_by_source(tokenizer, sentences, src_langs), model, max_input_length)
     order = sorted(range(n), key=lambda i: -len(encoded[i]))  # longest first, stable
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id

@@ -33,6 +33,7 @@ import random
 import re
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -42,8 +43,25 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .checkpoints import (
+    LOCK_NAME,
+    CheckpointError,
+    RunLock,
+    base_model_fingerprint,
+    data_fingerprint,
+    fingerprint_differences,
+    loading,
+    read_trainer_state,
+    rng_of_rank,
+    safetensors_error,
+    save_error_message,
+    tree_size,
+    verify_checkpoint,
+    write_manifest,
+)
 from .config import GROUP_ORDER, LSLoConfig
 from .context import route
+from .distributed import Heartbeat, distributed_setup, is_collective_timeout
 from .io import atomic_directory, atomic_write_file, recover_directory
 from .model import apply_lslo, load_adapters, load_base_model, model_fingerprint, save_adapters
 from .pruning import gradual_pruning_ratio, prune, pruning_summary
@@ -74,7 +92,11 @@ _CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
 _RESUMABLE_FIELDS = frozenset({
     "resume", "overwrite", "max_steps", "save_every", "keep_last", "log_every", "epochs", "preset",
     "eval_every_epoch", "eval_sentences", "num_beams", "spm_model", "progress", "config",
+    "resume_or_start", "allow_data_change", "reshard", "ddp_timeout",
 })
+# Where things are, not what they are: a run folder, its model and its data may move. The model and
+# the data are compared by their fingerprints (run_config["fingerprints"]) instead.
+_LOCATION_FIELDS = frozenset({"output_dir", "model", "flores_dir", "train_tsv"})
 
 
 class TrainingError(RuntimeError):
@@ -208,6 +230,17 @@ class TrainArguments:
     overwrite: bool = field(default=False, metadata=_help("replace another run in --output-dir"))
     progress: bool = field(default=True, metadata=_help("progress bars"))
     config: str | None = field(default=None, metadata=_help("a toml/json/yaml file holding any of these fields"))
+    resume_or_start: bool = field(default=False, metadata=_help(
+        "continue from the newest checkpoint when there is one, else start fresh (--resume alone refuses a folder "
+        "without a checkpoint)"))
+    allow_data_change: bool = field(default=False, metadata=_help(
+        "--resume on training data that changed since the run started (the run is then no longer an exact "
+        "continuation)"))
+    reshard: bool = field(default=False, metadata=_help(
+        "--resume on another number of processes: --update-freq is adjusted to keep the global batch; the run is "
+        "then no longer bit-exact (recorded in metrics.jsonl)"))
+    ddp_timeout: int = field(default=1800, metadata=_help(
+        "seconds a collective of a multi-process run may wait for a stalled process before the job stops"))
 
     def __post_init__(self) -> None:
         if self.preset is not None and self.preset not in PRESETS:
@@ -237,6 +270,8 @@ class TrainArguments:
             parse_prune_spec(self.prune)
         if self.prune_pool not in ("language", "layer"):
             raise ValueError(f"prune_pool must be 'language' or 'layer', got {self.prune_pool!r}")
+        if isinstance(self.ddp_timeout, bool) or not isinstance(self.ddp_timeout, int) or self.ddp_timeout < 1:
+            raise ValueError(f"ddp_timeout must be a positive int (seconds), got {self.ddp_timeout!r}")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> TrainArguments:
@@ -360,41 +395,113 @@ class TrainResult:
 
 
 # ------------------------------------------------------------- small helpers
-def _prepare_output_dir(args: TrainArguments, run_config: dict[str, Any], accelerator) -> Path:
-    """Refuse a folder holding another run (or, with --resume, a run of another configuration), then
-    record this run's configuration. Every process checks before the main one writes anything."""
+def _prepare_output_dir(args: TrainArguments, run_config: dict[str, Any], accelerator,
+                        lock: RunLock | None = None) -> Path:
+    """Take the folder's lock; refuse a folder holding another run (or, with --resume, a run of another
+    configuration, or no checkpoint), then record this run's configuration. Every process checks
+    before the main one writes anything; the main process holds ``lock`` (taken before anything is
+    deleted, so --overwrite cannot wipe a run that is still training)."""
     out = Path(args.output_dir)
     config_path = out / RUN_CONFIG_NAME
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output-dir {out} exists and is not a directory")
-    holds_run = out.is_dir() and any(out.iterdir())
-    if holds_run and not (args.resume or args.overwrite):
+    holds_run = out.is_dir() and any(child.name != LOCK_NAME for child in out.iterdir())
+    _take_lock(lock, accelerator)
+    resuming = args.resume or args.resume_or_start
+    if holds_run and not (resuming or args.overwrite):
         raise ValueError(f"--output-dir {out} already holds another run; pass --resume to continue it or "
                          "--overwrite to replace it")
-    if args.resume and holds_run:
+    if args.resume and not args.resume_or_start and not list_checkpoints(out):
+        raise ValueError(f"--resume: no checkpoint in {out / CHECKPOINTS_DIR}; drop --resume to start fresh "
+                         "(or pass --resume-or-start)")
+    if resuming and holds_run:
         if not config_path.is_file():
             raise ValueError(f"--resume: {out} holds no {RUN_CONFIG_NAME}; it is not an lslo training run")
         try:
             saved = json.loads(config_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
             raise ValueError(f"--resume: {config_path} is damaged ({exc})") from None
-        differing = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in run_config.items()
-                     if k not in _RESUMABLE_FIELDS and saved.get(k) != v]
-        if differing:
-            raise ValueError(f"--resume: {out} was trained with a different configuration ({'; '.join(differing)})")
+        if not isinstance(saved, dict):
+            raise ValueError(f"--resume: {config_path} is damaged (a JSON {type(saved).__name__}, not a table)")
+        _check_resumable(saved, run_config, args, str(out))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if args.overwrite and holds_run and not args.resume:
+        if args.overwrite and holds_run and not resuming:
             for child in out.iterdir():
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
+                if child.name != LOCK_NAME:
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_file(str(config_path), lambda tmp: Path(tmp).write_text(json.dumps(run_config, indent=2)))
     accelerator.wait_for_everyone()
     return out
 
 
+def _take_lock(lock: RunLock | None, accelerator) -> None:
+    """The main process takes ``lock``; every process raises when it could not."""
+    error = None
+    if lock is not None and accelerator.is_main_process:
+        try:
+            warning = lock.acquire()
+        except ValueError as exc:
+            error = str(exc)
+        else:
+            if warning:
+                print(f"[lslo] warning: {warning}", file=sys.stderr)
+    error = _shared(accelerator, error)
+    if error:
+        raise ValueError(error)
+
+
+def _shared(accelerator, value):
+    """The main process's ``value`` on every process (a save or lock outcome all must act on)."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def _resume_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """(differing settings, differing data files) between a saved run configuration and this run's.
+
+    Paths are not compared when both sides carry fingerprints: the model by its fingerprint, the
+    data by its files' hashes, the output folder not at all. A setting missing from an older save
+    compares as its default.
+    """
+    saved_prints, now_prints = saved.get("fingerprints"), now.get("fingerprints")
+    by_content = isinstance(saved_prints, dict) and isinstance(now_prints, dict)
+    skip = _RESUMABLE_FIELDS | {"fingerprints", "output_dir"} | (_LOCATION_FIELDS if by_content else frozenset())
+    defaults = {f.name: f.default for f in fields(TrainArguments) if f.default is not dataclasses.MISSING}
+    differing = [f"{k}: checkpoint {saved.get(k, defaults.get(k))!r}, now {v!r}" for k, v in now.items()
+                 if k not in skip and saved.get(k, defaults.get(k)) != v]
+    data = []
+    if by_content:
+        model = fingerprint_differences(saved_prints.get("model") or {}, now_prints.get("model") or {})
+        if model:
+            differing.append(f"model {now.get('model')!r} is not the model of the run: {', '.join(model[:6])}")
+        data = fingerprint_differences(saved_prints.get("data") or {}, now_prints.get("data") or {})
+    return differing, data
+
+
+def _check_resumable(saved: Mapping[str, Any], now: Mapping[str, Any], args: TrainArguments, where: str) -> list[str]:
+    """Refuse to resume ``where`` (a run folder or a checkpoint) under another configuration, or on
+    changed data unless --allow-data-change. Returns the data files that changed (allowed)."""
+    differing, data = _resume_differences(saved, now)
+    if differing:
+        raise ValueError(f"--resume: {where} was trained with a different configuration ({'; '.join(differing)})")
+    if data and not args.allow_data_change:
+        shown = "; ".join(data[:8]) + ("; ..." if len(data) > 8 else "")
+        raise ValueError(f"--resume: the training data changed since {where} was written ({shown}); restore it, or "
+                         "pass --allow-data-change to continue on the new data (the run is then not an exact "
+                         "continuation)")
+    return data
+
+
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+    """The checkpoint folders of a run (``checkpoints/step-N``), oldest first; an interrupted save is
+    finished or undone first. Whether each is intact is :func:`lslo.checkpoints.verify_checkpoint`'s job."""
     root = Path(output_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
@@ -407,9 +514,30 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
         match = _CHECKPOINT_PATTERN.match(child.name)
         if match and child.is_dir():
             recover_directory(child)  # cheap; a reader may meet a swap interrupted by a kill
-            if (child / "trainer_state.json").is_file():
-                found.append((int(match.group(1)), child))
+            found.append((int(match.group(1)), child))  # damaged ones too: resume verifies and says so
     return [path for _, path in sorted(found)]
+
+
+def describe_checkpoints(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every checkpoint of a run, oldest first, verified against its manifest.
+
+    Returns:
+        One dict per checkpoint: ``name``, ``path``, ``step``, ``epoch`` (None when its trainer state
+        is unreadable), ``status`` ("intact", "damaged" or "unverified"), ``size`` (bytes), ``problem``.
+    """
+    rows = []
+    for path in list_checkpoints(output_dir):
+        status, problem = verify_checkpoint(path)
+        step = epoch = None
+        try:
+            record = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+            step, epoch = int(record["global_step"]), int(record["epoch"])
+        except (OSError, ValueError, KeyError, TypeError):
+            if status != "damaged":
+                status, problem = "damaged", f"{path / 'trainer_state.json'}: unreadable"
+        rows.append({"name": path.name, "path": str(path), "step": step, "epoch": epoch, "status": status,
+                     "size": tree_size(path), "problem": problem})
+    return rows
 
 
 def _rng_state() -> dict[str, Any]:
@@ -536,9 +664,18 @@ class _Run:
         from accelerate.utils import set_seed
 
         self.args = args
-        self.accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu)
+        cpu, handlers, launched = distributed_setup(args.cpu, args.ddp_timeout)
+        self.accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=cpu, kwargs_handlers=handlers)
         self.is_main = self.accelerator.is_main_process
         self.world = self.accelerator.num_processes
+        if launched > 1 and self.world != launched:
+            raise ValueError(f"launched as {launched} processes (WORLD_SIZE) but accelerate formed a group of "
+                             f"{self.world}: this would train {launched} independent copies into one folder; check "
+                             "the launcher's settings (`accelerate config`, --cpu)")
+        self.lock = RunLock(args.output_dir) if args.output_dir is not None else None
+        self.last_good: Path | None = None  # the newest checkpoint known to be finite and complete
+        self.resume_notes: list[dict[str, Any]] = []  # what makes a resumed run inexact, for metrics.jsonl
+        self.heartbeat = Heartbeat(self.world, self.accelerator.process_index)
         set_seed(args.seed)
 
     # ---- set-up
@@ -588,7 +725,8 @@ class _Run:
             self.prune_targets = {}
 
         self.run_config = {**args.to_dict(), "languages": list(self.languages)}
-        self.output_dir = _prepare_output_dir(args, self.run_config, self.accelerator)
+        self.run_config["fingerprints"] = _run_fingerprints(args, self.languages)
+        self.output_dir = _prepare_output_dir(args, self.run_config, self.accelerator, self.lock)
         if args.method == "pretrain":
             self.corpus = None
         elif examples is not None:
@@ -639,70 +777,172 @@ class _Run:
 
     # ---- checkpoints
     def save_checkpoint(self, state: dict[str, Any]) -> Path | None:
-        """Write ``checkpoints/step-N`` as a whole (main process), every process's RNG included."""
-        from accelerate.utils import gather_object
-        from safetensors.torch import save_file
+        """Write ``checkpoints/step-N`` as a whole (main process), every process's RNG included.
 
-        rng_states = gather_object([_rng_state()])
+        The trainable tensors and the optimizer state are checked finite first: a non-finite step
+        is never saved, and the run stops naming the last good checkpoint. A failed write (disk
+        full, read-only folder, quota) leaves no partial directory and stops the run in one line.
+
+        Raises:
+            TrainingError: non-finite state, or the write failed (the message names the device,
+                the checkpoint, the folder and the last good checkpoint).
+        """
+        from accelerate.utils import gather_object
+
         path = self.output_dir / CHECKPOINTS_DIR / f"step-{state['global_step']:08d}"
+        where = f"the last good checkpoint is {self.last_good}" if self.last_good else "no checkpoint was written yet"
+        bad = self._non_finite_tensors()
+        if bad:
+            raise TrainingError(f"{len(bad)} tensor(s) of the trainable state hold NaN or inf at step "
+                                f"{state['global_step']} (first: {bad[0]}); {path.name} was not saved; training "
+                                f"stopped, {where}")
+        rng_states = gather_object([_rng_state()])
+        error = None
         if self.is_main:
-            model = self.accelerator.unwrap_model(self.model)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_directory(path) as tmp:
-                tmp = Path(tmp)
-                if self.lslo_config is not None:
-                    self.save_trained(model, tmp / "adapters")
-                else:
-                    model.save_pretrained(tmp / "model", safe_serialization=True)
-                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-                tensors = {}
-                python_states = []
-                for rank, rng in enumerate(rng_states):
-                    tensors[f"torch.{rank}"] = rng["torch"].contiguous()
-                    for device, cuda_state in enumerate(rng.get("cuda", [])):
-                        tensors[f"cuda.{rank}.{device}"] = cuda_state.contiguous()
-                    python_states.append(rng["python"])
-                save_file(tensors, str(tmp / "rng.safetensors"))
-                scaler = getattr(self.accelerator, "scaler", None)
-                record = {**state, "python_rng": python_states, "world_size": self.world,
-                          "scaler": scaler.state_dict() if scaler is not None else None,
-                          "run_config": self.run_config}
-                (tmp / "trainer_state.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
-            for old in list_checkpoints(self.output_dir)[: -self.args.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+            try:
+                self._write_checkpoint(path, state, rng_states)
+            except (OSError, RuntimeError, safetensors_error()) as exc:
+                needed = tree_size(self.last_good) if self.last_good else 3 * sum(
+                    p.numel() * p.element_size() for p in self.trainable)
+                error = save_error_message(exc, what=f"checkpoint {path.name}", folder=path.parent, needed=needed,
+                                           last_good=self.last_good)
+        error = _shared(self.accelerator, error)
+        if error:
+            raise TrainingError(error)
         self.accelerator.wait_for_everyone()
+        self.last_good = path
         return path
 
+    def _write_checkpoint(self, path: Path, state: dict[str, Any], rng_states: list[dict[str, Any]]) -> None:
+        from safetensors.torch import save_file
+
+        model = self.accelerator.unwrap_model(self.model)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_directory(path) as tmp:
+            tmp = Path(tmp)
+            if self.lslo_config is not None:
+                self.save_trained(model, tmp / "adapters")
+            else:
+                model.save_pretrained(tmp / "model", safe_serialization=True)
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            tensors = {}
+            python_states = []
+            for rank, rng in enumerate(rng_states):
+                tensors[f"torch.{rank}"] = rng["torch"].contiguous()
+                for device, cuda_state in enumerate(rng.get("cuda", [])):
+                    tensors[f"cuda.{rank}.{device}"] = cuda_state.contiguous()
+                python_states.append(rng["python"])
+            save_file(tensors, str(tmp / "rng.safetensors"))
+            scaler = getattr(self.accelerator, "scaler", None)
+            record = {**state, "python_rng": python_states, "world_size": self.world,
+                      "update_freq": self.args.update_freq,
+                      "scaler": scaler.state_dict() if scaler is not None else None,
+                      "run_config": self.run_config}
+            (tmp / "trainer_state.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
+            write_manifest(tmp)  # last: a checkpoint with a manifest was complete when written
+        for old in list_checkpoints(self.output_dir)[: -self.args.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _non_finite_tensors(self) -> list[str]:
+        """Names of trainable parameters and optimizer-state tensors holding NaN or inf."""
+        model = self.accelerator.unwrap_model(self.model)
+        bad = [name for name, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        for index, slots in enumerate(optimizer.state.values()):
+            for key, value in slots.items():
+                if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                    bad.append(f"optimizer state {index}.{key}")
+        return bad
+
+    def resume(self) -> tuple[Path | None, dict[str, Any] | None]:
+        """Load the newest checkpoint that verifies and loads; (None, None) when there is none.
+
+        A damaged newest checkpoint is skipped with a warning naming its file and the one used.
+
+        Raises:
+            CheckpointError: checkpoints exist but none is usable (each one's problem named).
+        """
+        problems = []
+        for path in reversed(list_checkpoints(self.output_dir)):
+            status, problem = verify_checkpoint(path)
+            if status == "damaged":
+                problems.append(problem)
+                continue
+            try:
+                state = self.load_checkpoint(path)
+            except CheckpointError as exc:
+                problems.append(str(exc).removeprefix("--resume: "))
+                continue
+            if problems and self.is_main:
+                print(f"[lslo] warning: skipped damaged checkpoint(s) ({'; '.join(problems)}); resuming from the "
+                      f"newest intact one, {path}", file=sys.stderr)
+            self.last_good = path
+            return path, state
+        if problems:
+            raise CheckpointError(f"--resume: no intact checkpoint in {self.output_dir / CHECKPOINTS_DIR} "
+                                  f"({'; '.join(problems)})")
+        return None, None
+
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
+        """Restore adapters (or the model), optimizer, RNG and scaler from ``path``.
+
+        Raises:
+            CheckpointError: a file of the checkpoint cannot be read or does not fit (named).
+            ValueError: the checkpoint belongs to another configuration or process count.
+        """
         from safetensors.torch import load_file
 
-        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-        if state.get("world_size") != self.world:
-            raise ValueError(f"--resume: {path} was written by {state.get('world_size')} processes, this run has "
-                             f"{self.world}; resume with the same number of processes")
+        state = read_trainer_state(path / "trainer_state.json")
+        changed = _check_resumable(state["run_config"], self.run_config, self.args, str(path))
+        if changed:
+            self.resume_notes.append({"type": "data_change", "files": changed, "exact": False})
+        self._match_world(path, state)
         model = self.accelerator.unwrap_model(self.model)
         if self.lslo_config is not None:
-            self.load_trained(model, path / "adapters")
+            with loading(path / "adapters"):
+                self.load_trained(model, path / "adapters")
         else:
             from safetensors.torch import load_model
 
             files = sorted((path / "model").glob("*.safetensors"))
             if len(files) != 1:
-                raise ValueError(f"--resume: {path / 'model'} should hold one safetensors file, found {len(files)}")
-            load_model(model, str(files[0]), strict=False)
-        optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-        self.optimizer.load_state_dict(optimizer_state)
-        rank = self.accelerator.process_index
-        tensors = load_file(str(path / "rng.safetensors"))
-        rng = {"python": state["python_rng"][rank], "torch": tensors[f"torch.{rank}"]}
-        cuda = [tensors[k] for k in sorted(t for t in tensors if t.startswith(f"cuda.{rank}."))]
-        if cuda:
-            rng["cuda"] = cuda
-        self._resume_rng = rng
+                raise CheckpointError(f"--resume: {path / 'model'} should hold one safetensors file, found {len(files)}")
+            with loading(files[0]):
+                load_model(model, str(files[0]), strict=False)
+        with loading(path / "optimizer.pt"):
+            optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+            self.optimizer.load_state_dict(optimizer_state)
+        with loading(path / "rng.safetensors"):
+            tensors = load_file(str(path / "rng.safetensors"))
+        self._resume_rng = rng_of_rank(path, state, tensors, self.accelerator.process_index)
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
+            with loading(path / "trainer_state.json"):
+                scaler.load_state_dict(state["scaler"])
         return state
+
+    def _match_world(self, path: Path, state: dict[str, Any]) -> None:
+        """Same process count, or --reshard: keep the global batch by adjusting update_freq."""
+        saved_world = state["world_size"]
+        saved_freq = state.get("update_freq", state["run_config"].get("update_freq", self.args.update_freq))
+        if saved_world == self.world:
+            self.args.update_freq = saved_freq  # a resharded run keeps its adjusted update_freq
+            return
+        if not self.args.reshard:
+            raise ValueError(f"--resume: {path} was written by {saved_world} processes, this run has {self.world}; "
+                             "resume with the same number of processes, or add --reshard (not bit-exact)")
+        global_batch = saved_world * saved_freq
+        if global_batch % self.world:
+            raise ValueError(f"--resume --reshard: the global batch of {path} is {saved_world} processes x "
+                             f"update_freq {saved_freq} = {global_batch} micro-batches, which {self.world} processes "
+                             "cannot share evenly")
+        self.args.update_freq = global_batch // self.world
+        self.resume_notes.append({"type": "reshard", "from_processes": saved_world, "to_processes": self.world,
+                                  "update_freq": self.args.update_freq, "exact": False})
+        if self.is_main:
+            print(f"[lslo] warning: resharding {path} from {saved_world} to {self.world} processes, update_freq "
+                  f"{saved_freq} -> {self.args.update_freq} (same global batch); the run is no longer bit-exact "
+                  "(dropout and sampling randomness differ)", file=sys.stderr)
 
     # ---- one epoch
     def _micro_batches(self, batches: list[list[int]], step_in_epoch: int) -> list[list[int]]:
@@ -771,6 +1011,19 @@ def _zero_sums() -> dict[str, float]:
     return {"loss": 0.0, "tokens": 0, "steps": 0}
 
 
+def _run_fingerprints(args: TrainArguments, languages: Sequence[str]) -> dict[str, Any]:
+    """What the run trains: the base model and the training files, by content (see lslo.checkpoints)."""
+    from . import data
+
+    if args.train_tsv is not None:
+        files = [Path(args.train_tsv)]
+    elif args.flores_dir is not None and args.method != "pretrain":
+        files = [data.flores_file(args.flores_dir, "dev", code) for code in languages]
+    else:
+        files = []
+    return {"model": base_model_fingerprint(args.model), "data": data_fingerprint(files)}
+
+
 def _load_index_plan(value: str):
     """``--index-plan``: a preset name or a JSON file written by Weight Learning."""
     if value and (value.endswith(".json") or os.path.sep in value):
@@ -802,13 +1055,30 @@ def train(args: TrainArguments) -> TrainResult:
         A :class:`TrainResult`; ``final_dir`` holds the adapters (LSLo, loadable with
         :func:`lslo.load_adapters` and ``lslo translate --adapters``) or the full model (ft-all,
         ``save_pretrained``). Raises :class:`Interrupted` after a SIGINT/SIGTERM checkpoint and
-        :class:`TrainingError` on a non-finite loss.
+        :class:`TrainingError` on a non-finite loss or state, a failed checkpoint write, or a
+        collective that timed out (--ddp-timeout).
     """
+    run = _Run(args)
+    try:
+        return _train(run)
+    except RuntimeError as exc:
+        if run.world > 1 and not isinstance(exc, TrainingError) and is_collective_timeout(exc):
+            where = f"the last good checkpoint is {run.last_good}" if run.last_good else "no checkpoint was written yet"
+            raise TrainingError(f"rank {run.accelerator.process_index}: a collective did not complete within "
+                                f"--ddp-timeout {args.ddp_timeout} s: {run.heartbeat.stalled()}; {where}") from None
+        raise
+    finally:
+        if run.lock is not None:
+            run.lock.release()
+
+
+def _train(run: _Run) -> TrainResult:
+    """The body of :func:`train`; the caller releases the run folder's lock."""
     from tqdm.auto import tqdm
 
     from .data import make_batches
 
-    run = _Run(args)
+    args = run.args
     run.load()
     if args.method == "pretrain":
         return _pretrain_only(run)
@@ -821,17 +1091,16 @@ def train(args: TrainArguments) -> TrainResult:
              "epoch_sums": _zero_sums()}
     resume_step = None
     last_checkpoint = None
-    if args.resume:
-        checkpoints = list_checkpoints(run.output_dir)
-        resume_step = 0
-        if checkpoints:
-            last_checkpoint = checkpoints[-1]
-            loaded = run.load_checkpoint(last_checkpoint)
+    if args.resume or args.resume_or_start:
+        last_checkpoint, loaded = run.resume()
+        if loaded is not None:
             state = {k: loaded[k] for k in state}
             resume_step = state["global_step"]
             if run.is_main:
                 print(f"[lslo] resuming from {last_checkpoint} (epoch {state['epoch']}, step {state['global_step']})")
     log = _MetricsLog(run.output_dir / METRICS_NAME, run.is_main, resume_step)
+    for note in run.resume_notes:  # what makes this resumed run inexact, on record
+        log.write({**note, "step": state["global_step"], "epoch": state["epoch"]})
     group_of = _group_of_for(run.languages, args.groups)
     eval_refs = None
     if args.eval_every_epoch:
@@ -868,6 +1137,7 @@ def train(args: TrainArguments) -> TrainResult:
                     stopped_early = True
                     break
                 step_start = time.perf_counter()
+                run.heartbeat.beat(state["global_step"] + 1)
                 metrics = run.train_step(run._micro_batches(batches, state["step_in_epoch"]), state["global_step"] + 1)
                 state["step_in_epoch"] += 1
                 state["global_step"] += 1
@@ -911,14 +1181,22 @@ def train(args: TrainArguments) -> TrainResult:
             last_checkpoint = run.save_checkpoint(state)
 
     final_dir = run.output_dir / FINAL_DIR
+    error = None
     if run.is_main:
         model = accelerator.unwrap_model(run.model)
-        if run.lslo_config is not None:
-            run.save_trained(model, final_dir)
-        else:
-            with atomic_directory(final_dir) as tmp:
-                model.save_pretrained(tmp, safe_serialization=True)
-                run.tokenizer.save_pretrained(tmp)
+        try:
+            if run.lslo_config is not None:
+                run.save_trained(model, final_dir)
+            else:
+                with atomic_directory(final_dir) as tmp:
+                    model.save_pretrained(tmp, safe_serialization=True)
+                    run.tokenizer.save_pretrained(tmp)
+        except (OSError, RuntimeError, safetensors_error()) as exc:
+            error = save_error_message(exc, what="the final weights", folder=final_dir.parent,
+                                       needed=tree_size(run.last_good), last_good=run.last_good)
+    error = _shared(accelerator, error)
+    if error:
+        raise TrainingError(error)
     accelerator.wait_for_everyone()
     log.close()
     return TrainResult(run.output_dir, final_dir, state["global_step"], state["epoch"] - 1,
@@ -1019,6 +1297,9 @@ class EvalArguments:
     name: str | None = field(default=None, metadata=_help("system name in the table"))
     cpu: bool = field(default=False, metadata=_help("evaluate on the CPU even when a GPU is present"))
     progress: bool = field(default=True, metadata=_help("progress bars"))
+    max_length: int | None = field(default=None, metadata=_help(
+        "truncate source sentences to this many tokens, with one warning counting them (default: the model's "
+        "max_position_embeddings)"))
 
 
 def evaluate_run(args: EvalArguments) -> dict[str, Any]:
@@ -1057,7 +1338,8 @@ def evaluate_run(args: EvalArguments) -> dict[str, Any]:
     directions = data.all_directions(languages)
     rows = evaluate(model, tokenizer, references, directions, num_beams=args.num_beams, batch_size=args.batch_size,
                     max_new_tokens=args.max_new_tokens, max_sentences=args.eval_sentences, scorer=scorer,
-                    accelerator=accelerator, progress=args.progress and accelerator.is_main_process, group_of=group_of)
+                    accelerator=accelerator, progress=args.progress and accelerator.is_main_process, group_of=group_of,
+                    max_input_length=args.max_length)
     name = args.name or (Path(args.adapters).resolve().parent.name if args.adapters else "pretrain")
     out = Path(args.output_dir) if args.output_dir else (Path(args.adapters) / "eval" if args.adapters else Path("runs/eval"))
     files = {}
@@ -1081,7 +1363,10 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--config file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"--config {path} is not UTF-8 text (byte {exc.start})") from None
     try:
         if path.suffix == ".toml":
             import tomllib

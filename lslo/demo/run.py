@@ -349,7 +349,7 @@ def _run_system(out, settings, codes, seed, base_dir, corpus_dir, system: DemoSy
             **system.train,
         }
         resume = (run_dir / "run").is_dir()
-        result = train(TrainArguments(**values, resume=resume))
+        result = train(TrainArguments(**values, resume_or_start=resume))
         final_dir = result.final_dir
     else:
         log(f"[demo] 3/4 evaluating {system.name} (the base model, zero-shot)")
