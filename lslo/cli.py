@@ -36,7 +36,9 @@ errors (disk full, hub unreachable) exit with 1; Ctrl-C exits with 130.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,14 +53,17 @@ from lslo.analysis import (
     learn_index,
     make_plan,
 )
+from lslo.checkpoints import format_checkpoint_table
 from lslo.io import atomic_write_file
 from lslo.model import read_adapter_config
+from lslo.serve_config import ServeConfig
 from lslo.train import (
     PRESETS,
     EvalArguments,
     Interrupted,
     TrainArguments,
     TrainingError,
+    describe_checkpoints,
     evaluate_run,
     format_presets,
     load_config_file,
@@ -308,10 +313,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_serve_command(commands) -> None:
     """``lslo serve`` (lslo.serve): flags from ServeConfig's fields."""
-    import dataclasses
-
-    from lslo.serve_config import ServeConfig
-
     serve = commands.add_parser(
         "serve", help="a LibreTranslate-compatible HTTP API batching every direction together",
         description="Serve the model and its adapters over HTTP (POST /translate, GET /languages, /health, "
@@ -330,10 +331,6 @@ def _add_serve_command(commands) -> None:
 
 
 def _cmd_serve(args) -> int:
-    import signal
-
-    from lslo.serve_config import ServeConfig
-
     try:  # imported here: the serving stack is an optional extra and slow to import
         from lslo.serve import default_model, serve
     except ModuleNotFoundError as exc:
@@ -490,11 +487,6 @@ def _cmd_checkpoints(args) -> int:
 
 def _list_checkpoints(run_dir: str) -> int:
     """Print the checkpoint table; exit status 1 when the newest checkpoint is damaged."""
-    from pathlib import Path
-
-    from lslo.checkpoints import format_checkpoint_table
-    from lslo.train import describe_checkpoints
-
     if not Path(run_dir).is_dir():
         raise CLIError(f"{run_dir} is not a directory")
     rows = describe_checkpoints(run_dir)
