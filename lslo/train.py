@@ -34,6 +34,7 @@ import re
 import shutil
 import signal
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -47,10 +48,22 @@ from .context import route
 from .io import atomic_directory, atomic_write_file, recover_directory
 from .model import apply_lslo, load_adapters, load_base_model, model_fingerprint, save_adapters
 from .pruning import gradual_pruning_ratio, prune, pruning_summary
+from .recipe import (
+    MIXED_PRECISION_CHOICES,
+    PRESETS,
+    RECIPE,
+    RECIPE_LR,
+    apply_model_overrides,
+    format_presets,
+    original_model_config,
+    resolve_mixed_precision,
+    tokens_per_step_warning,
+)
 
 __all__ = [
     "PRESETS",
     "EvalArguments",
+    "RecipeWarning",
     "TrainArguments",
     "TrainResult",
     "TrainingError",
@@ -62,7 +75,6 @@ __all__ = [
 ]
 
 METHODS = ("lslo", "ft-all", "pretrain", "weight-learning")
-_MIXED_PRECISION = ("no", "bf16", "fp16")
 RUN_CONFIG_NAME = "run_config.json"
 METRICS_NAME = "metrics.jsonl"
 CURVES_NAME = "curves.png"
@@ -76,6 +88,10 @@ _RESUMABLE_FIELDS = frozenset({
 })
 
 
+class RecipeWarning(UserWarning):
+    """A setting takes the run away from the authors' recipe in a way that is easy to miss."""
+
+
 class TrainingError(RuntimeError):
     """Training stopped for a reason the user should read (NaN loss, ...); the last good checkpoint stays."""
 
@@ -87,56 +103,6 @@ class Interrupted(Exception):
         self.signum = signum
         self.checkpoint = checkpoint
         super().__init__(f"interrupted by {signal.Signals(signum).name}; checkpoint: {checkpoint}")
-
-
-# --------------------------------------------------------------------- presets
-def _gps(ranks: str, ratio: float, **more) -> dict[str, Any]:
-    return {"ranks": ranks, "prune": f"H={ratio},M={ratio}", **more}
-
-
-# The paper's rows (Tables 1-4). LSLo rows use the authors' initialisation and FFN adaptation so that
-# the parameter counts equal the paper's (lslo params --ffn reference). "WL" = the paper's index plan.
-PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
-    "lang12-pretrain": ("Table 1 'Pretrain' (zero-shot; evaluation only)", {"languages": "lang12", "method": "pretrain"}),
-    "lang12-ft-all": ("Table 1 'Ft-all' (615M trainable, lr 1e-4)", {"languages": "lang12", "method": "ft-all"}),
-    "lang12-4-4-4": ("Table 1 '4;4;4+WL'", {"languages": "lang12", "ranks": "4;4;4"}),
-    "lang12-8-8-8": ("Table 1 '8;8;8+WL'", {"languages": "lang12", "ranks": "8;8;8"}),
-    "lang12-16-16-16": ("Table 1 '16;16;16+WL'", {"languages": "lang12", "ranks": "16;16;16"}),
-    "lang12-64-64-64": ("Table 1 '64;64;64+WL'", {"languages": "lang12", "ranks": "64;64;64"}),
-    "lang12-2-2-8": ("Table 1 '2;2;8+WL'", {"languages": "lang12", "ranks": "2;2;8"}),
-    **{f"lang12-2-2-8-gps{p}": (f"Table 1 '2;2;8+WL+GPS({p})'", {"languages": "lang12", **_gps("2;2;8", p)})
-       for p in (0.1, 0.3, 0.5, 0.7, 0.9)},
-    "lang12-2-2-16-gps0.9": ("Table 1 '2;2;16+WL+GPS(0.9)'", {"languages": "lang12", **_gps("2;2;16", 0.9)}),
-    "lang12-2-2-64-gps0.9": ("Table 1 '2;2;64+WL+GPS(0.9)'", {"languages": "lang12", **_gps("2;2;64", 0.9)}),
-    "lang12-src-gps0.9": ("Table 3 '2;2;8+SRC+GPS(0.9)'", {"languages": "lang12", "index_plan": "src", **_gps("2;2;8", 0.9)}),
-    "lang12-tgt-gps0.9": ("Table 3 '2;2;8+TGT+GPS(0.9)'", {"languages": "lang12", "index_plan": "tgt", **_gps("2;2;8", 0.9)}),
-    "lang12-attn-2-2-8-gps0.9": ("Table 4 'Only attn 2;2;8+WL+GPS(0.9)'",
-                                 {"languages": "lang12", "target_modules": "attn", **_gps("2;2;8", 0.9)}),
-    "lang12-attn-2-2-16-gps0.9": ("Table 4 'Only attn 2;2;16+WL+GPS(0.9)'",
-                                  {"languages": "lang12", "target_modules": "attn", **_gps("2;2;16", 0.9)}),
-    **{f"lang12-fc-2-2-{r}-gps0.9": (f"Table 4 'Only fc 2;2;{r}+WL+GPS(0.9)'",
-                                     {"languages": "lang12", "target_modules": "fc", **_gps(f"2;2;{r}", 0.9)})
-       for r in (16, 32, 64)},
-    "lang30-pretrain": ("Table 2 'Pretrain' (zero-shot; evaluation only)", {"languages": "lang30", "method": "pretrain"}),
-    "lang30-ft-all": ("Table 2 'Ft-all'", {"languages": "lang30", "method": "ft-all"}),
-    "lang30-8-8-8-8": ("Table 2 '8;8;8;8+WL'", {"languages": "lang30", "ranks": "8;8;8;8"}),
-    "lang30-16-16-16-16": ("Table 2 '16;16;16;16+WL'", {"languages": "lang30", "ranks": "16;16;16;16"}),
-    "lang30-2-2-8-8-gps0.9": ("Table 2 '2;2;8;8+WL+GPS(0.9)'", {"languages": "lang30", **_gps("2;2;8;8", 0.9)}),
-}
-for _row, _values in PRESETS.values():
-    if _values.get("method", "lslo") == "lslo":
-        _values.setdefault("init", "reference")
-        _values.setdefault("ffn", "reference")
-
-
-def format_presets() -> str:
-    """The table ``lslo train --list-presets`` prints."""
-    width = max(map(len, PRESETS))
-    lines = [f"{'preset':<{width}}  paper row / settings"]
-    for name, (row, values) in PRESETS.items():
-        settings = ", ".join(f"{k}={v}" for k, v in values.items() if k != "languages")
-        lines.append(f"{name:<{width}}  {row}  [{settings}]")
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------- arguments
@@ -172,31 +138,54 @@ class TrainArguments:
     prune_pool: str = field(default="language", metadata=_help(
         "language (GPS: one L1 pool per language) or layer (one pool per encoder/decoder layer across languages: "
         "Intrinsic Subspace Estimation)"))
-    prune_start: int = field(default=2, metadata=_help("E: last epoch without pruning"))
-    prune_duration: int = field(default=8, metadata=_help("k: epochs over which pruning reaches its ratio"))
+    prune_start: int = field(default=RECIPE["prune_start"], metadata=_help(
+        "E: last epoch without pruning (the paper's Appendix B, Table 7: E=2)"))
+    prune_duration: int = field(default=RECIPE["prune_duration"], metadata=_help(
+        "k: epochs over which pruning reaches its ratio (the paper's Appendix B, Table 7: k=8; the authors' README "
+        "command uses k=10)"))
     target_modules: str = field(default="all", metadata=_help("all, attn, fc, names or a regex"))
     index_plan: str = field(default="paper", metadata=_help("paper, src, tgt, or a JSON plan file"))
     init: str = field(default="lora", metadata=_help("lora or reference (the authors' A initialisation)"))
     ffn: str = field(default="full", metadata=_help("full or reference (adapt only d_model units of fc1/fc2)"))
-    epochs: int = field(default=15, metadata=_help("training epochs"))
+    epochs: int = field(default=RECIPE["epochs"], metadata=_help("training epochs (the paper's Section 6.2; the "
+                                                                 "authors' --max-epoch 15)"))
     max_steps: int | None = field(default=None, metadata=_help("stop after this many optimizer steps"))
     save_every: int | None = field(default=None, metadata=_help("also checkpoint every N optimizer steps"))
     keep_last: int = field(default=2, metadata=_help("checkpoints kept"))
-    seed: int = field(default=1, metadata=_help("random seed"))
-    lr: float | None = field(default=None, metadata=_help("peak learning rate (default 3e-3 lslo, 1e-4 ft-all)"))
-    warmup_updates: int = field(default=4000, metadata=_help("inverse-sqrt warm-up steps (fairseq's default)"))
-    adam_betas: str = field(default="0.9,0.98", metadata=_help("Adam betas"))
-    adam_eps: float = field(default=1e-8, metadata=_help("Adam epsilon"))
-    weight_decay: float = field(default=0.0, metadata=_help("weight decay"))
-    clip_norm: float = field(default=0.0, metadata=_help("gradient norm clipping (0 = off)"))
-    label_smoothing: float = field(default=0.2, metadata=_help("label smoothing of the cross-entropy"))
-    dropout: float = field(default=0.1, metadata=_help("dropout of the base model's layers"))
-    max_tokens: int = field(default=4096, metadata=_help("token budget of a batch per process"))
+    seed: int = field(default=RECIPE["seed"], metadata=_help("random seed (the authors' --seed 2)"))
+    lr: float | None = field(default=None, metadata=_help(
+        "peak learning rate (default: the method's, the paper's Section 6.2: 3e-3 lslo and weight-learning, "
+        "1e-4 ft-all)"))
+    warmup_updates: int = field(default=RECIPE["warmup_updates"], metadata=_help(
+        "inverse-sqrt warm-up steps (the authors' --warmup-updates 1: lr / sqrt(step) from the first step)"))
+    adam_betas: str = field(default=RECIPE["adam_betas"], metadata=_help("Adam betas (the authors' --adam-betas)"))
+    adam_eps: float = field(default=RECIPE["adam_eps"], metadata=_help("Adam epsilon (fairseq's default 1e-8)"))
+    weight_decay: float = field(default=RECIPE["weight_decay"], metadata=_help(
+        "weight decay (the authors set none: fairseq's default 0)"))
+    clip_norm: float = field(default=RECIPE["clip_norm"], metadata=_help(
+        "gradient norm clipping, 0 = off (the authors set none: fairseq's default 0)"))
+    label_smoothing: float = field(default=RECIPE["label_smoothing"], metadata=_help(
+        "label smoothing of the cross-entropy (the authors' --label-smoothing 0.2)"))
+    dropout: float = field(default=RECIPE["dropout"], metadata=_help(
+        "dropout of the base model's layers (the authors' --dropout 0.1)"))
+    attention_dropout: float = field(default=RECIPE["attention_dropout"], metadata=_help(
+        "dropout of the attention weights (the released M2M-124 615M config's 0.1)"))
+    activation_dropout: float = field(default=RECIPE["activation_dropout"], metadata=_help(
+        "dropout after the FFN activation (the released M2M-124 615M config's 0.0)"))
+    layerdrop: float = field(default=RECIPE["layerdrop"], metadata=_help(
+        "layer drop of the encoder and the decoder (the authors' fairseq default 0; M2M-100 configs carry 0.05)"))
+    max_tokens: int = field(default=RECIPE["max_tokens"], metadata=_help(
+        "token budget of a batch per process (the authors' --max-tokens 4000)"))
     max_sentences: int | None = field(default=None, metadata=_help("sentences per batch at most"))
     max_length: int | None = field(default=256, metadata=_help("truncate sentences to this many tokens"))
-    update_freq: int = field(default=1, metadata=_help("gradient accumulation: batches per optimizer step"))
-    sampling_temperature: float = field(default=5.0, metadata=_help("temperature of direction sampling"))
-    mixed_precision: str = field(default="no", metadata=_help("no, bf16 or fp16 (GPU)"))
+    update_freq: int = field(default=RECIPE["update_freq"], metadata=_help(
+        "batches per optimizer step on each process (the authors' --update-freq 4). An optimizer step takes "
+        "processes x update_freq batches: on P processes pass 4/P to keep the recipe's 16k tokens a step"))
+    sampling_temperature: float = field(default=RECIPE["sampling_temperature"], metadata=_help(
+        "temperature of direction sampling (the authors' --sampling-temperature 5)"))
+    mixed_precision: str | None = field(default=None, metadata=_help(
+        "no, bf16 or fp16; unset: accelerate's ACCELERATE_MIXED_PRECISION or config file, else the authors' --amp "
+        "(bf16 on a GPU that supports it, fp16 on another GPU, fp32 on the CPU)"))
     cpu: bool = field(default=False, metadata=_help("train on the CPU even when a GPU is present"))
     log_every: int = field(default=10, metadata=_help("steps between logged metrics"))
     eval_every_epoch: bool = field(default=False, metadata=_help("evaluate devtest after every epoch (Figure 3)"))
@@ -213,8 +202,9 @@ class TrainArguments:
             raise ValueError(f"unknown preset {self.preset!r}; see `lslo train --list-presets`")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.mixed_precision not in _MIXED_PRECISION:
-            raise ValueError(f"mixed_precision must be one of {_MIXED_PRECISION}, got {self.mixed_precision!r}")
+        if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION_CHOICES:
+            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION_CHOICES} or None (resolved), got "
+                             f"{self.mixed_precision!r}")
         for name in ("epochs", "keep_last", "max_tokens", "update_freq", "log_every", "num_beams", "warmup_updates"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "warmup_updates" else 1):
@@ -223,7 +213,7 @@ class TrainArguments:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("label_smoothing", "dropout"):
+        for name in ("label_smoothing", "dropout", "attention_dropout", "activation_dropout", "layerdrop"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {value!r}")
@@ -242,7 +232,7 @@ class TrainArguments:
         """Arguments of a paper row, with ``overrides`` on top."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[name][1], "preset": name, **overrides})
+        return cls(**{**PRESETS[name].values, "preset": name, **overrides})
 
     def betas(self) -> tuple[float, float]:
         try:
@@ -254,10 +244,17 @@ class TrainArguments:
     def peak_lr(self) -> float:
         if self.lr is not None:
             return float(self.lr)
-        return 1e-4 if self.method == "ft-all" else 3e-3
+        return RECIPE_LR[self.method]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def resolved(self, *, cuda: bool | None = None) -> dict[str, Any]:
+        """Every field with the value a run uses: ``lr`` the method's peak rate when unset,
+        ``mixed_precision`` as :func:`lslo.recipe.resolve_mixed_precision` decides (``cuda``: whether a
+        GPU is used; default: whether one is available)."""
+        return {**self.to_dict(), "lr": self.peak_lr(),
+                "mixed_precision": resolve_mixed_precision(self.mixed_precision, self.cpu, cuda)[0]}
 
 
 def parse_prune_spec(spec: str | float | Mapping[str, float] | None) -> dict[str, float]:
@@ -535,10 +532,14 @@ class _Run:
         from accelerate.utils import set_seed
 
         self.args = args
-        self.accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu)
+        self.mixed_precision, self.mixed_precision_source = resolve_mixed_precision(args.mixed_precision, args.cpu)
+        self.accelerator = Accelerator(mixed_precision=self.mixed_precision, cpu=args.cpu)
         self.is_main = self.accelerator.is_main_process
         self.world = self.accelerator.num_processes
         set_seed(args.seed)
+        warning = tokens_per_step_warning(args.max_tokens, args.update_freq, self.world)
+        if warning is not None and self.is_main:
+            warnings.warn(warning, RecipeWarning, stacklevel=3)
 
     # ---- set-up
     def load(self) -> None:
@@ -586,7 +587,8 @@ class _Run:
         else:
             self.prune_targets = {}
 
-        self.run_config = {**args.to_dict(), "languages": list(self.languages)}
+        self.run_config = {**args.resolved(cuda=self.accelerator.device.type == "cuda"),
+                           "languages": list(self.languages)}
         self.output_dir = _prepare_output_dir(args, self.run_config, self.accelerator)
         if args.method == "pretrain":
             self.corpus = None
@@ -598,7 +600,11 @@ class _Run:
 
         model = load_base_model(args.model)
         model.float()
-        _set_dropout(model, args.dropout)
+        # The recipe's dropouts and layer drop, whatever the base model's config says; a saved ft-all
+        # model gets its config's own values back (original_model_config).
+        self.model_overrides = apply_model_overrides(model, dropout=args.dropout, attention_dropout=args.attention_dropout,
+                                                     activation_dropout=args.activation_dropout,
+                                                     layerdrop=args.layerdrop)
         if self.weight_learning:
             from .model import apply_weight_learning
 
@@ -922,7 +928,7 @@ def train(args: TrainArguments) -> TrainResult:
         if run.lslo_config is not None:
             run.save_trained(model, final_dir)
         else:
-            with atomic_directory(final_dir) as tmp:
+            with atomic_directory(final_dir) as tmp, original_model_config(model, run.model_overrides):
                 model.save_pretrained(tmp, safe_serialization=True)
                 run.tokenizer.save_pretrained(tmp)
     accelerator.wait_for_everyone()

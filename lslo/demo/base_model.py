@@ -259,7 +259,7 @@ def pretrain_base_model(
             adam_betas=f"{config.betas[0]},{config.betas[1]}", weight_decay=config.weight_decay,
             clip_norm=config.clip_norm, label_smoothing=config.label_smoothing, dropout=config.dropout,
             max_tokens=config.max_tokens, sampling_temperature=1.0, log_every=50, cpu=True, progress=progress,
-            keep_last=1,
+            keep_last=1, update_freq=1, attention_dropout=0.0,
         )
         clock = time.perf_counter()
         with _threads(config.threads):

@@ -1,0 +1,185 @@
+"""The authors' recipe: every preset against a table written from the paper and the authors' fairseq
+command, the dropouts and layer drop set on the trained model (and restored in ft-all's saved
+config), mixed-precision resolution, the tokens-per-step warning."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from lslo import recipe
+from lslo.recipe import PRESETS, resolve_mixed_precision, tokens_per_step_warning
+from lslo.train import RecipeWarning, TrainArguments, train
+from tests.hf_fixtures import RUN_LANGS, tiny_run_setup
+
+pytestmark = pytest.mark.usefixtures("hf_one_thread")
+
+# Written from the paper (Section 6.2; Appendix B, Tables 7-8) and the authors' command
+# (--lr 3e-3 --warmup-updates 1 --max-tokens 4000 --update-freq 4 --max-epoch 15 --dropout 0.1
+# --label-smoothing 0.2 --seed 2, Adam (0.9, 0.98), inverse_sqrt, layer drop 0), not from lslo.recipe.
+AUTHORS = {"epochs": 15, "seed": 2, "warmup_updates": 1, "max_tokens": 4000, "update_freq": 4,
+           "label_smoothing": 0.2, "dropout": 0.1, "attention_dropout": 0.1, "activation_dropout": 0.0,
+           "layerdrop": 0.0, "adam_eps": 1e-8, "weight_decay": 0.0, "clip_norm": 0.0, "sampling_temperature": 5.0}
+G9 = "H=0.9,M=0.9"
+# preset: (languages, method, lr, ranks, prune, E, k, target_modules, index_plan)
+ROWS = {
+    "lang12-pretrain": ("lang12", "pretrain", None, None, None, None, None, "all", "paper"),
+    "lang12-ft-all": ("lang12", "ft-all", 1e-4, None, None, 2, 8, "all", "paper"),
+    "lang12-4-4-4": ("lang12", "lslo", 3e-3, "4;4;4", None, 2, 8, "all", "paper"),
+    "lang12-8-8-8": ("lang12", "lslo", 3e-3, "8;8;8", None, 2, 8, "all", "paper"),
+    "lang12-16-16-16": ("lang12", "lslo", 3e-3, "16;16;16", None, 2, 8, "all", "paper"),
+    "lang12-64-64-64": ("lang12", "lslo", 3e-3, "64;64;64", None, 2, 8, "all", "paper"),
+    "lang12-2-2-8": ("lang12", "lslo", 3e-3, "2;2;8", None, 2, 8, "all", "paper"),
+    "lang12-2-2-8-gps0.1": ("lang12", "lslo", 3e-3, "2;2;8", "H=0.1,M=0.1", 2, 8, "all", "paper"),
+    "lang12-2-2-8-gps0.3": ("lang12", "lslo", 3e-3, "2;2;8", "H=0.3,M=0.3", 2, 8, "all", "paper"),
+    "lang12-2-2-8-gps0.5": ("lang12", "lslo", 3e-3, "2;2;8", "H=0.5,M=0.5", 2, 8, "all", "paper"),
+    "lang12-2-2-8-gps0.7": ("lang12", "lslo", 3e-3, "2;2;8", "H=0.7,M=0.7", 2, 8, "all", "paper"),
+    "lang12-2-2-8-gps0.9": ("lang12", "lslo", 3e-3, "2;2;8", G9, 2, 8, "all", "paper"),
+    "lang12-2-2-16-gps0.9": ("lang12", "lslo", 3e-3, "2;2;16", G9, 2, 8, "all", "paper"),
+    "lang12-2-2-64-gps0.9": ("lang12", "lslo", 3e-3, "2;2;64", G9, 2, 8, "all", "paper"),
+    "lang12-src-gps0.9": ("lang12", "lslo", 3e-3, "2;2;8", G9, 2, 8, "all", "src"),
+    "lang12-tgt-gps0.9": ("lang12", "lslo", 3e-3, "2;2;8", G9, 2, 8, "all", "tgt"),
+    "lang12-attn-2-2-8-gps0.9": ("lang12", "lslo", 3e-3, "2;2;8", G9, 2, 8, "attn", "paper"),
+    "lang12-attn-2-2-16-gps0.9": ("lang12", "lslo", 3e-3, "2;2;16", G9, 2, 8, "attn", "paper"),
+    "lang12-fc-2-2-16-gps0.9": ("lang12", "lslo", 3e-3, "2;2;16", G9, 2, 8, "fc", "paper"),
+    "lang12-fc-2-2-32-gps0.9": ("lang12", "lslo", 3e-3, "2;2;32", G9, 2, 8, "fc", "paper"),
+    "lang12-fc-2-2-64-gps0.9": ("lang12", "lslo", 3e-3, "2;2;64", G9, 2, 8, "fc", "paper"),
+    "lang12-2-2-8-gps0.9-e2k8": ("lang12", "lslo", 3e-3, "2;2;8", G9, 2, 8, "all", "paper"),
+    "lang12-2-2-8-gps0.9-e5k8": ("lang12", "lslo", 3e-3, "2;2;8", G9, 5, 8, "all", "paper"),
+    "lang12-2-2-8-gps0.9-e7k8": ("lang12", "lslo", 3e-3, "2;2;8", G9, 7, 8, "all", "paper"),
+    "lang12-2-2-8-gps0.9-e2k2": ("lang12", "lslo", 3e-3, "2;2;8", G9, 2, 2, "all", "paper"),
+    "lang12-2-2-8-gps0.9-e7k2": ("lang12", "lslo", 3e-3, "2;2;8", G9, 7, 2, "all", "paper"),
+    "lang30-pretrain": ("lang30", "pretrain", None, None, None, None, None, "all", "paper"),
+    "lang30-ft-all": ("lang30", "ft-all", 1e-4, None, None, 2, 8, "all", "paper"),
+    "lang30-8-8-8-8": ("lang30", "lslo", 3e-3, "8;8;8;8", None, 2, 8, "all", "paper"),
+    "lang30-16-16-16-16": ("lang30", "lslo", 3e-3, "16;16;16;16", None, 2, 8, "all", "paper"),
+    "lang30-2-2-8-8-gps0.9": ("lang30", "lslo", 3e-3, "2;2;8;8", G9, 2, 8, "all", "paper"),
+}
+
+
+def test_every_preset_is_in_the_table():
+    assert set(PRESETS) == set(ROWS)
+
+
+@pytest.mark.parametrize("name", sorted(ROWS))
+def test_preset_resolves_to_the_authors_recipe(name):
+    languages, method, lr, ranks, prune, start, duration, targets, index_plan = ROWS[name]
+    args = TrainArguments.from_preset(name, output_dir="x")
+    resolved = args.resolved(cuda=False)
+    got = (resolved["languages"], resolved["method"], resolved["ranks"], resolved["prune"], resolved["target_modules"],
+           resolved["index_plan"])
+    assert got == (languages, method, ranks, prune, targets, index_plan)
+    assert resolved["preset"] == name and resolved["mixed_precision"] == "no"  # fp32 on the CPU
+    if method == "pretrain":
+        return
+    assert resolved["lr"] == lr and args.betas() == (0.9, 0.98)
+    assert (resolved["prune_start"], resolved["prune_duration"]) == (start, duration)
+    assert {k: resolved[k] for k in AUTHORS} == AUTHORS
+    if method == "lslo":  # the authors' A initialisation and FFN adaptation: the paper's #Params
+        assert (resolved["init"], resolved["ffn"]) == ("reference", "reference")
+
+
+def test_the_defaults_are_the_recipe():
+    args = TrainArguments()
+    assert {k: getattr(args, k) for k in AUTHORS} == AUTHORS
+    assert args.peak_lr() == 3e-3 and TrainArguments(method="ft-all").peak_lr() == 1e-4
+    assert (args.prune_start, args.prune_duration, args.mixed_precision) == (2, 8, None)
+    assert "k=10" in next(f for f in TrainArguments.__dataclass_fields__.values()
+                          if f.name == "prune_duration").metadata["help"]
+
+
+def test_list_presets_prints_rows_and_both_parameter_counts():
+    text = recipe.format_presets()
+    line = next(row for row in text.splitlines() if row.startswith("lang12-2-2-8-gps0.9 "))
+    assert "15.3M" in line.split("Table")[0] and "Table 1 '2;2;8+WL+GPS(0.9)'" in line
+    assert recipe.preset_parameters("lang12-2-2-8-gps0.9") == 15_335_424
+    assert recipe.preset_parameters("lang12-pretrain") is None
+    assert "Table 8 'E=7,K=2'" in text and "prune_start=7" in text
+
+
+def test_mixed_precision_resolution(monkeypatch, tmp_path):
+    import accelerate.commands.config.config_args as config_args
+
+    monkeypatch.setattr(config_args, "default_config_file", str(tmp_path / "absent.yaml"))
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert resolve_mixed_precision(None, cpu=False, cuda=False) == ("no", "default")
+    monkeypatch.setattr("torch.cuda.is_bf16_supported", lambda *a, **k: True)
+    assert resolve_mixed_precision(None, cpu=False, cuda=True) == ("bf16", "default")
+    assert resolve_mixed_precision(None, cpu=True, cuda=True) == ("no", "default")
+    monkeypatch.setattr("torch.cuda.is_bf16_supported", lambda *a, **k: False)
+    assert resolve_mixed_precision(None, cpu=False, cuda=True) == ("fp16", "default")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert resolve_mixed_precision(None, cpu=True) == ("bf16", "ACCELERATE_MIXED_PRECISION")
+    assert TrainArguments(cpu=True).resolved()["mixed_precision"] == "bf16"
+    assert resolve_mixed_precision("no", cpu=True) == ("no", "flag")  # a flag wins
+    assert TrainArguments(cpu=True, mixed_precision="fp16").resolved()["mixed_precision"] == "fp16"
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    config_file = tmp_path / "default_config.yaml"
+    config_file.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nmixed_precision: bf16\n")
+    monkeypatch.setattr(config_args, "default_config_file", str(config_file))
+    assert resolve_mixed_precision(None, cpu=True) == ("bf16", "accelerate config")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bfloat")
+    with pytest.raises(ValueError, match="bfloat"):
+        resolve_mixed_precision(None, cpu=True)
+    with pytest.raises(ValueError, match="fp8"):
+        TrainArguments(mixed_precision="fp8")
+
+
+def test_tokens_per_step_warning_names_the_product():
+    assert tokens_per_step_warning(4000, 4, 1) is None and tokens_per_step_warning(4000, 2, 2) is None
+    message = tokens_per_step_warning(4000, 4, 2)
+    assert "32000 tokens" in message and "16000" in message and "--update-freq 2" in message
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return tiny_run_setup(tmp_path_factory.mktemp("recipe"))
+
+
+def _base_with_config(setup, root: Path, **config) -> str:
+    folder = root / "base"
+    shutil.copytree(setup["model"], folder)
+    saved = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**saved, **config}))
+    return str(folder)
+
+
+def test_dropouts_and_layerdrop_are_set_while_training_and_restored_in_ft_all(setup, tmp_path, monkeypatch):
+    from lslo import train as engine
+
+    original = {"dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.25, "encoder_layerdrop": 0.05,
+                "decoder_layerdrop": 0.05}
+    base = _base_with_config(setup, tmp_path, **original)
+    seen = []
+    step = engine._Run.train_step
+
+    def watching(self, micro_batches, number):
+        model = self.accelerator.unwrap_model(self.model)
+        seen.append({(type(m).__name__, name): getattr(m, name) for m in model.modules()
+                     for name in ("dropout", "activation_dropout", "layerdrop")
+                     if isinstance(getattr(m, name, None), float)})
+        seen[-1]["config"] = {k: getattr(model.config, k) for k in original}
+        return step(self, micro_batches, number)
+
+    monkeypatch.setattr(engine._Run, "train_step", watching)
+    args = TrainArguments(model=base, flores_dir=setup["flores"], languages=",".join(RUN_LANGS), method="ft-all",
+                          output_dir=str(tmp_path / "run"), epochs=1, max_steps=2, max_tokens=160, update_freq=1,
+                          cpu=True, progress=False)
+    with pytest.warns(RecipeWarning, match="update-freq 1"):
+        result = train(args)
+    assert len(seen) == 2
+    floats = seen[0]
+    assert floats.pop("config") == {"dropout": 0.1, "attention_dropout": 0.1, "activation_dropout": 0.0,
+                                    "encoder_layerdrop": 0.0, "decoder_layerdrop": 0.0}
+    by_kind = {}
+    for (kind, name), value in floats.items():
+        by_kind.setdefault(("Attention" in kind, name), set()).add(value)
+    assert by_kind == {(True, "dropout"): {0.1}, (False, "dropout"): {0.1}, (False, "activation_dropout"): {0.0},
+                       (False, "layerdrop"): {0.0}}
+    saved = json.loads((result.final_dir / "config.json").read_text())
+    assert {k: saved[k] for k in original} == original  # the base model's own values, not the training ones
+    run_config = json.loads((tmp_path / "run" / "run_config.json").read_text())
+    assert run_config["lr"] == 1e-4 and run_config["mixed_precision"] == "no" and run_config["layerdrop"] == 0.0
