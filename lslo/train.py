@@ -35,7 +35,7 @@ import shutil
 import signal
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -43,19 +43,25 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .config import GROUP_ORDER, LSLoConfig
+from .config import LSLoConfig
 from .context import route
 from .io import atomic_directory, atomic_write_file, recover_directory
-from .model import apply_lslo, load_adapters, load_base_model, model_fingerprint, save_adapters
-from .pruning import gradual_pruning_ratio, prune, pruning_summary
+from .methods import (
+    TrainingMethod,
+    _load_index_plan,  # noqa: F401 (lslo.train._load_index_plan: read by the analyses' tests)
+    _parse_mapping,
+    _parse_ranks,  # noqa: F401 (as above)
+    get_method,
+    language_prune_targets,
+    parse_prune_spec,
+)
+from .model import load_adapters, load_base_model, model_fingerprint
 from .recipe import (
     MIXED_PRECISION_CHOICES,
     PRESETS,
     RECIPE,
-    RECIPE_LR,
     apply_model_overrides,
     format_presets,
-    original_model_config,
     resolve_mixed_precision,
     tokens_per_step_warning,
 )
@@ -68,13 +74,16 @@ __all__ = [
     "TrainResult",
     "TrainingError",
     "evaluate_run",
+    "format_presets",
+    "forward_loss",
     "inverse_sqrt_lr",
+    "language_prune_targets",
     "parse_prune_spec",
     "plot_training_curves",
     "train",
+    "train_step",
 ]
 
-METHODS = ("lslo", "ft-all", "pretrain", "weight-learning")
 RUN_CONFIG_NAME = "run_config.json"
 METRICS_NAME = "metrics.jsonl"
 CURVES_NAME = "curves.png"
@@ -200,8 +209,7 @@ class TrainArguments:
     def __post_init__(self) -> None:
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; see `lslo train --list-presets`")
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        method = get_method(self.method)  # ValueError naming the registered methods
         if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION_CHOICES:
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION_CHOICES} or None (resolved), got "
                              f"{self.mixed_precision!r}")
@@ -222,8 +230,7 @@ class TrainArguments:
         if not (isinstance(self.sampling_temperature, (int, float)) and self.sampling_temperature > 0):
             raise ValueError(f"sampling_temperature must be > 0, got {self.sampling_temperature!r}")
         self.betas()  # parse now: a bad value must fail before the model loads
-        if self.method == "lslo" and self.prune:
-            parse_prune_spec(self.prune)
+        method.check(self)
         if self.prune_pool not in ("language", "layer"):
             raise ValueError(f"prune_pool must be 'language' or 'layer', got {self.prune_pool!r}")
 
@@ -244,7 +251,7 @@ class TrainArguments:
     def peak_lr(self) -> float:
         if self.lr is not None:
             return float(self.lr)
-        return RECIPE_LR[self.method]
+        return get_method(self.method).default_lr
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -255,81 +262,6 @@ class TrainArguments:
         GPU is used; default: whether one is available)."""
         return {**self.to_dict(), "lr": self.peak_lr(),
                 "mixed_precision": resolve_mixed_precision(self.mixed_precision, self.cpu, cuda)[0]}
-
-
-def parse_prune_spec(spec: str | float | Mapping[str, float] | None) -> dict[str, float]:
-    """``"H=0.9,M=0.9"`` (groups and/or language codes) -> ``{key: ratio}``; each ratio in [0, 1).
-    A bare number (``"0.7"``) applies to every language: key ``"*"``."""
-    if spec is None or spec == "":
-        return {}
-    if isinstance(spec, (int, float)) or (isinstance(spec, str) and "=" not in spec and "," not in spec):
-        spec = {"*": spec}
-    if isinstance(spec, Mapping):
-        items = list(spec.items())
-    else:
-        items = []
-        for part in str(spec).split(","):
-            key, sep, value = part.partition("=")
-            if not sep or not key.strip():
-                raise ValueError(f"--prune expects 'GROUP=ratio' or 'code=ratio' entries, got {part!r} in {spec!r}")
-            items.append((key.strip(), value.strip()))
-    ratios = {}
-    for key, value in items:
-        try:
-            ratio = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"--prune ratio of {key!r} is not a number: {value!r}") from None
-        if not 0.0 <= ratio < 1.0:
-            raise ValueError(f"--prune ratio of {key!r} must be in [0, 1), got {ratio}")
-        ratios[key] = ratio
-    return ratios
-
-
-def _parse_mapping(text: str | None, what: str) -> dict[str, str]:
-    if not text:
-        return {}
-    out = {}
-    for part in text.split(","):
-        key, sep, value = part.partition("=")
-        if not sep:
-            raise ValueError(f"{what} expects 'key=value' entries, got {part!r}")
-        out[key.strip()] = value.strip()
-    return out
-
-
-def _parse_ranks(text: str | None):
-    if text is None:
-        return None
-    text = str(text).strip()
-    if "=" in text:
-        return {k: int(v) for k, v in _parse_mapping(text, "--ranks").items()}
-    if text.isdigit():
-        return int(text)
-    return text
-
-
-def language_prune_targets(config: LSLoConfig, spec) -> dict[str, float]:
-    """Per-language final ratio from a ``--prune`` spec of groups and/or codes (a code's own entry wins)."""
-    ratios = parse_prune_spec(spec)
-    known_groups = set(GROUP_ORDER)
-    if "*" in ratios:
-        return dict.fromkeys(config.languages, ratios["*"])
-    for key in ratios:
-        if key not in known_groups and key not in config.languages:
-            raise ValueError(f"--prune names {key!r}, which is neither a resource group (H, M, L, V) nor one of the "
-                             f"languages {list(config.languages)}")
-    targets = {}
-    for code in config.languages:
-        if code in ratios:
-            targets[code] = ratios[code]
-        elif config.group_of(code) in ratios:
-            targets[code] = ratios[config.group_of(code)]
-    groups_named = [k for k in ratios if k in known_groups]
-    present = {config.group_of(c) for c in config.languages}
-    missing = [g for g in groups_named if g not in present]
-    if missing:
-        raise ValueError(f"--prune names resource group(s) {missing} but no language of {list(config.languages)} is in them")
-    return targets
 
 
 # ----------------------------------------------------------------- schedule
@@ -421,15 +353,6 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _set_dropout(model: torch.nn.Module, p: float) -> None:
-    # M2M-100 layers read `self.dropout` (a float, config.dropout) in forward; attention modules hold
-    # their own `dropout` (config.attention_dropout), which this leaves alone.
-    model.config.dropout = p
-    for module in model.modules():
-        if "Attention" not in type(module).__name__ and isinstance(getattr(module, "dropout", None), float):
-            module.dropout = p
 
 
 def _label_smoothed_loss(logits: torch.Tensor, labels: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -532,6 +455,9 @@ class _Run:
         from accelerate.utils import set_seed
 
         self.args = args
+        self.method: TrainingMethod = get_method(args.method)
+        # kept for the checkpoint code, which saves a full model when there is no LSLo config
+        self.weight_learning = args.method == "weight-learning"
         self.mixed_precision, self.mixed_precision_source = resolve_mixed_precision(args.mixed_precision, args.cpu)
         self.accelerator = Accelerator(mixed_precision=self.mixed_precision, cpu=args.cpu)
         self.is_main = self.accelerator.is_main_process
@@ -570,27 +496,14 @@ class _Run:
         if args.flores_dir is not None:
             # Read now, so that a missing file or a line-count mismatch fails before training; kept for evaluation.
             self.devtest = data.load_flores(args.flores_dir, self.languages, "devtest")
-        self.lslo_config = None
-        # Weight Learning (lslo.analysis.learn_index): LSLo's config, injected as dual-routing layers.
-        self.weight_learning = args.method == "weight-learning"
-        if self.weight_learning and args.prune:
-            raise ValueError("--prune does not apply to --method weight-learning (it learns the index plan)")
-        if args.method in ("lslo", "weight-learning"):
-            groups = _parse_mapping(args.groups, "--groups") or None
-            ranks = _parse_ranks(args.ranks)
-            kwargs = {"ranks": ranks} if ranks is not None else {}
-            self.lslo_config = LSLoConfig(languages=list(self.languages), groups=groups, target_modules=args.target_modules,
-                                          index_plan=_load_index_plan(args.index_plan), init=args.init, ffn=args.ffn, **kwargs)
-            self.prune_targets = language_prune_targets(self.lslo_config, args.prune)
-        elif args.prune:
-            raise ValueError(f"--prune applies to LSLo adapters; method {args.method!r} has none")
-        else:
-            self.prune_targets = {}
+        self.method.check(args)
+        self.lslo_config = self.method.adapter_config(args, self.languages)
+        self.prune_targets = self.method.prune_targets(self.lslo_config, args)
 
         self.run_config = {**args.resolved(cuda=self.accelerator.device.type == "cuda"),
                            "languages": list(self.languages)}
         self.output_dir = _prepare_output_dir(args, self.run_config, self.accelerator)
-        if args.method == "pretrain":
+        if not self.method.trains:
             self.corpus = None
         elif examples is not None:
             self.corpus = data.encode_examples(self.tokenizer, examples, max_length=args.max_length)
@@ -605,38 +518,20 @@ class _Run:
         self.model_overrides = apply_model_overrides(model, dropout=args.dropout, attention_dropout=args.attention_dropout,
                                                      activation_dropout=args.activation_dropout,
                                                      layerdrop=args.layerdrop)
-        if self.weight_learning:
-            from .model import apply_weight_learning
-
-            apply_weight_learning(model, self.lslo_config)
-        elif self.lslo_config is not None:
-            apply_lslo(model, self.lslo_config)
-        elif args.method == "ft-all":
-            for p in model.parameters():
-                p.requires_grad_(True)
+        self.method.set_up(model, self.lslo_config)
         self.model = model
         self.fingerprint = model_fingerprint(model)
 
     def save_trained(self, model: torch.nn.Module, directory: Path) -> None:
         """The adapters (or, for weight-learning, both routings and the mixing logits) into ``directory``."""
-        if self.weight_learning:
-            from .analysis import save_weight_learning
-
-            save_weight_learning(model, directory)
-        else:
-            save_adapters(model, directory)
+        self.method.save(model, directory, tokenizer=self.tokenizer, config_overrides=self.model_overrides)
 
     def load_trained(self, model: torch.nn.Module, directory: Path) -> None:
-        if self.weight_learning:
-            from .analysis import load_weight_learning
-
-            load_weight_learning(model, directory)
-        else:
-            load_adapters(model, directory)
+        self.method.load(model, directory)
 
     def build_optimizer(self) -> None:
         args = self.args
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = self.method.trainable_parameters(self.model)
         optimizer = torch.optim.Adam(params, lr=args.peak_lr(), betas=args.betas(), eps=args.adam_eps,
                                      weight_decay=args.weight_decay)
         self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
@@ -717,77 +612,125 @@ class _Run:
         rank = self.accelerator.process_index
         return [step_batches[u * self.world + rank] for u in range(self.args.update_freq)]
 
-    def _forward_loss(self, indices: list[int]):
-        from transformers.models.m2m_100.modeling_m2m_100 import shift_tokens_right
-
+    def _batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         from .data import collate
 
         batch = collate(self.corpus, indices, pad_token_id=self.tokenizer.pad_token_id, languages=self.languages)
-        device = self.accelerator.device
-        batch = {k: v.to(device) for k, v in batch.items()}
-        config = self.accelerator.unwrap_model(self.model).config
-        decoder_input_ids = shift_tokens_right(batch["labels"], config.pad_token_id, config.decoder_start_token_id)
-        with route(src=batch["src_lang_ids"], tgt=batch["tgt_lang_ids"]), self.accelerator.autocast():
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                decoder_input_ids=decoder_input_ids).logits
-            loss, nll, tokens = _label_smoothed_loss(logits, batch["labels"], self.args.label_smoothing)
-        return loss, nll, tokens, batch
+        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
     def train_step(self, micro_batches: list[list[int]], step: int) -> dict[str, float]:
-        """One optimizer step (number ``step``, from 1) over this process's micro-batches."""
-        update_freq = len(micro_batches)
+        """One optimizer step (number ``step``, from 1) over this process's micro-batches (corpus indices)."""
         lr = inverse_sqrt_lr(step, self.args.peak_lr(), self.args.warmup_updates)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        total = torch.zeros(4, dtype=torch.float64, device=self.accelerator.device)  # loss, nll, tokens, sentences
-        for u, indices in enumerate(micro_batches):
-            last = u == update_freq - 1
-            context = self.accelerator.no_sync(self.model) if not last else contextlib.nullcontext()
-            with context:
-                loss, nll, tokens, batch = self._forward_loss(indices)
-                # Gloo/NCCL average gradients over processes; each micro-batch is a mean over its tokens,
-                # so the step's gradient is the mean over its world * update_freq micro-batches.
-                with route(src=batch["src_lang_ids"], tgt=batch["tgt_lang_ids"]):
-                    self.accelerator.backward(loss / update_freq)
-            total += torch.tensor([float(loss.detach()), float(nll), tokens, len(indices)], dtype=torch.float64,
-                                  device=total.device)
-        if self.args.clip_norm > 0:
-            self.accelerator.clip_grad_norm_(self.trainable, self.args.clip_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        total = self.accelerator.reduce(total, reduction="sum")
-        micro = update_freq * self.world
-        return {"loss": float(total[0]) / micro, "nll": float(total[1]) / micro,
-                "tokens": int(total[2]), "sentences": int(total[3]), "lr": lr}
+        # A generator: each micro-batch is collated when its turn comes (one batch on the device at a time).
+        batches = (self._batch(indices) for indices in micro_batches)
+        return train_step(self.model, self.optimizer, batches, lr=lr, label_smoothing=self.args.label_smoothing,
+                          num_batches=len(micro_batches), accelerator=self.accelerator, clip_norm=self.args.clip_norm,
+                          parameters=self.trainable)
 
     def apply_pruning(self, epoch: int) -> dict[str, float]:
-        if not self.prune_targets:
-            return {}
-        args = self.args
-        ratios = {code: gradual_pruning_ratio(epoch, target, start=args.prune_start, duration=args.prune_duration)
-                  for code, target in self.prune_targets.items()}
+        """The method's epoch-start hook (LSLo: the Gradual Pruning Schedule's ratios for ``epoch``)."""
         model = self.accelerator.unwrap_model(self.model)
-        # The torch optimizer under accelerate's wrapper: prune() zeroes its moments at pruned entries.
-        prune(model, ratios, pool=args.prune_pool, optimizer=getattr(self.optimizer, "optimizer", self.optimizer))
-        return ratios
+        # The torch optimizer under accelerate's wrapper: pruning zeroes its moments at pruned entries.
+        return self.method.on_epoch_start(model, epoch, targets=self.prune_targets, args=self.args,
+                                          optimizer=getattr(self.optimizer, "optimizer", self.optimizer))
+
+
+def forward_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], *, label_smoothing: float,
+                 autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The training loss of one mixed-direction batch: teacher-forced forward inside :func:`lslo.route`,
+    label-smoothed cross-entropy (the engine's step; benchmarks call this, they don't copy it).
+
+    Args:
+        model: an M2M-100 model (LSLo injected or not; a DDP wrapper is fine), in train mode for dropout.
+        batch: :func:`lslo.data.collate`'s dict on the model's device: ``input_ids``/``attention_mask``
+            ``(batch, src_len)``, ``labels`` ``(batch, tgt_len)`` (-100 = padding), ``src_lang_ids`` and
+            ``tgt_lang_ids`` ``(batch,)`` int64.
+        label_smoothing: epsilon of the cross-entropy.
+        autocast: a factory of the mixed-precision context (``accelerator.autocast``); None: none.
+
+    Returns:
+        ``(loss, nll, tokens)``: the smoothed loss (scalar fp32, differentiable), the NLL (no grad),
+        the number of target tokens. Both are means over the non-padding target tokens.
+    """
+    from transformers.models.m2m_100.modeling_m2m_100 import shift_tokens_right
+
+    config = getattr(model, "module", model).config  # DDP keeps the model under .module
+    decoder_input_ids = shift_tokens_right(batch["labels"], config.pad_token_id, config.decoder_start_token_id)
+    context = autocast() if autocast is not None else contextlib.nullcontext()
+    with route(src=batch["src_lang_ids"], tgt=batch["tgt_lang_ids"]), context:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       decoder_input_ids=decoder_input_ids).logits
+        return _label_smoothed_loss(logits, batch["labels"], label_smoothing)
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+               batches: Iterable[Mapping[str, torch.Tensor]], *, lr: float | None, label_smoothing: float,
+               num_batches: int | None = None, accelerator=None,
+               autocast: Callable[[], contextlib.AbstractContextManager] | None = None, clip_norm: float = 0.0,
+               parameters: Sequence[torch.nn.Parameter] | None = None) -> dict[str, float]:
+    """One optimizer step over ``batches`` (gradient accumulation: each batch's loss / their count).
+
+    Args:
+        model, label_smoothing, autocast: as :func:`forward_loss`.
+        optimizer: updated once at the end, its learning rate set to ``lr`` first; None: backward only.
+        batches: :func:`lslo.data.collate` dicts on the model's device (an iterator is consumed lazily).
+        lr: the step's learning rate (e.g. :func:`inverse_sqrt_lr`); None leaves the optimizer's.
+        num_batches: how many ``batches`` holds (default ``len(batches)``): each loss is divided by it.
+        accelerator: an ``accelerate.Accelerator``: its backward (loss scaling), ``no_sync`` on all but
+            the last batch, autocast (unless ``autocast`` is given), clipping, and the metrics summed
+            over processes. None: one process, plain ``backward``.
+        clip_norm: clip the gradient norm of ``parameters`` to this (0 = off).
+        parameters: the trained parameters (for clipping; default: those with ``requires_grad``).
+
+    Returns:
+        ``{"loss", "nll"}`` (means over the micro-batches of every process), ``"tokens"``,
+        ``"sentences"`` (sums) and ``"lr"``.
+    """
+    if num_batches is None:
+        batches = list(batches)
+        num_batches = len(batches)
+    if optimizer is not None and lr is not None:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    if autocast is None and accelerator is not None:
+        autocast = accelerator.autocast
+    device = next(model.parameters()).device
+    total = torch.zeros(4, dtype=torch.float64, device=device)  # loss, nll, tokens, sentences
+    for u, batch in enumerate(batches):
+        last = u == num_batches - 1
+        no_sync = accelerator is not None and not last
+        with accelerator.no_sync(model) if no_sync else contextlib.nullcontext():
+            loss, nll, tokens = forward_loss(model, batch, label_smoothing=label_smoothing, autocast=autocast)
+            # Gloo/NCCL average gradients over processes; each micro-batch is a mean over its tokens,
+            # so the step's gradient is the mean over its world * update_freq micro-batches.
+            with route(src=batch["src_lang_ids"], tgt=batch["tgt_lang_ids"]):
+                if accelerator is not None:
+                    accelerator.backward(loss / num_batches)
+                else:
+                    (loss / num_batches).backward()
+        total += torch.tensor([float(loss.detach()), float(nll), tokens, batch["input_ids"].shape[0]],
+                              dtype=torch.float64, device=total.device)
+    if clip_norm > 0:
+        params = list(parameters) if parameters is not None else [p for p in model.parameters() if p.requires_grad]
+        if accelerator is not None:
+            accelerator.clip_grad_norm_(params, clip_norm)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, clip_norm)
+    if optimizer is not None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    world = 1
+    if accelerator is not None:
+        total = accelerator.reduce(total, reduction="sum")
+        world = accelerator.num_processes
+    micro = num_batches * world
+    return {"loss": float(total[0]) / micro, "nll": float(total[1]) / micro,
+            "tokens": int(total[2]), "sentences": int(total[3]), "lr": lr}
 
 
 def _zero_sums() -> dict[str, float]:
     return {"loss": 0.0, "tokens": 0, "steps": 0}
-
-
-def _load_index_plan(value: str):
-    """``--index-plan``: a preset name or a JSON file written by Weight Learning."""
-    if value and (value.endswith(".json") or os.path.sep in value):
-        path = Path(value)
-        if not path.is_file():
-            raise ValueError(f"--index-plan file {path} does not exist")
-        try:
-            plan = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"--index-plan file {path} is not valid JSON ({exc})") from None
-        return plan.get("index_plan", plan) if isinstance(plan, dict) else plan
-    return value
 
 
 def _group_means(rows: Sequence[Mapping[str, Any]], config_group_of) -> dict[str, float]:
@@ -822,7 +765,7 @@ def train(args: TrainArguments) -> TrainResult:
 
     run = _Run(args)
     run.load()
-    if args.method == "pretrain":
+    if not run.method.trains:
         return _pretrain_only(run)
     run.build_optimizer()
     accelerator = run.accelerator
@@ -925,12 +868,7 @@ def train(args: TrainArguments) -> TrainResult:
     final_dir = run.output_dir / FINAL_DIR
     if run.is_main:
         model = accelerator.unwrap_model(run.model)
-        if run.lslo_config is not None:
-            run.save_trained(model, final_dir)
-        else:
-            with atomic_directory(final_dir) as tmp, original_model_config(model, run.model_overrides):
-                model.save_pretrained(tmp, safe_serialization=True)
-                run.tokenizer.save_pretrained(tmp)
+        run.save_trained(model, final_dir)
     accelerator.wait_for_everyone()
     log.close()
     return TrainResult(run.output_dir, final_dir, state["global_step"], state["epoch"] - 1,
@@ -975,9 +913,7 @@ def plot_training_curves(metrics_path: str | os.PathLike, out_png: str | os.Path
 
 
 def _pruned(run: _Run) -> dict[str, float]:
-    if run.lslo_config is None or run.weight_learning:
-        return {}
-    return pruning_summary(run.accelerator.unwrap_model(run.model))
+    return run.method.pruned(run.accelerator.unwrap_model(run.model))
 
 
 def _any_process(accelerator, flag: bool) -> bool:

@@ -101,7 +101,7 @@ def test_list_presets_prints_rows_and_both_parameter_counts():
 
 
 def test_mixed_precision_resolution(monkeypatch, tmp_path):
-    import accelerate.commands.config.config_args as config_args
+    from accelerate.commands.config import config_args
 
     monkeypatch.setattr(config_args, "default_config_file", str(tmp_path / "absent.yaml"))
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
@@ -183,3 +183,78 @@ def test_dropouts_and_layerdrop_are_set_while_training_and_restored_in_ft_all(se
     assert {k: saved[k] for k in original} == original  # the base model's own values, not the training ones
     run_config = json.loads((tmp_path / "run" / "run_config.json").read_text())
     assert run_config["lr"] == 1e-4 and run_config["mixed_precision"] == "no" and run_config["layerdrop"] == 0.0
+
+
+# ------------------------------------------------------------ training methods
+def test_methods_are_registered_objects_with_their_lr():
+    from lslo.methods import METHODS, TrainingMethod, get_method, register_method
+
+    assert {name: method.default_lr for name, method in METHODS.items() if method.trains} == {
+        "lslo": 3e-3, "ft-all": 1e-4, "weight-learning": 3e-3}
+    assert not METHODS["pretrain"].trains
+    with pytest.raises(ValueError, match="'lslo', 'ft-all'"):
+        get_method("lora")
+    with pytest.raises(ValueError, match="method 'ft-all' has none"):
+        TrainArguments(method="ft-all", prune="H=0.5")
+    with pytest.raises(ValueError, match="weight-learning"):
+        TrainArguments(method="weight-learning", prune="H=0.5")
+
+    class Frozen(TrainingMethod):
+        name = "frozen-test"
+
+        @property
+        def default_lr(self):
+            return 0.5
+
+    register_method(Frozen())
+    try:
+        assert TrainArguments(method="frozen-test").peak_lr() == 0.5
+    finally:
+        del METHODS["frozen-test"]
+    with pytest.raises(TypeError, match="TrainingMethod"):
+        register_method("lslo")
+
+
+def test_public_train_step_is_the_reference_step(setup):
+    """lslo.train.train_step on one batch = the step written out with torch's own label-smoothed
+    cross-entropy (what benchmarks/bench_train_step.py used to copy)."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoTokenizer
+    from transformers.models.m2m_100.modeling_m2m_100 import shift_tokens_right
+
+    import lslo
+    from lslo.data import collate, flores_corpus
+    from lslo.train import forward_loss, train_step
+    from tests.hf_fixtures import randomize_adapters
+
+    tokenizer = AutoTokenizer.from_pretrained(setup["model"])
+    corpus = flores_corpus(tokenizer, setup["flores"], RUN_LANGS, "dev")
+    batch = collate(corpus, [0, 5, 17, 30], pad_token_id=tokenizer.pad_token_id, languages=RUN_LANGS)
+    model = lslo.load_base_model(setup["model"])
+    lslo.apply_lslo(model, lslo.LSLoConfig(languages=list(RUN_LANGS), ranks="2;8"))
+    randomize_adapters(model, std=0.05)
+    mine, reference = model, copy.deepcopy(model)
+    params_mine = [p for p in mine.parameters() if p.requires_grad]
+    params_ref = [p for p in reference.parameters() if p.requires_grad]
+    opt_mine = torch.optim.Adam(params_mine, lr=1.0, betas=(0.9, 0.98), eps=1e-8)
+    opt_ref = torch.optim.Adam(params_ref, lr=1e-3, betas=(0.9, 0.98), eps=1e-8)
+    metrics = train_step(mine, opt_mine, [batch], lr=1e-3, label_smoothing=0.2)
+
+    config = reference.config
+    decoder_input_ids = shift_tokens_right(batch["labels"], config.pad_token_id, config.decoder_start_token_id)
+    with lslo.route(src=batch["src_lang_ids"], tgt=batch["tgt_lang_ids"]):
+        logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           decoder_input_ids=decoder_input_ids).logits
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1),
+                               ignore_index=-100, label_smoothing=0.2)
+        loss.backward()
+    opt_ref.step()
+    assert metrics["loss"] == float(loss) and metrics["lr"] == 1e-3
+    assert metrics["tokens"] == int((batch["labels"] != -100).sum()) and metrics["sentences"] == 4
+    for a, b in zip(params_mine, params_ref, strict=True):
+        assert torch.equal(a, b)
+    again, nll, tokens = forward_loss(mine, batch, label_smoothing=0.0)
+    assert float(again) == float(nll) and tokens == metrics["tokens"] and float(again) != float(loss)
