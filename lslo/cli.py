@@ -1,16 +1,17 @@
 """``lslo`` command line.
 
-    lslo translate --model PATH_OR_HUB_ID [--adapters DIR] [--input FILE] [--output FILE] ...
+    lslo translate [--model PATH_OR_HUB_ID] [--adapters DIR] [--input FILE] [--output FILE] ...
         reads lines ``src_lang<TAB>tgt_lang<TAB>sentence`` (stdin by default) and writes one
         translation per line (stdout by default), in input order; mixed directions are batched.
+        With --adapters, --model defaults to the base the adapters record (another base is refused).
     lslo merge --model M --adapters DIR --src fr --tgt oc --output DIR
         a plain transformers model (and its tokenizer) for one direction.
     lslo params [--model M] [--languages lang12] [--ranks 2;2;8] [--targets all] [--ffn reference]
         LSLo parameter counts, on the meta device (no weights loaded; default shape M2M-124 615M).
     lslo train --model M --flores-dir D --languages lang12 --ranks "2;2;8" --prune "H=0.9,M=0.9" --output-dir R
         many-to-many fine-tuning with LSLo and the Gradual Pruning Schedule (``--preset`` a paper row,
-        ``--method ft-all``, ``--resume``); ``accelerate launch -m lslo train ...`` on several GPUs.
-    lslo eval --model M --adapters R/final --flores-dir D [--split devtest] [--num-beams 5]
+        ``--method ft-all``, ``--resume``, ``--dry-run``); ``accelerate launch -m lslo train ...`` on several GPUs.
+    lslo eval [--model M] --adapters R/final --flores-dir D [--split devtest] [--num-beams 5]
         spBLEU / chrF++ / BLEU per direction and the direction-group table.
     lslo estimate --model M --flores-dir D --languages lang12 --pool layer --output-dir O
         Intrinsic Subspace Estimation (``--pool language``: language-specific pruning): Eq. 6 scores,
@@ -20,6 +21,8 @@
         ``lslo train --index-plan``.
     lslo plan --scores O --budget "2;2;8" [--output plan.toml]
         per-language ranks and pruning ratios from ISE scores, as a ``lslo train --config`` file.
+    lslo plot curves RUN_DIR [RUN_DIR ...] --out fig3.png [--labels a,b]
+        the paper's Figure 3: per-epoch H2H and V2V curves of runs trained with --eval-every-epoch.
     lslo bench [ARGS...]
         runs ``benchmarks.__main__.main(ARGS)`` (the benchmark suite, when it is importable).
 
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 from collections.abc import Sequence
 
@@ -81,12 +85,18 @@ def _load(args):
     from transformers import AutoTokenizer
 
     import lslo
-    from lslo.model import read_adapter_config
+    from lslo.model import read_adapter_config, resolve_adapter_base
 
     if args.adapters:  # a missing or damaged adapter config fails before the model is loaded
         read_adapter_config(args.adapters)
-    model = lslo.load_base_model(args.model, dtype=_torch_dtype(args.dtype), device=args.device)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+        base = resolve_adapter_base(args.adapters, args.model)  # the recorded base, or --model checked against it
+        name, revision, tokenizer_name = base["name_or_path"], base["revision"], base["tokenizer"]
+    elif args.model is None:
+        raise CLIError("give --model (the base model), or --adapters DIR whose base model is recorded")
+    else:
+        name, revision, tokenizer_name = args.model, None, args.model
+    model = lslo.load_base_model(name, dtype=_torch_dtype(args.dtype), device=args.device, revision=revision)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or tokenizer_name)
     if args.adapters:
         lslo.load_adapters(model, args.adapters)
     return model, tokenizer
@@ -164,7 +174,8 @@ def _cmd_bench(argv: Sequence[str]) -> int:
 
 
 def _add_model_args(parser: argparse.ArgumentParser, adapters_required: bool = False) -> None:
-    parser.add_argument("--model", required=True, help="base model: local folder or hub id (e.g. facebook/flores101_mm100_615M)")
+    parser.add_argument("--model", help="base model: local folder or hub id (e.g. facebook/flores101_mm100_615M); "
+                                        "default with --adapters: the base they record (a different --model is refused)")
     parser.add_argument("--tokenizer", help="tokenizer folder or hub id (default: --model)")
     parser.add_argument("--adapters", required=adapters_required, help="folder written by lslo.save_adapters")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), help="weights dtype (default: as stored)")
@@ -220,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
                                             "`accelerate launch -m lslo train ...` / `torchrun -m lslo train ...`.")
     _add_dataclass_arguments(train, TrainArguments)
     train.add_argument("--list-presets", action="store_true", help="list the paper rows --preset reproduces, and exit")
+    train.add_argument("--dry-run", action="store_true",
+                       help="resolve everything (preset < --config < flags, accelerate's settings), read the data and "
+                            "the model's config (no weights), print the run as JSON (what run_config.json will hold) "
+                            "and exit without writing anything")
     train.set_defaults(handler=_cmd_train)
 
     evaluate = commands.add_parser("eval", help="translate a FLORES split and score it by direction group",
@@ -249,7 +264,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     demo.set_defaults(handler=_cmd_demo)
     _add_analysis_commands(commands)
+    plot = commands.add_parser("plot", help="figures from saved runs", description="Figures drawn from saved runs.")
+    figures = plot.add_subparsers(dest="figure", required=True, metavar="FIGURE")
+    curves = figures.add_parser("curves", help="Figure 3: per-epoch H2H and V2V curves of several runs",
+                                description="Overlay the per-epoch direction-group scores of runs trained with "
+                                            "--eval-every-epoch (the paper's Figure 3).")
+    curves.add_argument("runs", nargs="+", metavar="RUN_DIR", help="lslo train output folders")
+    curves.add_argument("--out", required=True, help="the PNG to write")
+    curves.add_argument("--labels", help="comma-separated legend labels, one per run (default: presets or folder names)")
+    curves.add_argument("--groups", default="H2H,V2V", help="direction groups, one panel each (default: H2H,V2V)")
+    curves.set_defaults(handler=_cmd_plot_curves)
     return parser
+
+
+def _cmd_plot_curves(args) -> int:
+    from lslo.train import plot_run_curves
+
+    labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
+    plot_run_curves(args.runs, args.out, labels=labels, groups=[g.strip() for g in args.groups.split(",") if g.strip()])
+    print(f"[lslo] wrote {args.out}", file=sys.stderr)
+    return 0
 
 
 def _add_analysis_commands(commands) -> None:
@@ -357,7 +391,16 @@ def _given(args, cls) -> dict:
 def _cmd_train(args) -> int:
     import signal
 
-    from lslo.train import PRESETS, Interrupted, TrainArguments, TrainingError, format_presets, load_config_file, train
+    from lslo.train import (
+        PRESETS,
+        Interrupted,
+        TrainArguments,
+        TrainingError,
+        dry_run,
+        format_presets,
+        load_config_file,
+        train,
+    )
 
     if args.list_presets:
         print(format_presets())
@@ -367,7 +410,10 @@ def _cmd_train(args) -> int:
     preset = given.get("preset", from_file.get("preset"))
     if preset is not None and preset not in PRESETS:
         raise CLIError(f"unknown preset {preset!r}; `lslo train --list-presets` lists them")
-    values = {**(PRESETS[preset][1] if preset else {}), **from_file, **given}
+    values = {**(PRESETS[preset].values if preset else {}), **from_file, **given}
+    if args.dry_run:
+        print(json.dumps(dry_run(TrainArguments(**values)), indent=2))
+        return 0
     try:
         result = train(TrainArguments(**values))
     except Interrupted as exc:

@@ -24,7 +24,7 @@ import torch
 
 from .config import GROUP_ORDER, LSLoConfig
 from .io import atomic_directory
-from .model import apply_lslo, load_adapters, save_adapters
+from .model import apply_lslo, load_adapters, parameter_report, save_adapters
 from .pruning import gradual_pruning_ratio, prune, pruning_summary
 from .recipe import RECIPE_LR, original_model_config
 
@@ -166,8 +166,10 @@ class TrainingMethod:
         return [p for p in model.parameters() if p.requires_grad]
 
     def save(self, model: torch.nn.Module, directory: Path, *, tokenizer=None,
-             config_overrides: Mapping[str, Mapping[str, float]] | None = None) -> None:
-        """Write what a trained run keeps (``<output-dir>/final``) into ``directory``."""
+             config_overrides: Mapping[str, Mapping[str, float]] | None = None,
+             metadata: Mapping[str, object] | None = None) -> None:
+        """Write what a trained run keeps (``<output-dir>/final``) into ``directory``; ``metadata``
+        (the run's recipe and pruning reached) goes where the format has room for it."""
         raise NotImplementedError(f"method {self.name!r} saves nothing")
 
     def load(self, model: torch.nn.Module, directory: Path) -> None:
@@ -181,6 +183,10 @@ class TrainingMethod:
 
     def pruned(self, model: torch.nn.Module) -> dict[str, float]:
         """Share of pruned adapter entries per language (logged each epoch); empty when nothing prunes."""
+        return {}
+
+    def parameter_groups(self, model: torch.nn.Module) -> dict[str, int]:
+        """Trainable parameters per resource group (H/M/L/V) where the method has per-language ones."""
         return {}
 
 
@@ -205,8 +211,8 @@ class LSLoMethod(TrainingMethod):
     def set_up(self, model, config) -> None:
         apply_lslo(model, config)
 
-    def save(self, model, directory, *, tokenizer=None, config_overrides=None) -> None:
-        save_adapters(model, directory)
+    def save(self, model, directory, *, tokenizer=None, config_overrides=None, metadata=None) -> None:
+        save_adapters(model, directory, tokenizer=tokenizer, metadata=metadata)
 
     def load(self, model, directory) -> None:
         load_adapters(model, directory)
@@ -222,6 +228,9 @@ class LSLoMethod(TrainingMethod):
 
     def pruned(self, model) -> dict[str, float]:
         return pruning_summary(model)
+
+    def parameter_groups(self, model) -> dict[str, int]:
+        return parameter_report(model)["groups"]
 
 
 class WeightLearningMethod(LSLoMethod):
@@ -241,7 +250,7 @@ class WeightLearningMethod(LSLoMethod):
 
         apply_weight_learning(model, config)
 
-    def save(self, model, directory, *, tokenizer=None, config_overrides=None) -> None:
+    def save(self, model, directory, *, tokenizer=None, config_overrides=None, metadata=None) -> None:
         from .analysis import save_weight_learning  # analysis imports the engine: a top-level import would cycle
 
         save_weight_learning(model, directory)
@@ -257,6 +266,9 @@ class WeightLearningMethod(LSLoMethod):
     def pruned(self, model) -> dict[str, float]:
         return {}
 
+    def parameter_groups(self, model) -> dict[str, int]:
+        return {}  # both routings: no single language's parameters to count
+
 
 class FullFineTuning(TrainingMethod):
     """Every parameter trains (the paper's Ft-all); the whole model is saved with ``save_pretrained``."""
@@ -267,7 +279,7 @@ class FullFineTuning(TrainingMethod):
         for p in model.parameters():
             p.requires_grad_(True)
 
-    def save(self, model, directory, *, tokenizer=None, config_overrides=None) -> None:
+    def save(self, model, directory, *, tokenizer=None, config_overrides=None, metadata=None) -> None:
         with atomic_directory(directory) as tmp, original_model_config(model, config_overrides or {}):
             model.save_pretrained(tmp, safe_serialization=True)
             if tokenizer is not None:

@@ -116,7 +116,7 @@ PRESETS: dict[str, Preset] = {
 _M2M124_VOCAB = 256206
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def preset_parameters(name: str) -> int | None:
     """Trainable parameters of a preset on M2M-124 615M as lslo counts them (shapes only, meta device).
 

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .card import write_model_card
 from .config import LSLoConfig
 from .context import route
 from .io import atomic_directory, atomic_write_file, recover_directory
@@ -55,7 +56,7 @@ from .methods import (
     language_prune_targets,
     parse_prune_spec,
 )
-from .model import load_adapters, load_base_model, model_fingerprint
+from .model import load_adapters, load_base_model, model_fingerprint, resolve_adapter_base
 from .recipe import (
     MIXED_PRECISION_CHOICES,
     PRESETS,
@@ -73,17 +74,20 @@ __all__ = [
     "TrainArguments",
     "TrainResult",
     "TrainingError",
+    "dry_run",
     "evaluate_run",
     "format_presets",
     "forward_loss",
     "inverse_sqrt_lr",
     "language_prune_targets",
     "parse_prune_spec",
+    "plot_run_curves",
     "plot_training_curves",
     "train",
     "train_step",
 ]
 
+DEFAULT_BASE_MODEL = "facebook/flores101_mm100_615M"
 RUN_CONFIG_NAME = "run_config.json"
 METRICS_NAME = "metrics.jsonl"
 CURVES_NAME = "curves.png"
@@ -91,10 +95,14 @@ CHECKPOINTS_DIR = "checkpoints"
 FINAL_DIR = "final"
 _CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
 # Fields that may change between a run and its resumption (how long, how often, where to report).
+# What run_config.json holds besides the TrainArguments fields: derived from them (and the data), so a
+# resume does not compare them on their own (optimizer_steps follows epochs and max_steps).
+_PLAN_KEYS = ("processes", "mixed_precision_source", "trainable_parameters", "batches_per_epoch", "optimizer_steps",
+              "tokens_per_optimizer_step", "model_config_overrides")
 _RESUMABLE_FIELDS = frozenset({
     "resume", "overwrite", "max_steps", "save_every", "keep_last", "log_every", "epochs", "preset",
     "eval_every_epoch", "eval_sentences", "num_beams", "spm_model", "progress", "config",
-})
+}) | frozenset(_PLAN_KEYS)
 
 
 class RecipeWarning(UserWarning):
@@ -468,7 +476,9 @@ class _Run:
             warnings.warn(warning, RecipeWarning, stacklevel=3)
 
     # ---- set-up
-    def load(self) -> None:
+    def load(self, dry_run: bool = False) -> None:
+        """Read the data, resolve the run (:meth:`plan`), then (unless ``dry_run``) claim the output
+        folder and load the model. A dry run reads the model's config only, nothing is written."""
         from transformers import AutoTokenizer
 
         from . import data
@@ -500,9 +510,6 @@ class _Run:
         self.lslo_config = self.method.adapter_config(args, self.languages)
         self.prune_targets = self.method.prune_targets(self.lslo_config, args)
 
-        self.run_config = {**args.resolved(cuda=self.accelerator.device.type == "cuda"),
-                           "languages": list(self.languages)}
-        self.output_dir = _prepare_output_dir(args, self.run_config, self.accelerator)
         if not self.method.trains:
             self.corpus = None
         elif examples is not None:
@@ -510,6 +517,10 @@ class _Run:
         else:
             self.corpus = data.flores_corpus(self.tokenizer, args.flores_dir, self.languages, "dev",
                                              max_length=args.max_length)
+        self.run_config = self.plan()
+        if dry_run:
+            return
+        self.output_dir = _prepare_output_dir(args, self.run_config, self.accelerator)
 
         model = load_base_model(args.model)
         model.float()
@@ -522,9 +533,41 @@ class _Run:
         self.model = model
         self.fingerprint = model_fingerprint(model)
 
+    def plan(self) -> dict[str, Any]:
+        """The resolved run (what ``--dry-run`` prints and ``run_config.json`` holds): every
+        TrainArguments field as used, the languages, the trainable parameters (counted on the meta
+        device from the model's config), the batches and steps, the model-config overrides."""
+        from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+        from .data import make_batches
+
+        args = self.args
+        config = AutoConfig.from_pretrained(args.model)
+        with torch.device("meta"):  # shapes only: no weights are read
+            model = AutoModelForSeq2SeqLM.from_config(config)
+        overrides = apply_model_overrides(model, dropout=args.dropout, attention_dropout=args.attention_dropout,
+                                          activation_dropout=args.activation_dropout, layerdrop=args.layerdrop)
+        self.method.set_up(model, self.lslo_config)
+        trainable = {"total": sum(p.numel() for p in self.method.trainable_parameters(model)) if self.method.trains
+                     else 0, "groups": self.method.parameter_groups(model)}
+        per_step = self.world * args.update_freq
+        batches, steps = [], 0
+        for epoch in range(1, args.epochs + 1) if self.corpus is not None else ():
+            count = len(make_batches(self.corpus, max_tokens=args.max_tokens, epoch=epoch, seed=args.seed,
+                                     temperature=args.sampling_temperature, max_sentences=args.max_sentences))
+            batches.append(count)
+            steps += count // per_step
+        if args.max_steps is not None:
+            steps = min(steps, args.max_steps)
+        return {**args.resolved(cuda=self.accelerator.device.type == "cuda"), "languages": list(self.languages),
+                "processes": self.world, "mixed_precision_source": self.mixed_precision_source,
+                "trainable_parameters": trainable, "batches_per_epoch": batches, "optimizer_steps": steps,
+                "tokens_per_optimizer_step": args.max_tokens * per_step, "model_config_overrides": overrides}
+
     def save_trained(self, model: torch.nn.Module, directory: Path) -> None:
         """The adapters (or, for weight-learning, both routings and the mixing logits) into ``directory``."""
-        self.method.save(model, directory, tokenizer=self.tokenizer, config_overrides=self.model_overrides)
+        self.method.save(model, directory, tokenizer=self.tokenizer, config_overrides=self.model_overrides,
+                         metadata={"recipe": self.run_config, "pruning": self.method.pruned(model)})
 
     def load_trained(self, model: torch.nn.Module, directory: Path) -> None:
         self.method.load(model, directory)
@@ -750,6 +793,23 @@ def _group_of_for(languages: Sequence[str], groups_text: str | None):
     return config.group_of
 
 
+def dry_run(args: TrainArguments) -> dict[str, Any]:
+    """Resolve a run as :func:`train` would (data read, model config read on the meta device, no
+    weights) and write nothing: ``lslo train --dry-run``.
+
+    Returns:
+        What ``<output-dir>/run_config.json`` of the real run holds: every :class:`TrainArguments`
+        field with the value used (``lr``, ``mixed_precision`` resolved), ``languages``,
+        ``processes``, ``mixed_precision_source``, ``trainable_parameters`` ``{"total", "groups"}``,
+        ``batches_per_epoch`` (one count per epoch), ``optimizer_steps``, ``tokens_per_optimizer_step``
+        (the budget: processes x update_freq x max_tokens) and ``model_config_overrides``
+        (``{key: {"from", "to"}}``). Bad input raises as :func:`train` does.
+    """
+    run = _Run(args)
+    run.load(dry_run=True)
+    return run.run_config
+
+
 def train(args: TrainArguments) -> TrainResult:
     """Run (or resume) a training run described by ``args``; see the module docstring.
 
@@ -887,6 +947,18 @@ def _epoch_eval(run: _Run, references, group_of, epoch: int) -> dict[str, float]
     return _group_means(rows, group_of)
 
 
+def _epoch_scores(metrics_path: Path, metric: str | None = None) -> tuple[str, dict[int, dict[str, float]]]:
+    """(metric, {epoch: {group column: score}}) of a run's ``metrics.jsonl``; the metric is spBLEU
+    when it was measured, else chrF++ (unless given)."""
+    records = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines()
+               if _parsed_step(line) is not None]
+    epochs = {r["epoch"]: r for r in records if r.get("type") == "epoch"}
+    if metric is None:
+        metric = "spbleu" if any(k.startswith("spbleu/") for r in epochs.values() for k in r) else "chrf++"
+    scores = {e: {k.split("/", 1)[1]: v for k, v in r.items() if k.startswith(metric + "/")} for e, r in epochs.items()}
+    return metric, {e: s for e, s in scores.items() if s}
+
+
 def plot_training_curves(metrics_path: str | os.PathLike, out_png: str | os.PathLike, *, system: str | None = None,
                          groups: Sequence[str] = ("H2H", "V2V")):
     """Figure 3 from a run's ``metrics.jsonl``: per-epoch group scores, epoch 0 (the model before
@@ -897,12 +969,8 @@ def plot_training_curves(metrics_path: str | os.PathLike, out_png: str | os.Path
     """
     from .evaluate import plot_epoch_curves
 
-    records = [json.loads(line) for line in Path(metrics_path).read_text(encoding="utf-8").splitlines()
-               if _parsed_step(line) is not None]
-    epochs = {r["epoch"]: r for r in records if r.get("type") == "epoch"}
-    metric = "spbleu" if any(k.startswith("spbleu/") for r in epochs.values() for k in r) else "chrf++"
-    scores = {e: {k.split("/", 1)[1]: v for k, v in r.items() if k.startswith(metric + "/")} for e, r in epochs.items()}
-    trained = {e: s for e, s in scores.items() if e >= 1 and s}
+    metric, scores = _epoch_scores(Path(metrics_path))
+    trained = {e: s for e, s in scores.items() if e >= 1}
     if not trained:
         return None
     available = set().union(*trained.values())
@@ -910,6 +978,63 @@ def plot_training_curves(metrics_path: str | os.PathLike, out_png: str | os.Path
     name = system or Path(metrics_path).resolve().parent.name
     return plot_epoch_curves({name: trained}, out_png, groups=panels, metric=metric, pretrained=scores.get(0) or None,
                              title=f"{name}: devtest score per epoch")
+
+
+def plot_run_curves(run_dirs: Sequence[str | os.PathLike], out_png: str | os.PathLike, *,
+                    labels: Sequence[str] | None = None, groups: Sequence[str] = ("H2H", "V2V")):
+    """The paper's Figure 3 from several runs: each run's per-epoch group scores (``--eval-every-epoch``)
+    as one line per panel, the model before fine-tuning (epoch 0 of the first run that has it) dashed.
+
+    Args:
+        run_dirs: ``lslo train`` output folders.
+        out_png: the PNG to write.
+        labels: one legend label per run (default: the run's preset, else its folder name).
+        groups: one panel per direction group.
+
+    Returns:
+        The matplotlib ``Figure`` (one axes per group; one line per run, plus the dashed baseline).
+
+    Raises:
+        ValueError: a folder that is not a run or has no per-epoch evaluation (both named), labels
+            that do not match the runs.
+    """
+    from .evaluate import plot_epoch_curves
+
+    run_dirs = [Path(d) for d in run_dirs]
+    if not run_dirs:
+        raise ValueError("give at least one run folder")
+    if labels is not None and len(labels) != len(run_dirs):
+        raise ValueError(f"{len(labels)} labels for {len(run_dirs)} runs: give one label per run")
+    logs = []
+    for run_dir in run_dirs:
+        path = run_dir / METRICS_NAME
+        if not path.is_file() and not (run_dir / RUN_CONFIG_NAME).is_file():
+            raise ValueError(f"{run_dir} is not an lslo training run (no {METRICS_NAME}, no {RUN_CONFIG_NAME})")
+        logs.append(path)
+    spbleu_everywhere = all(p.is_file() and _epoch_scores(p)[0] == "spbleu" for p in logs)
+    metric = "spbleu" if spbleu_everywhere else "chrf++"
+    history, pretrained = {}, None
+    for k, (run_dir, path) in enumerate(zip(run_dirs, logs)):
+        scores = _epoch_scores(path, metric)[1] if path.is_file() else {}
+        trained = {e: s for e, s in scores.items() if e >= 1}
+        if not trained:
+            raise ValueError(f"{run_dir} has no per-epoch evaluation in {METRICS_NAME}: train it with "
+                             "--eval-every-epoch (and --flores-dir) to draw its curve")
+        pretrained = pretrained or scores.get(0)
+        label = labels[k] if labels is not None else _run_label(run_dir)
+        if label in history:
+            label = f"{label} ({run_dir.name})"
+        history[label] = trained
+    return plot_epoch_curves(history, out_png, groups=list(groups), metric=metric, pretrained=pretrained,
+                             title="devtest score per epoch")
+
+
+def _run_label(run_dir: Path) -> str:
+    try:
+        preset = json.loads((run_dir / RUN_CONFIG_NAME).read_text(encoding="utf-8")).get("preset")
+    except (OSError, ValueError):
+        preset = None
+    return preset or run_dir.resolve().name
 
 
 def _pruned(run: _Run) -> dict[str, float]:
@@ -952,7 +1077,9 @@ def _pretrain_only(run: _Run) -> TrainResult:
 class EvalArguments:
     """Everything ``lslo eval`` takes."""
 
-    model: str = field(default="facebook/flores101_mm100_615M", metadata=_help("base model: hub id or folder"))
+    model: str | None = field(default=None, metadata=_help(
+        "base model: hub id or folder (default: the base the adapters record, else facebook/flores101_mm100_615M); "
+        "refused when it is not the adapters' base"))
     adapters: str | None = field(default=None, metadata=_help("adapter folder (lslo train's <output-dir>/final)"))
     flores_dir: str | None = field(default=None, metadata=_help("FLORES-101/200 folder"))
     split: str = field(default="devtest", metadata=_help("dev or devtest"))
@@ -988,7 +1115,13 @@ def evaluate_run(args: EvalArguments) -> dict[str, Any]:
         raise ValueError(f"--split must be one of {data.FLORES_SPLITS}, got {args.split!r}")
     accelerator = Accelerator(cpu=args.cpu)
     scorer = Scorer(args.spm_model)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    if args.adapters:  # the recorded base, or a --model checked against it
+        base = resolve_adapter_base(args.adapters, args.model)
+        model_name, revision, tokenizer_name = base["name_or_path"], base["revision"], base["tokenizer"]
+    else:
+        model_name, revision = args.model or DEFAULT_BASE_MODEL, None
+        tokenizer_name = model_name
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
     adapter_config = read_adapter_config(args.adapters)[0] if args.adapters else None
     spec = args.languages or (",".join(adapter_config.languages) if adapter_config else "lang12")
     languages = data.resolve_languages(spec, tokenizer=tokenizer, flores_dir=args.flores_dir)
@@ -997,7 +1130,7 @@ def evaluate_run(args: EvalArguments) -> dict[str, Any]:
         if missing:
             raise ValueError(f"the adapters in {args.adapters} have no adapters for {missing}")
     references = data.load_flores(args.flores_dir, languages, args.split)
-    model = load_base_model(args.model, device=accelerator.device)
+    model = load_base_model(model_name, device=accelerator.device, revision=revision)
     if args.adapters:
         load_adapters(model, args.adapters)
     group_of = (adapter_config.group_of if adapter_config is not None and not args.groups
@@ -1017,9 +1150,11 @@ def evaluate_run(args: EvalArguments) -> dict[str, Any]:
     table = format_table({name: rows}, params=params, group_of=group_of, style="plain")
     if accelerator.is_main_process:
         files = write_scores(rows, out, name=f"scores_{args.split}", scorer=scorer,
-                             metadata={"model": args.model, "adapters": args.adapters, "split": args.split,
+                             metadata={"model": model_name, "adapters": args.adapters, "split": args.split,
                                        "num_beams": args.num_beams, "eval_sentences": args.eval_sentences},
                              group_of=group_of)
+        if args.adapters and adapter_config is not None and out.resolve() == (Path(args.adapters) / "eval").resolve():
+            files["card"] = write_model_card(args.adapters)  # the card gets the scores
     return {"rows": rows, "table": table, "files": files, "spbleu": scorer.has_spbleu}
 
 

@@ -258,3 +258,209 @@ def test_public_train_step_is_the_reference_step(setup):
         assert torch.equal(a, b)
     again, nll, tokens = forward_loss(mine, batch, label_smoothing=0.0)
     assert float(again) == float(nll) and tokens == metrics["tokens"] and float(again) != float(loss)
+
+
+# ------------------------------------------------------------------ --dry-run
+LANG12 = ("en", "fr", "de", "it", "zh", "nl", "ja", "ko", "oc", "or", "sd", "wo")
+TARBALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "flores101_dataset.tar.xz"
+
+
+@pytest.fixture(scope="module")
+def lang12_flores(tmp_path_factory):
+    """The 12 lang12 languages' first lines of FLORES-101 (dev 40, devtest 8) from ../shared/data, or
+    generated lines in the same layout where the tarball is absent."""
+    import tarfile
+
+    from lslo.data import flores_stem
+    from tests.hf_fixtures import make_sentences
+
+    root = tmp_path_factory.mktemp("flores12")
+    wanted = {f"{split}/{flores_stem(c)}.{split}": (split, 40 if split == "dev" else 8)
+              for c in LANG12 for split in ("dev", "devtest")}
+    found = {}
+    if TARBALL.is_file():
+        with tarfile.open(TARBALL, "r:xz") as archive:
+            for member in archive:
+                name = member.name.split("/", 1)[-1]
+                if name in wanted and member.isfile():
+                    text = archive.extractfile(member).read().decode("utf-8")
+                    found[name] = text.splitlines()[: wanted[name][1]]
+    for k, (name, (split, lines)) in enumerate(sorted(wanted.items())):
+        (root / split).mkdir(exist_ok=True)
+        rows = found.get(name) or make_sentences(lines, seed=k)
+        (root / name).write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+    return root
+
+
+def _dry_flags(setup, flores, out) -> list[str]:
+    return ["--model", setup["model"], "--flores-dir", str(flores), "--preset", "lang12-2-2-8-gps0.9",
+            "--output-dir", str(out), "--cpu", "--no-progress", "--epochs", "3"]
+
+
+def test_dry_run_prints_the_resolved_run_and_writes_nothing(setup, lang12_flores, tmp_path, capsys, monkeypatch):
+    import dataclasses
+
+    import lslo
+    from lslo.cli import main
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    out = tmp_path / "run"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["train", "--dry-run", *_dry_flags(setup, lang12_flores, out)]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and not out.exists()  # nothing written
+    assert {f.name for f in dataclasses.fields(TrainArguments)} <= set(plan)
+    assert plan["lr"] == 3e-3 and plan["mixed_precision"] == "no" and plan["mixed_precision_source"] == "default"
+    assert plan["languages"] == list(LANG12) and plan["epochs"] == 3 and plan["update_freq"] == 4
+    model = lslo.load_base_model(setup["model"])
+    lslo.apply_lslo(model, lslo.LSLoConfig(languages=list(LANG12), ranks="2;2;8", init="reference", ffn="reference"))
+    report = lslo.parameter_report(model)
+    assert plan["trainable_parameters"] == {"total": report["total"], "groups": report["groups"]}
+    assert set(plan["trainable_parameters"]["groups"]) == {"H", "M", "V"}
+    assert len(plan["batches_per_epoch"]) == 3 and all(b > 4 for b in plan["batches_per_epoch"])
+    assert plan["optimizer_steps"] == sum(b // 4 for b in plan["batches_per_epoch"])
+    assert plan["tokens_per_optimizer_step"] == 16000 and plan["processes"] == 1
+    # the tiny base has no dropout at all: the recipe's 0.1 and 0.1 go onto the model
+    assert plan["model_config_overrides"] == {"dropout": {"from": 0.0, "to": 0.1},
+                                              "attention_dropout": {"from": 0.0, "to": 0.1}}
+    # A real run writes the same object.
+    assert main(["train", *_dry_flags(setup, lang12_flores, out), "--max-steps", "1"]) == 0
+    capsys.readouterr()
+    saved = json.loads((out / "run_config.json").read_text())
+    assert saved == {**plan, "max_steps": 1, "optimizer_steps": 1}
+
+
+def test_dry_run_fails_like_a_real_run(setup, lang12_flores, tmp_path, capsys):
+    from lslo.cli import main
+
+    broken = tmp_path / "flores"
+    shutil.copytree(lang12_flores, broken)
+    (broken / "dev" / "wol.dev").unlink()
+    for flags, needle in ((_dry_flags(setup, broken, tmp_path / "a"), "wol"),
+                          ([*_dry_flags(setup, lang12_flores, tmp_path / "b"), "--preset", "lang12-9-9-9"], "unknown preset")):
+        for dry in (["--dry-run"], []):
+            assert main(["train", *dry, *flags]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith("lslo: error: ") and needle in err and err.count("\n") == 1, err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# ------------------------------------------------------- adapters name their base
+@pytest.fixture(scope="module")
+def trained(setup, tmp_path_factory):
+    """A tiny LSLo run (GPS on H) whose final adapters record their base."""
+    out = tmp_path_factory.mktemp("named") / "run"
+    args = TrainArguments(model=setup["model"], flores_dir=setup["flores"], languages=",".join(RUN_LANGS), ranks="2;8",
+                          prune="H=0.5", prune_start=0, prune_duration=1, output_dir=str(out), epochs=1, max_tokens=160,
+                          update_freq=1, cpu=True, progress=False)
+    with pytest.warns(RecipeWarning):
+        return train(args)
+
+
+def test_adapters_record_their_base_and_card(setup, trained):
+    from lslo.model import read_adapter_meta
+
+    meta = read_adapter_meta(trained.final_dir)
+    assert meta["base"] == {"name_or_path": str(Path(setup["model"]).resolve()), "revision": None,
+                            "tokenizer": str(Path(setup["model"]).resolve())}
+    recipe_saved = meta["metadata"]["recipe"]
+    assert recipe_saved == json.loads((trained.output_dir / "run_config.json").read_text())
+    assert meta["metadata"]["pruning"]["en"] == pytest.approx(0.5, abs=1e-3)
+    card = (trained.final_dir / "README.md").read_text()
+    assert f"`{Path(setup['model']).resolve()}`" in card
+    assert "| en | H | 2 | 0.500 |" in card and "| wo | V | 8 | 0.000 |" in card
+    assert "| warmup_updates | 1 |" in card and "| lr | 0.003 |" in card and "| update_freq | 1 |" in card
+    assert f"lslo.load_adapters(None, {str(trained.final_dir)!r})" in card
+
+
+def test_translate_and_load_without_model_and_refuse_another_base(setup, trained, tmp_path, capsys, monkeypatch):
+    import io
+
+    import lslo
+    from lslo.cli import main
+    from tests.hf_fixtures import make_tokenizer, tiny_model
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("en\two\thello world\n"))
+    assert main(["translate", "--adapters", str(trained.final_dir), "--num-beams", "1", "--max-new-tokens", "5",
+                 "--quiet"]) == 0
+    without = capsys.readouterr().out
+    monkeypatch.setattr("sys.stdin", io.StringIO("en\two\thello world\n"))
+    assert main(["translate", "--adapters", str(trained.final_dir), "--model", setup["model"], "--num-beams", "1",
+                 "--max-new-tokens", "5", "--quiet"]) == 0
+    assert capsys.readouterr().out == without and without.count("\n") == 1
+    model = lslo.load_adapters(None, trained.final_dir)  # the recorded base, then the adapters
+    assert tuple(lslo.get_lslo_config(model).languages) == tuple(RUN_LANGS)
+
+    other = tmp_path / "other"
+    tokenizer = make_tokenizer(tmp_path / "spm")
+    tiny_model(tokenizer, dtype=torch_float32(), d_model=48).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    capsys.readouterr()
+    assert main(["translate", "--adapters", str(trained.final_dir), "--model", str(other), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lslo: error: ") and str(other) in err and str(Path(setup["model"]).resolve()) in err
+    assert "d_model" in err and err.count("\n") == 1
+
+    # the recorded base is gone: say so and ask for --model
+    moved = tmp_path / "adapters"
+    shutil.copytree(trained.final_dir, moved)
+    meta = json.loads((moved / "lslo_config.json").read_text())
+    meta["base"]["name_or_path"] = str(tmp_path / "gone")
+    (moved / "lslo_config.json").write_text(json.dumps(meta))
+    assert main(["translate", "--adapters", str(moved), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "not there any more" in err and "--model" in err and str(tmp_path / "gone") in err
+    del meta["base"]
+    (moved / "lslo_config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="do not record their base model.*--model"):
+        lslo.load_adapters(None, moved)
+
+
+def torch_float32():
+    import torch
+
+    return torch.float32
+
+
+def test_eval_without_model_puts_scores_on_the_card(setup, trained, capsys):
+    from lslo.cli import main
+
+    assert main(["eval", "--adapters", str(trained.final_dir), "--flores-dir", setup["flores"], "--num-beams", "1",
+                 "--eval-sentences", "2", "--no-progress", "--cpu"]) == 0
+    capsys.readouterr()
+    card = (trained.final_dir / "README.md").read_text()
+    assert "## Scores" in card and "chrF++ on FLORES devtest" in card and "| H2H |" in card.replace("| H2H | H2V", "| H2H |")
+
+
+# -------------------------------------------------------------- lslo plot curves
+def test_plot_curves_overlays_runs(setup, trained, tmp_path, capsys):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from lslo.cli import main
+    from lslo.train import plot_run_curves
+
+    runs = []
+    for name, ranks in (("a", "2;8"), ("b", "8;8")):
+        out = tmp_path / name
+        args = TrainArguments(model=setup["model"], flores_dir=setup["flores"], languages=",".join(RUN_LANGS),
+                              ranks=ranks, output_dir=str(out), epochs=1, max_tokens=160, update_freq=1, cpu=True,
+                              progress=False, eval_every_epoch=True, eval_sentences=1, num_beams=1)
+        with pytest.warns(RecipeWarning):
+            train(args)
+        runs.append(out)
+    png = tmp_path / "fig3.png"
+    assert main(["plot", "curves", *map(str, runs), "--out", str(png), "--labels", "two-eight,eight-eight"]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    figure = plot_run_curves(runs, tmp_path / "again.png")
+    for axes in figure.axes:  # one panel per group (H2H, V2V), a line per run and the dashed Pretrain line
+        labels = [line.get_label() for line in axes.lines]
+        assert "a" in labels and "b" in labels, labels
+    assert len(figure.axes) == 2
+
+    bare = trained.output_dir  # trained without --eval-every-epoch
+    capsys.readouterr()
+    assert main(["plot", "curves", str(runs[0]), str(bare), "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert str(bare) in err and "--eval-every-epoch" in err and err.count("\n") == 1
+    assert not (tmp_path / "x.png").exists()
