@@ -3,16 +3,14 @@
 The recipe is what the paper (Section 6.2, Appendix B) and the authors' fairseq command
 (``Spike0924/LSLo`` README) set::
 
-    fairseq-train ... --arch transformer_wmt_en_de_big --task translation_multi_simple_epoch
-      --sampling-method temperature --sampling-temperature 5 --criterion label_smoothed_cross_entropy
-      --label-smoothing 0.2 --optimizer adam --adam-betas '(0.9, 0.98)' --lr-scheduler inverse_sqrt
-      --lr 3e-3 --warmup-updates 1 --max-tokens 4000 --update-freq 4 --max-epoch 15 --dropout 0.1
-      --seed 2 --amp
+    --lr-scheduler inverse_sqrt --lr 3e-3 --warmup-updates 1 --max-tokens 4000 --update-freq 4
+    --max-epoch 15 --dropout 0.1 --label-smoothing 0.2 --seed 2 --amp
 
 with layer drop 0 (fairseq's default; M2M-100's Hugging Face configs carry 0.05), attention dropout
-0.1 and activation dropout 0 (the released M2M-124 615M config), Adam epsilon 1e-8, no weight decay,
-no clipping, lr 1e-4 for full fine-tuning, and the Gradual Pruning Schedule E=2, k=8 over 15 epochs
-(Appendix B, Table 7; the authors' README uses k=10).
+0.1 and activation dropout 0 (M2M-100's config defaults), Adam (0.9, 0.98) with epsilon 1e-8,
+no weight decay, no clipping, lr 1e-4 for full fine-tuning, and the Gradual Pruning Schedule E=2,
+k=8 over 15 epochs (Appendix B, Table 7; the authors' README uses k=10). The direction-sampling
+temperature (5) is lslo's default: the authors' command does not state one.
 
 Every preset carries the whole recipe, so that ``TrainArguments.from_preset(name)`` and
 ``lslo train --preset name`` state it whatever the dataclass defaults become.

@@ -175,7 +175,7 @@ class TrainArguments:
         "1e-4 ft-all)"))
     warmup_updates: int = field(default=RECIPE["warmup_updates"], metadata=_help(
         "inverse-sqrt warm-up steps (the authors' --warmup-updates 1: lr / sqrt(step) from the first step)"))
-    adam_betas: str = field(default=RECIPE["adam_betas"], metadata=_help("Adam betas (the authors' --adam-betas)"))
+    adam_betas: str = field(default=RECIPE["adam_betas"], metadata=_help("Adam betas (the recipe's (0.9, 0.98))"))
     adam_eps: float = field(default=RECIPE["adam_eps"], metadata=_help("Adam epsilon (fairseq's default 1e-8)"))
     weight_decay: float = field(default=RECIPE["weight_decay"], metadata=_help(
         "weight decay (the authors set none: fairseq's default 0)"))
@@ -186,9 +186,9 @@ class TrainArguments:
     dropout: float = field(default=RECIPE["dropout"], metadata=_help(
         "dropout of the base model's layers (the authors' --dropout 0.1)"))
     attention_dropout: float = field(default=RECIPE["attention_dropout"], metadata=_help(
-        "dropout of the attention weights (the released M2M-124 615M config's 0.1)"))
+        "dropout of the attention weights (the recipe's 0.1: M2M-100's config default)"))
     activation_dropout: float = field(default=RECIPE["activation_dropout"], metadata=_help(
-        "dropout after the FFN activation (the released M2M-124 615M config's 0.0)"))
+        "dropout after the FFN activation (the recipe's 0.0: M2M-100's config default)"))
     layerdrop: float = field(default=RECIPE["layerdrop"], metadata=_help(
         "layer drop of the encoder and the decoder (the authors' fairseq default 0; M2M-100 configs carry 0.05)"))
     max_tokens: int = field(default=RECIPE["max_tokens"], metadata=_help(
@@ -199,7 +199,7 @@ class TrainArguments:
         "batches per optimizer step on each process (the authors' --update-freq 4). An optimizer step takes "
         "processes x update_freq batches: on P processes pass 4/P to keep the recipe's 16k tokens a step"))
     sampling_temperature: float = field(default=RECIPE["sampling_temperature"], metadata=_help(
-        "temperature of direction sampling (the authors' --sampling-temperature 5)"))
+        "temperature of direction sampling (lslo's default: the authors' command does not state one)"))
     mixed_precision: str | None = field(default=None, metadata=_help(
         "no, bf16 or fp16; unset: accelerate's ACCELERATE_MIXED_PRECISION or config file, else the authors' --amp "
         "(bf16 on a GPU that supports it, fp16 on another GPU, fp32 on the CPU)"))

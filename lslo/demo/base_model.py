@@ -29,6 +29,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -230,7 +231,7 @@ def pretrain_base_model(
     from transformers import M2M100ForConditionalGeneration
 
     from ..data import read_tsv_corpus
-    from ..train import TrainArguments, train
+    from ..train import RecipeWarning, TrainArguments, train
 
     config = config or PretrainConfig()
     log = log or (lambda message: None)
@@ -262,7 +263,8 @@ def pretrain_base_model(
             keep_last=1, update_freq=1, attention_dropout=0.0,
         )
         clock = time.perf_counter()
-        with _threads(config.threads):
+        with _threads(config.threads), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RecipeWarning)  # pretraining is not the paper's fine-tuning recipe
             run = train(args)
         result.seconds["train"] = time.perf_counter() - clock
         result.steps = run.global_step
