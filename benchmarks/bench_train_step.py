@@ -15,11 +15,11 @@ and train mode as ``lslo train``:
   through every frozen layer down to the inputs of encoder layer 0 and decoder layer 0, where the
   lowest adapters sit, computing activation gradients only (no weight gradient, no optimizer).
 
-A step is what ``lslo.train._Run.train_step`` does with one process and ``update_freq`` 1:
-``lslo.data.collate`` of the batch, ``shift_tokens_right``, the forward inside ``lslo.route`` (and
-the autocast context when asked), ``lslo.train._label_smoothed_loss`` (epsilon 0.2), the backward
-inside ``lslo.route``, the inverse-sqrt learning rate, ``optimizer.step()``, ``zero_grad`` and the
-loss read back as a float. The batch is the median batch (by target tokens) of
+A step is the engine's own :func:`lslo.train.train_step` with one process and one batch (what
+``lslo train`` runs with ``update_freq`` 1): ``lslo.data.collate`` of the batch, then
+``shift_tokens_right``, the forward inside ``lslo.route`` (and the autocast context when asked), the
+label-smoothed loss (epsilon 0.2), the backward inside ``lslo.route``, the inverse-sqrt learning
+rate, ``optimizer.step()``, ``zero_grad`` and the loss read back as a float. The batch is the median batch (by target tokens) of
 ``lslo.data.make_batches`` over the lang12 FLORES dev corpus (132 directions x 997 lines, tokenized by
 a SentencePiece proxy of the M2M-124 tokenizer, see :func:`proxy_tokenizer`) at a token budget
 (``--max-tokens``, default 1024 on CPU: ~32 sentences of ~30 tokens), its ids replaced by random
@@ -403,8 +403,9 @@ def build_systems(
     import lslo
     import lslo_kernels
     from lslo.pruning import prune, pruning_summary
+    from lslo.recipe import apply_model_overrides
     from lslo.testing import m2m124_config, tiny_config
-    from lslo.train import TrainArguments, _set_dropout, language_prune_targets
+    from lslo.train import TrainArguments, language_prune_targets
 
     config = m2m124_config(vocab_size=vocab_size) if shape == "m2m124" else tiny_config(vocab_size)
     torch.manual_seed(seed)
@@ -412,7 +413,9 @@ def build_systems(
     with torch.device(device):
         base = M2M100ForConditionalGeneration(config)
     base.float()
-    _set_dropout(base, dropout)  # as lslo train (--dropout 0.1); attention dropout stays the config's
+    # --dropout 0.1 as lslo train; attention and activation dropout and layer drop stay the config's (0 here)
+    apply_model_overrides(base, dropout=dropout, attention_dropout=config.attention_dropout,
+                          activation_dropout=config.activation_dropout, layerdrop=config.encoder_layerdrop)
     base.train()
     info = {
         "parameters": sum(p.numel() for p in base.parameters()),
@@ -535,15 +538,11 @@ def make_step(
     label_smoothing: float,
     warmup_updates: int,
 ):
-    """One step of ``system``, as ``lslo.train._Run.train_step`` does it (one process, update_freq 1)."""
-    from transformers.models.m2m_100.modeling_m2m_100 import shift_tokens_right
-
-    from lslo import route
+    """One step of ``system``: :func:`lslo.train.train_step` on one collated batch (one process, update_freq 1)."""
     from lslo.data import collate
-    from lslo.train import _label_smoothed_loss, inverse_sqrt_lr
+    from lslo.train import inverse_sqrt_lr, train_step
 
     model, optimizer = system.model, system.optimizer
-    config = model.config
 
     def autocast():
         if autocast_dtype is None:
@@ -552,27 +551,11 @@ def make_step(
 
     def step() -> dict:
         system.steps_done += 1
-        if optimizer is not None:
-            lr = inverse_sqrt_lr(system.steps_done, system.lr, warmup_updates)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+        lr = inverse_sqrt_lr(system.steps_done, system.lr, warmup_updates) if optimizer is not None else None
         batch = collate(corpus, indices, pad_token_id=pad_token_id, languages=languages)
         batch = {k: v.to(device) for k, v in batch.items()}
-        decoder_input_ids = shift_tokens_right(batch["labels"], config.pad_token_id, config.decoder_start_token_id)
-        with route(src=batch["src_lang_ids"], tgt=batch["tgt_lang_ids"]), autocast():
-            logits = model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                decoder_input_ids=decoder_input_ids,
-            ).logits
-            loss, nll, tokens = _label_smoothed_loss(logits, batch["labels"], label_smoothing)
-        del logits
-        with route(src=batch["src_lang_ids"], tgt=batch["tgt_lang_ids"]):
-            loss.backward()
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return {"loss": float(loss.detach()), "nll": float(nll), "tokens": tokens}
+        metrics = train_step(model, optimizer, [batch], lr=lr, label_smoothing=label_smoothing, autocast=autocast)
+        return {"loss": metrics["loss"], "nll": metrics["nll"], "tokens": metrics["tokens"]}
 
     return step
 

@@ -175,7 +175,8 @@ class EstimateArguments:
     max_tokens: int | None = field(default=None, metadata=_help("token budget of a batch per process (default 4096)"))
     warmup_updates: int | None = field(default=None, metadata=_help("inverse-sqrt warm-up steps (default 4000)"))
     seed: int = field(default=1, metadata=_help("random seed"))
-    mixed_precision: str = field(default="no", metadata=_help("no, bf16 or fp16 (GPU)"))
+    mixed_precision: str | None = field(default=None, metadata=_help(
+        "no, bf16 or fp16 (default: as lslo train resolves it: accelerate's setting, else bf16/fp16 on a GPU, fp32 on CPU)"))
     cpu: bool = field(default=False, metadata=_help("train on the CPU even when a GPU is present"))
     train_config: str | None = field(default=None, metadata=_help(
         "a toml/json/yaml file of further `lslo train` settings (max_length, update_freq, ...)"))
@@ -471,7 +472,7 @@ class LearnIndexArguments:
     warmup_updates: int | None = _help_field(None, "inverse-sqrt warm-up steps (default 4000)")
     max_steps: int | None = _help_field(None, "stop after this many optimizer steps")
     seed: int = _help_field(1, "random seed")
-    mixed_precision: str = _help_field("no", "no, bf16 or fp16 (GPU)")
+    mixed_precision: str | None = _help_field(None, "no, bf16 or fp16 (default: as lslo train resolves it)")
     cpu: bool = _help_field(False, "train on the CPU even when a GPU is present")
     train_config: str | None = _help_field(None, "a toml/json/yaml file of further `lslo train` settings")
     adapters: str | None = _help_field(None, "read the weights of an earlier Weight-Learning run's final/ "

@@ -1,18 +1,19 @@
 """``lslo`` command line.
 
-    lslo translate --model PATH_OR_HUB_ID [--adapters DIR] [--input FILE] [--output FILE] ...
+    lslo translate [--model PATH_OR_HUB_ID] [--adapters DIR] [--input FILE] [--output FILE] ...
         reads lines ``src_lang<TAB>tgt_lang<TAB>sentence`` (stdin by default) and writes one
         translation per line (stdout by default), in input order; mixed directions are batched.
+        With --adapters, --model defaults to the base the adapters record (another base is refused).
     lslo merge --model M --adapters DIR --src fr --tgt oc --output DIR
         a plain transformers model (and its tokenizer) for one direction.
     lslo params [--model M] [--languages lang12] [--ranks 2;2;8] [--targets all] [--ffn reference]
         LSLo parameter counts, on the meta device (no weights loaded; default shape M2M-124 615M).
     lslo train --model M --flores-dir D --languages lang12 --ranks "2;2;8" --prune "H=0.9,M=0.9" --output-dir R
         many-to-many fine-tuning with LSLo and the Gradual Pruning Schedule (``--preset`` a paper row,
-        ``--method ft-all``, ``--resume``); ``accelerate launch -m lslo train ...`` on several GPUs.
+        ``--method ft-all``, ``--resume``, ``--dry-run``); ``accelerate launch -m lslo train ...`` on several GPUs.
     lslo checkpoints R
         the checkpoints of a training run: step, epoch, intact/damaged (against each one's manifest), size.
-    lslo eval --model M --adapters R/final --flores-dir D [--split devtest] [--num-beams 5]
+    lslo eval [--model M] --adapters R/final --flores-dir D [--split devtest] [--num-beams 5]
         spBLEU / chrF++ / BLEU per direction and the direction-group table.
     lslo estimate --model M --flores-dir D --languages lang12 --pool layer --output-dir O
         Intrinsic Subspace Estimation (``--pool language``: language-specific pruning): Eq. 6 scores,
@@ -25,6 +26,8 @@
     lslo serve --adapters R/final [--model M] [--port 5000] [--max-batch-size 32] [--workers 1] ...
         a LibreTranslate-compatible HTTP API (POST /translate, GET /languages, /health, /metrics) that
         batches requests of every direction into one generate call (lslo.serve; the ``serve`` extra).
+    lslo plot curves RUN_DIR [RUN_DIR ...] --out fig3.png [--labels a,b]
+        the paper's Figure 3: per-epoch H2H and V2V curves of runs trained with --eval-every-epoch.
     lslo bench [ARGS...]
         runs ``benchmarks.__main__.main(ARGS)``: the benchmark suite of a source checkout (not installed).
 
@@ -38,6 +41,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import json
 import signal
 import sys
 from collections.abc import Sequence
@@ -55,7 +59,7 @@ from lslo.analysis import (
 )
 from lslo.checkpoints import format_checkpoint_table
 from lslo.io import atomic_write_file
-from lslo.model import read_adapter_config
+from lslo.model import read_adapter_config, resolve_adapter_base
 from lslo.serve_config import ServeConfig
 from lslo.train import (
     PRESETS,
@@ -64,9 +68,11 @@ from lslo.train import (
     TrainArguments,
     TrainingError,
     describe_checkpoints,
+    dry_run,
     evaluate_run,
     format_presets,
     load_config_file,
+    plot_run_curves,
     train,
 )
 
@@ -133,8 +139,14 @@ def _load(args):
 
     if args.adapters:  # a missing or damaged adapter config fails before the model is loaded
         read_adapter_config(args.adapters)
-    model = lslo.load_base_model(args.model, dtype=_torch_dtype(args.dtype), device=args.device)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+        base = resolve_adapter_base(args.adapters, args.model)  # the recorded base, or --model checked against it
+        name, revision, tokenizer_name = base["name_or_path"], base["revision"], base["tokenizer"]
+    elif args.model is None:
+        raise CLIError("give --model (the base model), or --adapters DIR whose base model is recorded")
+    else:
+        name, revision, tokenizer_name = args.model, None, args.model
+    model = lslo.load_base_model(name, dtype=_torch_dtype(args.dtype), device=args.device, revision=revision)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or tokenizer_name)
     if args.adapters:
         lslo.load_adapters(model, args.adapters)
     return model, tokenizer
@@ -212,7 +224,8 @@ def _cmd_bench(argv: Sequence[str]) -> int:
 
 
 def _add_model_args(parser: argparse.ArgumentParser, adapters_required: bool = False) -> None:
-    parser.add_argument("--model", required=True, help="base model: local folder or hub id (e.g. facebook/flores101_mm100_615M)")
+    parser.add_argument("--model", help="base model: local folder or hub id (e.g. facebook/flores101_mm100_615M); "
+                                        "default with --adapters: the base they record (a different --model is refused)")
     parser.add_argument("--tokenizer", help="tokenizer folder or hub id (default: --model)")
     parser.add_argument("--adapters", required=adapters_required, help="folder written by lslo.save_adapters")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), help="weights dtype (default: as stored)")
@@ -272,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--list-presets", action="store_true", help="list the paper rows --preset reproduces, and exit")
     train.add_argument("--list-checkpoints", action="store_true",
                        help="list the checkpoints in --output-dir (as `lslo checkpoints`), and exit")
+    train.add_argument("--dry-run", action="store_true",
+                       help="resolve everything (preset < --config < flags, accelerate's settings), read the data and "
+                            "the model's config (no weights), print the run as JSON (what run_config.json will hold) "
+                            "and exit without writing anything")
     train.set_defaults(handler=_cmd_train)
 
     evaluate = commands.add_parser("eval", help="translate a FLORES split and score it by direction group",
@@ -307,6 +324,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     demo.set_defaults(handler=_cmd_demo)
     _add_analysis_commands(commands)
+    plot = commands.add_parser("plot", help="figures from saved runs", description="Figures drawn from saved runs.")
+    figures = plot.add_subparsers(dest="figure", required=True, metavar="FIGURE")
+    curves = figures.add_parser("curves", help="Figure 3: per-epoch H2H and V2V curves of several runs",
+                                description="Overlay the per-epoch direction-group scores of runs trained with "
+                                            "--eval-every-epoch (the paper's Figure 3).")
+    curves.add_argument("runs", nargs="+", metavar="RUN_DIR", help="lslo train output folders")
+    curves.add_argument("--out", required=True, help="the PNG to write")
+    curves.add_argument("--labels", help="comma-separated legend labels, one per run (default: presets or folder names)")
+    curves.add_argument("--groups", default="H2H,V2V", help="direction groups, one panel each (default: H2H,V2V)")
+    curves.set_defaults(handler=_cmd_plot_curves)
     _add_serve_command(commands)
     return parser
 
@@ -349,6 +376,13 @@ def _cmd_serve(args) -> int:
     # this exit status 0 into a kill (at exit Python puts its own handlers back to the defaults).
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_IGN)
+    return 0
+
+
+def _cmd_plot_curves(args) -> int:
+    labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
+    plot_run_curves(args.runs, args.out, labels=labels, groups=[g.strip() for g in args.groups.split(",") if g.strip()])
+    print(f"[lslo] wrote {args.out}", file=sys.stderr)
     return 0
 
 
@@ -459,7 +493,10 @@ def _cmd_train(args) -> int:
     preset = given.get("preset", from_file.get("preset"))
     if preset is not None and preset not in PRESETS:
         raise CLIError(f"unknown preset {preset!r}; `lslo train --list-presets` lists them")
-    values = {**(PRESETS[preset][1] if preset else {}), **from_file, **given}
+    values = {**(PRESETS[preset].values if preset else {}), **from_file, **given}
+    if args.dry_run:
+        print(json.dumps(dry_run(TrainArguments(**values)), indent=2))
+        return 0
     try:
         result = train(TrainArguments(**values))
     except Interrupted as exc:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .card import CARD_NAME, model_card
 from .config import GROUP_ORDER, LSLoConfig
 from .context import route
 from .injection import (
@@ -53,6 +54,7 @@ __all__ = [
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_WEIGHTS_NAME",
     "apply_lslo",
+    "base_model_record",
     "format_parameter_report",
     "forward_with_langs",
     "get_lslo_config",
@@ -63,7 +65,9 @@ __all__ = [
     "model_fingerprint",
     "parameter_report",
     "read_adapter_config",
+    "read_adapter_meta",
     "remove_lslo",
+    "resolve_adapter_base",
     "save_adapters",
     "to_lang_ids",
 ]
@@ -79,7 +83,8 @@ _ADAPTER_KEYS = ("lora_A", "lora_B", "prune_mask", "ranks", "scales")
 _RUNTIME_FIELDS = ("backend", "init")
 # What an adapter directory may hold when a save replaces it: one save, and the temporary files of
 # the per-file writes of older versions of this module.
-_REPLACEABLE = (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, f".{ADAPTER_CONFIG_NAME}.*", f".{ADAPTER_WEIGHTS_NAME}.*")
+_REPLACEABLE = (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, f".{ADAPTER_CONFIG_NAME}.*", f".{ADAPTER_WEIGHTS_NAME}.*",
+                CARD_NAME, f".{CARD_NAME}.*")
 
 
 # ------------------------------------------------------------------ helpers
@@ -208,11 +213,34 @@ def forward_with_langs(model: nn.Module, batch: Mapping[str, Any], src_lang_ids,
 
 
 # ------------------------------------------------------------ adapter i/o
-def save_adapters(model: nn.Module, directory: str | os.PathLike) -> None:
+def base_model_record(model: nn.Module, tokenizer=None) -> dict[str, str | None]:
+    """Which base model (and tokenizer) ``model`` was loaded from, as :func:`save_adapters` records it.
+
+    Returns:
+        ``{"name_or_path": hub id or absolute folder (None if unknown), "revision": the hub commit
+        it came from (None for a folder), "tokenizer": the tokenizer's hub id or folder}``.
+    """
+    config = getattr(model, "config", None)
+    name = getattr(config, "_name_or_path", "") or getattr(model, "name_or_path", "") or ""
+    local = bool(name) and os.path.isdir(name)
+    tokenizer_name = getattr(tokenizer, "name_or_path", "") or ""
+    return {
+        "name_or_path": os.path.abspath(name) if local else (name or None),
+        "revision": None if local or not name else getattr(config, "_commit_hash", None),
+        "tokenizer": (os.path.abspath(tokenizer_name) if os.path.isdir(tokenizer_name) else tokenizer_name)
+        or (os.path.abspath(name) if local else (name or None)),
+    }
+
+
+def save_adapters(model: nn.Module, directory: str | os.PathLike, *, tokenizer=None,
+                  metadata: Mapping[str, Any] | None = None) -> None:
     """Write the adapters (not the base) to ``directory``, all-or-nothing.
 
-    Files: ``lslo_adapters.safetensors`` (per module: lora_A, lora_B, prune_mask, ranks, scales)
-    and ``lslo_config.json`` (config + base-model fingerprint). They are written into a fresh
+    Files: ``lslo_adapters.safetensors`` (per module: lora_A, lora_B, prune_mask, ranks, scales),
+    ``lslo_config.json`` (config, base-model fingerprint, the base model's name, hub revision and
+    tokenizer (:func:`base_model_record`), and ``metadata``) and a ``README.md`` model card
+    (:mod:`lslo.card`). ``tokenizer``: the tokenizer used with the base (recorded by name);
+    ``metadata``: JSON-ready extras such as ``lslo train``'s ``{"recipe": ..., "pruning": ...}``. They are written into a fresh
     directory beside ``directory`` that is then swapped in whole (:func:`lslo.io.atomic_directory`):
     a kill at any instant leaves the previous save or this one, never one file of each. An existing
     ``directory`` holding other files than a save is refused (ValueError) rather than replaced.
@@ -236,7 +264,10 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike) -> None:
         "version": _FORMAT_VERSION,
         "config": config.to_dict(),
         "base_model": model_fingerprint(model),
+        "base": base_model_record(model, tokenizer),
     }
+    if metadata:
+        meta["metadata"] = json.loads(json.dumps(dict(metadata), allow_nan=False, default=str))
 
     def write_json(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -245,6 +276,13 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike) -> None:
     with atomic_directory(directory, replaceable=_REPLACEABLE) as staging:
         atomic_write_file(os.path.join(staging, ADAPTER_WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp))
         atomic_write_file(os.path.join(staging, ADAPTER_CONFIG_NAME), write_json)
+        card = model_card(meta, directory)
+
+        def write_card(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(card)
+
+        atomic_write_file(os.path.join(staging, CARD_NAME), write_card)
 
 
 def _read_adapter_files(directory: str | os.PathLike, with_weights: bool) -> dict[str, bytes | None]:
@@ -322,8 +360,70 @@ def read_adapter_config(directory: str | os.PathLike) -> tuple[LSLoConfig, dict[
     return _parse_adapter_config(files[ADAPTER_CONFIG_NAME], os.path.join(os.fspath(directory), ADAPTER_CONFIG_NAME))
 
 
-def load_adapters(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+def read_adapter_meta(directory: str | os.PathLike) -> dict[str, Any]:
+    """The whole ``lslo_config.json`` of an adapter folder (config, fingerprint, base record, metadata)."""
+    read_adapter_config(directory)  # validates the file, naming it when damaged
+    path = os.path.join(os.fspath(directory), ADAPTER_CONFIG_NAME)
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def resolve_adapter_base(directory: str | os.PathLike, model: str | None = None) -> dict[str, str | None]:
+    """The base model to load for the adapters in ``directory``.
+
+    Args:
+        directory: an adapter folder (:func:`save_adapters`).
+        model: an explicit base (``--model``): checked against the adapters' fingerprint from its
+            config alone (no weights read). None: the base the folder records.
+
+    Returns:
+        ``{"name_or_path", "revision", "tokenizer"}`` to load.
+
+    Raises:
+        ValueError: no recorded base and no ``model``; a recorded folder that is gone or a hub id
+            that cannot be loaded (offline, not cached), both asking for ``--model``; an explicit
+            ``model`` whose shape differs from the adapters' base (both named).
+    """
+    from transformers import AutoConfig
+
+    directory = os.fspath(directory)
+    meta = read_adapter_meta(directory)
+    record = meta.get("base") or {}
+    recorded = record.get("name_or_path")
+    if model is not None:
+        model_config = _base_config(os.path.expanduser(os.fspath(model)))
+        fingerprint = {key: getattr(model_config, key, None) for key in FINGERPRINT_KEYS}
+        saved = meta.get("base_model") or {}
+        differences = [f"{k} {saved.get(k)!r} vs {fingerprint[k]!r}" for k in FINGERPRINT_KEYS
+                       if saved.get(k) != fingerprint[k]]
+        if differences:
+            raise ValueError(f"--model {model} is not the base the adapters in {directory} were trained on "
+                             f"({recorded or 'base not recorded'}): {'; '.join(differences)}")
+        return {"name_or_path": model, "revision": None, "tokenizer": model}
+    if not recorded:
+        raise ValueError(f"the adapters in {directory} do not record their base model (saved by an older lslo); "
+                         "pass --model")
+    if _looks_like_local_path(recorded) or os.path.isabs(recorded):
+        if not os.path.isdir(recorded):
+            raise ValueError(f"the adapters in {directory} were trained on {recorded}, which is not there any more; "
+                             "pass --model")
+    else:
+        try:
+            AutoConfig.from_pretrained(recorded, revision=record.get("revision"))
+        except OSError:
+            raise ValueError(f"the adapters in {directory} were trained on {recorded} (revision "
+                             f"{record.get('revision')}), which cannot be loaded here (hub offline and not cached?); "
+                             "pass --model") from None
+    tokenizer = record.get("tokenizer") or recorded
+    if (_looks_like_local_path(tokenizer) or os.path.isabs(tokenizer)) and not os.path.isdir(tokenizer):
+        tokenizer = recorded
+    return {"name_or_path": recorded, "revision": record.get("revision"), "tokenizer": tokenizer}
+
+
+def load_adapters(model: nn.Module | None, directory: str | os.PathLike) -> nn.Module:
     """Load adapters saved by :func:`save_adapters` into ``model`` (injecting LSLo if it has none).
+
+    ``model=None`` loads the base model the folder records (:func:`resolve_adapter_base`) first.
 
     Finishes or undoes an interrupted save first (:func:`lslo.io.recover_directory`), and reads
     both files of one save even while another process replaces it. Refused with ValueError:
@@ -337,6 +437,9 @@ def load_adapters(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """
     directory = os.fspath(directory)
     recover_directory(directory)  # an interrupted swap decides which files are there
+    if model is None:
+        base = resolve_adapter_base(directory)
+        model = load_base_model(base["name_or_path"], revision=base["revision"])
     if not os.path.exists(os.path.join(directory, ADAPTER_CONFIG_NAME)) and holds_weight_learning(directory):
         return load_weight_learning(model, directory)
     files = _read_adapter_files(directory, with_weights=True)
@@ -500,6 +603,27 @@ def _check_device(device: torch.device | str) -> None:
         raise ValueError(f"device {str(device)!r}: this machine has {count()} {parsed.type} device(s)")
 
 
+def _check_local_folder(name_or_path: str) -> None:
+    if _looks_like_local_path(name_or_path) and not os.path.isdir(name_or_path):
+        what = "not a directory" if os.path.exists(name_or_path) else "no such directory"
+        raise FileNotFoundError(f"{name_or_path}: {what} (a local model folder was expected)")
+
+
+def _base_config(name_or_path: str, **hub_kwargs):
+    """The model's ``AutoConfig``; a missing local folder or an unreachable hub id raise naming both sides."""
+    from transformers import AutoConfig
+
+    _check_local_folder(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(name_or_path, **hub_kwargs)
+    except OSError as exc:
+        if os.path.exists(name_or_path):
+            raise
+        # Neither a folder here nor reachable on the hub: say both, not only the hub's side.
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OSError(f"{name_or_path}: no such directory, and not loadable from the Hugging Face hub ({reason})") from exc
+
+
 def load_base_model(name_or_path: str, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                     **from_pretrained_kwargs) -> nn.Module:
     """Load an M2M-100-architecture translation model (M2M-100, M2M-124, NLLB dense) in eval mode.
@@ -510,25 +634,16 @@ def load_base_model(name_or_path: str, *, dtype: torch.dtype | None = None, devi
         device: where to put the model (default: CPU).
         from_pretrained_kwargs: passed to ``from_pretrained`` (revision, cache_dir, local_files_only, ...).
     """
-    from transformers import AutoConfig, M2M100ForConditionalGeneration
+    from transformers import M2M100ForConditionalGeneration
 
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(f"name_or_path must be a hub id or a folder, got {type(name_or_path).__name__}")
     name_or_path = os.path.expanduser(os.fspath(name_or_path))
-    if _looks_like_local_path(name_or_path) and not os.path.isdir(name_or_path):
-        what = "not a directory" if os.path.exists(name_or_path) else "no such directory"
-        raise FileNotFoundError(f"{name_or_path}: {what} (a local model folder was expected)")
+    _check_local_folder(name_or_path)  # before the device: a wrong path is the first thing to say
     if device is not None:
         _check_device(device)
     hub_kwargs = {k: v for k, v in from_pretrained_kwargs.items() if k in _HUB_KWARGS}
-    try:
-        model_config = AutoConfig.from_pretrained(name_or_path, **hub_kwargs)
-    except OSError as exc:
-        if os.path.exists(name_or_path):
-            raise
-        # Neither a folder here nor reachable on the hub: say both, not only the hub's side.
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise OSError(f"{name_or_path}: no such directory, and not loadable from the Hugging Face hub ({reason})") from exc
+    model_config = _base_config(name_or_path, **hub_kwargs)
     if model_config.model_type != "m2m_100":
         raise ValueError(f"{name_or_path} is a {model_config.model_type!r} model; LSLo supports the M2M-100 "
                          "architecture (model_type 'm2m_100': M2M-100, M2M-124, NLLB dense)")

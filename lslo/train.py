@@ -35,7 +35,8 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .card import write_model_card
 from .checkpoints import (
     LOCK_NAME,
     CheckpointError,
@@ -59,29 +61,51 @@ from .checkpoints import (
     verify_checkpoint,
     write_manifest,
 )
-from .config import GROUP_ORDER, LSLoConfig
+from .config import LSLoConfig
 from .context import route
 from .distributed import Heartbeat, distributed_setup, is_collective_timeout
 from .io import atomic_directory, atomic_write_file, recover_directory
-from .model import apply_lslo, load_adapters, load_base_model, model_fingerprint, save_adapters
-from .pruning import gradual_pruning_ratio, prune, pruning_summary
-from .weight_learning import index_plan_document
+from .methods import (
+    TrainingMethod,
+    _load_index_plan,  # noqa: F401 (lslo.train._load_index_plan: read by the analyses' tests)
+    _parse_mapping,
+    _parse_ranks,  # noqa: F401 (as above)
+    get_method,
+    language_prune_targets,
+    parse_prune_spec,
+)
+from .model import load_adapters, load_base_model, model_fingerprint, resolve_adapter_base
+from .recipe import (
+    MIXED_PRECISION_CHOICES,
+    PRESETS,
+    RECIPE,
+    apply_model_overrides,
+    format_presets,
+    resolve_mixed_precision,
+    tokens_per_step_warning,
+)
 
 __all__ = [
     "PRESETS",
     "EvalArguments",
+    "RecipeWarning",
     "TrainArguments",
     "TrainResult",
     "TrainingError",
+    "dry_run",
     "evaluate_run",
+    "format_presets",
+    "forward_loss",
     "inverse_sqrt_lr",
+    "language_prune_targets",
     "parse_prune_spec",
+    "plot_run_curves",
     "plot_training_curves",
     "train",
+    "train_step",
 ]
 
-METHODS = ("lslo", "ft-all", "pretrain", "weight-learning")
-_MIXED_PRECISION = ("no", "bf16", "fp16")
+DEFAULT_BASE_MODEL = "facebook/flores101_mm100_615M"
 RUN_CONFIG_NAME = "run_config.json"
 METRICS_NAME = "metrics.jsonl"
 CURVES_NAME = "curves.png"
@@ -89,14 +113,22 @@ CHECKPOINTS_DIR = "checkpoints"
 FINAL_DIR = "final"
 _CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
 # Fields that may change between a run and its resumption (how long, how often, where to report).
+# What run_config.json holds besides the TrainArguments fields: derived from them (and the data), so a
+# resume does not compare them on their own (optimizer_steps follows epochs and max_steps).
+_PLAN_KEYS = ("processes", "mixed_precision_source", "trainable_parameters", "batches_per_epoch", "optimizer_steps",
+              "tokens_per_optimizer_step", "model_config_overrides")
 _RESUMABLE_FIELDS = frozenset({
     "resume", "overwrite", "max_steps", "save_every", "keep_last", "log_every", "epochs", "preset",
     "eval_every_epoch", "eval_sentences", "num_beams", "spm_model", "progress", "config",
     "resume_or_start", "allow_data_change", "reshard", "ddp_timeout",
-})
+}) | frozenset(_PLAN_KEYS)
 # Where things are, not what they are: a run folder, its model and its data may move. The model and
 # the data are compared by their fingerprints (run_config["fingerprints"]) instead.
 _LOCATION_FIELDS = frozenset({"output_dir", "model", "flores_dir", "train_tsv"})
+
+
+class RecipeWarning(UserWarning):
+    """A setting takes the run away from the authors' recipe in a way that is easy to miss."""
 
 
 class TrainingError(RuntimeError):
@@ -110,56 +142,6 @@ class Interrupted(Exception):
         self.signum = signum
         self.checkpoint = checkpoint
         super().__init__(f"interrupted by {signal.Signals(signum).name}; checkpoint: {checkpoint}")
-
-
-# --------------------------------------------------------------------- presets
-def _gps(ranks: str, ratio: float, **more) -> dict[str, Any]:
-    return {"ranks": ranks, "prune": f"H={ratio},M={ratio}", **more}
-
-
-# The paper's rows (Tables 1-4). LSLo rows use the authors' initialisation and FFN adaptation so that
-# the parameter counts equal the paper's (lslo params --ffn reference). "WL" = the paper's index plan.
-PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
-    "lang12-pretrain": ("Table 1 'Pretrain' (zero-shot; evaluation only)", {"languages": "lang12", "method": "pretrain"}),
-    "lang12-ft-all": ("Table 1 'Ft-all' (615M trainable, lr 1e-4)", {"languages": "lang12", "method": "ft-all"}),
-    "lang12-4-4-4": ("Table 1 '4;4;4+WL'", {"languages": "lang12", "ranks": "4;4;4"}),
-    "lang12-8-8-8": ("Table 1 '8;8;8+WL'", {"languages": "lang12", "ranks": "8;8;8"}),
-    "lang12-16-16-16": ("Table 1 '16;16;16+WL'", {"languages": "lang12", "ranks": "16;16;16"}),
-    "lang12-64-64-64": ("Table 1 '64;64;64+WL'", {"languages": "lang12", "ranks": "64;64;64"}),
-    "lang12-2-2-8": ("Table 1 '2;2;8+WL'", {"languages": "lang12", "ranks": "2;2;8"}),
-    **{f"lang12-2-2-8-gps{p}": (f"Table 1 '2;2;8+WL+GPS({p})'", {"languages": "lang12", **_gps("2;2;8", p)})
-       for p in (0.1, 0.3, 0.5, 0.7, 0.9)},
-    "lang12-2-2-16-gps0.9": ("Table 1 '2;2;16+WL+GPS(0.9)'", {"languages": "lang12", **_gps("2;2;16", 0.9)}),
-    "lang12-2-2-64-gps0.9": ("Table 1 '2;2;64+WL+GPS(0.9)'", {"languages": "lang12", **_gps("2;2;64", 0.9)}),
-    "lang12-src-gps0.9": ("Table 3 '2;2;8+SRC+GPS(0.9)'", {"languages": "lang12", "index_plan": "src", **_gps("2;2;8", 0.9)}),
-    "lang12-tgt-gps0.9": ("Table 3 '2;2;8+TGT+GPS(0.9)'", {"languages": "lang12", "index_plan": "tgt", **_gps("2;2;8", 0.9)}),
-    "lang12-attn-2-2-8-gps0.9": ("Table 4 'Only attn 2;2;8+WL+GPS(0.9)'",
-                                 {"languages": "lang12", "target_modules": "attn", **_gps("2;2;8", 0.9)}),
-    "lang12-attn-2-2-16-gps0.9": ("Table 4 'Only attn 2;2;16+WL+GPS(0.9)'",
-                                  {"languages": "lang12", "target_modules": "attn", **_gps("2;2;16", 0.9)}),
-    **{f"lang12-fc-2-2-{r}-gps0.9": (f"Table 4 'Only fc 2;2;{r}+WL+GPS(0.9)'",
-                                     {"languages": "lang12", "target_modules": "fc", **_gps(f"2;2;{r}", 0.9)})
-       for r in (16, 32, 64)},
-    "lang30-pretrain": ("Table 2 'Pretrain' (zero-shot; evaluation only)", {"languages": "lang30", "method": "pretrain"}),
-    "lang30-ft-all": ("Table 2 'Ft-all'", {"languages": "lang30", "method": "ft-all"}),
-    "lang30-8-8-8-8": ("Table 2 '8;8;8;8+WL'", {"languages": "lang30", "ranks": "8;8;8;8"}),
-    "lang30-16-16-16-16": ("Table 2 '16;16;16;16+WL'", {"languages": "lang30", "ranks": "16;16;16;16"}),
-    "lang30-2-2-8-8-gps0.9": ("Table 2 '2;2;8;8+WL+GPS(0.9)'", {"languages": "lang30", **_gps("2;2;8;8", 0.9)}),
-}
-for _row, _values in PRESETS.values():
-    if _values.get("method", "lslo") == "lslo":
-        _values.setdefault("init", "reference")
-        _values.setdefault("ffn", "reference")
-
-
-def format_presets() -> str:
-    """The table ``lslo train --list-presets`` prints."""
-    width = max(map(len, PRESETS))
-    lines = [f"{'preset':<{width}}  paper row / settings"]
-    for name, (row, values) in PRESETS.items():
-        settings = ", ".join(f"{k}={v}" for k, v in values.items() if k != "languages")
-        lines.append(f"{name:<{width}}  {row}  [{settings}]")
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------- arguments
@@ -195,31 +177,54 @@ class TrainArguments:
     prune_pool: str = field(default="language", metadata=_help(
         "language (GPS: one L1 pool per language) or layer (one pool per encoder/decoder layer across languages: "
         "Intrinsic Subspace Estimation)"))
-    prune_start: int = field(default=2, metadata=_help("E: last epoch without pruning"))
-    prune_duration: int = field(default=8, metadata=_help("k: epochs over which pruning reaches its ratio"))
+    prune_start: int = field(default=RECIPE["prune_start"], metadata=_help(
+        "E: last epoch without pruning (the paper's Appendix B, Table 7: E=2)"))
+    prune_duration: int = field(default=RECIPE["prune_duration"], metadata=_help(
+        "k: epochs over which pruning reaches its ratio (the paper's Appendix B, Table 7: k=8; the authors' README "
+        "command uses k=10)"))
     target_modules: str = field(default="all", metadata=_help("all, attn, fc, names or a regex"))
     index_plan: str = field(default="paper", metadata=_help("paper, src, tgt, or a JSON plan file"))
     init: str = field(default="lora", metadata=_help("lora or reference (the authors' A initialisation)"))
     ffn: str = field(default="full", metadata=_help("full or reference (adapt only d_model units of fc1/fc2)"))
-    epochs: int = field(default=15, metadata=_help("training epochs"))
+    epochs: int = field(default=RECIPE["epochs"], metadata=_help("training epochs (the paper's Section 6.2; the "
+                                                                 "authors' --max-epoch 15)"))
     max_steps: int | None = field(default=None, metadata=_help("stop after this many optimizer steps"))
     save_every: int | None = field(default=None, metadata=_help("also checkpoint every N optimizer steps"))
     keep_last: int = field(default=2, metadata=_help("checkpoints kept"))
-    seed: int = field(default=1, metadata=_help("random seed"))
-    lr: float | None = field(default=None, metadata=_help("peak learning rate (default 3e-3 lslo, 1e-4 ft-all)"))
-    warmup_updates: int = field(default=4000, metadata=_help("inverse-sqrt warm-up steps (fairseq's default)"))
-    adam_betas: str = field(default="0.9,0.98", metadata=_help("Adam betas"))
-    adam_eps: float = field(default=1e-8, metadata=_help("Adam epsilon"))
-    weight_decay: float = field(default=0.0, metadata=_help("weight decay"))
-    clip_norm: float = field(default=0.0, metadata=_help("gradient norm clipping (0 = off)"))
-    label_smoothing: float = field(default=0.2, metadata=_help("label smoothing of the cross-entropy"))
-    dropout: float = field(default=0.1, metadata=_help("dropout of the base model's layers"))
-    max_tokens: int = field(default=4096, metadata=_help("token budget of a batch per process"))
+    seed: int = field(default=RECIPE["seed"], metadata=_help("random seed (the authors' --seed 2)"))
+    lr: float | None = field(default=None, metadata=_help(
+        "peak learning rate (default: the method's, the paper's Section 6.2: 3e-3 lslo and weight-learning, "
+        "1e-4 ft-all)"))
+    warmup_updates: int = field(default=RECIPE["warmup_updates"], metadata=_help(
+        "inverse-sqrt warm-up steps (the authors' --warmup-updates 1: lr / sqrt(step) from the first step)"))
+    adam_betas: str = field(default=RECIPE["adam_betas"], metadata=_help("Adam betas (the recipe's (0.9, 0.98))"))
+    adam_eps: float = field(default=RECIPE["adam_eps"], metadata=_help("Adam epsilon (fairseq's default 1e-8)"))
+    weight_decay: float = field(default=RECIPE["weight_decay"], metadata=_help(
+        "weight decay (the authors set none: fairseq's default 0)"))
+    clip_norm: float = field(default=RECIPE["clip_norm"], metadata=_help(
+        "gradient norm clipping, 0 = off (the authors set none: fairseq's default 0)"))
+    label_smoothing: float = field(default=RECIPE["label_smoothing"], metadata=_help(
+        "label smoothing of the cross-entropy (the authors' --label-smoothing 0.2)"))
+    dropout: float = field(default=RECIPE["dropout"], metadata=_help(
+        "dropout of the base model's layers (the authors' --dropout 0.1)"))
+    attention_dropout: float = field(default=RECIPE["attention_dropout"], metadata=_help(
+        "dropout of the attention weights (the recipe's 0.1: M2M-100's config default)"))
+    activation_dropout: float = field(default=RECIPE["activation_dropout"], metadata=_help(
+        "dropout after the FFN activation (the recipe's 0.0: M2M-100's config default)"))
+    layerdrop: float = field(default=RECIPE["layerdrop"], metadata=_help(
+        "layer drop of the encoder and the decoder (the authors' fairseq default 0; M2M-100 configs carry 0.05)"))
+    max_tokens: int = field(default=RECIPE["max_tokens"], metadata=_help(
+        "token budget of a batch per process (the authors' --max-tokens 4000)"))
     max_sentences: int | None = field(default=None, metadata=_help("sentences per batch at most"))
     max_length: int | None = field(default=256, metadata=_help("truncate sentences to this many tokens"))
-    update_freq: int = field(default=1, metadata=_help("gradient accumulation: batches per optimizer step"))
-    sampling_temperature: float = field(default=5.0, metadata=_help("temperature of direction sampling"))
-    mixed_precision: str = field(default="no", metadata=_help("no, bf16 or fp16 (GPU)"))
+    update_freq: int = field(default=RECIPE["update_freq"], metadata=_help(
+        "batches per optimizer step on each process (the authors' --update-freq 4). An optimizer step takes "
+        "processes x update_freq batches: on P processes pass 4/P to keep the recipe's 16k tokens a step"))
+    sampling_temperature: float = field(default=RECIPE["sampling_temperature"], metadata=_help(
+        "temperature of direction sampling (lslo's default: the authors' command does not state one)"))
+    mixed_precision: str | None = field(default=None, metadata=_help(
+        "no, bf16 or fp16; unset: accelerate's ACCELERATE_MIXED_PRECISION or config file, else the authors' --amp "
+        "(bf16 on a GPU that supports it, fp16 on another GPU, fp32 on the CPU)"))
     cpu: bool = field(default=False, metadata=_help("train on the CPU even when a GPU is present"))
     log_every: int = field(default=10, metadata=_help("steps between logged metrics"))
     eval_every_epoch: bool = field(default=False, metadata=_help("evaluate devtest after every epoch (Figure 3)"))
@@ -245,10 +250,10 @@ class TrainArguments:
     def __post_init__(self) -> None:
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; see `lslo train --list-presets`")
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.mixed_precision not in _MIXED_PRECISION:
-            raise ValueError(f"mixed_precision must be one of {_MIXED_PRECISION}, got {self.mixed_precision!r}")
+        method = get_method(self.method)  # ValueError naming the registered methods
+        if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION_CHOICES:
+            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION_CHOICES} or None (resolved), got "
+                             f"{self.mixed_precision!r}")
         for name in ("epochs", "keep_last", "max_tokens", "update_freq", "log_every", "num_beams", "warmup_updates"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "warmup_updates" else 1):
@@ -257,7 +262,7 @@ class TrainArguments:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("label_smoothing", "dropout"):
+        for name in ("label_smoothing", "dropout", "attention_dropout", "activation_dropout", "layerdrop"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {value!r}")
@@ -266,8 +271,7 @@ class TrainArguments:
         if not (isinstance(self.sampling_temperature, (int, float)) and self.sampling_temperature > 0):
             raise ValueError(f"sampling_temperature must be > 0, got {self.sampling_temperature!r}")
         self.betas()  # parse now: a bad value must fail before the model loads
-        if self.method == "lslo" and self.prune:
-            parse_prune_spec(self.prune)
+        method.check(self)
         if self.prune_pool not in ("language", "layer"):
             raise ValueError(f"prune_pool must be 'language' or 'layer', got {self.prune_pool!r}")
         if isinstance(self.ddp_timeout, bool) or not isinstance(self.ddp_timeout, int) or self.ddp_timeout < 1:
@@ -278,7 +282,7 @@ class TrainArguments:
         """Arguments of a paper row, with ``overrides`` on top."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[name][1], "preset": name, **overrides})
+        return cls(**{**PRESETS[name].values, "preset": name, **overrides})
 
     def betas(self) -> tuple[float, float]:
         try:
@@ -290,85 +294,17 @@ class TrainArguments:
     def peak_lr(self) -> float:
         if self.lr is not None:
             return float(self.lr)
-        return 1e-4 if self.method == "ft-all" else 3e-3
+        return get_method(self.method).default_lr
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-
-def parse_prune_spec(spec: str | float | Mapping[str, float] | None) -> dict[str, float]:
-    """``"H=0.9,M=0.9"`` (groups and/or language codes) -> ``{key: ratio}``; each ratio in [0, 1).
-    A bare number (``"0.7"``) applies to every language: key ``"*"``."""
-    if spec is None or spec == "":
-        return {}
-    if isinstance(spec, (int, float)) or (isinstance(spec, str) and "=" not in spec and "," not in spec):
-        spec = {"*": spec}
-    if isinstance(spec, Mapping):
-        items = list(spec.items())
-    else:
-        items = []
-        for part in str(spec).split(","):
-            key, sep, value = part.partition("=")
-            if not sep or not key.strip():
-                raise ValueError(f"--prune expects 'GROUP=ratio' or 'code=ratio' entries, got {part!r} in {spec!r}")
-            items.append((key.strip(), value.strip()))
-    ratios = {}
-    for key, value in items:
-        try:
-            ratio = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"--prune ratio of {key!r} is not a number: {value!r}") from None
-        if not 0.0 <= ratio < 1.0:
-            raise ValueError(f"--prune ratio of {key!r} must be in [0, 1), got {ratio}")
-        ratios[key] = ratio
-    return ratios
-
-
-def _parse_mapping(text: str | None, what: str) -> dict[str, str]:
-    if not text:
-        return {}
-    out = {}
-    for part in text.split(","):
-        key, sep, value = part.partition("=")
-        if not sep:
-            raise ValueError(f"{what} expects 'key=value' entries, got {part!r}")
-        out[key.strip()] = value.strip()
-    return out
-
-
-def _parse_ranks(text: str | None):
-    if text is None:
-        return None
-    text = str(text).strip()
-    if "=" in text:
-        return {k: int(v) for k, v in _parse_mapping(text, "--ranks").items()}
-    if text.isdigit():
-        return int(text)
-    return text
-
-
-def language_prune_targets(config: LSLoConfig, spec) -> dict[str, float]:
-    """Per-language final ratio from a ``--prune`` spec of groups and/or codes (a code's own entry wins)."""
-    ratios = parse_prune_spec(spec)
-    known_groups = set(GROUP_ORDER)
-    if "*" in ratios:
-        return dict.fromkeys(config.languages, ratios["*"])
-    for key in ratios:
-        if key not in known_groups and key not in config.languages:
-            raise ValueError(f"--prune names {key!r}, which is neither a resource group (H, M, L, V) nor one of the "
-                             f"languages {list(config.languages)}")
-    targets = {}
-    for code in config.languages:
-        if code in ratios:
-            targets[code] = ratios[code]
-        elif config.group_of(code) in ratios:
-            targets[code] = ratios[config.group_of(code)]
-    groups_named = [k for k in ratios if k in known_groups]
-    present = {config.group_of(c) for c in config.languages}
-    missing = [g for g in groups_named if g not in present]
-    if missing:
-        raise ValueError(f"--prune names resource group(s) {missing} but no language of {list(config.languages)} is in them")
-    return targets
+    def resolved(self, *, cuda: bool | None = None) -> dict[str, Any]:
+        """Every field with the value a run uses: ``lr`` the method's peak rate when unset,
+        ``mixed_precision`` as :func:`lslo.recipe.resolve_mixed_precision` decides (``cuda``: whether a
+        GPU is used; default: whether one is available)."""
+        return {**self.to_dict(), "lr": self.peak_lr(),
+                "mixed_precision": resolve_mixed_precision(self.mixed_precision, self.cpu, cuda)[0]}
 
 
 # ----------------------------------------------------------------- schedule
@@ -555,15 +491,6 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _set_dropout(model: torch.nn.Module, p: float) -> None:
-    # M2M-100 layers read `self.dropout` (a float, config.dropout) in forward; attention modules hold
-    # their own `dropout` (config.attention_dropout), which this leaves alone.
-    model.config.dropout = p
-    for module in model.modules():
-        if "Attention" not in type(module).__name__ and isinstance(getattr(module, "dropout", None), float):
-            module.dropout = p
-
-
 def _label_smoothed_loss(logits: torch.Tensor, labels: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(loss, nll, tokens): means over the non-padding target tokens.
 
@@ -664,8 +591,12 @@ class _Run:
         from accelerate.utils import set_seed
 
         self.args = args
+        self.method: TrainingMethod = get_method(args.method)
+        # kept for the checkpoint code, which saves a full model when there is no LSLo config
+        self.weight_learning = args.method == "weight-learning"
+        self.mixed_precision, self.mixed_precision_source = resolve_mixed_precision(args.mixed_precision, args.cpu)
         cpu, handlers, launched = distributed_setup(args.cpu, args.ddp_timeout)
-        self.accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=cpu, kwargs_handlers=handlers)
+        self.accelerator = Accelerator(mixed_precision=self.mixed_precision, cpu=cpu, kwargs_handlers=handlers)
         self.is_main = self.accelerator.is_main_process
         self.world = self.accelerator.num_processes
         if launched > 1 and self.world != launched:
@@ -677,9 +608,14 @@ class _Run:
         self.resume_notes: list[dict[str, Any]] = []  # what makes a resumed run inexact, for metrics.jsonl
         self.heartbeat = Heartbeat(self.world, self.accelerator.process_index)
         set_seed(args.seed)
+        warning = tokens_per_step_warning(args.max_tokens, args.update_freq, self.world)
+        if warning is not None and self.is_main:
+            warnings.warn(warning, RecipeWarning, stacklevel=3)
 
     # ---- set-up
-    def load(self) -> None:
+    def load(self, dry_run: bool = False) -> None:
+        """Read the data, resolve the run (:meth:`plan`), then (unless ``dry_run``) claim the output
+        folder and load the model. A dry run reads the model's config only, nothing is written."""
         from transformers import AutoTokenizer
 
         from . import data
@@ -707,69 +643,77 @@ class _Run:
         if args.flores_dir is not None:
             # Read now, so that a missing file or a line-count mismatch fails before training; kept for evaluation.
             self.devtest = data.load_flores(args.flores_dir, self.languages, "devtest")
-        self.lslo_config = None
-        # Weight Learning (lslo.analysis.learn_index): LSLo's config, injected as dual-routing layers.
-        self.weight_learning = args.method == "weight-learning"
-        if self.weight_learning and args.prune:
-            raise ValueError("--prune does not apply to --method weight-learning (it learns the index plan)")
-        if args.method in ("lslo", "weight-learning"):
-            groups = _parse_mapping(args.groups, "--groups") or None
-            ranks = _parse_ranks(args.ranks)
-            kwargs = {"ranks": ranks} if ranks is not None else {}
-            self.lslo_config = LSLoConfig(languages=list(self.languages), groups=groups, target_modules=args.target_modules,
-                                          index_plan=_load_index_plan(args.index_plan), init=args.init, ffn=args.ffn, **kwargs)
-            self.prune_targets = language_prune_targets(self.lslo_config, args.prune)
-        elif args.prune:
-            raise ValueError(f"--prune applies to LSLo adapters; method {args.method!r} has none")
-        else:
-            self.prune_targets = {}
+        self.method.check(args)
+        self.lslo_config = self.method.adapter_config(args, self.languages)
+        self.prune_targets = self.method.prune_targets(self.lslo_config, args)
 
-        self.run_config = {**args.to_dict(), "languages": list(self.languages)}
-        self.run_config["fingerprints"] = _run_fingerprints(args, self.languages)
-        self.output_dir = _prepare_output_dir(args, self.run_config, self.accelerator, self.lock)
-        if args.method == "pretrain":
+        if not self.method.trains:
             self.corpus = None
         elif examples is not None:
             self.corpus = data.encode_examples(self.tokenizer, examples, max_length=args.max_length)
         else:
             self.corpus = data.flores_corpus(self.tokenizer, args.flores_dir, self.languages, "dev",
                                              max_length=args.max_length)
+        self.run_config = self.plan()
+        if dry_run:
+            return
+        # Hashes the model's files: a real run only (a dry run reads no weights).
+        self.run_config["fingerprints"] = _run_fingerprints(args, self.languages)
+        self.output_dir = _prepare_output_dir(args, self.run_config, self.accelerator, self.lock)
 
         model = load_base_model(args.model)
         model.float()
-        _set_dropout(model, args.dropout)
-        if self.weight_learning:
-            from .model import apply_weight_learning
-
-            apply_weight_learning(model, self.lslo_config)
-        elif self.lslo_config is not None:
-            apply_lslo(model, self.lslo_config)
-        elif args.method == "ft-all":
-            for p in model.parameters():
-                p.requires_grad_(True)
+        # The recipe's dropouts and layer drop, whatever the base model's config says; a saved ft-all
+        # model gets its config's own values back (original_model_config).
+        self.model_overrides = apply_model_overrides(model, dropout=args.dropout, attention_dropout=args.attention_dropout,
+                                                     activation_dropout=args.activation_dropout,
+                                                     layerdrop=args.layerdrop)
+        self.method.set_up(model, self.lslo_config)
         self.model = model
         self.fingerprint = model_fingerprint(model)
 
+    def plan(self) -> dict[str, Any]:
+        """The resolved run (what ``--dry-run`` prints and ``run_config.json`` holds): every
+        TrainArguments field as used, the languages, the trainable parameters (counted on the meta
+        device from the model's config), the batches and steps, the model-config overrides."""
+        from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+        from .data import make_batches
+
+        args = self.args
+        config = AutoConfig.from_pretrained(args.model)
+        with torch.device("meta"):  # shapes only: no weights are read
+            model = AutoModelForSeq2SeqLM.from_config(config)
+        overrides = apply_model_overrides(model, dropout=args.dropout, attention_dropout=args.attention_dropout,
+                                          activation_dropout=args.activation_dropout, layerdrop=args.layerdrop)
+        self.method.set_up(model, self.lslo_config)
+        trainable = {"total": sum(p.numel() for p in self.method.trainable_parameters(model)) if self.method.trains
+                     else 0, "groups": self.method.parameter_groups(model)}
+        per_step = self.world * args.update_freq
+        batches, steps = [], 0
+        for epoch in range(1, args.epochs + 1) if self.corpus is not None else ():
+            count = len(make_batches(self.corpus, max_tokens=args.max_tokens, epoch=epoch, seed=args.seed,
+                                     temperature=args.sampling_temperature, max_sentences=args.max_sentences))
+            batches.append(count)
+            steps += count // per_step
+        if args.max_steps is not None:
+            steps = min(steps, args.max_steps)
+        return {**args.resolved(cuda=self.accelerator.device.type == "cuda"), "languages": list(self.languages),
+                "processes": self.world, "mixed_precision_source": self.mixed_precision_source,
+                "trainable_parameters": trainable, "batches_per_epoch": batches, "optimizer_steps": steps,
+                "tokens_per_optimizer_step": args.max_tokens * per_step, "model_config_overrides": overrides}
+
     def save_trained(self, model: torch.nn.Module, directory: Path) -> None:
         """The adapters (or, for weight-learning, both routings and the mixing logits) into ``directory``."""
-        if self.weight_learning:
-            from .weight_learning import save_weight_learning
-
-            save_weight_learning(model, directory)
-        else:
-            save_adapters(model, directory)
+        self.method.save(model, directory, tokenizer=self.tokenizer, config_overrides=self.model_overrides,
+                         metadata={"recipe": self.run_config, "pruning": self.method.pruned(model)})
 
     def load_trained(self, model: torch.nn.Module, directory: Path) -> None:
-        if self.weight_learning:
-            from .weight_learning import load_weight_learning
-
-            load_weight_learning(model, directory)
-        else:
-            load_adapters(model, directory)
+        self.method.load(model, directory)
 
     def build_optimizer(self) -> None:
         args = self.args
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = self.method.trainable_parameters(self.model)
         optimizer = torch.optim.Adam(params, lr=args.peak_lr(), betas=args.betas(), eps=args.adam_eps,
                                      weight_decay=args.weight_decay)
         self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
@@ -952,59 +896,121 @@ class _Run:
         rank = self.accelerator.process_index
         return [step_batches[u * self.world + rank] for u in range(self.args.update_freq)]
 
-    def _forward_loss(self, indices: list[int]):
-        from transformers.models.m2m_100.modeling_m2m_100 import shift_tokens_right
-
+    def _batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         from .data import collate
 
         batch = collate(self.corpus, indices, pad_token_id=self.tokenizer.pad_token_id, languages=self.languages)
-        device = self.accelerator.device
-        batch = {k: v.to(device) for k, v in batch.items()}
-        config = self.accelerator.unwrap_model(self.model).config
-        decoder_input_ids = shift_tokens_right(batch["labels"], config.pad_token_id, config.decoder_start_token_id)
-        with route(src=batch["src_lang_ids"], tgt=batch["tgt_lang_ids"]), self.accelerator.autocast():
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                decoder_input_ids=decoder_input_ids).logits
-            loss, nll, tokens = _label_smoothed_loss(logits, batch["labels"], self.args.label_smoothing)
-        return loss, nll, tokens, batch
+        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
     def train_step(self, micro_batches: list[list[int]], step: int) -> dict[str, float]:
-        """One optimizer step (number ``step``, from 1) over this process's micro-batches."""
-        update_freq = len(micro_batches)
+        """One optimizer step (number ``step``, from 1) over this process's micro-batches (corpus indices)."""
         lr = inverse_sqrt_lr(step, self.args.peak_lr(), self.args.warmup_updates)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        total = torch.zeros(4, dtype=torch.float64, device=self.accelerator.device)  # loss, nll, tokens, sentences
-        for u, indices in enumerate(micro_batches):
-            last = u == update_freq - 1
-            context = self.accelerator.no_sync(self.model) if not last else contextlib.nullcontext()
-            with context:
-                loss, nll, tokens, batch = self._forward_loss(indices)
-                # Gloo/NCCL average gradients over processes; each micro-batch is a mean over its tokens,
-                # so the step's gradient is the mean over its world * update_freq micro-batches.
-                with route(src=batch["src_lang_ids"], tgt=batch["tgt_lang_ids"]):
-                    self.accelerator.backward(loss / update_freq)
-            total += torch.tensor([float(loss.detach()), float(nll), tokens, len(indices)], dtype=torch.float64,
-                                  device=total.device)
-        if self.args.clip_norm > 0:
-            self.accelerator.clip_grad_norm_(self.trainable, self.args.clip_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        total = self.accelerator.reduce(total, reduction="sum")
-        micro = update_freq * self.world
-        return {"loss": float(total[0]) / micro, "nll": float(total[1]) / micro,
-                "tokens": int(total[2]), "sentences": int(total[3]), "lr": lr}
+        # A generator: each micro-batch is collated when its turn comes (one batch on the device at a time).
+        batches = (self._batch(indices) for indices in micro_batches)
+        return train_step(self.model, self.optimizer, batches, lr=lr, label_smoothing=self.args.label_smoothing,
+                          num_batches=len(micro_batches), accelerator=self.accelerator, clip_norm=self.args.clip_norm,
+                          parameters=self.trainable)
 
     def apply_pruning(self, epoch: int) -> dict[str, float]:
-        if not self.prune_targets:
-            return {}
-        args = self.args
-        ratios = {code: gradual_pruning_ratio(epoch, target, start=args.prune_start, duration=args.prune_duration)
-                  for code, target in self.prune_targets.items()}
+        """The method's epoch-start hook (LSLo: the Gradual Pruning Schedule's ratios for ``epoch``)."""
         model = self.accelerator.unwrap_model(self.model)
-        # The torch optimizer under accelerate's wrapper: prune() zeroes its moments at pruned entries.
-        prune(model, ratios, pool=args.prune_pool, optimizer=getattr(self.optimizer, "optimizer", self.optimizer))
-        return ratios
+        # The torch optimizer under accelerate's wrapper: pruning zeroes its moments at pruned entries.
+        return self.method.on_epoch_start(model, epoch, targets=self.prune_targets, args=self.args,
+                                          optimizer=getattr(self.optimizer, "optimizer", self.optimizer))
+
+
+def forward_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], *, label_smoothing: float,
+                 autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The training loss of one mixed-direction batch: teacher-forced forward inside :func:`lslo.route`,
+    label-smoothed cross-entropy (the engine's step; benchmarks call this, they don't copy it).
+
+    Args:
+        model: an M2M-100 model (LSLo injected or not; a DDP wrapper is fine), in train mode for dropout.
+        batch: :func:`lslo.data.collate`'s dict on the model's device: ``input_ids``/``attention_mask``
+            ``(batch, src_len)``, ``labels`` ``(batch, tgt_len)`` (-100 = padding), ``src_lang_ids`` and
+            ``tgt_lang_ids`` ``(batch,)`` int64.
+        label_smoothing: epsilon of the cross-entropy.
+        autocast: a factory of the mixed-precision context (``accelerator.autocast``); None: none.
+
+    Returns:
+        ``(loss, nll, tokens)``: the smoothed loss (scalar fp32, differentiable), the NLL (no grad),
+        the number of target tokens. Both are means over the non-padding target tokens.
+    """
+    from transformers.models.m2m_100.modeling_m2m_100 import shift_tokens_right
+
+    config = getattr(model, "module", model).config  # DDP keeps the model under .module
+    decoder_input_ids = shift_tokens_right(batch["labels"], config.pad_token_id, config.decoder_start_token_id)
+    context = autocast() if autocast is not None else contextlib.nullcontext()
+    with route(src=batch["src_lang_ids"], tgt=batch["tgt_lang_ids"]), context:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       decoder_input_ids=decoder_input_ids).logits
+        return _label_smoothed_loss(logits, batch["labels"], label_smoothing)
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+               batches: Iterable[Mapping[str, torch.Tensor]], *, lr: float | None, label_smoothing: float,
+               num_batches: int | None = None, accelerator=None,
+               autocast: Callable[[], contextlib.AbstractContextManager] | None = None, clip_norm: float = 0.0,
+               parameters: Sequence[torch.nn.Parameter] | None = None) -> dict[str, float]:
+    """One optimizer step over ``batches`` (gradient accumulation: each batch's loss / their count).
+
+    Args:
+        model, label_smoothing, autocast: as :func:`forward_loss`.
+        optimizer: updated once at the end, its learning rate set to ``lr`` first; None: backward only.
+        batches: :func:`lslo.data.collate` dicts on the model's device (an iterator is consumed lazily).
+        lr: the step's learning rate (e.g. :func:`inverse_sqrt_lr`); None leaves the optimizer's.
+        num_batches: how many ``batches`` holds (default ``len(batches)``): each loss is divided by it.
+        accelerator: an ``accelerate.Accelerator``: its backward (loss scaling), ``no_sync`` on all but
+            the last batch, autocast (unless ``autocast`` is given), clipping, and the metrics summed
+            over processes. None: one process, plain ``backward``.
+        clip_norm: clip the gradient norm of ``parameters`` to this (0 = off).
+        parameters: the trained parameters (for clipping; default: those with ``requires_grad``).
+
+    Returns:
+        ``{"loss", "nll"}`` (means over the micro-batches of every process), ``"tokens"``,
+        ``"sentences"`` (sums) and ``"lr"``.
+    """
+    if num_batches is None:
+        batches = list(batches)
+        num_batches = len(batches)
+    if optimizer is not None and lr is not None:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    if autocast is None and accelerator is not None:
+        autocast = accelerator.autocast
+    device = next(model.parameters()).device
+    total = torch.zeros(4, dtype=torch.float64, device=device)  # loss, nll, tokens, sentences
+    for u, batch in enumerate(batches):
+        last = u == num_batches - 1
+        no_sync = accelerator is not None and not last
+        with accelerator.no_sync(model) if no_sync else contextlib.nullcontext():
+            loss, nll, tokens = forward_loss(model, batch, label_smoothing=label_smoothing, autocast=autocast)
+            # Gloo/NCCL average gradients over processes; each micro-batch is a mean over its tokens,
+            # so the step's gradient is the mean over its world * update_freq micro-batches.
+            with route(src=batch["src_lang_ids"], tgt=batch["tgt_lang_ids"]):
+                if accelerator is not None:
+                    accelerator.backward(loss / num_batches)
+                else:
+                    (loss / num_batches).backward()
+        total += torch.tensor([float(loss.detach()), float(nll), tokens, batch["input_ids"].shape[0]],
+                              dtype=torch.float64, device=total.device)
+    if clip_norm > 0:
+        params = list(parameters) if parameters is not None else [p for p in model.parameters() if p.requires_grad]
+        if accelerator is not None:
+            accelerator.clip_grad_norm_(params, clip_norm)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, clip_norm)
+    if optimizer is not None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    world = 1
+    if accelerator is not None:
+        total = accelerator.reduce(total, reduction="sum")
+        world = accelerator.num_processes
+    micro = num_batches * world
+    return {"loss": float(total[0]) / micro, "nll": float(total[1]) / micro,
+            "tokens": int(total[2]), "sentences": int(total[3]), "lr": lr}
 
 
 def _zero_sums() -> dict[str, float]:
@@ -1024,13 +1030,6 @@ def _run_fingerprints(args: TrainArguments, languages: Sequence[str]) -> dict[st
     return {"model": base_model_fingerprint(args.model), "data": data_fingerprint(files)}
 
 
-def _load_index_plan(value: str):
-    """``--index-plan``: a preset name or a JSON file written by Weight Learning."""
-    if value and (value.endswith(".json") or os.path.sep in value):
-        return index_plan_document(value, what="--index-plan file")
-    return value
-
-
 def _group_means(rows: Sequence[Mapping[str, Any]], config_group_of) -> dict[str, float]:
     from .evaluate import group_table
 
@@ -1046,6 +1045,23 @@ def _group_means(rows: Sequence[Mapping[str, Any]], config_group_of) -> dict[str
 def _group_of_for(languages: Sequence[str], groups_text: str | None):
     config = LSLoConfig(languages=list(languages), groups=_parse_mapping(groups_text, "--groups") or None, ranks=1)
     return config.group_of
+
+
+def dry_run(args: TrainArguments) -> dict[str, Any]:
+    """Resolve a run as :func:`train` would (data read, model config read on the meta device, no
+    weights) and write nothing: ``lslo train --dry-run``.
+
+    Returns:
+        What ``<output-dir>/run_config.json`` of the real run holds: every :class:`TrainArguments`
+        field with the value used (``lr``, ``mixed_precision`` resolved), ``languages``,
+        ``processes``, ``mixed_precision_source``, ``trainable_parameters`` ``{"total", "groups"}``,
+        ``batches_per_epoch`` (one count per epoch), ``optimizer_steps``, ``tokens_per_optimizer_step``
+        (the budget: processes x update_freq x max_tokens) and ``model_config_overrides``
+        (``{key: {"from", "to"}}``). Bad input raises as :func:`train` does.
+    """
+    run = _Run(args)
+    run.load(dry_run=True)
+    return run.run_config
 
 
 def train(args: TrainArguments) -> TrainResult:
@@ -1080,7 +1096,7 @@ def _train(run: _Run) -> TrainResult:
 
     args = run.args
     run.load()
-    if args.method == "pretrain":
+    if not run.method.trains:
         return _pretrain_only(run)
     run.build_optimizer()
     accelerator = run.accelerator
@@ -1185,12 +1201,7 @@ def _train(run: _Run) -> TrainResult:
     if run.is_main:
         model = accelerator.unwrap_model(run.model)
         try:
-            if run.lslo_config is not None:
-                run.save_trained(model, final_dir)
-            else:
-                with atomic_directory(final_dir) as tmp:
-                    model.save_pretrained(tmp, safe_serialization=True)
-                    run.tokenizer.save_pretrained(tmp)
+            run.save_trained(model, final_dir)
         except (OSError, RuntimeError, safetensors_error()) as exc:
             error = save_error_message(exc, what="the final weights", folder=final_dir.parent,
                                        needed=tree_size(run.last_good), last_good=run.last_good)
@@ -1215,6 +1226,18 @@ def _epoch_eval(run: _Run, references, group_of, epoch: int) -> dict[str, float]
     return _group_means(rows, group_of)
 
 
+def _epoch_scores(metrics_path: Path, metric: str | None = None) -> tuple[str, dict[int, dict[str, float]]]:
+    """(metric, {epoch: {group column: score}}) of a run's ``metrics.jsonl``; the metric is spBLEU
+    when it was measured, else chrF++ (unless given)."""
+    records = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines()
+               if _parsed_step(line) is not None]
+    epochs = {r["epoch"]: r for r in records if r.get("type") == "epoch"}
+    if metric is None:
+        metric = "spbleu" if any(k.startswith("spbleu/") for r in epochs.values() for k in r) else "chrf++"
+    scores = {e: {k.split("/", 1)[1]: v for k, v in r.items() if k.startswith(metric + "/")} for e, r in epochs.items()}
+    return metric, {e: s for e, s in scores.items() if s}
+
+
 def plot_training_curves(metrics_path: str | os.PathLike, out_png: str | os.PathLike, *, system: str | None = None,
                          groups: Sequence[str] = ("H2H", "V2V")):
     """Figure 3 from a run's ``metrics.jsonl``: per-epoch group scores, epoch 0 (the model before
@@ -1225,12 +1248,8 @@ def plot_training_curves(metrics_path: str | os.PathLike, out_png: str | os.Path
     """
     from .evaluate import plot_epoch_curves
 
-    records = [json.loads(line) for line in Path(metrics_path).read_text(encoding="utf-8").splitlines()
-               if _parsed_step(line) is not None]
-    epochs = {r["epoch"]: r for r in records if r.get("type") == "epoch"}
-    metric = "spbleu" if any(k.startswith("spbleu/") for r in epochs.values() for k in r) else "chrf++"
-    scores = {e: {k.split("/", 1)[1]: v for k, v in r.items() if k.startswith(metric + "/")} for e, r in epochs.items()}
-    trained = {e: s for e, s in scores.items() if e >= 1 and s}
+    metric, scores = _epoch_scores(Path(metrics_path))
+    trained = {e: s for e, s in scores.items() if e >= 1}
     if not trained:
         return None
     available = set().union(*trained.values())
@@ -1240,10 +1259,65 @@ def plot_training_curves(metrics_path: str | os.PathLike, out_png: str | os.Path
                              title=f"{name}: devtest score per epoch")
 
 
+def plot_run_curves(run_dirs: Sequence[str | os.PathLike], out_png: str | os.PathLike, *,
+                    labels: Sequence[str] | None = None, groups: Sequence[str] = ("H2H", "V2V")):
+    """The paper's Figure 3 from several runs: each run's per-epoch group scores (``--eval-every-epoch``)
+    as one line per panel, the model before fine-tuning (epoch 0 of the first run that has it) dashed.
+
+    Args:
+        run_dirs: ``lslo train`` output folders.
+        out_png: the PNG to write.
+        labels: one legend label per run (default: the run's preset, else its folder name).
+        groups: one panel per direction group.
+
+    Returns:
+        The matplotlib ``Figure`` (one axes per group; one line per run, plus the dashed baseline).
+
+    Raises:
+        ValueError: a folder that is not a run or has no per-epoch evaluation (both named), labels
+            that do not match the runs.
+    """
+    from .evaluate import plot_epoch_curves
+
+    run_dirs = [Path(d) for d in run_dirs]
+    if not run_dirs:
+        raise ValueError("give at least one run folder")
+    if labels is not None and len(labels) != len(run_dirs):
+        raise ValueError(f"{len(labels)} labels for {len(run_dirs)} runs: give one label per run")
+    logs = []
+    for run_dir in run_dirs:
+        path = run_dir / METRICS_NAME
+        if not path.is_file() and not (run_dir / RUN_CONFIG_NAME).is_file():
+            raise ValueError(f"{run_dir} is not an lslo training run (no {METRICS_NAME}, no {RUN_CONFIG_NAME})")
+        logs.append(path)
+    spbleu_everywhere = all(p.is_file() and _epoch_scores(p)[0] == "spbleu" for p in logs)
+    metric = "spbleu" if spbleu_everywhere else "chrf++"
+    history, pretrained = {}, None
+    for k, (run_dir, path) in enumerate(zip(run_dirs, logs)):
+        scores = _epoch_scores(path, metric)[1] if path.is_file() else {}
+        trained = {e: s for e, s in scores.items() if e >= 1}
+        if not trained:
+            raise ValueError(f"{run_dir} has no per-epoch evaluation in {METRICS_NAME}: train it with "
+                             "--eval-every-epoch (and --flores-dir) to draw its curve")
+        pretrained = pretrained or scores.get(0)
+        label = labels[k] if labels is not None else _run_label(run_dir)
+        if label in history:
+            label = f"{label} ({run_dir.name})"
+        history[label] = trained
+    return plot_epoch_curves(history, out_png, groups=list(groups), metric=metric, pretrained=pretrained,
+                             title="devtest score per epoch")
+
+
+def _run_label(run_dir: Path) -> str:
+    try:
+        preset = json.loads((run_dir / RUN_CONFIG_NAME).read_text(encoding="utf-8")).get("preset")
+    except (OSError, ValueError):
+        preset = None
+    return preset or run_dir.resolve().name
+
+
 def _pruned(run: _Run) -> dict[str, float]:
-    if run.lslo_config is None or run.weight_learning:
-        return {}
-    return pruning_summary(run.accelerator.unwrap_model(run.model))
+    return run.method.pruned(run.accelerator.unwrap_model(run.model))
 
 
 def _any_process(accelerator, flag: bool) -> bool:
@@ -1282,7 +1356,9 @@ def _pretrain_only(run: _Run) -> TrainResult:
 class EvalArguments:
     """Everything ``lslo eval`` takes."""
 
-    model: str = field(default="facebook/flores101_mm100_615M", metadata=_help("base model: hub id or folder"))
+    model: str | None = field(default=None, metadata=_help(
+        "base model: hub id or folder (default: the base the adapters record, else facebook/flores101_mm100_615M); "
+        "refused when it is not the adapters' base"))
     adapters: str | None = field(default=None, metadata=_help("adapter folder (lslo train's <output-dir>/final)"))
     flores_dir: str | None = field(default=None, metadata=_help("FLORES-101/200 folder"))
     split: str = field(default="devtest", metadata=_help("dev or devtest"))
@@ -1321,7 +1397,13 @@ def evaluate_run(args: EvalArguments) -> dict[str, Any]:
         raise ValueError(f"--split must be one of {data.FLORES_SPLITS}, got {args.split!r}")
     accelerator = Accelerator(cpu=args.cpu)
     scorer = Scorer(args.spm_model)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    if args.adapters:  # the recorded base, or a --model checked against it
+        base = resolve_adapter_base(args.adapters, args.model)
+        model_name, revision, tokenizer_name = base["name_or_path"], base["revision"], base["tokenizer"]
+    else:
+        model_name, revision = args.model or DEFAULT_BASE_MODEL, None
+        tokenizer_name = model_name
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
     adapter_config = read_adapter_config(args.adapters)[0] if args.adapters else None
     spec = args.languages or (",".join(adapter_config.languages) if adapter_config else "lang12")
     languages = data.resolve_languages(spec, tokenizer=tokenizer, flores_dir=args.flores_dir)
@@ -1330,7 +1412,7 @@ def evaluate_run(args: EvalArguments) -> dict[str, Any]:
         if missing:
             raise ValueError(f"the adapters in {args.adapters} have no adapters for {missing}")
     references = data.load_flores(args.flores_dir, languages, args.split)
-    model = load_base_model(args.model, device=accelerator.device)
+    model = load_base_model(model_name, device=accelerator.device, revision=revision)
     if args.adapters:
         load_adapters(model, args.adapters)
     group_of = (adapter_config.group_of if adapter_config is not None and not args.groups
@@ -1351,9 +1433,11 @@ def evaluate_run(args: EvalArguments) -> dict[str, Any]:
     table = format_table({name: rows}, params=params, group_of=group_of, style="plain")
     if accelerator.is_main_process:
         files = write_scores(rows, out, name=f"scores_{args.split}", scorer=scorer,
-                             metadata={"model": args.model, "adapters": args.adapters, "split": args.split,
+                             metadata={"model": model_name, "adapters": args.adapters, "split": args.split,
                                        "num_beams": args.num_beams, "eval_sentences": args.eval_sentences},
                              group_of=group_of)
+        if args.adapters and adapter_config is not None and out.resolve() == (Path(args.adapters) / "eval").resolve():
+            files["card"] = write_model_card(args.adapters)  # the card gets the scores
     return {"rows": rows, "table": table, "files": files, "spbleu": scorer.has_spbleu}
 
 

@@ -262,3 +262,51 @@ def test_compare_systems_on_fixed_rows():
     assert lost["winner"] == "groups" and lost["clear"] and lost["equal_budget"] is None
     with pytest.raises(ValueError, match="reference 'nope'"):
         compare_systems({"groups": base}, {"plan": plan}, reference="nope")
+
+
+def _synthetic_rows(offsets):
+    codes = {"en": "H", "fr": "H", "oc": "V", "wo": "V"}
+    pairs = [(s, t) for s in codes for t in codes if s != t]
+    return {name: [{"src": s, "tgt": t, "group": f"{codes[s]}2{codes[t]}", "bleu": 10.0 + i + f(i)}
+                   for i, (s, t) in enumerate(pairs)] for name, f in offsets.items()}
+
+
+def test_paired_differences_on_synthetic_rows():
+    from scipy.stats import sem
+
+    from lslo.demo.run import paired_differences
+
+    noise = [0.3 * ((i * 7) % 5 - 2) for i in range(12)]
+    rows = _synthetic_rows({"Ft-all": lambda i: 0.0, "LSLo 8;8;8": lambda i: 2.0 + 0.1 * (i % 2),
+                            "LSLo 2;2;8": lambda i: noise[i]})
+    verdicts = {(v["system"], v["against"]): v for v in paired_differences(rows, ["Ft-all", "LSLo 8;8;8", "absent"])}
+    assert set(verdicts) == {("LSLo 8;8;8", "Ft-all"), ("LSLo 2;2;8", "Ft-all"), ("Ft-all", "LSLo 8;8;8"),
+                             ("LSLo 2;2;8", "LSLo 8;8;8")}
+    clear = verdicts[("LSLo 8;8;8", "Ft-all")]
+    assert clear["delta"] == pytest.approx(2.05) and clear["directions"] == 12 and not clear["within_noise"]
+    assert clear["paired_se"] == pytest.approx(sem([2.0 + 0.1 * (i % 2) for i in range(12)]))
+    tie = verdicts[("LSLo 2;2;8", "Ft-all")]
+    assert tie["delta"] == pytest.approx(sum(noise) / 12) and tie["paired_se"] == pytest.approx(sem(noise))
+    assert tie["within_noise"] == (abs(sum(noise) / 12) <= 2 * sem(noise)) and tie["within_noise"]
+    assert verdicts[("Ft-all", "LSLo 8;8;8")]["delta"] == pytest.approx(-2.05)
+
+
+def test_report_fairness_section_states_rules_noise_and_share():
+    from lslo.demo.run import FULL, PAPER_LR, _fairness_section, gps_schedule
+
+    assert gps_schedule(15) == (2, 8) and gps_schedule(10) == (1, 6)  # the paper's shape at any length
+    for system in FULL.systems:
+        if system.train and system.train.get("method") == "ft-all":
+            assert system.train["lr"] == PAPER_LR["ft-all"] == 1e-4
+        elif system.train:
+            assert system.train["lr"] == PAPER_LR["lslo"] == 3e-3
+    rows = _synthetic_rows({"Pretrain": lambda i: -3.0, "Ft-all": lambda i: 0.0,
+                            "LSLo 8;8;8": lambda i: 2.0 + 0.1 * (i % 2), "LSLo 2;2;8": lambda i: 0.05 * (-1) ** i})
+    params = {"Pretrain": None, "Ft-all": 1_000_000, "LSLo 8;8;8": 400_000, "LSLo 2;2;8": 200_000}
+    text = "\n".join(_fairness_section(FULL, rows, params))
+    assert "Ft-all 0.0001, LSLo 0.003" in text and "after epoch 1 and reaches its ratio at epoch 7 of 10" in text
+    assert "| LSLo 8;8;8 | +2.05 +- 0.02 | - |" in text
+    assert "| LSLo 2;2;8 | +0.00 +- 0.02 (within noise) | -2.05 +- 0.03 |" in text
+    assert "Within noise: " in text and "LSLo 2;2;8 vs Ft-all" in text
+    assert "40.0% of the model's 1,000,000" in text and "2.5% of M2M-124 615M" in text and "16x the paper's" in text
+    assert "update_freq 1" in text and "attention_dropout 0.0" in text

@@ -398,7 +398,7 @@ def test_save_refuses_to_replace_a_directory_holding_other_files(tmp_path):
     lslo.save_adapters(generation_model(1), target)
     (target / f".{ADAPTER_WEIGHTS_NAME}.k2j3h4.tmp").write_bytes(b"old debris")
     lslo.save_adapters(generation_model(2), target)
-    assert sorted(os.listdir(target)) == sorted([ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME])
+    assert sorted(os.listdir(target)) == sorted([ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, "README.md"])  # + the card
 
 
 def test_atomic_directory_generic_use(tmp_path):

@@ -259,7 +259,8 @@ def test_save_load_round_trip(base, batch, tmp_path):
     mask = torch.rand(module.prune_mask.shape, generator=torch.Generator().manual_seed(0)) > 0.3
     module.set_prune_mask(mask)
     lslo.save_adapters(model, tmp_path)
-    assert sorted(os.listdir(tmp_path)) == sorted([lslo.model.ADAPTER_CONFIG_NAME, lslo.model.ADAPTER_WEIGHTS_NAME])
+    assert sorted(os.listdir(tmp_path)) == sorted([lslo.model.ADAPTER_CONFIG_NAME, lslo.model.ADAPTER_WEIGHTS_NAME,
+                                                   "README.md"])  # the model card
     meta = json.loads((tmp_path / lslo.model.ADAPTER_CONFIG_NAME).read_text())
     assert meta["base_model"]["d_model"] == 32 and meta["config"]["languages"] == LANGS
 
@@ -274,7 +275,7 @@ def test_save_load_round_trip(base, batch, tmp_path):
     # Into a model already injected with the same layout: fine, and idempotent.
     lslo.load_adapters(fresh, tmp_path)
     lslo.save_adapters(model, tmp_path)  # overwrite in place, no temp file left behind
-    assert len(os.listdir(tmp_path)) == 2
+    assert len(os.listdir(tmp_path)) == 3  # config, tensors, model card
 
 
 def test_load_refuses_adapters_of_another_model_or_language_list(tokenizer, base, tmp_path):

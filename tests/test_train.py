@@ -42,7 +42,7 @@ def _args(setup, out, **overrides) -> TrainArguments:
     values = {
         "model": setup["model"], "flores_dir": setup["flores"], "languages": ",".join(LANGS), "ranks": "2;8",
         "output_dir": str(out), "epochs": 2, "max_tokens": 160, "warmup_updates": 4, "lr": 3e-3, "progress": False,
-        "log_every": 1, "cpu": True, "seed": 3,
+        "log_every": 1, "cpu": True, "seed": 3, "update_freq": 1, "attention_dropout": 0.0,
     }
     values.update(overrides)
     return TrainArguments(**values)
@@ -244,7 +244,7 @@ def test_two_process_torchrun_equals_one_process(setup, tmp_path):
     """gloo on CPU: 2 processes x update_freq 1 take the same steps as 1 process x update_freq 2."""
     common = {"model": setup["model"], "flores_dir": setup["flores"], "languages": ",".join(LANGS), "ranks": "2;8",
               "epochs": 1, "max_tokens": 160, "warmup_updates": 4, "lr": 3e-3, "progress": False, "cpu": True,
-              "seed": 5, "dropout": 0.0}
+              "seed": 5, "dropout": 0.0, "attention_dropout": 0.0}
     one = train(TrainArguments(**common, output_dir=str(tmp_path / "one"), update_freq=2))
     script = tmp_path / "ddp.py"
     script.write_text(

@@ -29,6 +29,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,7 +41,7 @@ from ..data import load_flores, read_tsv_corpus
 from ..evaluate import Scorer, evaluate, group_table
 from ..io import atomic_directory, atomic_write_file
 from ..testing import make_tokenizer
-from ..train import TrainArguments, train
+from ..train import RecipeWarning, TrainArguments, train
 
 __all__ = [
     "PretrainConfig",
@@ -259,10 +260,11 @@ def pretrain_base_model(
             adam_betas=f"{config.betas[0]},{config.betas[1]}", weight_decay=config.weight_decay,
             clip_norm=config.clip_norm, label_smoothing=config.label_smoothing, dropout=config.dropout,
             max_tokens=config.max_tokens, sampling_temperature=1.0, log_every=50, cpu=True, progress=progress,
-            keep_last=1,
+            keep_last=1, update_freq=1, attention_dropout=0.0,
         )
         clock = time.perf_counter()
-        with _threads(config.threads):
+        with _threads(config.threads), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RecipeWarning)  # pretraining is not the paper's fine-tuning recipe
             run = train(args)
         result.seconds["train"] = time.perf_counter() - clock
         result.steps = run.global_step
