@@ -327,6 +327,9 @@ def test_dry_run_prints_the_resolved_run_and_writes_nothing(setup, lang12_flores
     assert main(["train", *_dry_flags(setup, lang12_flores, out), "--max-steps", "1"]) == 0
     capsys.readouterr()
     saved = json.loads((out / "run_config.json").read_text())
+    # ... plus the content fingerprints of the model and the data that resume compares (a dry run
+    # reads no weights, so it cannot hash them).
+    assert set(saved.pop("fingerprints")) == {"model", "data"}
     assert saved == {**plan, "max_steps": 1, "optimizer_steps": 1}
 
 
