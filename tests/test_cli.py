@@ -150,7 +150,6 @@ def test_benchmarks_are_not_installed_and_use_public_names_only():
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("lslo", "lslo_kernels"):
                 private += [f"{path.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
-    # bench_train_step copies the training step until the engine's step is public (issue 20, recipe).
     assert private == []  # bench_train_step calls the engine's public train_step (no copy of it)
 
 
