@@ -32,7 +32,7 @@ from typing import Any
 from sacrebleu.metrics import BLEU, CHRF
 from sacrebleu.tokenizers import tokenizer_spm
 
-from .config import GROUP_ORDER, RESOURCE_GROUPS, LSLoConfig
+from .config import FLORES101_RESOURCE_GROUPS, GROUP_ORDER, LSLoConfig
 from .io import atomic_write_file
 
 __all__ = [
@@ -222,7 +222,7 @@ def _check_sentences(values, name: str) -> list[str]:
 def _group_function(group_of: GroupOf | None) -> Callable[[str], str]:
     """A code -> group function that raises ValueError for a language without a group."""
     if group_of is None:
-        lookup = RESOURCE_GROUPS.get
+        lookup = FLORES101_RESOURCE_GROUPS.get
     elif isinstance(group_of, LSLoConfig):
         lookup = group_of.group_of
     elif isinstance(group_of, Mapping):
@@ -235,7 +235,8 @@ def _group_function(group_of: GroupOf | None) -> Callable[[str], str]:
     def group(code: str) -> str:
         label = lookup(code)
         if not isinstance(label, str) or not label:
-            raise ValueError(f"language {code!r} has no resource group (H, M, L, V); pass group_of={{code: group}}")
+            raise ValueError(f"language {code!r} has no resource group (H, M, L, V): give it one with --groups "
+                             f"{code}=V (group_of={{code: group}} in Python)")
         return label
 
     return group
@@ -247,7 +248,8 @@ def direction_group(src: str, tgt: str, group_of: GroupOf | None = None) -> str:
     Args:
         src, tgt: language codes.
         group_of: code -> resource group: a callable, a mapping or an :class:`LSLoConfig`
-            (its ``group_of``); default the paper's table (:data:`lslo.config.RESOURCE_GROUPS`).
+            (its ``group_of``); default the paper's table, then FLORES-101's
+            (:data:`lslo.config.FLORES101_RESOURCE_GROUPS`).
     """
     group = _group_function(group_of)
     return f"{group(src)}2{group(tgt)}"
