@@ -48,6 +48,7 @@ from typing import NamedTuple
 import torch
 
 from .config import LANGUAGE_SETS
+from .tokenization import encode_sentences, lang_token_id
 
 __all__ = [
     "FLORES101_CODES",
@@ -193,8 +194,6 @@ def _tokenizer_codes(tokenizer) -> list[str]:
 
 def _language_token_ids(tokenizer, codes: Iterable[str]) -> dict[str, int]:
     """Language token id of every code; one ValueError listing all codes the tokenizer lacks."""
-    from .inference import lang_token_id
-
     ids, missing = {}, []
     for code in dict.fromkeys(codes):
         try:
@@ -397,8 +396,6 @@ def resolve_languages(
 def _all_languages(tokenizer, flores_dir, splits) -> tuple[str, ...]:
     if tokenizer is None:
         raise ValueError("languages 'all' means every FLORES-101 language the model's tokenizer knows: pass the tokenizer")
-    from .inference import lang_token_id
-
     codes = []
     for code in FLORES101_CODES:
         try:
@@ -661,25 +658,12 @@ class EncodedCorpus:
 
 
 def _encode_language(tokenizer, code: str, sentences: Sequence[str], lang_id: int, max_length: int | None):
-    """Ids of ``sentences`` in language ``code``: one tokenizer call (per 50k sentences)."""
-    previous = getattr(tokenizer, "src_lang", None)
+    """Ids ``[lang] pieces [eos]`` of ``sentences`` in language ``code`` (lslo.tokenization's form), one
+    tokenizer call per 50k sentences."""
     rows: list[list[int]] = []
-    try:
-        tokenizer.src_lang = code
-        for start in range(0, len(sentences), _ENCODE_CHUNK):
-            chunk = list(sentences[start : start + _ENCODE_CHUNK])
-            rows.extend(tokenizer(chunk, add_special_tokens=True)["input_ids"])
-    finally:
-        if previous is not None:
-            tokenizer.src_lang = previous
+    for start in range(0, len(sentences), _ENCODE_CHUNK):
+        rows.extend(encode_sentences(tokenizer, code, sentences[start : start + _ENCODE_CHUNK], lang_id))
     eos = tokenizer.eos_token_id
-    for row, sentence in zip(rows, sentences):
-        if len(row) < 2 or row[0] != lang_id or row[-1] != eos:
-            raise ValueError(
-                f"{type(tokenizer).__name__} encodes {sentence[:40]!r} ({code}) as {row[:3]}...{row[-3:]}: lslo needs "
-                f"[language token {lang_id}] pieces [eos {eos}] on both sides, as M2M100Tokenizer and NllbTokenizer "
-                "(legacy_behaviour=False) give"
-            )
     truncated = 0
     if max_length is not None:
         for i, row in enumerate(rows):

@@ -5,10 +5,17 @@ from __future__ import annotations
 
 import pytest
 
+import lslo
+import lslo.inference
 from lslo.cli import main
 from lslo.config import FLORES101_RESOURCE_GROUPS, GROUP_ORDER, LANGUAGE_SETS, RESOURCE_GROUPS, LSLoConfig
-from lslo.data import FLORES101_CODES
+from lslo.data import FLORES101_CODES, M2M124_CODES
 from lslo.evaluate import direction_group
+from lslo.testing import make_sentences, make_tokenizer, tiny_model
+from lslo.tokenization import decode_ids, encode_sentences, lang_token_id
+
+# M2M-100's 100 language codes, as M2M100Tokenizer's built-in table lists them.
+M2M100_TABLE = frozenset(__import__("transformers").models.m2m_100.tokenization_m2m_100.FAIRSEQ_LANGUAGE_CODES["m2m100"])
 
 
 # ------------------------------------------------------------------------------ resource groups
@@ -42,3 +49,68 @@ def test_params_takes_languages_all(capsys):
     assert "--groups kac=V" in capsys.readouterr().err
     assert main(["params", "--languages", "en,kac", "--groups", "kac=L"]) == 0
     assert "L (low): kac" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------ language tokens
+M2M124_EXTRA = [c for c in M2M124_CODES if c not in M2M100_TABLE]
+
+
+@pytest.fixture(scope="module")
+def tokenizer124(tmp_path_factory):
+    """A tokenizer whose table knows M2M-100's 100 codes; M2M-124's other 24 are vocabulary entries."""
+    return make_tokenizer(tmp_path_factory.mktemp("tok124"), extra_language_codes=M2M124_EXTRA)
+
+
+def test_language_tokens_beyond_the_table(tokenizer124):
+    assert len(M2M124_EXTRA) == 24 and "kam" in M2M124_EXTRA and "fr" not in M2M124_EXTRA
+    for code in M2M124_EXTRA:
+        assert code not in tokenizer124.lang_code_to_id
+        assert lang_token_id(tokenizer124, code) == tokenizer124.convert_tokens_to_ids(f"__{code}__")
+    assert lang_token_id(tokenizer124, "fr") == tokenizer124.lang_code_to_id["fr"]
+    assert lslo.inference.lang_token_id is lang_token_id and lslo.lang_token_id is lang_token_id
+    with pytest.raises(ValueError, match="no language token for 'xx'"):
+        lang_token_id(tokenizer124, "xx")
+    # NLLB: the FLORES-200 code is its own (added) token; a bare M2M code is never read as a word piece.
+    from transformers import NllbTokenizer
+
+    nllb = NllbTokenizer()
+    assert lang_token_id(nllb, "fra_Latn") == nllb.convert_tokens_to_ids("fra_Latn")
+    with pytest.raises(ValueError, match="no language token for 'fr'"):
+        lang_token_id(nllb, "fr")
+
+
+def test_encoding_is_lslo_form_without_setting_an_unknown_src_lang(tokenizer124):
+    sentences = make_sentences(5, seed=3)
+    eos = tokenizer124.eos_token_id
+    tokenizer124.src_lang = "de"
+    # A code the table knows: exactly the tokenizer's own src_lang form.
+    own = []
+    for sentence in sentences:
+        tokenizer124.src_lang = "fr"
+        own.append(tokenizer124(sentence)["input_ids"])
+    tokenizer124.src_lang = "de"
+    assert encode_sentences(tokenizer124, "fr", sentences) == own
+    # A vocabulary-only code: M2M100Tokenizer would raise KeyError on src_lang = "kam".
+    with pytest.raises(KeyError):
+        tokenizer124.src_lang = "kam"
+    tokenizer124.src_lang = "de"
+    kam = lang_token_id(tokenizer124, "kam")
+    rows = encode_sentences(tokenizer124, "kam", sentences)
+    pieces = tokenizer124(sentences, add_special_tokens=False)["input_ids"]
+    assert rows == [[kam, *p, eos] for p in pieces]
+    assert tokenizer124.src_lang == "de"
+
+
+def test_decoding_strips_vocabulary_language_tokens(tokenizer124):
+    kam, fr = lang_token_id(tokenizer124, "kam"), lang_token_id(tokenizer124, "fr")
+    pieces = tokenizer124("Kasa lomi.", add_special_tokens=False)["input_ids"]
+    plain = tokenizer124.decode(pieces, skip_special_tokens=True)
+    assert "__kam__" in tokenizer124.decode([kam, *pieces], skip_special_tokens=True)  # the bug decode_ids fixes
+    assert decode_ids(tokenizer124, [kam, *pieces, kam, tokenizer124.eos_token_id], {kam, fr}) == plain
+    model = lslo.apply_lslo(tiny_model(tokenizer124), LSLoConfig(languages=["en", "kam", "te"], ranks=2))
+    out = lslo.translate(model, tokenizer124, make_sentences(4, seed=5), ["en", "kam", "te", "en"],
+                         ["kam", "te", "en", "te"], num_beams=2, max_new_tokens=8, progress=False)
+    assert len(out) == 4 and not any("__" in text for text in out)
+    ids = lslo.translate(model, tokenizer124, ["Kasa."], "en", "kam", num_beams=1, max_new_tokens=4,
+                         progress=False, return_token_ids=True)
+    assert ids[0][0] == kam
