@@ -54,6 +54,7 @@ __all__ = [
     "FLORES101_CODES",
     "FLORES_SPLITS",
     "M2M124_CODES",
+    "Batches",
     "EncodedCorpus",
     "MultiwayExamples",
     "ParallelExample",
@@ -864,7 +865,7 @@ def make_batches(
     max_sentences: int | None = None,
     epoch_size: int | None = None,
     oversize: str = "error",
-) -> list[list[int]]:
+) -> Batches:
     """One epoch of mixed-direction batches under a token budget (fairseq's ``--max-tokens``).
 
     1. Sampling: direction d contributes ``c_d`` examples (:func:`direction_sample_counts`,
@@ -874,7 +875,8 @@ def make_batches(
        one pass over every example.
     2. Batching: examples sorted by length (longer side, then source, then target; ties in a
        random order) and cut greedily so that ``max(len) * n <= max_tokens`` on both sides (and
-       ``n <= max_sentences``); sorting across directions is what mixes them within a batch.
+       ``n <= max_sentences``), one binary search per batch (:func:`_cut_points`); sorting across
+       directions is what mixes them within a batch.
     3. The batch order is shuffled.
 
     All randomness comes from ``(seed, epoch)``: every process gets the same list (the engine
@@ -894,7 +896,8 @@ def make_batches(
             sampling, with a warning giving the count).
 
     Returns:
-        Batches of example indices into ``corpus``; an upsampled example may appear more than once.
+        :class:`Batches`: a sequence of example-index lists into ``corpus`` (an upsampled example may
+        appear more than once), held as one index tensor plus offsets.
     """
     if not isinstance(corpus, EncodedCorpus):
         raise TypeError(f"corpus must be an EncodedCorpus (from encode_examples), got {type(corpus).__name__}")
@@ -955,18 +958,97 @@ def make_batches(
         for key in (corpus.tgt_lengths, corpus.src_lengths, cost):
             selected = selected[torch.argsort(key[selected].long(), stable=True)]
 
-    batches, current, current_max = [], [], 0
     limit = max_sentences if max_sentences is not None else max_tokens
-    for index, length in zip(selected.tolist(), cost[selected].tolist()):
-        longest = max(current_max, length)
-        if current and (longest * (len(current) + 1) > max_tokens or len(current) >= limit):
-            batches.append(current)
-            current, longest = [], length
-        current.append(index)
-        current_max = longest
-    if current:
-        batches.append(current)
-    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    starts = _cut_points(cost[selected], max_tokens, limit)
+    return Batches(selected, torch.cat([starts, torch.tensor([selected.numel()])])).permuted(
+        torch.randperm(starts.numel(), generator=generator))
+
+
+def _cut_points(sorted_cost: torch.Tensor, max_tokens: int, limit: int) -> torch.Tensor:
+    """First positions of the greedy token-budget batches over length-sorted examples.
+
+    The greedy rule (add the next example while ``max(len) * n <= max_tokens`` and ``n <= limit``)
+    with non-decreasing costs: the batch starting at ``s`` holds ``j`` iff ``j - s + 1 <=
+    cap[j] = min(max_tokens // cost[j], limit)``, i.e. ``s >= first[j] = j + 1 - cap[j]``.
+    ``first`` is strictly increasing (``cap`` never grows), so the batch's end is one
+    ``searchsorted`` of ``s`` in ``first``: one binary search per batch, not a step per example.
+
+    Args:
+        sorted_cost: (N,) int64, non-decreasing, each ``<= max_tokens``.
+        max_tokens, limit: the budget and the most sentences a batch.
+
+    Returns:
+        (num_batches,) int64 start positions, from 0.
+    """
+    n = sorted_cost.numel()
+    cap = torch.clamp((max_tokens // sorted_cost), max=limit)
+    first = (torch.arange(1, n + 1, dtype=torch.int64) - cap).numpy()
+    starts, position = [], 0
+    while position < n:
+        starts.append(position)
+        position = int(first.searchsorted(position, side="right"))
+    return torch.tensor(starts, dtype=torch.int64)
+
+
+class Batches(Sequence):
+    """One epoch's batches as one index tensor plus offsets: batch b is ``indices[offsets[b]:offsets[b+1]]``.
+
+    A sequence of ``list[int]`` (what :func:`collate` and the engine take; ``batches[a:b]`` is a list
+    of lists); equal to another :class:`Batches` or to a list of lists with the same batches.
+
+    Attributes:
+        indices: (total,) int64 example indices, batch after batch.
+        offsets: (num_batches + 1,) int64, from 0 to ``total``.
+    """
+
+    def __init__(self, indices: torch.Tensor, offsets: torch.Tensor):
+        self.indices = indices.to(torch.int64)
+        self.offsets = offsets.to(torch.int64)
+        self._bounds = self.offsets.tolist()
+
+    def __len__(self) -> int:
+        return len(self._bounds) - 1
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"batch {index} out of range ({len(self)} batches)")
+        return self.indices[self._bounds[index] : self._bounds[index + 1]].tolist()
+
+    def __iter__(self):
+        for b in range(len(self)):
+            yield self.indices[self._bounds[b] : self._bounds[b + 1]].tolist()
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, Batches):
+            return torch.equal(self.offsets, other.offsets) and torch.equal(self.indices, other.indices)
+        if isinstance(other, Sequence) and not isinstance(other, str):
+            return len(other) == len(self) and all(list(a) == b for a, b in zip(other, self))
+        return NotImplemented
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"Batches({len(self)} batches, {self.indices.numel()} examples)"
+
+    @property
+    def sizes(self) -> torch.Tensor:
+        """(num_batches,) int64 examples per batch."""
+        return self.offsets[1:] - self.offsets[:-1]
+
+    def tolist(self) -> list[list[int]]:
+        """The batches as plain lists (JSON-ready)."""
+        return list(self)
+
+    def permuted(self, order: torch.Tensor) -> Batches:
+        """The batches in the order ``order`` (a (num_batches,) permutation): batch i is ``self[order[i]]``."""
+        sizes = self.sizes[order]
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)])
+        shift = (self.offsets[:-1][order] - offsets[:-1]).repeat_interleave(sizes)
+        return Batches(self.indices[torch.arange(self.indices.numel()) + shift], offsets)
 
 
 def collate(corpus: EncodedCorpus, indices: Sequence[int], *, pad_token_id: int,
