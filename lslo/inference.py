@@ -98,6 +98,7 @@ def translate(
     config: LSLoConfig | None = None,
     progress: bool = True,
     return_token_ids: bool = False,
+    input_ids: Sequence[Sequence[int]] | None = None,
     **generate_kwargs,
 ) -> list[str] | list[list[int]]:
     """Translate sentences of any mix of directions, one ``generate`` call per batch.
@@ -115,6 +116,9 @@ def translate(
         progress: show a tqdm progress bar (sentences).
         return_token_ids: return the generated ids (language token first, trailing padding
             removed) instead of decoded text.
+        input_ids: the sentences' ids, already ``[src lang] pieces [eos]``
+            (:func:`lslo.tokenization.encode_sentences`): no tokenization here (evaluation
+            tokenizes each test sentence once for all its directions).
         generate_kwargs: more ``generate`` options (length_penalty, no_repeat_ngram_size, ...).
 
     Returns:
@@ -146,11 +150,13 @@ def translate(
     if config is not None:
         src_ids = config.lang_ids(src_langs)
         tgt_ids = config.lang_ids(tgt_langs)
+    if input_ids is not None and len(input_ids) != n:
+        raise ValueError(f"input_ids has {len(input_ids)} rows for {n} sentences")
     if n == 0:
         return []
 
     language_ids = all_language_token_ids(tokenizer) | set(lang_tokens.values())
-    encoded = _encode_by_source(tokenizer, sentences, src_langs)
+    encoded = _encode_by_source(tokenizer, sentences, src_langs) if input_ids is None else input_ids
     order = sorted(range(n), key=lambda i: -len(encoded[i]))  # longest first, stable
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id

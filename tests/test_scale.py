@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import lslo
+import lslo.evaluate as ev
 import lslo.inference
 from lslo.cli import main
 from lslo.config import FLORES101_RESOURCE_GROUPS, GROUP_ORDER, LANGUAGE_SETS, RESOURCE_GROUPS, LSLoConfig
@@ -22,8 +23,8 @@ from lslo.data import (
     make_batches,
     multiway_examples,
 )
-from lslo.evaluate import direction_group
-from lslo.testing import make_sentences, make_tokenizer, tiny_model
+from lslo.evaluate import Scorer, direction_group, score_directions
+from lslo.testing import make_sentences, make_tokenizer, randomize_adapters, tiny_model
 from lslo.tokenization import decode_ids, encode_sentences, lang_token_id
 
 # M2M-100's 100 language codes, as M2M100Tokenizer's built-in table lists them.
@@ -219,3 +220,107 @@ def test_batches_respect_the_budget_at_101_languages(tokenizer124):
         assert int((longest * batches.sizes).max()) <= 512
     mixed = {tuple(corpus.direction[torch.as_tensor(b)].unique().tolist()) for b in batches[:20]}
     assert any(len(d) > 1 for d in mixed)  # batches mix directions
+
+
+# ------------------------------------------------------------------------------ evaluation
+EVAL_LANGS = ("en", "fr", "kam", "te")
+GEN = {"num_beams": 2, "max_new_tokens": 8, "progress": False}
+
+
+def _old_evaluate(model, tokenizer, references, directions, max_sentences, **gen):
+    """evaluate's path before issue 23: every request in one translate call, then each direction scored."""
+    requests = [(d, i) for d in directions for i in range(max_sentences)]
+    translations = lslo.translate(model, tokenizer, [references[d[0]][i] for d, i in requests],
+                                  [d[0] for d, _ in requests], [d[1] for d, _ in requests], **gen)
+    hypotheses = {d: [] for d in directions}
+    for (d, _), text in zip(requests, translations):
+        hypotheses[d].append(text)
+    return score_directions(hypotheses, {d: references[d[1]][:max_sentences] for d in directions},
+                            scorer=Scorer(warn=False), group_of=lslo.get_lslo_config(model), keep_hypotheses=True)
+
+
+@pytest.fixture(scope="module")
+def eval_model(tokenizer124):
+    model = lslo.apply_lslo(tiny_model(tokenizer124, seed=2), LSLoConfig(languages=list(EVAL_LANGS), ranks=2))
+    randomize_adapters(model, seed=1)
+    return model
+
+
+def test_evaluation_tokenizes_each_sentence_once_and_scores_as_before(tokenizer124, eval_model, monkeypatch):
+    references = {code: make_sentences(6, seed=40 + k) for k, code in enumerate(EVAL_LANGS)}
+    directions = all_directions(EVAL_LANGS)
+    calls = []
+
+    def spy(tokenizer, code, sentences, lang_id=None):
+        calls.append((code, len(sentences)))
+        return encode_sentences(tokenizer, code, sentences, lang_id)
+
+    def no_second_encoding(*args, **kwargs):
+        raise AssertionError("translate tokenized again")
+
+    old = _old_evaluate(eval_model, tokenizer124, references, directions, 4, **GEN)
+    monkeypatch.setattr(ev, "encode_sentences", spy)
+    monkeypatch.setattr(lslo.inference, "_encode_by_source", no_second_encoding)
+    for chunk_size in (8192, 5):  # one chunk (the old batches exactly) and chunks of 2 directions
+        calls.clear()
+        rows = ev.evaluate(eval_model, tokenizer124, references, None, max_sentences=4, keep_hypotheses=True,
+                           scorer=Scorer(warn=False), chunk_size=chunk_size, **GEN)
+        assert sorted(calls) == sorted((code, 4) for code in EVAL_LANGS)  # L lists, not L * (L - 1)
+        assert rows == old
+    assert len({tuple(r["hypotheses"]) for r in old}) > 6 and not any("__" in h for r in old for h in r["hypotheses"])
+
+
+def test_direction_chunks_are_whole_directions_and_bounded():
+    sources = {("a", str(i)): ["x"] * 3 for i in range(7)}
+    chunks = list(ev._direction_chunks(list(sources), sources, 7))
+    assert chunks == [list(sources)[0:3], list(sources)[3:6], list(sources)[6:7]]
+    assert [d for chunk in chunks for d in chunk] == list(sources)
+
+
+_SHARDED_SCRIPT = """
+import json, sys
+import torch
+from accelerate import PartialState
+from transformers import M2M100Tokenizer
+import lslo
+from lslo.evaluate import Scorer, evaluate
+from lslo.testing import make_sentences, tiny_model, randomize_adapters
+
+torch.set_num_threads(1)
+folder, out = sys.argv[1], sys.argv[2]
+state = PartialState(cpu=True)
+tokenizer = M2M100Tokenizer.from_pretrained(folder)
+langs = {langs!r}
+model = lslo.apply_lslo(tiny_model(tokenizer, seed=2), lslo.LSLoConfig(languages=list(langs), ranks=2))
+randomize_adapters(model, seed=1)
+references = {{code: make_sentences(4, seed=40 + k) for k, code in enumerate(langs)}}
+rows = evaluate(model, tokenizer, references, None, max_sentences=3, scorer=Scorer(warn=False),
+                accelerator=state, keep_hypotheses=True, num_beams=2, max_new_tokens=8, progress=False)
+with open(f"{{out}}.{{state.process_index}}", "w") as handle:
+    json.dump(rows, handle)
+"""
+
+
+def test_sharded_scoring_equals_single_process_under_torchrun(tokenizer124, eval_model, tmp_path):
+    """Two gloo processes (torchrun): each scores its own directions; the gathered rows, on every
+    process, equal one process scoring everything."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    folder = tmp_path / "tok"
+    tokenizer124.save_pretrained(folder)
+    script = tmp_path / "sharded.py"
+    script.write_text(_SHARDED_SCRIPT.format(langs=EVAL_LANGS), encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+         str(folder), str(tmp_path / "rows")], capture_output=True, text=True, env=env, timeout=180, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    references = {code: make_sentences(4, seed=40 + k) for k, code in enumerate(EVAL_LANGS)}
+    single = ev.evaluate(eval_model, tokenizer124, references, None, max_sentences=3, scorer=Scorer(warn=False),
+                         keep_hypotheses=True, **GEN)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rows.{rank}").read_text(encoding="utf-8")) == single
