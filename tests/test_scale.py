@@ -24,6 +24,7 @@ from lslo.data import (
     multiway_examples,
 )
 from lslo.evaluate import Scorer, direction_group, score_directions
+from lslo.model import read_adapter_config
 from lslo.testing import make_sentences, make_tokenizer, randomize_adapters, tiny_model
 from lslo.tokenization import decode_ids, encode_sentences, lang_token_id
 
@@ -324,3 +325,50 @@ def test_sharded_scoring_equals_single_process_under_torchrun(tokenizer124, eval
                          keep_hypotheses=True, **GEN)
     for rank in (0, 1):
         assert json.loads((tmp_path / f"rows.{rank}").read_text(encoding="utf-8")) == single
+
+
+# ------------------------------------------------------------------------------ the command line
+@pytest.fixture(scope="module")
+def run124(tokenizer124, tmp_path_factory):
+    """A tiny model folder with the M2M-124-like tokenizer and a FLORES-101 folder of all 101 languages."""
+    root = tmp_path_factory.mktemp("run124")
+    model = tiny_model(tokenizer124, dtype=torch.float32, weight_std=0.1)
+    model.save_pretrained(root / "model")
+    tokenizer124.save_pretrained(root / "model")
+    for split, lines, seed in (("dev", 3, 1), ("devtest", 2, 2)):
+        (root / "flores" / split).mkdir(parents=True)
+        base = make_sentences(lines, seed=seed, max_words=5)
+        for k, (code, stem) in enumerate(FLORES101_CODES.items()):
+            text = [" ".join(w[::-1] if k % 2 else w for w in s.split()) + f" {code}" for s in base]
+            (root / "flores" / split / f"{stem}.{split}").write_text("\n".join(text) + "\n", encoding="utf-8")
+    return {"model": str(root / "model"), "flores": str(root / "flores"), "root": root}
+
+
+@pytest.mark.parametrize("languages", ["all", "lang30"])
+def test_cli_train_eval_translate_beyond_the_tokenizer_table(run124, languages, capsys):
+    import json
+
+    expected = list(FLORES101_CODES) if languages == "all" else list(LANGUAGE_SETS["lang30"])
+    out = run124["root"] / f"train-{languages}"
+    assert main(["train", "--model", run124["model"], "--flores-dir", run124["flores"], "--languages", languages,
+                 "--epochs", "1", "--max-steps", "1", "--max-tokens", "4096", "--output-dir", str(out),
+                 "--no-progress", "--cpu"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    saved = read_adapter_config(out / "final")[0]
+    assert list(saved.languages) == expected and saved.rank_of("kam") == 8  # kam: V, default ranks
+    # eval: every direction of the run's languages (10,100 at 101), greedy, one sentence each.
+    assert main(["eval", "--model", run124["model"], "--adapters", str(out / "final"), "--flores-dir",
+                 run124["flores"], "--languages", languages, "--num-beams", "1", "--max-new-tokens", "3",
+                 "--eval-sentences", "1", "--no-progress", "--output-dir", str(out / "ev")]) == 0
+    capsys.readouterr()
+    rows = json.loads((out / "ev" / "scores_devtest.json").read_text())["rows"]
+    assert len(rows) == len(expected) * (len(expected) - 1) and {r["src"] for r in rows} == set(expected)
+    # translate: directions into and out of vocabulary-only languages.
+    tsv = out / "in.tsv"
+    tsv.write_text("en\tkam\tKasa lomi.\nkam\tny\tVi ba.\nmt\ten\tRu sa.\n", encoding="utf-8")
+    assert main(["translate", "--model", run124["model"], "--adapters", str(out / "final"), "--input", str(tsv),
+                 "--num-beams", "1", "--max-new-tokens", "4", "--quiet"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and not any("__" in line for line in lines)
+    assert main(["params", "--languages", languages]) == 0
+    assert "kam" in capsys.readouterr().out
