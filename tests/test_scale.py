@@ -213,11 +213,11 @@ def test_batches_respect_the_budget_at_101_languages(tokenizer124):
     assert len(corpus.directions) == 101 * 100
     batches = make_batches(corpus, max_tokens=512, epoch=1, seed=0)
     assert batches == _old_make_batches(corpus, max_tokens=512, epoch=1, seed=0)
-    assert sorted(batches.indices.tolist()) == list(range(len(corpus)))  # equal sizes: one pass over every example
+    assert sorted(batches.flat().tolist()) == list(range(len(corpus)))  # equal sizes: one pass over every example
     batch_of = torch.repeat_interleave(torch.arange(len(batches)), batches.sizes)
     for lengths in (corpus.src_lengths, corpus.tgt_lengths):
         longest = torch.zeros(len(batches), dtype=torch.int64).scatter_reduce(
-            0, batch_of, lengths[batches.indices].long(), "amax")
+            0, batch_of, lengths[batches.flat()].long(), "amax")
         assert int((longest * batches.sizes).max()) <= 512
     mixed = {tuple(corpus.direction[torch.as_tensor(b)].unique().tolist()) for b in batches[:20]}
     assert any(len(d) > 1 for d in mixed)  # batches mix directions
