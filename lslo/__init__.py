@@ -30,7 +30,7 @@ __version__ = "0.1.0"
 # Names whose modules import transformers: loaded on first use so that `import lslo` stays light.
 # (The engine's `train` function is not one of them: `lslo.train` is its module; use
 # `from lslo.train import train`.)
-_LAZY = {"translate": ".inference", "ForcedLanguageTokens": ".inference", "lang_token_id": ".inference",
+_LAZY = {"translate": ".inference", "ForcedLanguageTokens": ".inference", "lang_token_id": ".tokenization",
          "TrainArguments": ".train", "evaluate_run": ".train", "EvalArguments": ".train"}
 
 

@@ -193,9 +193,14 @@ def _cmd_params(args) -> int:
     else:  # M2M-124 615M (flores101_mm100_615M): d_model 1024, 12 + 12 layers, FFN 4096
         model_config = M2M100Config(d_model=1024, encoder_layers=12, decoder_layers=12, encoder_ffn_dim=4096,
                                     decoder_ffn_dim=4096, vocab_size=args.vocab_size)
+    from lslo.data import FLORES101_CODES
+
     extra = {} if args.ranks is None else {"ranks": int(args.ranks) if args.ranks.isdigit() else args.ranks}
-    config = lslo.LSLoConfig(languages=args.languages.split(",") if "," in args.languages else args.languages,
-                             target_modules=args.targets, index_plan=args.index_plan, ffn=args.ffn, **extra)
+    # "all" = the 101 FLORES-101 languages, all of which M2M-124 (the default shape) has a token for.
+    spec = args.languages.strip()
+    languages = list(FLORES101_CODES) if spec == "all" else spec.split(",") if "," in spec else spec
+    config = lslo.LSLoConfig(languages=languages, groups=_parse_groups(args.groups), target_modules=args.targets,
+                             index_plan=args.index_plan, ffn=args.ffn, **extra)
     with torch.device("meta"):  # shapes only: no memory, no weights
         model = M2M100ForConditionalGeneration(model_config)
     lslo.apply_lslo(model, config)
@@ -207,6 +212,19 @@ def _cmd_params(args) -> int:
 def _checkout_roots() -> list[Path]:
     """Where `lslo bench` looks for a source checkout: the current directory, then the one holding lslo/."""
     return [Path.cwd(), Path(lslo.__file__).resolve().parent.parent]
+
+
+def _parse_groups(text: str | None) -> dict[str, str] | None:
+    """``--groups 'xx=V,yy=H'`` -> ``{"xx": "V", "yy": "H"}`` (LSLoConfig checks the groups)."""
+    if not text:
+        return None
+    groups = {}
+    for part in text.split(","):
+        code, sep, group = part.partition("=")
+        if not sep or not code.strip():
+            raise CLIError(f"--groups expects 'code=GROUP' entries such as 'kam=V', got {part!r}")
+        groups[code.strip()] = group.strip()
+    return groups
 
 
 def _cmd_bench(argv: Sequence[str]) -> int:
@@ -263,7 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     params = commands.add_parser("params", help="count LSLo parameters (meta device, no weights)")
     params.add_argument("--model", help="hub id or folder whose config to use (default: M2M-124 615M shape)")
     params.add_argument("--vocab-size", type=int, default=128112, help="vocabulary without --model (default: 128112)")
-    params.add_argument("--languages", default="lang12", help="lang12, lang30 or comma-separated codes")
+    params.add_argument("--languages", default="lang12",
+                        help="lang12, lang30, all (the 101 FLORES-101 languages) or comma-separated codes")
+    params.add_argument("--groups", help="resource groups of languages outside the paper's and FLORES-101's "
+                                         "tables: 'xx=V,yy=H'")
     params.add_argument("--ranks", help="'2;2;8' (one per resource group present) or one int "
                                          "(default: the paper's H;M;L;V = 2;2;8;8)")
     params.add_argument("--targets", default="all", help="all, attn, fc, or a regex")

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "FLORES101_RESOURCE_GROUPS",
     "GROUP_ORDER",
     "INDEX_PRESETS",
     "LANGUAGE_SETS",
@@ -50,6 +51,24 @@ RESOURCE_GROUPS: dict[str, str] = {
     **dict.fromkeys(("ar", "zh", "nl", "he", "hi", "ja", "ko", "mt", "no"), "M"),
     **dict.fromkeys(("af", "am", "hy", "ha", "ny", "sn", "yo", "zu"), "L"),
     **dict.fromkeys(("ff", "kam", "oc", "or", "sd", "wo"), "V"),
+}
+# The other 71 languages of FLORES-101, classified by the same rule: their bitext with English in
+# the FLORES-101 paper (Goyal et al. 2022, "The Flores-101 Evaluation Benchmark for Low-Resource
+# and Multilingual Machine Translation", TACL, Table 1, column "Bitext w/ En"), cut at the
+# thresholds that reproduce the paper's 30 languages above: H > 100M sentence pairs, M 1M-100M,
+# L 100K-1M, V < 100K. RESOURCE_GROUPS (the paper's own table) always wins; ``groups`` /
+# ``--groups xx=V`` overrides both.
+FLORES101_RESOURCE_GROUPS: dict[str, str] = {
+    **dict.fromkeys((
+        "be", "bg", "bn", "bs", "ca", "cs", "da", "el", "et", "fa", "fi", "gl", "hr", "hu", "id", "is", "jv",
+        "ka", "lb", "lt", "lv", "mk", "ns", "pl", "ro", "sk", "sl", "sr", "sv", "th", "tr", "uk", "vi", "xh",
+    ), "M"),
+    **dict.fromkeys((
+        "ast", "az", "ceb", "cy", "ga", "gu", "ig", "kk", "km", "kn", "ku", "ky", "lg", "luo", "mi", "ml", "mn",
+        "mr", "ms", "my", "om", "pa", "ps", "so", "sw", "ta", "te", "tg", "tl", "umb", "ur", "uz",
+    ), "L"),
+    **dict.fromkeys(("as", "kea", "ln", "lo", "ne"), "V"),
+    **RESOURCE_GROUPS,
 }
 # In the order of the paper's tables: language id = position in this tuple.
 LANGUAGE_SETS: dict[str, tuple[str, ...]] = {
@@ -133,8 +152,8 @@ class LSLoConfig:
     )
     groups: Mapping[str, str] | None = field(
         default=None,
-        metadata={"help": "Resource group (H, M, L, V) of languages missing from the paper's tables, or "
-                          "overrides; used only to resolve group ranks."},
+        metadata={"help": "Resource group (H, M, L, V) of languages missing from the paper's tables and from "
+                          "FLORES-101's classification, or overrides; used only to resolve group ranks."},
     )
     target_modules: str | Sequence[str] = field(
         default="all",
@@ -219,10 +238,11 @@ class LSLoConfig:
                 raise ValueError(f"LSLoConfig.groups[{code!r}] = {group!r}: groups are {GROUP_ORDER}")
 
     def group_of(self, code: str) -> str | None:
-        """Resource group (H, M, L, V) of a language, or None when neither the paper nor ``groups`` knows it."""
+        """Resource group (H, M, L, V) of a language: ``groups``, else the paper's table, else FLORES-101's
+        classification (:data:`FLORES101_RESOURCE_GROUPS`); None for a language outside all three."""
         if self.groups and code in self.groups:
             return self.groups[code]
-        return RESOURCE_GROUPS.get(code)
+        return FLORES101_RESOURCE_GROUPS.get(code)
 
     def _groups_present(self) -> list[str]:
         present = {self.group_of(code) for code in self.languages}
@@ -291,7 +311,7 @@ class LSLoConfig:
                 missing.append(code)
         if missing:
             ungrouped = [c for c in missing if self.group_of(c) is None]
-            hint = f"; {ungrouped} have no resource group: add them to groups=" if ungrouped else ""
+            hint = f"; {ungrouped} have no resource group: {_groups_hint(ungrouped)}" if ungrouped else ""
             raise ValueError(f"LSLoConfig.ranks: no rank for languages {missing}{hint}")
         return tuple(resolved)
 
@@ -299,8 +319,8 @@ class LSLoConfig:
         ungrouped = [c for c in self.languages if self.group_of(c) is None]
         if ungrouped:
             raise ValueError(
-                f"LSLoConfig.{what} is given per resource group but {ungrouped} are in no group of the paper's "
-                "tables: pass groups={code: 'H'|'M'|'L'|'V'} or ranks per language"
+                f"LSLoConfig.{what} is given per resource group but {ungrouped} are in no group of the paper's or "
+                f"FLORES-101's tables: {_groups_hint(ungrouped)}, or give ranks per language"
             )
 
     def _check_target_modules(self) -> None:
@@ -452,6 +472,12 @@ class LSLoConfig:
             ranks = sorted({self.rank_of(c) for c in codes})
             lines.append(f"{label}: {' '.join(codes)}, rank {'/'.join(map(str, ranks))}")
         return "\n".join(lines)
+
+
+def _groups_hint(codes: Sequence[str]) -> str:
+    """How to give ``codes`` a group, CLI flag first (most users meet this error on the command line)."""
+    example = ",".join(f"{code}=V" for code in codes[:3])
+    return f"give their groups with --groups {example} (H, M, L or V; groups={{code: group}} in Python)"
 
 
 def _check_rank(value, where: str) -> int:

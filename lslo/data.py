@@ -9,8 +9,8 @@ The pipeline, one stage per function:
    :func:`read_tsv_corpus` reads ``src_lang<TAB>tgt_lang<TAB>source<TAB>target`` lines for corpora
    that are not multi-way parallel.
 2. Token ids. :func:`encode_examples` tokenizes as :func:`lslo.translate` does: a sentence of
-   language ``l`` becomes ``[l's language token] pieces [eos]``, with one tokenizer call per
-   language. That form is the source (``src_lang = l``) and also the label sequence when ``l`` is
+   language ``l`` becomes ``[l's language token] pieces [eos]`` (:mod:`lslo.tokenization`), with
+   one tokenizer call per language. That form is the source (``src_lang = l``) and also the label sequence when ``l`` is
    the target: the model's ``shift_tokens_right`` then feeds the decoder ``[eos, l's token,
    pieces]``, which is exactly what beam search with the forced language token sees. A sentence is
    tokenized once and shared by every direction it appears in (lang12 dev: 12 x 997 calls' worth
@@ -48,11 +48,13 @@ from typing import NamedTuple
 import torch
 
 from .config import LANGUAGE_SETS
+from .tokenization import encode_sentences, lang_token_id
 
 __all__ = [
     "FLORES101_CODES",
     "FLORES_SPLITS",
     "M2M124_CODES",
+    "Batches",
     "EncodedCorpus",
     "MultiwayExamples",
     "ParallelExample",
@@ -193,8 +195,6 @@ def _tokenizer_codes(tokenizer) -> list[str]:
 
 def _language_token_ids(tokenizer, codes: Iterable[str]) -> dict[str, int]:
     """Language token id of every code; one ValueError listing all codes the tokenizer lacks."""
-    from .inference import lang_token_id
-
     ids, missing = {}, []
     for code in dict.fromkeys(codes):
         try:
@@ -399,8 +399,6 @@ def resolve_languages(
 def _all_languages(tokenizer, flores_dir, splits) -> tuple[str, ...]:
     if tokenizer is None:
         raise ValueError("languages 'all' means every FLORES-101 language the model's tokenizer knows: pass the tokenizer")
-    from .inference import lang_token_id
-
     codes = []
     for code in FLORES101_CODES:
         try:
@@ -665,25 +663,12 @@ class EncodedCorpus:
 
 
 def _encode_language(tokenizer, code: str, sentences: Sequence[str], lang_id: int, max_length: int | None):
-    """Ids of ``sentences`` in language ``code``: one tokenizer call (per 50k sentences)."""
-    previous = getattr(tokenizer, "src_lang", None)
+    """Ids ``[lang] pieces [eos]`` of ``sentences`` in language ``code`` (lslo.tokenization's form), one
+    tokenizer call per 50k sentences."""
     rows: list[list[int]] = []
-    try:
-        tokenizer.src_lang = code
-        for start in range(0, len(sentences), _ENCODE_CHUNK):
-            chunk = list(sentences[start : start + _ENCODE_CHUNK])
-            rows.extend(tokenizer(chunk, add_special_tokens=True)["input_ids"])
-    finally:
-        if previous is not None:
-            tokenizer.src_lang = previous
+    for start in range(0, len(sentences), _ENCODE_CHUNK):
+        rows.extend(encode_sentences(tokenizer, code, sentences[start : start + _ENCODE_CHUNK], lang_id))
     eos = tokenizer.eos_token_id
-    for row, sentence in zip(rows, sentences):
-        if len(row) < 2 or row[0] != lang_id or row[-1] != eos:
-            raise ValueError(
-                f"{type(tokenizer).__name__} encodes {sentence[:40]!r} ({code}) as {row[:3]}...{row[-3:]}: lslo needs "
-                f"[language token {lang_id}] pieces [eos {eos}] on both sides, as M2M100Tokenizer and NllbTokenizer "
-                "(legacy_behaviour=False) give"
-            )
     truncated = 0
     if max_length is not None:
         for i, row in enumerate(rows):
@@ -697,8 +682,10 @@ def encode_examples(tokenizer, examples: Sequence[ParallelExample], *, max_lengt
                     progress: bool = False) -> EncodedCorpus:
     """Tokenize a parallel corpus the way :func:`lslo.translate` does, each distinct sentence once.
 
-    Sources are ``tokenizer(sentences)`` with ``tokenizer.src_lang = src``: ``[src token] pieces
-    [eos]``. Targets get the same form with the target's language: ``[tgt token] pieces [eos]``
+    Sources are ``[src token] pieces [eos]``, built by :func:`lslo.tokenization.encode_sentences`
+    (the pieces from the tokenizer, the language token from its table or its vocabulary: no
+    ``src_lang`` is set that the tokenizer does not know; where it knows the language, its own form
+    is checked to be this one). Targets get the same form with the target's language: ``[tgt token] pieces [eos]``
     (what ``tokenizer(text_target=..)`` gives with ``tgt_lang`` set), so that the model's
     ``shift_tokens_right`` gives decoder inputs ``[eos, tgt token, pieces]``, as in beam search with
     the target language token forced first.
@@ -884,7 +871,7 @@ def make_batches(
     max_sentences: int | None = None,
     epoch_size: int | None = None,
     oversize: str = "error",
-) -> list[list[int]]:
+) -> Batches:
     """One epoch of mixed-direction batches under a token budget (fairseq's ``--max-tokens``).
 
     1. Sampling: direction d contributes ``c_d`` examples (:func:`direction_sample_counts`,
@@ -894,7 +881,8 @@ def make_batches(
        one pass over every example.
     2. Batching: examples sorted by length (longer side, then source, then target; ties in a
        random order) and cut greedily so that ``max(len) * n <= max_tokens`` on both sides (and
-       ``n <= max_sentences``); sorting across directions is what mixes them within a batch.
+       ``n <= max_sentences``), one binary search per batch (:func:`_cut_points`); sorting across
+       directions is what mixes them within a batch.
     3. The batch order is shuffled.
 
     All randomness comes from ``(seed, epoch)``: every process gets the same list (the engine
@@ -914,7 +902,8 @@ def make_batches(
             sampling, with a warning giving the count).
 
     Returns:
-        Batches of example indices into ``corpus``; an upsampled example may appear more than once.
+        :class:`Batches`: a sequence of example-index lists into ``corpus`` (an upsampled example may
+        appear more than once), held as one index tensor plus offsets.
     """
     if not isinstance(corpus, EncodedCorpus):
         raise TypeError(f"corpus must be an EncodedCorpus (from encode_examples), got {type(corpus).__name__}")
@@ -944,49 +933,169 @@ def make_batches(
         raise ValueError("make_batches: no example to batch")
 
     generator = _epoch_generator(seed, epoch)
+    selected = _sample_epoch(corpus, eligible, temperature, epoch_size, generator)
+    # Random order first, then a stable sort by (longer side, source, target): equal lengths end up
+    # in a random order. One sort on a combined key, computed once per example in corpus order and
+    # gathered once (three gathers in random order cost more than the sort at 10M examples).
+    permutation = torch.randperm(selected.numel(), generator=generator)
+    all_eligible = eligible.numel() == len(corpus)
+    selected = permutation if selected.numel() == len(corpus) and all_eligible and _is_identity(selected) \
+        else selected[permutation]
+    base = int(cost[eligible].max()) + 1  # any base above every length gives the same lexicographic order
+    if base**3 < 2**62:
+        key = (cost * base + corpus.src_lengths.long()) * base + corpus.tgt_lengths.long()
+        sorted_key, order = torch.sort(key[selected], stable=True)
+        selected, sorted_cost = selected[order], sorted_key // (base * base)
+    else:  # lengths beyond 2**20 tokens: three stable sorts, least significant key first
+        for key in (corpus.tgt_lengths, corpus.src_lengths, cost):
+            selected = selected[torch.argsort(key[selected].long(), stable=True)]
+        sorted_cost = cost[selected]
+
+    limit = max_sentences if max_sentences is not None else max_tokens
+    starts = _cut_points(sorted_cost, max_tokens, limit)
+    offsets = torch.cat([starts, torch.tensor([selected.numel()])])
+    return Batches(selected, offsets, torch.randperm(starts.numel(), generator=generator))
+
+
+def _is_identity(indices: torch.Tensor) -> bool:
+    return bool((indices == torch.arange(indices.numel())).all())
+
+
+def _sample_epoch(corpus: EncodedCorpus, eligible: torch.Tensor, temperature: float, epoch_size: int | None,
+                  generator: torch.Generator) -> torch.Tensor:
+    """The examples of one epoch, direction by direction (see :func:`make_batches`, step 1).
+
+    Returns:
+        (epoch_size,) int64 example indices: direction d's ``c_d`` examples, directions in order.
+    """
     # Group eligible examples by direction once: members of direction d are grouped[starts[d]:starts[d+1]].
     directions = corpus.direction[eligible].long()
-    order = torch.argsort(directions, stable=True)
-    grouped = eligible[order]
+    in_order = bool((directions[1:] >= directions[:-1]).all())  # multi-way corpora are direction-major
+    grouped = eligible if in_order else eligible[torch.argsort(directions, stable=True)]
     sizes = torch.bincount(directions, minlength=len(corpus.directions))
-    starts = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)])
     counts = direction_sample_counts(sizes, temperature=temperature, total=epoch_size, generator=generator)
-
+    if torch.equal(counts, sizes):  # one pass over every example (FLORES): no draw, no copy
+        return grouped
+    starts = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)]).tolist()
     picked = []
-    for d in sizes.nonzero().flatten().tolist():
+    for d, (size, count) in enumerate(zip(sizes.tolist(), counts.tolist())):
+        if size == 0:
+            continue
         members = grouped[starts[d] : starts[d + 1]]
-        size, count = int(sizes[d]), int(counts[d])
         repeats, rest = divmod(count, size)
         if repeats:
             picked.append(members.repeat(repeats))
         if rest:
             picked.append(members[torch.randperm(size, generator=generator)[:rest]])
-    selected = torch.cat(picked)
+    return torch.cat(picked)
 
-    # Random order first, then a stable sort by (longer side, source, target): equal lengths end up
-    # in a random order. One sort on a combined key, not three: on the shared 2-core machine each
-    # stable argsort of lang12's 131k examples took ~0.35 s.
-    selected = selected[torch.randperm(selected.numel(), generator=generator)]
-    src_len, tgt_len, longer = corpus.src_lengths[selected].long(), corpus.tgt_lengths[selected].long(), cost[selected]
-    base = int(longer.max()) + 1
-    if base**3 < 2**62:
-        selected = selected[torch.argsort((longer * base + src_len) * base + tgt_len, stable=True)]
-    else:  # lengths beyond 2**20 tokens: three stable sorts, least significant key first
-        for key in (corpus.tgt_lengths, corpus.src_lengths, cost):
-            selected = selected[torch.argsort(key[selected].long(), stable=True)]
 
-    batches, current, current_max = [], [], 0
-    limit = max_sentences if max_sentences is not None else max_tokens
-    for index, length in zip(selected.tolist(), cost[selected].tolist()):
-        longest = max(current_max, length)
-        if current and (longest * (len(current) + 1) > max_tokens or len(current) >= limit):
-            batches.append(current)
-            current, longest = [], length
-        current.append(index)
-        current_max = longest
-    if current:
-        batches.append(current)
-    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+def _cut_points(sorted_cost: torch.Tensor, max_tokens: int, limit: int) -> torch.Tensor:
+    """First positions of the greedy token-budget batches over length-sorted examples.
+
+    The greedy rule (add the next example while ``max(len) * n <= max_tokens`` and ``n <= limit``)
+    with non-decreasing costs: the batch starting at ``s`` holds ``j`` iff ``j - s + 1 <=
+    cap[j] = min(max_tokens // cost[j], limit)``, i.e. ``s >= first[j] = j + 1 - cap[j]``.
+    ``first`` is strictly increasing (``cap`` never grows), so a batch's end is one
+    ``searchsorted`` of its start in ``first``. Inside a run of equal ``cap = k`` every batch that
+    ends in the run holds exactly k examples, so those starts are one ``arange``: the loop runs
+    once per run of equal cost (a few hundred), not once per batch or example.
+
+    Args:
+        sorted_cost: (N,) int64, non-decreasing, each ``<= max_tokens``.
+        max_tokens, limit: the budget and the most sentences a batch.
+
+    Returns:
+        (num_batches,) int64 start positions, from 0.
+    """
+    n = sorted_cost.numel()
+    cap = torch.clamp((max_tokens // sorted_cost), max=limit)
+    first = (torch.arange(1, n + 1, dtype=torch.int64) - cap).numpy()
+    caps, lengths = torch.unique_consecutive(cap, return_counts=True)
+    run_ends = lengths.cumsum(0).tolist()
+    pieces, position, run = [], 0, 0
+    while position < n:
+        while run_ends[run] <= position:
+            run += 1
+        k, end = int(caps[run]), run_ends[run]
+        whole = (end - position) // k  # batches that start here and end inside this run
+        if whole:
+            pieces.append(torch.arange(position, position + whole * k, k, dtype=torch.int64))
+            position += whole * k
+        if position < end:  # the batch that crosses into the next run(s)
+            pieces.append(torch.tensor([position], dtype=torch.int64))
+            position = int(first.searchsorted(position, side="right"))
+    return torch.cat(pieces)
+
+
+class Batches(Sequence):
+    """One epoch's batches as one index tensor plus offsets and an order.
+
+    Batch ``b`` is ``indices[offsets[k]:offsets[k+1]]`` with ``k = order[b]``: the examples stay in
+    their length-sorted order and only the batch order is shuffled (no copy of the epoch). A
+    sequence of ``list[int]`` (what :func:`collate` and the engine take; ``batches[a:b]`` is a list
+    of lists); equal to another :class:`Batches` or to a list of lists with the same batches.
+
+    Attributes:
+        indices: (total,) int64 example indices, length-sorted.
+        offsets: (num_batches + 1,) int64 batch bounds in ``indices``, from 0 to ``total``.
+        order: (num_batches,) int64, the epoch's batch order (a permutation).
+    """
+
+    def __init__(self, indices: torch.Tensor, offsets: torch.Tensor, order: torch.Tensor | None = None):
+        self.indices = indices.to(torch.int64)
+        self.offsets = offsets.to(torch.int64)
+        self.order = torch.arange(self.offsets.numel() - 1) if order is None else order.to(torch.int64)
+        self._bounds = self.offsets.tolist()
+        self._order = self.order.tolist()
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def _batch(self, b: int) -> list[int]:
+        k = self._order[b]
+        return self.indices[self._bounds[k] : self._bounds[k + 1]].tolist()
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self._batch(i) for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"batch {index} out of range ({len(self)} batches)")
+        return self._batch(index)
+
+    def __iter__(self):
+        for b in range(len(self)):
+            yield self._batch(b)
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, Batches):
+            return torch.equal(self.sizes, other.sizes) and torch.equal(self.flat(), other.flat())
+        if isinstance(other, Sequence) and not isinstance(other, str):
+            return len(other) == len(self) and all(list(a) == b for a, b in zip(other, self))
+        return NotImplemented
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"Batches({len(self)} batches, {self.indices.numel()} examples)"
+
+    @property
+    def sizes(self) -> torch.Tensor:
+        """(num_batches,) int64 examples per batch, in batch order."""
+        return (self.offsets[1:] - self.offsets[:-1])[self.order]
+
+    def flat(self) -> torch.Tensor:
+        """(total,) int64 example indices in batch order (batch 0's, then batch 1's, ...)."""
+        sizes = self.sizes
+        starts = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)[:-1]])
+        shift = (self.offsets[:-1][self.order] - starts).repeat_interleave(sizes)
+        return self.indices[torch.arange(self.indices.numel()) + shift]
+
+    def tolist(self) -> list[list[int]]:
+        """The batches as plain lists (JSON-ready)."""
+        return list(self)
 
 
 def collate(corpus: EncodedCorpus, indices: Sequence[int], *, pad_token_id: int,

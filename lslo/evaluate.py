@@ -32,11 +32,12 @@ from typing import Any
 from sacrebleu.metrics import BLEU, CHRF
 from sacrebleu.tokenizers import tokenizer_spm
 
-from .config import GROUP_ORDER, RESOURCE_GROUPS, LSLoConfig
+from .config import FLORES101_RESOURCE_GROUPS, GROUP_ORDER, LSLoConfig
 from .inference import translate
 from .io import atomic_write_file
 from .model import get_lslo_config
 from .plotting import _new_figure, _save_figure
+from .tokenization import encode_sentences
 
 __all__ = [
     "METRICS",
@@ -62,6 +63,10 @@ _SPM_KEY = "flores101"
 _SPM_URL = tokenizer_spm.SPM_MODELS[_SPM_KEY]["url"]
 AVG_DIRECTIONS = "AVG (directions)"
 AVG_GROUPS = "AVG (groups)"
+
+# Requests translated, and their hypotheses held, at once: bounds evaluation's memory whatever the
+# test set (the full devtest at 101 languages is 10.2M requests).
+_CHUNK_REQUESTS = 8192
 
 # "Say so once": one process-wide flag, so that an evaluation every epoch doesn't repeat it.
 _warned_no_spm = False
@@ -225,7 +230,7 @@ def _check_sentences(values, name: str) -> list[str]:
 def _group_function(group_of: GroupOf | None) -> Callable[[str], str]:
     """A code -> group function that raises ValueError for a language without a group."""
     if group_of is None:
-        lookup = RESOURCE_GROUPS.get
+        lookup = FLORES101_RESOURCE_GROUPS.get
     elif isinstance(group_of, LSLoConfig):
         lookup = group_of.group_of
     elif isinstance(group_of, Mapping):
@@ -238,7 +243,8 @@ def _group_function(group_of: GroupOf | None) -> Callable[[str], str]:
     def group(code: str) -> str:
         label = lookup(code)
         if not isinstance(label, str) or not label:
-            raise ValueError(f"language {code!r} has no resource group (H, M, L, V); pass group_of={{code: group}}")
+            raise ValueError(f"language {code!r} has no resource group (H, M, L, V): give it one with --groups "
+                             f"{code}=V (group_of={{code: group}} in Python)")
         return label
 
     return group
@@ -250,7 +256,8 @@ def direction_group(src: str, tgt: str, group_of: GroupOf | None = None) -> str:
     Args:
         src, tgt: language codes.
         group_of: code -> resource group: a callable, a mapping or an :class:`LSLoConfig`
-            (its ``group_of``); default the paper's table (:data:`lslo.config.RESOURCE_GROUPS`).
+            (its ``group_of``); default the paper's table, then FLORES-101's
+            (:data:`lslo.config.FLORES101_RESOURCE_GROUPS`).
     """
     group = _group_function(group_of)
     return f"{group(src)}2{group(tgt)}"
@@ -760,8 +767,9 @@ def _test_set(references, directions, max_sentences) -> tuple[list[tuple[str, st
         counts = {code: len(lines) for code, lines in texts.items()}
         if len(set(counts.values())) > 1:
             raise ValueError(f"multi-way parallel references must have as many sentences in every language: {counts}")
-        for src, tgt in directions:
-            sources[(src, tgt)], targets[(src, tgt)] = texts[src][limit], texts[tgt][limit]
+        limited = {code: lines[limit] for code, lines in texts.items()}  # one list per language, shared by
+        for src, tgt in directions:                                     # its directions (no copy per direction)
+            sources[(src, tgt)], targets[(src, tgt)] = limited[src], limited[tgt]
     else:
         for direction in directions:
             if direction not in references:
@@ -796,14 +804,24 @@ def evaluate(
     progress: bool = True,
     group_of: GroupOf | None = None,
     keep_hypotheses: bool = False,
+    chunk_size: int = _CHUNK_REQUESTS,
     **generate_kwargs,
 ) -> list[dict[str, Any]]:
     """Translate a test set in every direction at once and score each direction.
 
-    All (direction, sentence) requests go through one :func:`lslo.translate` call: batches mix
-    directions, and every sentence is routed to its own source and target adapters. Under
-    ``accelerate`` with several processes each process translates every num_processes-th request,
-    the translations are gathered, and every process returns the same rows.
+    Three stages, each with its progress bar:
+
+    1. tokenize: each (language, sentence) once (:func:`lslo.tokenization.encode_sentences`), shared
+       by every direction out of that language (a multi-way set of L languages: L lists, not
+       L * (L - 1));
+    2. translate: the requests of about ``chunk_size`` sentences of whole directions at a time, one
+       :func:`lslo.translate` call per chunk (batches mix directions; every sentence is routed to
+       its own source and target adapters), so memory holds one chunk's hypotheses, not the test
+       set's;
+    3. score: each chunk's directions as soon as they are translated.
+
+    Under ``accelerate`` with several processes each process translates and scores every
+    num_processes-th direction; the rows are gathered, and every process returns all of them.
 
     Args:
         model: an M2M-100 / NLLB model with LSLo (:func:`lslo.apply_lslo`) or without (full
@@ -820,11 +838,17 @@ def evaluate(
         progress: a progress bar (main process only).
         group_of: code -> resource group; default the model's LSLoConfig, else the paper's table.
         keep_hypotheses: keep each direction's translations in its row (``"hypotheses"``).
+        chunk_size: sentences translated (and hypotheses held) at once, rounded up to whole
+            directions.
 
     Returns:
         One row per direction, in ``directions`` order: ``{"src", "tgt", "direction", "group",
         "n", "spbleu" (None without the SentencePiece model), "chrf++", "bleu"}`` (+ ``"hypotheses"``).
     """
+    from tqdm.auto import tqdm
+
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     directions, sources, targets = _test_set(references, directions, max_sentences)
     if accelerator is not None and hasattr(accelerator, "unwrap_model"):
         model = accelerator.unwrap_model(model)
@@ -839,23 +863,71 @@ def evaluate(
     if scorer is None:
         scorer = Scorer(warn=is_main)
 
-    requests = [(d, i) for d in directions for i in range(len(sources[d]))]
-    mine = list(range(len(requests)))[rank::world]
-    # Strided shards: each process gets a mix of directions and sentence lengths (balanced work).
-    translations = translate(
-        model, tokenizer,
-        [sources[requests[k][0]][requests[k][1]] for k in mine],
-        [requests[k][0][0] for k in mine],
-        [requests[k][0][1] for k in mine],
-        num_beams=num_beams, batch_size=batch_size, max_new_tokens=max_new_tokens,
-        progress=progress and is_main, **generate_kwargs,
-    )
+    # Strided shards of directions: each process translates and scores its own (multi-way test
+    # sets give every direction the same number of sentences, so the shards are balanced).
+    mine = directions[rank::world]
+    show = progress and is_main
+    encoded = _encode_sources(tokenizer, mine, sources, progress=show)
+    rows: list[dict[str, Any]] = []
+    total = sum(len(sources[d]) for d in mine)
+    with tqdm(total=total, unit="sent", desc="translate", disable=not show) as translated, \
+            tqdm(total=len(mine), unit="dir", desc="score", disable=not show) as scored:
+        for chunk in _direction_chunks(mine, sources, chunk_size):
+            texts, src_langs, tgt_langs, input_ids = [], [], [], []
+            for direction in chunk:
+                lines = sources[direction]
+                texts.extend(lines)
+                src_langs.extend([direction[0]] * len(lines))
+                tgt_langs.extend([direction[1]] * len(lines))
+                input_ids.extend(encoded[_source_key(direction, sources)])
+            hypotheses_flat = translate(
+                model, tokenizer, texts, src_langs, tgt_langs, num_beams=num_beams, batch_size=batch_size,
+                max_new_tokens=max_new_tokens, progress=False, input_ids=input_ids, **generate_kwargs,
+            )
+            translated.update(len(texts))
+            hypotheses, position = {}, 0
+            for direction in chunk:
+                count = len(sources[direction])
+                hypotheses[direction] = hypotheses_flat[position : position + count]
+                position += count
+            rows.extend(score_directions(hypotheses, {d: targets[d] for d in chunk}, scorer=scorer, group_of=group,
+                                         keep_hypotheses=keep_hypotheses))
+            scored.update(len(chunk))
     if world > 1:
-        gathered = dict(_gather_object(list(zip(mine, translations))))
-        if len(gathered) != len(requests):
-            raise RuntimeError(f"gathered {len(gathered)} translations for {len(requests)} requests")
-        translations = [gathered[k] for k in range(len(requests))]
-    hypotheses: dict[tuple[str, str], list[str]] = {d: [] for d in directions}
-    for (direction, _), text in zip(requests, translations):
-        hypotheses[direction].append(text)
-    return score_directions(hypotheses, targets, scorer=scorer, group_of=group, keep_hypotheses=keep_hypotheses)
+        rows = _gather_object(rows)
+        if len(rows) != len(directions):
+            raise RuntimeError(f"gathered {len(rows)} scored directions for {len(directions)}")
+        position = {direction: i for i, direction in enumerate(directions)}
+        rows = sorted(rows, key=lambda row: position[(row["src"], row["tgt"])])
+    return rows
+
+
+def _source_key(direction: tuple[str, str], sources: Mapping) -> tuple[str, int]:
+    # Directions that share a source list (every direction out of a language of a multi-way test
+    # set) share its token ids: the key is the language and the list itself.
+    return direction[0], id(sources[direction])
+
+
+def _encode_sources(tokenizer, directions, sources, *, progress: bool) -> dict[tuple[str, int], list[list[int]]]:
+    """Token ids of every source list the directions use, each (language, sentence) tokenized once."""
+    from tqdm.auto import tqdm
+
+    if not hasattr(tokenizer, "src_lang"):
+        raise TypeError(f"{type(tokenizer).__name__} has no src_lang: not a multilingual translation tokenizer")
+    lists = {_source_key(d, sources): sources[d] for d in directions}
+    return {key: encode_sentences(tokenizer, key[0], lines)
+            for key, lines in tqdm(lists.items(), desc="tokenize", unit="list", disable=not progress)}
+
+
+def _direction_chunks(directions, sources, chunk_size: int):
+    """Consecutive runs of whole directions of about ``chunk_size`` requests (at least one direction):
+    what is translated, held and scored at once, so memory does not grow with the test set."""
+    chunk, count = [], 0
+    for direction in directions:
+        chunk.append(direction)
+        count += len(sources[direction])
+        if count >= chunk_size:
+            yield chunk
+            chunk, count = [], 0
+    if chunk:
+        yield chunk

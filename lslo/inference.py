@@ -2,8 +2,8 @@
 
 Per batch of B sentences:
 
-- sources are tokenized per source language (the tokenizer puts that language's token first) and
-  padded together;
+- sources are tokenized per source language as ``[language token] pieces [eos]``
+  (:mod:`lslo.tokenization`) and padded together;
 - ``lslo.route(src=(B,), tgt=(B,))`` routes every LSLo layer; beam search runs the encoder on B
   rows and the decoder on B * num_beams rows, sentence i owning rows ``i*num_beams ..
   (i+1)*num_beams - 1``. ``lslo.route`` repeats each id over its sentence's consecutive rows, and
@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -30,6 +30,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from .config import LSLoConfig
 from .context import route
 from .model import get_lslo_config
+from .tokenization import all_language_token_ids, decode_ids, encode_sentences, lang_token_id
 
 __all__ = ["ForcedLanguageTokens", "encode_by_source", "lang_token_id", "translate"]
 
@@ -61,24 +62,6 @@ class ForcedLanguageTokens(LogitsProcessor):
         return forced
 
 
-def lang_token_id(tokenizer, code: str) -> int:
-    """Id of the language token of ``code`` ("fr" -> ``__fr__`` for M2M-100, "fra_Latn" for NLLB).
-
-    Raises ValueError when the tokenizer has no token for that language.
-    """
-    table = getattr(tokenizer, "lang_code_to_id", None)
-    if isinstance(table, Mapping):
-        if code in table:
-            return int(table[code])
-        raise ValueError(f"the tokenizer has no language token for {code!r}; it knows {', '.join(sorted(table))}")
-    unk = tokenizer.unk_token_id
-    for token in (code, f"__{code}__"):
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(token_id, int) and token_id != unk:
-            return token_id
-    raise ValueError(f"the tokenizer has no language token for {code!r}")
-
-
 def _per_sentence(values, n: int, name: str) -> list[str]:
     if isinstance(values, str):
         return [values] * n
@@ -89,21 +72,17 @@ def _per_sentence(values, n: int, name: str) -> list[str]:
 
 
 def _encode_by_source(tokenizer, sentences: Sequence[str], src_langs: Sequence[str]) -> list[list[int]]:
-    """Token ids of each sentence, tokenized with its own source language's special tokens."""
+    """Token ids ``[src lang] pieces [eos]`` of each sentence (lslo.tokenization's form), one tokenizer
+    call per source language; the requests are grouped by language in one pass."""
     if not hasattr(tokenizer, "src_lang"):
         raise TypeError(f"{type(tokenizer).__name__} has no src_lang: not a multilingual translation tokenizer")
+    by_language: dict[str, list[int]] = {}
+    for i, lang in enumerate(src_langs):
+        by_language.setdefault(lang, []).append(i)
     encoded: list[list[int] | None] = [None] * len(sentences)
-    previous = tokenizer.src_lang
-    try:
-        for lang in dict.fromkeys(src_langs):  # one tokenizer call per source language
-            indices = [i for i, s in enumerate(src_langs) if s == lang]
-            tokenizer.src_lang = lang
-            ids = tokenizer([sentences[i] for i in indices], add_special_tokens=True)["input_ids"]
-            for i, row in zip(indices, ids):
-                encoded[i] = row
-    finally:
-        if previous is not None:
-            tokenizer.src_lang = previous
+    for lang, indices in by_language.items():
+        for i, row in zip(indices, encode_sentences(tokenizer, lang, [sentences[i] for i in indices])):
+            encoded[i] = row
     return encoded
 
 
@@ -142,6 +121,7 @@ def translate(
     progress: bool = True,
     return_token_ids: bool = False,
     max_input_length: int | None = None,
+    input_ids: Sequence[Sequence[int]] | None = None,
     **generate_kwargs,
 ) -> list[str] | list[list[int]]:
     """Translate sentences of any mix of directions, one ``generate`` call per batch.
@@ -164,6 +144,9 @@ def translate(
             end-of-sentence token, with one warning counting them. With it, the memory one
             ``generate`` call takes is bounded by that of ``batch_size * num_beams`` rows of
             ``max_input_length`` source and ``max_new_tokens`` target tokens, whatever the input's length.
+        input_ids: the sentences' ids, already ``[src lang] pieces [eos]``
+            (:func:`lslo.tokenization.encode_sentences`): no tokenization here (evaluation
+            tokenizes each test sentence once for all its directions).
         generate_kwargs: more ``generate`` options (length_penalty, no_repeat_ngram_size, ...).
 
     Returns:
@@ -195,10 +178,14 @@ def translate(
     if config is not None:
         src_ids = config.lang_ids(src_langs)
         tgt_ids = config.lang_ids(tgt_langs)
+    if input_ids is not None and len(input_ids) != n:
+        raise ValueError(f"input_ids has {len(input_ids)} rows for {n} sentences")
     if n == 0:
         return []
 
-    encoded = _truncate_inputs(_encode_by_source(tokenizer, sentences, src_langs), model, max_input_length)
+    language_ids = all_language_token_ids(tokenizer) | set(lang_tokens.values())
+    encoded = _encode_by_source(tokenizer, sentences, src_langs) if input_ids is None else list(input_ids)
+    encoded = _truncate_inputs(encoded, model, max_input_length)
     order = sorted(range(n), key=lambda i: -len(encoded[i]))  # longest first, stable
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
@@ -230,8 +217,9 @@ def translate(
                     while ids and ids[-1] == pad_id:
                         ids.pop()
                     # ids[0] is the forced language token: some tokenizers (M2M100Tokenizer in
-                    # transformers 5) don't count it as special, so skip_special_tokens keeps it.
-                    outputs[index] = ids if return_token_ids else tokenizer.decode(ids[1:], skip_special_tokens=True)
+                    # transformers 5) don't count it as special, nor a vocabulary entry such as
+                    # __kam__, so skip_special_tokens alone would keep them.
+                    outputs[index] = ids if return_token_ids else decode_ids(tokenizer, ids[1:], language_ids)
                 bar.update(len(chunk))
     finally:
         model.train(was_training)

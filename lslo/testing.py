@@ -61,7 +61,7 @@ def make_sentences(count: int, seed: int = 0, min_words: int = 2, max_words: int
 
 
 def make_tokenizer(directory: str | os.PathLike, vocab_size: int = 160, texts: Iterable[str] | None = None, *,
-                   model_type: str = "bpe"):
+                   model_type: str = "bpe", extra_language_codes: Iterable[str] = ()):
     """Train a sentencepiece model in ``directory`` and wrap it in an ``M2M100Tokenizer``.
 
     The vocabulary file follows the released checkpoints: ``<s> <pad> </s> <unk>`` at ids 0-3, then
@@ -72,6 +72,8 @@ def make_tokenizer(directory: str | os.PathLike, vocab_size: int = 160, texts: I
         vocab_size: sentencepiece pieces (the tokenizer has 4 + this - 3 ids before its language tokens).
         texts: training sentences (any iterable of str, read once); default 2,000 :func:`make_sentences`.
         model_type: sentencepiece model type ("bpe" as M2M-100, or "unigram").
+        extra_language_codes: codes whose ``__xx__`` token goes into the vocabulary, outside the
+            tokenizer's table of 100 (as M2M-124's 24 extra languages are for a stock tokenizer).
 
     Returns:
         the ``M2M100Tokenizer`` (``language_codes="m2m100"``); ``save_pretrained`` makes it loadable
@@ -100,6 +102,8 @@ def make_tokenizer(directory: str | os.PathLike, vocab_size: int = 160, texts: I
     vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
     for piece_id in range(processor.get_piece_size()):
         vocab.setdefault(processor.id_to_piece(piece_id), len(vocab))
+    for code in extra_language_codes:
+        vocab.setdefault(f"__{code}__", len(vocab))
     vocab_file = os.path.join(directory, "vocab.json")
     with open(vocab_file, "w", encoding="utf-8") as f:
         json.dump(vocab, f, ensure_ascii=False)

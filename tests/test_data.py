@@ -562,7 +562,7 @@ def test_batches_identical_in_another_process(imbalanced, tokenizer, tmp_path):
         torch.set_num_threads(1)
         tokenizer = M2M100Tokenizer({tokenizer.vocab_file!r}, {tokenizer.spm_file!r}, language_codes="m2m100")
         corpus = encode_examples(tokenizer, read_tsv_corpus({str(tsv)!r}))
-        print(json.dumps(make_batches(corpus, max_tokens=64, epoch=2, seed=3)))
+        print(json.dumps(make_batches(corpus, max_tokens=64, epoch=2, seed=3).tolist()))
     """)
     env = {**os.environ, "PYTHONHASHSEED": "12345", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120, check=False,

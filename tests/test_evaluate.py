@@ -340,7 +340,8 @@ class FakeAccelerator:
 
 @pytest.mark.usefixtures("hf_one_thread")
 def test_evaluate_sharded_across_processes(model, tokenizer, references, monkeypatch):
-    """Two 'processes' run one after the other; the gather returns what accelerate's would."""
+    """Two 'processes' run one after the other, each translating and scoring its own directions; the
+    gather returns what accelerate's would (the rows of rank 0, then rank 1)."""
     directions = [("en", "fr"), ("zh", "wo"), ("wo", "en")]
     single = ev.evaluate(model, tokenizer, references, directions, keep_hypotheses=True, **GEN)
 
@@ -355,9 +356,11 @@ def test_evaluate_sharded_across_processes(model, tokenizer, references, monkeyp
 
         monkeypatch.setattr(ev, "_gather_object", capture)
         with pytest.raises(Stop):
-            ev.evaluate(model, tokenizer, references, directions, accelerator=FakeAccelerator(rank), **GEN)
-    indices = [k for rank in (0, 1) for k, _ in shards[rank]]
-    assert sorted(indices) == list(range(15)) and len(shards[0]) == 8 and len(shards[1]) == 7
+            ev.evaluate(model, tokenizer, references, directions, accelerator=FakeAccelerator(rank),
+                        keep_hypotheses=True, **GEN)
+    assert [(r["src"], r["tgt"]) for r in shards[0]] == [("en", "fr"), ("wo", "en")]
+    assert [(r["src"], r["tgt"]) for r in shards[1]] == [("zh", "wo")]
+    assert sorted(shards[0] + shards[1], key=lambda r: directions.index((r["src"], r["tgt"]))) == single
     monkeypatch.setattr(ev, "_gather_object", lambda objects: shards[0] + shards[1])
     for rank in (0, 1):
         rows = ev.evaluate(model, tokenizer, references, directions, accelerator=FakeAccelerator(rank),
