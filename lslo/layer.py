@@ -528,6 +528,8 @@ class LSLoLinear(_LanguageFactors, nn.Module):
 
     # ---------------------------------------------------------------- forward
     _decode_plan: tuple | None = None  # also for layers pickled before there was a plan
+    # The lslo.shared_inputs.SharedInputGroup this layer belongs to (a plain object, not a submodule).
+    _shared_group = None
 
     def forward(self, x: torch.Tensor, lang: torch.Tensor | Routing | None = None) -> torch.Tensor:
         """Args: x: (..., in_features); lang: see the class docstring. Returns (..., out_features)."""
@@ -565,6 +567,11 @@ class LSLoLinear(_LanguageFactors, nn.Module):
         lead = x.shape[:-1]
         routing = self._routing(x, lang, lead)
         backend = self._backend_for(x)
+        group = self._shared_group
+        if group is not None and not autocast:  # q/k/v of one input in one op call (lslo.shared_inputs)
+            y = group.output(self, x, routing, backend)
+            if y is not None:
+                return y.view(*lead, self.out_features)
         y = None if autocast else self._linear_forward(self._modules["base_layer"], x, routing, lora_a, lora_b,
                                                         scales)
         if y is not None:

@@ -27,6 +27,7 @@ from .config import GROUP_ORDER, LSLoConfig
 from .context import route
 from .io import atomic_directory, atomic_write_file, read_directory_files, recover_directory
 from .layer import LSLoLinear
+from .shared_inputs import group_shared_inputs
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -54,6 +55,10 @@ _FORMAT_VERSION = 1
 _STATE_ATTR = "_lslo_state"
 # Where a Linear sits: "<...>.encoder.layers.3.self_attn.q_proj" -> ("encoder", 3, "self_attn.q_proj").
 _LAYER_PATH = re.compile(r"(?:^|\.)(encoder|decoder)\.layers\.(\d+)\.(.+)$")
+# Projections an M2M-100 attention block calls on one input tensor: their LoRA terms run in one
+# op call per input (lslo.shared_inputs); cross-attention's q reads the decoder, its k/v the encoder.
+_SHARED_INPUTS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                  ("encoder_attn.k_proj", "encoder_attn.v_proj"))
 # Keys of LSLoLinear.adapter_state_dict().
 _ADAPTER_KEYS = ("lora_A", "lora_B", "prune_mask", "ranks", "scales")
 # The fields of the base model an adapter file is bound to.
@@ -186,6 +191,7 @@ def apply_lslo(model: nn.Module, config: LSLoConfig) -> nn.Module:
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
+    wrapped_at = {}
     for name, linear, side, layer, layer_path in targets:
         widths = {}
         if config.ffn == "reference" and layer_path == "fc1":
@@ -197,8 +203,22 @@ def apply_lslo(model: nn.Module, config: LSLoConfig) -> nn.Module:
             backend=config.backend, **widths,
         )
         _set_module(model, name, wrapped)
+        wrapped_at[side, layer, layer_path] = wrapped
+    group_shared_inputs(_shared_input_groups(wrapped_at))
     setattr(model, _STATE_ATTR, _InjectionState(config=config, requires_grad=requires_grad))
     return model
+
+
+def _shared_input_groups(wrapped_at: Mapping[tuple[str, int, str], LSLoLinear]) -> list[list[LSLoLinear]]:
+    """The injected layers of each (side, layer) that read one input (``_SHARED_INPUTS``), two or more."""
+    blocks = sorted({(side, layer) for side, layer, _ in wrapped_at})
+    groups = []
+    for side, layer in blocks:
+        for paths in _SHARED_INPUTS:
+            members = [wrapped_at[side, layer, p] for p in paths if (side, layer, p) in wrapped_at]
+            if len(members) >= 2:
+                groups.append(members)
+    return groups
 
 
 def remove_lslo(model: nn.Module) -> nn.Module:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from . import reference
-from .spec import ADD, BACKWARD, FORWARD, LINEAR, LORA, check_signature
+from .spec import ADD, BACKWARD, FORWARD, LINEAR, LINEAR_FORWARD, LORA, check_signature
 
 __all__ = ["Backend", "available_backends", "check_backend", "get_backend", "register_backend", "resolve_backend"]
 
@@ -51,6 +51,12 @@ class Backend:
         linear: optional ``spec.LINEAR``: the frozen base Linear and the LoRA term in one op with
             its autograd (``y = x W^T + bias + LoRA term``), which saves the separate pass of the
             LoRA term over the base output and autograd's sum of the two gradients of x.
+        linear_forward: optional ``spec.LINEAR_FORWARD`` (no autograd): y = x W^T + bias + LoRA term
+            and h, what a shared-input group (``shared.py``) runs per projection.
+        shared_forward: optional, a shared-input group natively: ``shared_forward(x, weights,
+            biases, factors, sorted_token_idx, lang_offsets)`` with one weight, bias and
+            ``shared.LoRAFactors`` per projection returns one (y, h) per projection, as
+            ``linear_forward`` would for each (the backward stays per projection: ``backward``).
     """
 
     name: str
@@ -64,6 +70,8 @@ class Backend:
     stage_factors: Callable | None = None
     linear: Callable | None = None
     linear_decode: Callable | None = None
+    linear_forward: Callable | None = None
+    shared_forward: Callable | None = None
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -82,6 +90,8 @@ def check_backend(backend: Backend) -> None:
         check_signature(backend.autograd, LORA, f"backend {backend.name!r} autograd")
     if backend.linear is not None:
         check_signature(backend.linear, LINEAR, f"backend {backend.name!r} linear")
+    if backend.linear_forward is not None:
+        check_signature(backend.linear_forward, LINEAR_FORWARD, f"backend {backend.name!r} linear_forward")
 
 
 def register_backend(backend: Backend) -> None:

@@ -78,5 +78,6 @@ else:
             stage_factors=_optional_op("stage_factors"),
             linear=_optional_op("linear_lora"),
             linear_decode=_optional_op("linear_decode"),
+            linear_forward=_optional_op("linear_forward"),
         )
     )
