@@ -18,7 +18,13 @@ from collections.abc import Iterator
 import torch
 
 from lslo_kernels import Routing, expand_lang_ids, route_tokens
-from lslo_kernels.routing import _check_int_dtype, _raise_if_out_of_range, lang_id_range
+from lslo_kernels.routing import (
+    HOST_CHECKED_DEVICES,
+    _check_int_dtype,
+    _check_range,
+    _raise_if_out_of_range,
+    lang_id_range,
+)
 
 __all__ = ["RouteContext", "current_route", "expand_lang_ids", "route"]
 
@@ -41,9 +47,14 @@ class RouteContext:
         for name, ids in given:
             _check_int_dtype(ids, f"lslo.route({name}=...)")
         if num_languages is not None and given:
-            for (name, _ids), (lo, hi) in zip(given, lang_id_range(*(ids for _, ids in given))):
+            # CPU ids: one host read for both; others (CUDA): a device assert each, no sync (routing.py).
+            on_host = [(name, ids) for name, ids in given if ids.device.type in HOST_CHECKED_DEVICES]
+            for (name, _ids), (lo, hi) in zip(on_host, lang_id_range(*(ids for _, ids in on_host))):
                 if lo <= hi:
                     _raise_if_out_of_range(lo, hi, num_languages, f"lslo.route({name}=...)")
+            for name, ids in given:
+                if ids.device.type not in HOST_CHECKED_DEVICES:
+                    _check_range(ids.reshape(-1), num_languages, f"lslo.route({name}=...)")
                 self._checked.add((name, num_languages))
 
     def get_ids(self, index: str) -> torch.Tensor | None:
