@@ -256,6 +256,8 @@ class _LanguageFactors:
     def _backend_for(self, x: torch.Tensor) -> str:
         key = (self.backend, x.device, x.dtype)
         if key != self._backend_key:  # resolved once per (backend, device, dtype), not per call
+            if _is_compiling():  # a cache written while tracing is a guard that the next call fails
+                return resolve_backend(self.backend, x.device, x.dtype)
             self._backend_name = resolve_backend(self.backend, x.device, x.dtype)
             impl = lslo_kernels.get_backend(self._backend_name)
             self._backend_add, self._backend_mixed = impl.add_, impl.mixed_factors

@@ -44,6 +44,8 @@ import torch.nn.functional as F
 
 from .config import GROUP_ORDER, LSLoConfig
 from .context import route
+from .data import ShapeBuckets, pad_to_bucket
+from .fast_step import compile_loss
 from .io import atomic_directory, atomic_write_file, recover_directory
 from .model import apply_lslo, load_adapters, load_base_model, model_fingerprint, save_adapters
 from .pruning import gradual_pruning_ratio, prune, pruning_summary
@@ -193,6 +195,12 @@ class TrainArguments:
     dropout: float = field(default=0.1, metadata=_help("dropout of the base model's layers"))
     max_tokens: int = field(default=4096, metadata=_help("token budget of a batch per process"))
     max_sentences: int | None = field(default=None, metadata=_help("sentences per batch at most"))
+    pad_to_multiple: int | None = field(default=None, metadata=_help(
+        "static batch shapes: pad both sides of a batch to a multiple of N tokens (with --compile: few shapes)"))
+    length_buckets: str | None = field(default=None, metadata=_help(
+        "static batch shapes: pad both sides to the first of these lengths that fits, e.g. '16,32,64,128'"))
+    compile: bool = field(default=False, metadata=_help(
+        "torch.compile the forward, loss and backward (CUDA graphs on CUDA); see --pad-to-multiple"))
     max_length: int | None = field(default=256, metadata=_help("truncate sentences to this many tokens"))
     update_freq: int = field(default=1, metadata=_help("gradient accumulation: batches per optimizer step"))
     sampling_temperature: float = field(default=5.0, metadata=_help("temperature of direction sampling"))
@@ -232,6 +240,7 @@ class TrainArguments:
         if not (isinstance(self.sampling_temperature, (int, float)) and self.sampling_temperature > 0):
             raise ValueError(f"sampling_temperature must be > 0, got {self.sampling_temperature!r}")
         self.betas()  # parse now: a bad value must fail before the model loads
+        ShapeBuckets.parse(self.pad_to_multiple, self.length_buckets)  # likewise
         if self.method == "lslo" and self.prune:
             parse_prune_spec(self.prune)
         if self.prune_pool not in ("language", "layer"):
@@ -539,6 +548,8 @@ class _Run:
         self.is_main = self.accelerator.is_main_process
         self.world = self.accelerator.num_processes
         set_seed(args.seed)
+        self.buckets = ShapeBuckets.parse(args.pad_to_multiple, args.length_buckets)
+        self.compiled_loss = compile_loss(self.accelerator.device) if args.compile else None
 
     # ---- set-up
     def load(self) -> None:
@@ -717,10 +728,18 @@ class _Run:
         from .data import collate
 
         batch = collate(self.corpus, indices, pad_token_id=self.tokenizer.pad_token_id, languages=self.languages)
+        if self.buckets is not None:  # --pad-to-multiple / --length-buckets
+            batch = pad_to_bucket(batch, self.buckets, self.tokenizer.pad_token_id)
         device = self.accelerator.device
         batch = {k: v.to(device) for k, v in batch.items()}
         config = self.accelerator.unwrap_model(self.model).config
         decoder_input_ids = shift_tokens_right(batch["labels"], config.pad_token_id, config.decoder_start_token_id)
+        if self.compiled_loss is not None:  # --compile: lslo.fast_step
+            with self.accelerator.autocast():
+                loss, nll = self.compiled_loss(self.model, batch["input_ids"], batch["attention_mask"],
+                                               decoder_input_ids, batch["labels"], batch["src_lang_ids"],
+                                               batch["tgt_lang_ids"], self.args.label_smoothing)
+            return loss, nll, int((batch["labels"] != -100).sum()), batch
         with route(src=batch["src_lang_ids"], tgt=batch["tgt_lang_ids"]), self.accelerator.autocast():
             logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                 decoder_input_ids=decoder_input_ids).logits
@@ -855,7 +874,8 @@ def train(args: TrainArguments) -> TrainResult:
         epoch = state["epoch"]
         while epoch <= args.epochs:
             batches = make_batches(run.corpus, max_tokens=args.max_tokens, epoch=epoch, seed=args.seed,
-                                   temperature=args.sampling_temperature, max_sentences=args.max_sentences)
+                                   temperature=args.sampling_temperature, max_sentences=args.max_sentences,
+                                   buckets=run.buckets)
             steps_in_epoch = len(batches) // (run.world * args.update_freq)
             if steps_in_epoch == 0:
                 raise ValueError(f"epoch {epoch} has {len(batches)} batches, fewer than processes x update_freq = "
