@@ -50,11 +50,7 @@ _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (
 # alive): _staged_factors) and LSLoLinear's decoding plan (_planned_decode).
 _CALL_CACHES = {"_backend_key": None, "_backend_name": None, "_backend_add": None, "_backend_linear": None,
                 "_backend_decode": None, "_backend_mixed": False, "_backend_staged": None, "_staged": None,
-                "_decode_plan": None}
-# Backends whose decoding kernels (linear_decode, add_) check every argument against x and the routing
-# (the C++ op's check_problem, triton's _check_common), so that a planned call may skip the layer's
-# checks: see LSLoLinear._planned_decode.
-_CHECKING_BACKENDS = ("cpp", "triton")
+                "_decode_plan": None, "_backend_checks": False}
 # LSLoLinear decodes with staged factors (Backend.stage_factors) from this many entries of B up.
 _STAGED_MIN_ENTRIES = 1 << 14
 
@@ -261,6 +257,9 @@ class _LanguageFactors:
             self._backend_name = resolve_backend(self.backend, x.device, x.dtype)
             impl = lslo_kernels.get_backend(self._backend_name)
             self._backend_add, self._backend_mixed = impl.add_, impl.mixed_factors
+            # Its kernels check every argument (Backend.checks_arguments): a planned call may skip
+            # the layer's checks (LSLoLinear._planned_decode).
+            self._backend_checks = impl.checks_arguments
             self._backend_linear, self._backend_decode = impl.linear, impl.linear_decode
             # Staged decoding factors only where staging is a visible part of a call: below ~16k
             # entries of B it costs less than the ~1-2 us of checking the cache.
@@ -648,7 +647,7 @@ class LSLoLinear(_LanguageFactors, nn.Module):
         # The next no-grad calls go straight to the kernels (_planned_decode), where their arguments are
         # the ones they take as they are: x's rows unit-strided, the scales float32/float64, and a
         # backend whose kernels check the rest themselves.
-        if rows is x_rows and self._backend_name in _CHECKING_BACKENDS and scales is raw_scales:
+        if rows is x_rows and self._backend_checks and scales is raw_scales:
             self._decode_plan = (self.backend, device, decode, stage, add_)
         return out if x.dim() == 2 else out.view(*lead, self.out_features)
 
@@ -667,7 +666,7 @@ class LSLoLinear(_LanguageFactors, nn.Module):
         What the kernels check (an error here drops the plan and the general path reports): x's
         dtype, device, width and row layout against the weight and the factors; the routing's token
         count and number of languages. Only backends whose kernels check all that get a plan
-        (``_CHECKING_BACKENDS``; the reference backend's loop does not). What is checked here: the
+        (``Backend.checks_arguments``; the reference backend's loop does not). What is checked here: the
         layer's backend, merge state and hooks (any change drops the plan) and the routing source (a
         Routing, or the ``lslo.route`` context; language-id tensors take the general path).
         """

@@ -57,6 +57,9 @@ class Backend:
             biases, factors, sorted_token_idx, lang_offsets)`` with one weight, bias and
             ``shared.LoRAFactors`` per projection returns one (y, h) per projection, as
             ``linear_forward`` would for each (the backward stays per projection: ``backward``).
+        checks_arguments: its ``add_`` and ``linear_decode`` check every argument against x and the
+            routing themselves (shapes, dtypes, devices, layouts, token and language counts), so a
+            caller that planned a call may skip its own checks (``LSLoLinear``'s decoding plan).
     """
 
     name: str
@@ -72,6 +75,7 @@ class Backend:
     linear_decode: Callable | None = None
     linear_forward: Callable | None = None
     shared_forward: Callable | None = None
+    checks_arguments: bool = False
 
 
 _BACKENDS: dict[str, Backend] = {}

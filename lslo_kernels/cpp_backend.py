@@ -79,5 +79,6 @@ else:
             linear=_optional_op("linear_lora"),
             linear_decode=_optional_op("linear_decode"),
             linear_forward=_optional_op("linear_forward"),
+            checks_arguments=True,  # csrc's check_problem
         )
     )
