@@ -19,7 +19,17 @@ from dataclasses import dataclass
 import torch
 
 from . import reference
-from .spec import ADD, BACKWARD, FORWARD, LINEAR, LINEAR_FORWARD, LORA, check_signature
+from .spec import (
+    ADD,
+    BACKWARD,
+    FORWARD,
+    LINEAR,
+    LINEAR_DECODE,
+    LINEAR_FORWARD,
+    LORA,
+    STAGE_FACTORS,
+    check_signature,
+)
 
 __all__ = ["Backend", "available_backends", "check_backend", "get_backend", "register_backend", "resolve_backend"]
 
@@ -96,6 +106,10 @@ def check_backend(backend: Backend) -> None:
         check_signature(backend.linear, LINEAR, f"backend {backend.name!r} linear")
     if backend.linear_forward is not None:
         check_signature(backend.linear_forward, LINEAR_FORWARD, f"backend {backend.name!r} linear_forward")
+    if backend.linear_decode is not None:
+        check_signature(backend.linear_decode, LINEAR_DECODE, f"backend {backend.name!r} linear_decode")
+    if backend.stage_factors is not None:
+        check_signature(backend.stage_factors, STAGE_FACTORS, f"backend {backend.name!r} stage_factors")
 
 
 def register_backend(backend: Backend) -> None:
