@@ -80,5 +80,6 @@ else:
             linear_decode=_optional_op("linear_decode"),
             linear_forward=_optional_op("linear_forward"),
             checks_arguments=True,  # csrc's check_problem
+            auto_priority=(("cpu", 10),),
         )
     )

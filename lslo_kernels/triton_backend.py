@@ -63,6 +63,7 @@ def register() -> bool:
             add_=kernels.lora_add_triton,
             mixed_factors=True,
             checks_arguments=True,  # triton_kernels._check_common
+            auto_priority=(("cuda", 10),),  # on the CPU (interpreter) only when asked for by name
         )
     )
     return True

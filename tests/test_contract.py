@@ -107,3 +107,19 @@ def test_triton_launchers_follow_the_contract():
 
     spec.check_signature(triton_kernels.lora_forward_triton, spec.FORWARD, "triton forward")
     spec.check_signature(triton_kernels.lora_backward_triton, spec.BACKWARD, "triton backward")
+
+
+def test_auto_follows_the_backends_declared_priorities():
+    """``auto`` is ranked from each backend's ``auto_priority`` (no list of names in the registry)."""
+    from lslo_kernels import backends
+
+    fast = backends.Backend(name="test_fast", forward=lslo_kernels.lora_forward_reference,
+                            backward=lslo_kernels.lora_backward_reference, supports_device=lambda d: d.type == "cpu",
+                            dtypes=(torch.float64,), auto_priority=(("cpu", 99),))
+    backends.register_backend(fast)
+    try:
+        assert lslo_kernels.resolve_backend("auto", torch.device("cpu"), torch.float64) == "test_fast"
+        assert lslo_kernels.resolve_backend("auto", torch.device("cpu"), torch.float32) != "test_fast"  # its dtypes
+        assert lslo_kernels.resolve_backend("auto", torch.device("meta"), torch.float64) == "reference"  # "*"
+    finally:
+        del backends._BACKENDS["test_fast"]
