@@ -180,6 +180,23 @@ def quantiles(values):
     return [q[0], statistics.median(values), q[3]]
 
 
+class _Rows:
+    """Result rows: each printed and appended to the CSV as it comes (a run cut short keeps its rows)."""
+
+    FIELDS = ("metric", "system", "p20", "p50", "p80", "backend", "threads", "device")
+
+    def __init__(self, path: Path, common: dict):
+        self.path, self.common = path, common
+        with open(path, "w", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.FIELDS).writeheader()
+
+    def append(self, row: dict) -> None:
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.FIELDS).writerow({**row, **self.common})
+        print(f"{row['metric']:28s} {row['system']:18s} {row['p20']:10.3f} {row['p50']:10.3f} {row['p80']:10.3f}",
+              flush=True)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=15)
@@ -203,7 +220,11 @@ def main(argv=None) -> None:
     frozen = frozen_twin(grouped)
     data = batch(device=args.device)
     layers = len(lslo.lslo_modules(grouped))
-    rows = []
+    print(f"{layers} adapted layers, backend {args.backend}, {args.device}, {args.threads} thread(s), "
+          f"{args.rounds} rounds x {args.repeat} steps; pid {os.getpid()}", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = _Rows(out / "fastpath.csv", {"backend": args.backend, "threads": args.threads, "device": args.device})
     for name, model in (("separate", separate), ("grouped", grouped)):
         calls, kernels = count_calls(model, data)
         rows.append({"metric": "op_calls_per_step", "system": name, "p20": calls, "p50": calls, "p80": calls})
@@ -241,17 +262,6 @@ def main(argv=None) -> None:
             rows.append({"metric": "train_tokens_per_s", "system": name, "p20": total, "p50": total, "p80": total})
             rows.append({"metric": f"train_tokens_per_s_after_{args.train_skip}", "system": name, "p20": late,
                          "p50": late, "p80": late})
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "fastpath.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["metric", "system", "p20", "p50", "p80", "backend", "threads", "device"])
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**row, "backend": args.backend, "threads": args.threads, "device": args.device})
-    print(f"{layers} adapted layers, backend {args.backend}, {args.device}, {args.threads} thread(s), "
-          f"{args.rounds} rounds x {args.repeat} steps; pid {os.getpid()}")
-    for row in rows:
-        print(f"{row['metric']:28s} {row['system']:18s} {row['p20']:10.3f} {row['p50']:10.3f} {row['p80']:10.3f}")
 
 
 if __name__ == "__main__":
