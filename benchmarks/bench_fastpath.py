@@ -42,7 +42,7 @@ from transformers import M2M100Config, M2M100ForConditionalGeneration
 import lslo
 import lslo_kernels
 from lslo.fast_step import compile_loss
-from lslo.shared_inputs import ungroup_shared_inputs
+from lslo.shared_inputs import shared_groups, ungroup_shared_inputs
 from lslo.testing import RUN_LANGS, tiny_run_setup
 from lslo.train import TrainArguments, train
 from lslo_kernels import shared as shared_op
@@ -63,6 +63,8 @@ def build(backend: str, d_model: int = 32, seed: int = 0, device: str = "cpu"):
     base = M2M100ForConditionalGeneration(structure_config(d_model)).to(device).train()
     model = lslo.apply_lslo(base, lslo.LSLoConfig(languages="lang12", ranks="2;2;8", init="reference",
                                                   ffn="reference", backend=backend))
+    for group in shared_groups(model):
+        group.always = True  # measured on every backend, cpp included (which does not group by default)
     return model
 
 

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
+from lslo_kernels import get_backend
 from lslo_kernels.shared import LoRAFactors, shared_input_lora
 
 from .layer import LSLoLinear, _plain_linear
@@ -36,9 +37,11 @@ class SharedInputGroup:
     Args:
         members: two or more LSLoLinear layers with the same in_features, index, number of
             languages, backend and validation setting.
+        always: group on every backend; by default only on backends that ask for it
+            (``Backend.shared_inputs``; ``cpp`` does not: its per-layer ops are cheaper there).
     """
 
-    def __init__(self, members: Sequence[LSLoLinear]):
+    def __init__(self, members: Sequence[LSLoLinear], *, always: bool = False):
         members = tuple(members)
         if len(members) < 2:
             raise ValueError(f"a shared-input group needs at least two layers, got {len(members)}")
@@ -52,6 +55,7 @@ class SharedInputGroup:
                 raise ValueError(f"shared-input group members differ in (in_features, index, languages, backend, "
                                  f"validate): {mine} != {theirs}")
         self.members = members
+        self.always = always
         self._position = {id(m): i for i, m in enumerate(members)}
         self._kept = None  # (x, x version, routing, {position: y}) of the last grouped call
 
@@ -66,6 +70,8 @@ class SharedInputGroup:
         self._position = {id(m): i for i, m in enumerate(self.members)}
 
     def _applies(self, x: torch.Tensor, backend: str) -> bool:
+        if not (self.always or get_backend(backend).shared_inputs):
+            return False
         for m in self.members:
             base = m._modules["base_layer"]
             if (m.merged_language is not None or not _plain_linear(base)
@@ -116,18 +122,19 @@ class SharedInputGroup:
         return ys[position]
 
 
-def group_shared_inputs(groups: Sequence[Sequence[LSLoLinear]]) -> list[SharedInputGroup]:
+def group_shared_inputs(groups: Sequence[Sequence[LSLoLinear]], *, always: bool = False) -> list[SharedInputGroup]:
     """Join each sequence of layers into a :class:`SharedInputGroup` (replacing earlier groups).
 
     Args:
         groups: per group, the LSLoLinear layers called on one input.
+        always: as :class:`SharedInputGroup`'s.
 
     Returns:
         The groups made.
     """
     made = []
     for members in groups:
-        group = SharedInputGroup(members)
+        group = SharedInputGroup(members, always=always)
         for m in group.members:
             m._shared_group = group
         made.append(group)

@@ -70,6 +70,9 @@ class Backend:
         checks_arguments: its ``add_`` and ``linear_decode`` check every argument against x and the
             routing themselves (shapes, dtypes, devices, layouts, token and language counts), so a
             caller that planned a call may skip its own checks (``LSLoLinear``'s decoding plan).
+        shared_inputs: whether layers of one input (q/k/v) should run as one grouped call on it
+            (``lslo.shared_inputs``): off where the backend's per-layer entry is cheaper than the
+            group's one Python autograd node (``cpp``: its per-layer op and backward are C++).
         auto_priority: (device type, priority) pairs: ``backend="auto"`` takes, among the backends
             that run on the device, the one of highest priority there (``"*"``: any device type).
         slow_fallback: the backend ``auto`` takes only when nothing faster is there (the reference
@@ -90,6 +93,7 @@ class Backend:
     linear_forward: Callable | None = None
     shared_forward: Callable | None = None
     checks_arguments: bool = False
+    shared_inputs: bool = True
     auto_priority: tuple[tuple[str, int], ...] = ()
     slow_fallback: bool = False
 

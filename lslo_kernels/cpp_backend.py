@@ -81,5 +81,8 @@ else:
             linear_forward=_optional_op("linear_forward"),
             checks_arguments=True,  # csrc's check_problem
             auto_priority=(("cpu", 10),),
+            # Grouped q/k/v measured slower than the per-layer C++ autograd ops on the 2-core CPU
+            # (benchmarks/bench_fastpath.py, benchmarks/README.md).
+            shared_inputs=False,
         )
     )

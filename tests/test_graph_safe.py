@@ -91,7 +91,7 @@ def _layers(backend: str, device, grouped: bool):
         with torch.no_grad():
             layer.lora_B.normal_()
     if grouped:
-        group_shared_inputs([layers])
+        group_shared_inputs([layers], always=True)
     return layers
 
 

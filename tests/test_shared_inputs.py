@@ -107,7 +107,7 @@ def test_grouped_within_tolerance(backend, dtype):
         pytest.skip(f"{backend} not built")
     layers, x, lang, grads = _case(backend, dtype, tokens=(4, 3))
     separate = _run(layers, x, lang, grads)
-    group_shared_inputs([layers])
+    group_shared_inputs([layers], always=True)  # cpp does not group by default (Backend.shared_inputs)
     grouped = _run(layers, x, lang, grads)
     atol, rtol = TOLERANCES[dtype]
     scale = 4 if dtype in (torch.bfloat16, torch.float16) else 1  # x's gradient: a sum of six rounded terms
@@ -165,6 +165,21 @@ def test_changed_member_falls_back():
     assert group._applies(x, "reference")
     layers[2].merge(1)
     assert not group._applies(x, "reference")
+
+
+def test_backend_declares_whether_it_groups(monkeypatch):
+    """cpp (per-layer C++ autograd ops) is not grouped unless asked; the reference is."""
+    if "cpp" not in lslo_kernels.available_backends():
+        pytest.skip("cpp not built")
+    assert not lslo_kernels.get_backend("cpp").shared_inputs and lslo_kernels.get_backend("reference").shared_inputs
+    layers, x, lang, grads = _case("cpp", torch.float32)
+    calls = _count_calls(monkeypatch)
+    group_shared_inputs([layers])
+    _run(layers, x, lang, grads)
+    assert calls["shared"] == 0
+    group_shared_inputs([layers], always=True)
+    _run(layers, x, lang, grads)
+    assert calls["shared"] == 1
 
 
 def test_group_checks_members():
