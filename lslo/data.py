@@ -1084,6 +1084,15 @@ class ShapeBuckets(NamedTuple):
             raise ValueError(f"length_buckets must be strictly increasing, got {list(lengths)}")
         return cls(multiple, lengths)
 
+    def max_shapes(self, max_length: int | None) -> int | None:
+        """How many (sentences, length) shapes batches of examples up to ``max_length`` tokens can
+        take at most (two per padded length: the full batch and one remainder); without
+        ``max_length``, those of the buckets alone (None without buckets)."""
+        if max_length is None:
+            return 2 * len(self.lengths) if self.lengths else None
+        past = max_length - (self.lengths[-1] if self.lengths else 0)  # lengths past the last bucket
+        return 2 * (len(self.lengths) + max(0, -(-past // self.pad_to_multiple)))
+
     def padded_length(self, length: int) -> int:
         """The padded length of a batch whose longest example has ``length`` tokens."""
         for bucket in self.lengths:

@@ -60,16 +60,21 @@ def routed_loss(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask:
         return smoothed_losses(logits, labels, label_smoothing)
 
 
-def compile_loss(device: torch.device, *, backend: str = "inductor", fn: Callable = routed_loss) -> Callable:
+def compile_loss(device: torch.device, *, backend: str = "inductor", fn: Callable = routed_loss,
+                 max_shapes: int | None = None) -> Callable:
     """``torch.compile`` of :func:`routed_loss` for a run on ``device``.
 
     Args:
         device: the training device: on CUDA with ``mode="reduce-overhead"`` (CUDA graphs).
         backend: the compiler backend (``"aot_eager"`` traces without code generation, for tests).
         fn: the function to compile.
+        max_shapes: batch shapes the run will see (e.g. two per length bucket): dynamo's recompile
+            limit is raised to it, so that no shape falls back to eager.
 
     Returns:
         The compiled callable, same arguments and results as ``fn``.
     """
+    if max_shapes is not None and max_shapes > torch._dynamo.config.recompile_limit:
+        torch._dynamo.config.recompile_limit = max_shapes
     mode = "reduce-overhead" if torch.device(device).type == "cuda" and backend == "inductor" else None
     return torch.compile(fn, backend=backend, mode=mode, dynamic=False)

@@ -549,7 +549,8 @@ class _Run:
         self.world = self.accelerator.num_processes
         set_seed(args.seed)
         self.buckets = ShapeBuckets.parse(args.pad_to_multiple, args.length_buckets)
-        self.compiled_loss = compile_loss(self.accelerator.device) if args.compile else None
+        shapes = self.buckets.max_shapes(args.max_length) if self.buckets is not None else None
+        self.compiled_loss = compile_loss(self.accelerator.device, max_shapes=shapes) if args.compile else None
 
     # ---- set-up
     def load(self) -> None:

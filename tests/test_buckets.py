@@ -26,6 +26,10 @@ def test_parse_and_padded_length():
     assert buckets == ShapeBuckets(8, (16, 32))
     assert [buckets.padded_length(n) for n in (1, 16, 17, 32, 33, 41)] == [16, 16, 32, 32, 40, 48]
     assert ShapeBuckets.parse(pad_to_multiple=5).padded_length(11) == 15
+    assert ShapeBuckets(1, (16, 32)).max_shapes(None) == 4
+    assert ShapeBuckets(8, (16, 32)).max_shapes(64) == 2 * (2 + 4)  # 40, 48, 56, 64 past the buckets
+    assert ShapeBuckets(8, ()).max_shapes(64) == 2 * 8
+    assert ShapeBuckets(8, ()).max_shapes(None) is None
     for bad in ({"pad_to_multiple": 0}, {"length_buckets": "32,16"}, {"length_buckets": "a,b"},
                 {"length_buckets": "8,8"}):
         with pytest.raises(ValueError):
