@@ -281,3 +281,16 @@ def test_no_grad_calls_are_not_grouped(monkeypatch):
         lslo.forward_with_langs(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids),
                                         "labels": ids[:, :4].contiguous()}, torch.tensor([0, 1]), torch.tensor([2, 3]))
     assert calls["shared"] == 0
+
+
+def test_615m_structure_makes_96_op_calls_instead_of_156():
+    """benchmarks/bench_fastpath.py's count: the 615M shape's 156 adapted layers in 96 op calls."""
+    from benchmarks import bench_fastpath
+
+    grouped = bench_fastpath.build("reference", d_model=8)
+    separate = copy.deepcopy(grouped)
+    ungroup_shared_inputs(separate)
+    data = bench_fastpath.batch(tokens=3, seqs=2)
+    assert len(lslo.lslo_modules(grouped)) == 156
+    assert bench_fastpath.count_calls(separate, data)[0] == 156
+    assert bench_fastpath.count_calls(grouped, data)[0] == 96
