@@ -18,7 +18,13 @@ from collections.abc import Iterator
 import torch
 
 from lslo_kernels import Routing, expand_lang_ids, route_tokens
-from lslo_kernels.routing import _check_int_dtype, _raise_if_out_of_range, lang_id_range
+from lslo_kernels.routing import (
+    HOST_CHECKED_DEVICES,
+    _check_int_dtype,
+    _check_range,
+    _raise_if_out_of_range,
+    lang_id_range,
+)
 
 __all__ = ["RouteContext", "current_route", "expand_lang_ids", "route"]
 
@@ -41,9 +47,15 @@ class RouteContext:
         for name, ids in given:
             _check_int_dtype(ids, f"lslo.route({name}=...)")
         if num_languages is not None and given:
-            for (name, _ids), (lo, hi) in zip(given, lang_id_range(*(ids for _, ids in given))):
+            # CPU ids: one host read for both; others (CUDA): a device assert each, no sync (routing.py).
+            compiling = torch.compiler.is_compiling()
+            on_host = [] if compiling else [(n, ids) for n, ids in given if ids.device.type in HOST_CHECKED_DEVICES]
+            for (name, _ids), (lo, hi) in zip(on_host, lang_id_range(*(ids for _, ids in on_host))):
                 if lo <= hi:
                     _raise_if_out_of_range(lo, hi, num_languages, f"lslo.route({name}=...)")
+            for name, ids in given:
+                if compiling or ids.device.type not in HOST_CHECKED_DEVICES:
+                    _check_range(ids.reshape(-1), num_languages, f"lslo.route({name}=...)")
                 self._checked.add((name, num_languages))
 
     def get_ids(self, index: str) -> torch.Tensor | None:
@@ -73,8 +85,17 @@ class RouteContext:
 _CURRENT: contextvars.ContextVar[RouteContext | None] = contextvars.ContextVar("lslo_route", default=None)
 
 
+# Under torch.compile: dynamo cannot trace ContextVar.get/set, so a route entered inside a compiled
+# function lives here while it is traced (a list item: the write is a side effect dynamo replays).
+_TRACED: list[RouteContext | None] = [None]
+
+
 def current_route() -> RouteContext | None:
     """The innermost active :func:`route` context, or None."""
+    if torch.compiler.is_compiling():
+        traced = _TRACED[0]
+        if traced is not None:
+            return traced
     return _CURRENT.get()
 
 
@@ -92,6 +113,13 @@ def route(src: torch.Tensor | None = None, tgt: torch.Tensor | None = None,
     for name, ids in (("src", src), ("tgt", tgt)):
         if ids is not None and not isinstance(ids, torch.Tensor):
             raise TypeError(f"lslo.route({name}=...) must be a tensor of language ids, got {type(ids).__name__}")
+    if torch.compiler.is_compiling():
+        previous, _TRACED[0] = _TRACED[0], RouteContext(src, tgt, num_languages)
+        try:
+            yield _TRACED[0]
+        finally:
+            _TRACED[0] = previous
+        return
     token = _CURRENT.set(RouteContext(src, tgt, num_languages))
     try:
         yield _CURRENT.get()

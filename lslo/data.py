@@ -58,7 +58,9 @@ __all__ = [
     "EncodedCorpus",
     "MultiwayExamples",
     "ParallelExample",
+    "ShapeBuckets",
     "all_directions",
+    "bucketed_batches",
     "collate",
     "direction_sample_counts",
     "encode_examples",
@@ -68,6 +70,7 @@ __all__ = [
     "load_flores",
     "make_batches",
     "multiway_examples",
+    "pad_to_bucket",
     "read_tsv_corpus",
     "resolve_languages",
     "sampling_probabilities",
@@ -871,6 +874,7 @@ def make_batches(
     max_sentences: int | None = None,
     epoch_size: int | None = None,
     oversize: str = "error",
+    buckets: ShapeBuckets | None = None,
 ) -> Batches:
     """One epoch of mixed-direction batches under a token budget (fairseq's ``--max-tokens``).
 
@@ -900,6 +904,8 @@ def make_batches(
             (default: ValueError naming it and how many there are, before any batch is made; cut
             them with ``encode_examples(max_length=...)``) or ``"skip"`` (leave them out of
             sampling, with a warning giving the count).
+        buckets: static batch shapes (:class:`ShapeBuckets`): the cut of step 2 is
+            :func:`bucketed_batches`'; pad each collated batch with :func:`pad_to_bucket`.
 
     Returns:
         :class:`Batches`: a sequence of example-index lists into ``corpus`` (an upsampled example may
@@ -951,6 +957,12 @@ def make_batches(
             selected = selected[torch.argsort(key[selected].long(), stable=True)]
         sorted_cost = cost[selected]
 
+    if buckets is not None:  # static shapes on request (see ShapeBuckets)
+        cut = bucketed_batches(selected, sorted_cost, buckets, max_tokens=max_tokens, max_sentences=max_sentences)
+        sizes = torch.tensor([len(batch) for batch in cut], dtype=torch.int64)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)])
+        indices = torch.tensor([index for batch in cut for index in batch], dtype=torch.int64)
+        return Batches(indices, offsets, torch.randperm(len(cut), generator=generator))
     limit = max_sentences if max_sentences is not None else max_tokens
     starts = _cut_points(sorted_cost, max_tokens, limit)
     offsets = torch.cat([starts, torch.tensor([selected.numel()])])
@@ -1143,3 +1155,117 @@ def collate(corpus: EncodedCorpus, indices: Sequence[int], *, pad_token_id: int,
         "src_lang_ids": lang_map[corpus._direction_src[direction]],
         "tgt_lang_ids": lang_map[corpus._direction_tgt[direction]],
     }
+
+
+# ------------------------------------------------------------------------- static batch shapes
+class ShapeBuckets(NamedTuple):
+    """Static batch shapes on request (``lslo train --pad-to-multiple`` / ``--length-buckets``).
+
+    A batch's padded length is its longest example (either side) rounded up to the first of
+    ``lengths`` that holds it, or, past them or without them, to a multiple of ``pad_to_multiple``;
+    both sides are padded to that length and every batch of one length holds the same number of
+    sentences (all but the last of each length), so a run sees a small fixed set of
+    (sentences, length) shapes: what ``torch.compile`` and CUDA graphs need to reuse their work.
+
+    Attributes:
+        pad_to_multiple: round lengths up to a multiple of this (1 = no rounding).
+        lengths: increasing bucket lengths (may be empty).
+    """
+
+    pad_to_multiple: int = 1
+    lengths: tuple[int, ...] = ()
+
+    @classmethod
+    def parse(cls, pad_to_multiple: int | None = None, length_buckets: str | Sequence[int] | None = None):
+        """The buckets of the two flags, or None when neither is given.
+
+        Args:
+            pad_to_multiple: ``--pad-to-multiple``, an int >= 1.
+            length_buckets: ``--length-buckets``, e.g. ``"16,32,64,128"`` or a sequence of ints.
+        """
+        if pad_to_multiple is None and length_buckets is None:
+            return None
+        multiple = 1 if pad_to_multiple is None else pad_to_multiple
+        _check_int("pad_to_multiple", multiple, 1)
+        if isinstance(length_buckets, str):
+            try:
+                lengths = tuple(int(v) for v in length_buckets.split(",") if v.strip())
+            except ValueError:
+                raise ValueError(f"length_buckets must be comma-separated ints, got {length_buckets!r}") from None
+        else:
+            lengths = tuple(length_buckets or ())
+        for value in lengths:
+            _check_int("length_buckets entry", value, 1)
+        if list(lengths) != sorted(set(lengths)):
+            raise ValueError(f"length_buckets must be strictly increasing, got {list(lengths)}")
+        return cls(multiple, lengths)
+
+    def max_shapes(self, max_length: int | None) -> int | None:
+        """How many (sentences, length) shapes batches of examples up to ``max_length`` tokens can
+        take at most (two per padded length: the full batch and one remainder); without
+        ``max_length``, those of the buckets alone (None without buckets)."""
+        if max_length is None:
+            return 2 * len(self.lengths) if self.lengths else None
+        past = max_length - (self.lengths[-1] if self.lengths else 0)  # lengths past the last bucket
+        return 2 * (len(self.lengths) + max(0, -(-past // self.pad_to_multiple)))
+
+    def padded_length(self, length: int) -> int:
+        """The padded length of a batch whose longest example has ``length`` tokens."""
+        for bucket in self.lengths:
+            if length <= bucket:
+                return bucket
+        return -(-length // self.pad_to_multiple) * self.pad_to_multiple
+
+
+def bucketed_batches(selected: torch.Tensor, cost: torch.Tensor, buckets: ShapeBuckets, *, max_tokens: int,
+                     max_sentences: int | None = None) -> list[list[int]]:
+    """Cut examples sorted by length into batches of static shapes (see :class:`ShapeBuckets`).
+
+    Args:
+        selected: (N,) int64 example indices, sorted by ``cost`` (increasing).
+        cost: (N,) int64 longer side of each selected example, in the same order.
+        buckets: the shapes.
+        max_tokens: budget: ``padded length * sentences <= max_tokens`` for every batch.
+        max_sentences: at most this many sentences a batch.
+
+    Returns:
+        Batches of example indices (in ``selected``'s order); each batch's examples share one padded length.
+    """
+    batches: list[list[int]] = []
+    current: list[int] = []
+    current_length = 0
+    for index, length in zip(selected.tolist(), cost.tolist()):
+        padded = buckets.padded_length(length)
+        if padded > max_tokens:
+            raise ValueError(f"example {index} ({length} tokens) pads to {padded} tokens, over max_tokens={max_tokens}; "
+                             "raise max_tokens or change the length buckets")
+        per_batch = max_tokens // padded if max_sentences is None else min(max_sentences, max_tokens // padded)
+        if current and (padded != current_length or len(current) >= per_batch):
+            batches.append(current)
+            current = []
+        current.append(index)
+        current_length = padded
+    if current:
+        batches.append(current)
+    return batches
+
+
+def pad_to_bucket(batch: Mapping[str, torch.Tensor], buckets: ShapeBuckets, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """A :func:`collate` batch with both sides padded to its bucket's length.
+
+    Args:
+        batch: ``input_ids`` (B, S), ``attention_mask`` (B, S), ``labels`` (B, T) (-100 on padding), ...
+        buckets: the shapes.
+        pad_token_id: the tokenizer's pad id (for ``input_ids``).
+
+    Returns:
+        The same entries, ``input_ids``/``attention_mask``/``labels`` (B, P) with
+        ``P = buckets.padded_length(max(S, T))``; the other entries unchanged.
+    """
+    length = buckets.padded_length(max(batch["input_ids"].shape[1], batch["labels"].shape[1]))
+    fills = {"input_ids": pad_token_id, "attention_mask": 0, "labels": -100}
+    out = dict(batch)
+    for name, fill in fills.items():
+        value = batch[name]
+        out[name] = torch.nn.functional.pad(value, (0, length - value.shape[1]), value=fill)
+    return out

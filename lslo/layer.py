@@ -50,11 +50,7 @@ _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (
 # alive): _staged_factors) and LSLoLinear's decoding plan (_planned_decode).
 _CALL_CACHES = {"_backend_key": None, "_backend_name": None, "_backend_add": None, "_backend_linear": None,
                 "_backend_decode": None, "_backend_mixed": False, "_backend_staged": None, "_staged": None,
-                "_decode_plan": None}
-# Backends whose decoding kernels (linear_decode, add_) check every argument against x and the routing
-# (the C++ op's check_problem, triton's _check_common), so that a planned call may skip the layer's
-# checks: see LSLoLinear._planned_decode.
-_CHECKING_BACKENDS = ("cpp", "triton")
+                "_decode_plan": None, "_backend_checks": False}
 # LSLoLinear decodes with staged factors (Backend.stage_factors) from this many entries of B up.
 _STAGED_MIN_ENTRIES = 1 << 14
 
@@ -256,9 +252,14 @@ class _LanguageFactors:
     def _backend_for(self, x: torch.Tensor) -> str:
         key = (self.backend, x.device, x.dtype)
         if key != self._backend_key:  # resolved once per (backend, device, dtype), not per call
+            if _is_compiling():  # a cache written while tracing is a guard that the next call fails
+                return resolve_backend(self.backend, x.device, x.dtype)
             self._backend_name = resolve_backend(self.backend, x.device, x.dtype)
             impl = lslo_kernels.get_backend(self._backend_name)
             self._backend_add, self._backend_mixed = impl.add_, impl.mixed_factors
+            # Its kernels check every argument (Backend.checks_arguments): a planned call may skip
+            # the layer's checks (LSLoLinear._planned_decode).
+            self._backend_checks = impl.checks_arguments
             self._backend_linear, self._backend_decode = impl.linear, impl.linear_decode
             # Staged decoding factors only where staging is a visible part of a call: below ~16k
             # entries of B it costs less than the ~1-2 us of checking the cache.
@@ -528,6 +529,8 @@ class LSLoLinear(_LanguageFactors, nn.Module):
 
     # ---------------------------------------------------------------- forward
     _decode_plan: tuple | None = None  # also for layers pickled before there was a plan
+    # The lslo.shared_inputs.SharedInputGroup this layer belongs to (a plain object, not a submodule).
+    _shared_group = None
 
     def forward(self, x: torch.Tensor, lang: torch.Tensor | Routing | None = None) -> torch.Tensor:
         """Args: x: (..., in_features); lang: see the class docstring. Returns (..., out_features)."""
@@ -565,6 +568,11 @@ class LSLoLinear(_LanguageFactors, nn.Module):
         lead = x.shape[:-1]
         routing = self._routing(x, lang, lead)
         backend = self._backend_for(x)
+        group = self._shared_group
+        if group is not None and not autocast:  # q/k/v of one input in one op call (lslo.shared_inputs)
+            y = group.output(self, x, routing, backend)
+            if y is not None:
+                return y.view(*lead, self.out_features)
         y = None if autocast else self._linear_forward(self._modules["base_layer"], x, routing, lora_a, lora_b,
                                                         scales)
         if y is not None:
@@ -639,7 +647,7 @@ class LSLoLinear(_LanguageFactors, nn.Module):
         # The next no-grad calls go straight to the kernels (_planned_decode), where their arguments are
         # the ones they take as they are: x's rows unit-strided, the scales float32/float64, and a
         # backend whose kernels check the rest themselves.
-        if rows is x_rows and self._backend_name in _CHECKING_BACKENDS and scales is raw_scales:
+        if rows is x_rows and self._backend_checks and scales is raw_scales:
             self._decode_plan = (self.backend, device, decode, stage, add_)
         return out if x.dim() == 2 else out.view(*lead, self.out_features)
 
@@ -658,7 +666,7 @@ class LSLoLinear(_LanguageFactors, nn.Module):
         What the kernels check (an error here drops the plan and the general path reports): x's
         dtype, device, width and row layout against the weight and the factors; the routing's token
         count and number of languages. Only backends whose kernels check all that get a plan
-        (``_CHECKING_BACKENDS``; the reference backend's loop does not). What is checked here: the
+        (``Backend.checks_arguments``; the reference backend's loop does not). What is checked here: the
         layer's backend, merge state and hooks (any change drops the plan) and the routing source (a
         Routing, or the ``lslo.route`` context; language-id tensors take the general path).
         """

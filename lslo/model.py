@@ -39,6 +39,7 @@ from .injection import restore_requires_grad as _restore_requires_grad
 from .injection import set_module as _set_module
 from .io import atomic_directory, atomic_write_file, read_directory_files, recover_directory
 from .layer import LSLoLinear
+from .shared_inputs import group_shared_inputs
 from .weight_learning import (  # the F401 names: Weight Learning's injection lived here, re-exported
     MIX_ATTR,  # noqa: F401
     apply_weight_learning,  # noqa: F401
@@ -77,6 +78,10 @@ ADAPTER_WEIGHTS_NAME = "lslo_adapters.safetensors"
 _FORMAT = "lslo-adapters"
 _FORMAT_VERSION = 1
 _STATE_ATTR = LSLO_STATE_ATTR
+# Projections an M2M-100 attention block calls on one input tensor: their LoRA terms run in one
+# op call per input (lslo.shared_inputs); cross-attention's q reads the decoder, its k/v the encoder.
+_SHARED_INPUTS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                  ("encoder_attn.k_proj", "encoder_attn.v_proj"))
 # Keys of LSLoLinear.adapter_state_dict().
 _ADAPTER_KEYS = ("lora_A", "lora_B", "prune_mask", "ranks", "scales")
 # Config fields that do not change what the saved tensors mean.
@@ -133,14 +138,31 @@ def apply_lslo(model: nn.Module, config: LSLoConfig) -> nn.Module:
         )
     plan = config.resolve_index_plan(*_layer_counts(model))
 
+    wrapped_at = {}  # (side, layer, path inside the layer) -> its LSLo layer, for the shared-input groups
+
     def wrap(target, widths):
-        return LSLoLinear(
+        wrapped = LSLoLinear(
             target.linear, config.language_ranks, index=plan[target.side][target.layer], scale=config.scale,
             init=config.init, backend=config.backend, **widths,
         )
+        wrapped_at[target.side, target.layer, target.layer_path] = wrapped
+        return wrapped
 
     setattr(model, _STATE_ATTR, inject(model, config, targets, wrap))
+    group_shared_inputs(_shared_input_groups(wrapped_at))
     return model
+
+
+def _shared_input_groups(wrapped_at: Mapping[tuple[str, int, str], LSLoLinear]) -> list[list[LSLoLinear]]:
+    """The injected layers of each (side, layer) that read one input (``_SHARED_INPUTS``), two or more."""
+    blocks = sorted({(side, layer) for side, layer, _ in wrapped_at})
+    groups = []
+    for side, layer in blocks:
+        for paths in _SHARED_INPUTS:
+            members = [wrapped_at[side, layer, p] for p in paths if (side, layer, p) in wrapped_at]
+            if len(members) >= 2:
+                groups.append(members)
+    return groups
 
 
 def remove_lslo(model: nn.Module) -> nn.Module:

@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .card import write_model_card
 from .checkpoints import (
@@ -63,7 +62,9 @@ from .checkpoints import (
 )
 from .config import LSLoConfig
 from .context import route
+from .data import ShapeBuckets, pad_to_bucket
 from .distributed import Heartbeat, distributed_setup, is_collective_timeout
+from .fast_step import compile_loss, smoothed_losses
 from .io import atomic_directory, atomic_write_file, recover_directory
 from .methods import (
     TrainingMethod,
@@ -216,6 +217,12 @@ class TrainArguments:
     max_tokens: int = field(default=RECIPE["max_tokens"], metadata=_help(
         "token budget of a batch per process (the authors' --max-tokens 4000)"))
     max_sentences: int | None = field(default=None, metadata=_help("sentences per batch at most"))
+    pad_to_multiple: int | None = field(default=None, metadata=_help(
+        "static batch shapes: pad both sides of a batch to a multiple of N tokens (with --compile: few shapes)"))
+    length_buckets: str | None = field(default=None, metadata=_help(
+        "static batch shapes: pad both sides to the first of these lengths that fits, e.g. '16,32,64,128'"))
+    compile: bool = field(default=False, metadata=_help(
+        "torch.compile the forward, loss and backward (CUDA graphs on CUDA); see --pad-to-multiple"))
     max_length: int | None = field(default=256, metadata=_help("truncate sentences to this many tokens"))
     update_freq: int = field(default=RECIPE["update_freq"], metadata=_help(
         "batches per optimizer step on each process (the authors' --update-freq 4). An optimizer step takes "
@@ -272,6 +279,7 @@ class TrainArguments:
             raise ValueError(f"sampling_temperature must be > 0, got {self.sampling_temperature!r}")
         self.betas()  # parse now: a bad value must fail before the model loads
         method.check(self)
+        ShapeBuckets.parse(self.pad_to_multiple, self.length_buckets)  # likewise
         if self.prune_pool not in ("language", "layer"):
             raise ValueError(f"prune_pool must be 'language' or 'layer', got {self.prune_pool!r}")
         if isinstance(self.ddp_timeout, bool) or not isinstance(self.ddp_timeout, int) or self.ddp_timeout < 1:
@@ -492,18 +500,13 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 def _label_smoothed_loss(logits: torch.Tensor, labels: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(loss, nll, tokens): means over the non-padding target tokens.
+    """(loss, nll, tokens): :func:`lslo.fast_step.smoothed_losses` and the number of target tokens.
 
     torch's ``label_smoothing``: (1 - eps) * nll + eps * mean over the vocabulary of -log p
     (fairseq spreads eps over V - 1 classes; the difference is eps / V, negligible at V >= 1000).
     """
-    logits = logits.float().reshape(-1, logits.shape[-1])
-    labels = labels.reshape(-1)
-    tokens = int((labels != -100).sum())
-    loss = F.cross_entropy(logits, labels, ignore_index=-100, label_smoothing=epsilon)
-    with torch.no_grad():
-        nll = F.cross_entropy(logits, labels, ignore_index=-100) if epsilon else loss.detach()
-    return loss, nll, tokens
+    loss, nll = smoothed_losses(logits, labels, epsilon)
+    return loss, nll, int((labels != -100).sum())
 
 
 class _MetricsLog:
@@ -611,6 +614,9 @@ class _Run:
         warning = tokens_per_step_warning(args.max_tokens, args.update_freq, self.world)
         if warning is not None and self.is_main:
             warnings.warn(warning, RecipeWarning, stacklevel=3)
+        self.buckets = ShapeBuckets.parse(args.pad_to_multiple, args.length_buckets)
+        shapes = self.buckets.max_shapes(args.max_length) if self.buckets is not None else None
+        self.compiled_loss = compile_loss(self.accelerator.device, max_shapes=shapes) if args.compile else None
 
     # ---- set-up
     def load(self, dry_run: bool = False) -> None:
@@ -900,6 +906,8 @@ class _Run:
         from .data import collate
 
         batch = collate(self.corpus, indices, pad_token_id=self.tokenizer.pad_token_id, languages=self.languages)
+        if self.buckets is not None:  # --pad-to-multiple / --length-buckets
+            batch = pad_to_bucket(batch, self.buckets, self.tokenizer.pad_token_id)
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
     def train_step(self, micro_batches: list[list[int]], step: int) -> dict[str, float]:
@@ -909,7 +917,7 @@ class _Run:
         batches = (self._batch(indices) for indices in micro_batches)
         return train_step(self.model, self.optimizer, batches, lr=lr, label_smoothing=self.args.label_smoothing,
                           num_batches=len(micro_batches), accelerator=self.accelerator, clip_norm=self.args.clip_norm,
-                          parameters=self.trainable)
+                          parameters=self.trainable, compiled=self.compiled_loss)
 
     def apply_pruning(self, epoch: int) -> dict[str, float]:
         """The method's epoch-start hook (LSLo: the Gradual Pruning Schedule's ratios for ``epoch``)."""
@@ -921,7 +929,7 @@ class _Run:
 
 def forward_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], *, label_smoothing: float,
                  autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
-                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
+                 compiled: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The training loss of one mixed-direction batch: teacher-forced forward inside :func:`lslo.route`,
     label-smoothed cross-entropy (the engine's step; benchmarks call this, they don't copy it).
 
@@ -932,6 +940,7 @@ def forward_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], *, l
             ``tgt_lang_ids`` ``(batch,)`` int64.
         label_smoothing: epsilon of the cross-entropy.
         autocast: a factory of the mixed-precision context (``accelerator.autocast``); None: none.
+        compiled: :func:`lslo.fast_step.compile_loss`'s callable (``--compile``); None: eager.
 
     Returns:
         ``(loss, nll, tokens)``: the smoothed loss (scalar fp32, differentiable), the NLL (no grad),
@@ -942,6 +951,11 @@ def forward_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], *, l
     config = getattr(model, "module", model).config  # DDP keeps the model under .module
     decoder_input_ids = shift_tokens_right(batch["labels"], config.pad_token_id, config.decoder_start_token_id)
     context = autocast() if autocast is not None else contextlib.nullcontext()
+    if compiled is not None:  # --compile: the same forward and loss as one traced graph (lslo.fast_step)
+        with context:
+            loss, nll = compiled(model, batch["input_ids"], batch["attention_mask"], decoder_input_ids,
+                                 batch["labels"], batch["src_lang_ids"], batch["tgt_lang_ids"], label_smoothing)
+        return loss, nll, int((batch["labels"] != -100).sum())
     with route(src=batch["src_lang_ids"], tgt=batch["tgt_lang_ids"]), context:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        decoder_input_ids=decoder_input_ids).logits
@@ -952,11 +966,12 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                batches: Iterable[Mapping[str, torch.Tensor]], *, lr: float | None, label_smoothing: float,
                num_batches: int | None = None, accelerator=None,
                autocast: Callable[[], contextlib.AbstractContextManager] | None = None, clip_norm: float = 0.0,
-               parameters: Sequence[torch.nn.Parameter] | None = None) -> dict[str, float]:
+               parameters: Sequence[torch.nn.Parameter] | None = None, compiled: Callable | None = None,
+               ) -> dict[str, float]:
     """One optimizer step over ``batches`` (gradient accumulation: each batch's loss / their count).
 
     Args:
-        model, label_smoothing, autocast: as :func:`forward_loss`.
+        model, label_smoothing, autocast, compiled: as :func:`forward_loss`.
         optimizer: updated once at the end, its learning rate set to ``lr`` first; None: backward only.
         batches: :func:`lslo.data.collate` dicts on the model's device (an iterator is consumed lazily).
         lr: the step's learning rate (e.g. :func:`inverse_sqrt_lr`); None leaves the optimizer's.
@@ -985,7 +1000,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
         last = u == num_batches - 1
         no_sync = accelerator is not None and not last
         with accelerator.no_sync(model) if no_sync else contextlib.nullcontext():
-            loss, nll, tokens = forward_loss(model, batch, label_smoothing=label_smoothing, autocast=autocast)
+            loss, nll, tokens = forward_loss(model, batch, label_smoothing=label_smoothing, autocast=autocast,
+                                             compiled=compiled)
             # Gloo/NCCL average gradients over processes; each micro-batch is a mean over its tokens,
             # so the step's gradient is the mean over its world * update_freq micro-batches.
             with route(src=batch["src_lang_ids"], tgt=batch["tgt_lang_ids"]):
@@ -1134,7 +1150,8 @@ def _train(run: _Run) -> TrainResult:
         epoch = state["epoch"]
         while epoch <= args.epochs:
             batches = make_batches(run.corpus, max_tokens=args.max_tokens, epoch=epoch, seed=args.seed,
-                                   temperature=args.sampling_temperature, max_sentences=args.max_sentences)
+                                   temperature=args.sampling_temperature, max_sentences=args.max_sentences,
+                                   buckets=run.buckets)
             steps_in_epoch = len(batches) // (run.world * args.update_freq)
             if steps_in_epoch == 0:
                 raise ValueError(f"epoch {epoch} has {len(batches)} batches, fewer than processes x update_freq = "

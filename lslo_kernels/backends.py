@@ -19,7 +19,17 @@ from dataclasses import dataclass
 import torch
 
 from . import reference
-from .spec import ADD, BACKWARD, FORWARD, LINEAR, LORA, check_signature
+from .spec import (
+    ADD,
+    BACKWARD,
+    FORWARD,
+    LINEAR,
+    LINEAR_DECODE,
+    LINEAR_FORWARD,
+    LORA,
+    STAGE_FACTORS,
+    check_signature,
+)
 
 __all__ = ["Backend", "available_backends", "check_backend", "get_backend", "register_backend", "resolve_backend"]
 
@@ -51,6 +61,22 @@ class Backend:
         linear: optional ``spec.LINEAR``: the frozen base Linear and the LoRA term in one op with
             its autograd (``y = x W^T + bias + LoRA term``), which saves the separate pass of the
             LoRA term over the base output and autograd's sum of the two gradients of x.
+        linear_forward: optional ``spec.LINEAR_FORWARD`` (no autograd): y = x W^T + bias + LoRA term
+            and h, what a shared-input group (``shared.py``) runs per projection.
+        shared_forward: optional, a shared-input group natively: ``shared_forward(x, weights,
+            biases, factors, sorted_token_idx, lang_offsets)`` with one weight, bias and
+            ``shared.LoRAFactors`` per projection returns one (y, h) per projection, as
+            ``linear_forward`` would for each (the backward stays per projection: ``backward``).
+        checks_arguments: its ``add_`` and ``linear_decode`` check every argument against x and the
+            routing themselves (shapes, dtypes, devices, layouts, token and language counts), so a
+            caller that planned a call may skip its own checks (``LSLoLinear``'s decoding plan).
+        shared_inputs: whether layers of one input (q/k/v) should run as one grouped call on it
+            (``lslo.shared_inputs``): off where the backend's per-layer entry is cheaper than the
+            group's one Python autograd node (``cpp``: its per-layer op and backward are C++).
+        auto_priority: (device type, priority) pairs: ``backend="auto"`` takes, among the backends
+            that run on the device, the one of highest priority there (``"*"``: any device type).
+        slow_fallback: the backend ``auto`` takes only when nothing faster is there (the reference
+            loop): taking it logs a warning naming why the others are missing.
     """
 
     name: str
@@ -64,11 +90,20 @@ class Backend:
     stage_factors: Callable | None = None
     linear: Callable | None = None
     linear_decode: Callable | None = None
+    linear_forward: Callable | None = None
+    shared_forward: Callable | None = None
+    checks_arguments: bool = False
+    shared_inputs: bool = True
+    auto_priority: tuple[tuple[str, int], ...] = ()
+    slow_fallback: bool = False
+
+    def priority_on(self, device_type: str) -> int | None:
+        """Its ``auto`` priority on a device type, None where ``auto`` does not consider it."""
+        found = dict(self.auto_priority)
+        return found.get(device_type, found.get("*"))
 
 
 _BACKENDS: dict[str, Backend] = {}
-# Order of preference of ``auto`` for each device type; first available wins.
-_AUTO_ORDER = {"cuda": ("triton", "reference"), "cpu": ("cpp", "reference")}
 _unavailable_reasons: dict[str, str] = {}
 
 
@@ -82,12 +117,19 @@ def check_backend(backend: Backend) -> None:
         check_signature(backend.autograd, LORA, f"backend {backend.name!r} autograd")
     if backend.linear is not None:
         check_signature(backend.linear, LINEAR, f"backend {backend.name!r} linear")
+    if backend.linear_forward is not None:
+        check_signature(backend.linear_forward, LINEAR_FORWARD, f"backend {backend.name!r} linear_forward")
+    if backend.linear_decode is not None:
+        check_signature(backend.linear_decode, LINEAR_DECODE, f"backend {backend.name!r} linear_decode")
+    if backend.stage_factors is not None:
+        check_signature(backend.stage_factors, STAGE_FACTORS, f"backend {backend.name!r} stage_factors")
 
 
 def register_backend(backend: Backend) -> None:
     """Add (or replace) a backend; its functions must follow the contract."""
     check_backend(backend)
     _BACKENDS[backend.name] = backend
+    _unavailable_reasons.pop(backend.name, None)
 
 
 def mark_unavailable(name: str, reason: str) -> None:
@@ -127,21 +169,19 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype | None =
         if dtype is not None and dtype not in backend.dtypes:
             raise TypeError(f"backend {name!r} does not support dtype {dtype}")
         return name
-    for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
-        backend = _BACKENDS.get(candidate)
-        if backend is None or not backend.supports_device(device):
+    ranked = sorted(((b.priority_on(device.type), b.name) for b in _BACKENDS.values()
+                     if b.priority_on(device.type) is not None), key=lambda pair: (-pair[0], pair[1]))
+    for _priority, candidate in ranked:
+        backend = _BACKENDS[candidate]
+        if not backend.supports_device(device):
             continue
         if dtype is not None and dtype not in backend.dtypes:
             continue
-        if candidate == "reference" and device.type not in _warned_fallback:
+        if backend.slow_fallback and device.type not in _warned_fallback:
             _warned_fallback.add(device.type)
-            preferred = _AUTO_ORDER.get(device.type, ("reference",))[0]
-            logger.warning(
-                "lslo: backend %r unavailable on %s (%s); using the slow 'reference' backend",
-                preferred,
-                device.type,
-                _unavailable_reasons.get(preferred, "not registered"),
-            )
+            missing = "; ".join(f"{name}: {why}" for name, why in sorted(_unavailable_reasons.items())) or "none registered"
+            logger.warning("lslo: no faster backend on %s (%s); using the slow %r backend", device.type, missing,
+                           candidate)
         return candidate
     return "reference"
 
@@ -154,5 +194,7 @@ register_backend(
         supports_device=lambda device: True,
         add_=reference.lora_add_reference,
         mixed_factors=True,
+        auto_priority=(("*", 0),),
+        slow_fallback=True,
     )
 )

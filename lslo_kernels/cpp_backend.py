@@ -78,6 +78,12 @@ else:
             stage_factors=_optional_op("stage_factors"),
             linear=_optional_op("linear_lora"),
             linear_decode=_optional_op("linear_decode"),
+            linear_forward=_optional_op("linear_forward"),
+            checks_arguments=True,  # csrc's check_problem
+            auto_priority=(("cpu", 10),),
+            # Grouped q/k/v measured slower than the per-layer C++ autograd ops on the 2-core CPU
+            # (benchmarks/bench_fastpath.py, benchmarks/README.md).
+            shared_inputs=False,
         )
     )
 

@@ -6,7 +6,9 @@ sort of the ids plus per-language offsets) and every layer that routes on the sa
 (``lslo.route`` caches it). :func:`route_tokens` is the single function from ids to a
 :class:`Routing`: it checks the dtype once, expands per-sequence ids to tokens, checks the range
 with one host read (optional), and sorts. The kernels then receive only the sorted order and the
-offsets, never the raw ids. Nothing but the range check synchronises with the host.
+offsets, never the raw ids. Nothing but the range check of CPU ids reads a device value on the host:
+the offsets come from a device-side sort and ``searchsorted`` (fixed-size outputs), and on CUDA the
+range check is an asynchronous device assert.
 """
 
 from __future__ import annotations
@@ -78,12 +80,22 @@ def _raise_if_out_of_range(lo: int, hi: int, num_languages: int, name: str) -> N
         )
 
 
-def _check_range(lang: torch.Tensor, num_languages: int, name: str) -> None:
+# Device types whose ids route_tokens range-checks on the host (one read, a ValueError naming the
+# id). On the others (CUDA) the check is an asynchronous device assert: a host read would wait for
+# the device on every batch and break CUDA-graph capture, and the ids were checked where they
+# entered (the data, the CLI); the guarantee that no kernel reads out of bounds is the same.
+HOST_CHECKED_DEVICES = frozenset({"cpu"})
+
+
+def _check_range(lang: torch.Tensor, num_languages: int, name: str, *, host: bool | None = None) -> None:
+    """host: read min/max on the host (None: on HOST_CHECKED_DEVICES and outside torch.compile)."""
     if lang.numel() == 0:
         return
-    if torch.compiler.is_compiling():
-        # A host read would break the graph; an async device-side assert keeps the guarantee
-        # (no out-of-bounds read) without a sync, at the cost of a less specific message.
+    if host is None:
+        host = lang.device.type in HOST_CHECKED_DEVICES
+    if torch.compiler.is_compiling() or not host:
+        # A host read would break the graph (or wait for the device): an async device-side assert
+        # keeps the guarantee (no out-of-bounds read) without a sync, with a less specific message.
         torch._assert_async(
             torch.all((lang >= -1) & (lang < num_languages)),
             f"{name}: language id outside [-1, {num_languages})",
@@ -100,7 +112,7 @@ def check_lang_ids(lang: torch.Tensor, num_languages: int, name: str = "lang") -
     ``torch.compile`` it becomes an async device assert instead.
     """
     _check_int_dtype(lang, name)
-    _check_range(lang, num_languages, name)
+    _check_range(lang, num_languages, name, host=True)
 
 
 def _expand(ids: torch.Tensor, lead_shape: tuple[int, ...], name: str) -> torch.Tensor:
@@ -179,7 +191,9 @@ def route_tokens(
             a multiple of n (beam search); -1 = no adapter.
         lead_shape: x.shape[:-1] of the layer input.
         num_languages: L.
-        validate: check that every id is in ``[-1, L)``.
+        validate: check that every id is in ``[-1, L)``: on the host for CPU ids (a ValueError naming
+            the id), elsewhere (CUDA) by an asynchronous device assert, so that routing never
+            synchronises with the device (``HOST_CHECKED_DEVICES``).
         device: move the ids there first (the layer's device).
         name: how errors name the ids.
 

@@ -29,14 +29,17 @@ import torch
 
 __all__ = [
     "ADD",
+    "ADD_STAGED",
     "BACKWARD",
     "FACTORS",
     "FORWARD",
     "LINEAR",
+    "LINEAR_DECODE",
     "LINEAR_FORWARD",
     "LORA",
     "PARAMS",
     "ROUTING",
+    "STAGE_FACTORS",
     "OpSpec",
     "accum_dtype",
     "check_signature",
@@ -73,6 +76,8 @@ PARAMS: dict[str, Param] = {p.name: p for p in (
     Param("sorted_token_idx", "Tensor", "(T,) int64: token indices grouped by language, id -1 tokens first"),
     Param("lang_offsets", "Tensor", "(L + 1,) int64: language l owns sorted positions lang_offsets[l]:[l+1]"),
     Param("max_rank", "int", "max_l r_l: width of h"),
+    Param("staged", "Tensor", "the backend's decoding factors from stage_factors (s_l (B_l * M_l)^T rows, "
+          "a layout of the backend's own)"),
 )}
 
 # The adapter storage of one layer and the per-batch routing, in the order every op takes them.
@@ -87,6 +92,7 @@ class OpSpec:
     name: str
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
+    optional: tuple[str, ...] = ()  # inputs that may be None here ("Tensor?") though PARAMS says "Tensor"
 
     def schema(self, extra: tuple[tuple[str, str], ...] = (), *, with_name: bool = True) -> str:
         """The torch schema, e.g. ``"forward(Tensor x, ...) -> (Tensor, Tensor)"``.
@@ -95,7 +101,8 @@ class OpSpec:
             extra: (schema type, name) pairs appended to the inputs (e.g. the Python op's backend name).
             with_name: prefix the op's name (``torch.library.custom_op`` wants the schema without it).
         """
-        args = [f"{PARAMS[n].schema_type} {n}" for n in self.inputs] + [f"{t} {n}" for t, n in extra]
+        args = [f"{PARAMS[n].schema_type}{'?' if n in self.optional else ''} {n}" for n in self.inputs]
+        args += [f"{t} {n}" for t, n in extra]
         if not self.outputs:
             ret = "()"
         elif len(self.outputs) == 1:
@@ -117,6 +124,11 @@ LORA = OpSpec("lora", FORWARD.inputs, ("y",))
 # weight / bias where they require them.
 LINEAR_FORWARD = OpSpec("linear_forward", ("x", "weight", "bias", *FACTORS, *ROUTING, "max_rank"), ("y", "h"))
 LINEAR = OpSpec("linear_lora", LINEAR_FORWARD.inputs, ("y",))
+# Decoding loops (cpp backend): the factors ADD stages on every call, staged once; ADD with them; and
+# the base Linear plus the LoRA term in one no-grad call (no h), with staged factors or None.
+STAGE_FACTORS = OpSpec("stage_factors", ("lora_b", "prune_mask", "scales", "rank_offsets"), ("staged",))
+ADD_STAGED = OpSpec("add_staged_", (*ADD.inputs, "staged"), ())
+LINEAR_DECODE = OpSpec("linear_decode", (*LINEAR_FORWARD.inputs, "staged"), ("y",), optional=("staged",))
 
 
 def mixed_factors(x_dtype: torch.dtype, factor_dtype: torch.dtype) -> bool:
@@ -194,6 +206,7 @@ def fake_linear(x, weight, bias, lora_a, lora_b, prune_mask, scales, rank_offset
 
 FAKES = {FORWARD.name: fake_forward, BACKWARD.name: fake_backward, ADD.name: fake_add, LORA.name: fake_lora,
          LINEAR_FORWARD.name: fake_linear_forward, LINEAR.name: fake_linear}
-SPECS = {s.name: s for s in (FORWARD, BACKWARD, ADD, LORA, LINEAR_FORWARD, LINEAR)}
+SPECS = {s.name: s for s in (FORWARD, BACKWARD, ADD, LORA, LINEAR_FORWARD, LINEAR, STAGE_FACTORS, ADD_STAGED,
+                             LINEAR_DECODE)}
 for _name, _fake in FAKES.items():
     check_signature(_fake, SPECS[_name], f"fake of {_name}")  # the shape functions follow the contract too

@@ -62,6 +62,8 @@ def register() -> bool:
             # In place with LSLO_TRITON_FUSED; otherwise forward + copy, as ops.lora_add_call would.
             add_=kernels.lora_add_triton,
             mixed_factors=True,
+            checks_arguments=True,  # triton_kernels._check_common
+            auto_priority=(("cuda", 10),),  # on the CPU (interpreter) only when asked for by name
         )
     )
     return True

@@ -48,10 +48,16 @@ def test_python_custom_ops_take_their_schemas_from_the_spec():
 
 
 @needs_cpp
-@pytest.mark.parametrize("op_spec", [spec.FORWARD, spec.BACKWARD, spec.ADD, spec.LORA, spec.LINEAR_FORWARD, spec.LINEAR],
-                         ids=lambda s: s.name)
+@pytest.mark.parametrize("op_spec", list(spec.SPECS.values()), ids=lambda s: s.name)
 def test_cpp_schemas_equal_the_spec(op_spec):
     assert str(getattr(torch.ops.lslo_cpp, op_spec.name).default._schema) == "lslo_cpp::" + op_spec.schema()
+
+
+@needs_cpp
+def test_every_cpp_op_has_a_spec():
+    ops = {name.split("::", 1)[1] for name in torch._C._dispatch_get_all_op_names() if name.startswith("lslo_cpp::")}
+    assert {"forward", "stage_factors", "add_staged_", "linear_decode"} <= ops
+    assert ops == set(spec.SPECS)
 
 
 @needs_cpp
@@ -101,3 +107,19 @@ def test_triton_launchers_follow_the_contract():
 
     spec.check_signature(triton_kernels.lora_forward_triton, spec.FORWARD, "triton forward")
     spec.check_signature(triton_kernels.lora_backward_triton, spec.BACKWARD, "triton backward")
+
+
+def test_auto_follows_the_backends_declared_priorities():
+    """``auto`` is ranked from each backend's ``auto_priority`` (no list of names in the registry)."""
+    from lslo_kernels import backends
+
+    fast = backends.Backend(name="test_fast", forward=lslo_kernels.lora_forward_reference,
+                            backward=lslo_kernels.lora_backward_reference, supports_device=lambda d: d.type == "cpu",
+                            dtypes=(torch.float64,), auto_priority=(("cpu", 99),))
+    backends.register_backend(fast)
+    try:
+        assert lslo_kernels.resolve_backend("auto", torch.device("cpu"), torch.float64) == "test_fast"
+        assert lslo_kernels.resolve_backend("auto", torch.device("cpu"), torch.float32) != "test_fast"  # its dtypes
+        assert lslo_kernels.resolve_backend("auto", torch.device("meta"), torch.float64) == "reference"  # "*"
+    finally:
+        del backends._BACKENDS["test_fast"]

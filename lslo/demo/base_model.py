@@ -139,6 +139,9 @@ class PretrainConfig:
     threads: torch intra-op threads while training (restored after). 1: at d_model 64 a second
         thread only adds synchronisation on a busy 2-core machine (a training step took 0.15 s on
         one thread and 0.96 s on two there, torch 2.13, load average ~1.4).
+    compile, length_buckets: the engine's ``--compile`` and ``--length-buckets`` (static batch
+        shapes, so that the compiled step is compiled once per shape); off by default (see
+        benchmarks/README.md for what they cost and save on the demo's pretraining).
     """
 
     d_model: int = 64
@@ -157,6 +160,8 @@ class PretrainConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     threads: int = 1
     seed: int = 0
+    compile: bool = False
+    length_buckets: str | None = None
 
     def __post_init__(self):
         for name in ("d_model", "layers", "heads", "ffn_dim", "vocab_size", "steps", "max_tokens", "warmup",
@@ -260,7 +265,8 @@ def pretrain_base_model(
             adam_betas=f"{config.betas[0]},{config.betas[1]}", weight_decay=config.weight_decay,
             clip_norm=config.clip_norm, label_smoothing=config.label_smoothing, dropout=config.dropout,
             max_tokens=config.max_tokens, sampling_temperature=1.0, log_every=50, cpu=True, progress=progress,
-            keep_last=1, update_freq=1, attention_dropout=0.0,
+            keep_last=1, update_freq=1, attention_dropout=0.0, compile=config.compile,
+            length_buckets=config.length_buckets,
         )
         clock = time.perf_counter()
         with _threads(config.threads), warnings.catch_warnings():
