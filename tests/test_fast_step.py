@@ -101,7 +101,8 @@ def test_train_compile_flag_matches_eager(tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "compile_loss", functools.partial(compile_loss, backend=counter))
     common = {"model": setup["model"], "flores_dir": setup["flores"], "languages": ",".join(RUN_LANGS),
               "ranks": "2;8", "epochs": 1, "max_tokens": 160, "warmup_updates": 4, "lr": 3e-3, "progress": False,
-              "log_every": 1, "cpu": True, "seed": 3, "dropout": 0.0, "pad_to_multiple": 8, "max_steps": 3}
+              "log_every": 1, "cpu": True, "seed": 3, "dropout": 0.0, "attention_dropout": 0.0, "update_freq": 1,
+              "pad_to_multiple": 8, "max_steps": 3}
     train(TrainArguments(**common, output_dir=str(tmp_path / "eager")))
     train(TrainArguments(**common, output_dir=str(tmp_path / "compiled"), compile=True))
     eager, compiled = _losses(tmp_path / "eager"), _losses(tmp_path / "compiled")
