@@ -50,6 +50,9 @@ __all__ = ["INTERPRETED", "LAUNCH_COUNTS", "MEASURED_RULE", "enabled", "linear_d
 
 # Triton decides compiled vs interpreted when the @triton.jit decorator runs (module import).
 INTERPRETED: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# How the kernel was built; the tile sizes follow it. ``bench_triton_gpu.py --aot`` sets INTERPRETED
+# on a GPU build afterwards so that its CPU tensors pass the device check, and keeps the GPU tiles.
+_BUILT_INTERPRETED: bool = INTERPRETED
 # Launches of _gemm_kernel per role; tests read it to prove the fused path ran.
 LAUNCH_COUNTS: dict[str, int] = {}
 # The default when LSLO_TRITON_GEMM is unset: off until a GPU measurement says where it wins.
@@ -150,10 +153,10 @@ def _gemm_kernel(
 def _blocks(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Not tuned yet: a common Hopper GEMM tile;
     16 (the smallest tl.dot operand) under the interpreter, where every block is Python work."""
-    if INTERPRETED:
+    if _BUILT_INTERPRETED:
         return 16, 16, 16, 1, 1
     if dtype == torch.float32:
-        return 64, 64, 32, 4, 3
+        return 64, 64, 32, 8, 3
     return 128, 128, 64, 8, 3
 
 
@@ -179,7 +182,7 @@ def _gemm(role: str, a1, b1_strides, b1, out, a2=None, b2=None, b2_strides=(0, 0
         a2.stride(0) if second else 0, a2.stride(1) if second else 0, b2_strides[0], b2_strides[1],
         out.stride(0), out.stride(1),
         HAS_SECOND=second, HAS_BIAS=bias is not None, LANG_MASK=lang_mask,
-        BF16_AS_FP32=INTERPRETED and a1.dtype == torch.bfloat16,
+        BF16_AS_FP32=_BUILT_INTERPRETED and a1.dtype == torch.bfloat16,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages,
     )
     LAUNCH_COUNTS[role] = LAUNCH_COUNTS.get(role, 0) + 1
