@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .spec import accum_dtype, mixed_factors
+from .spec import mixed_factors
 
 __all__ = ["INTERPRETED", "LAUNCH_COUNTS", "MEASURED_RULE", "enabled", "linear_decode_triton",
            "linear_lora_triton"]
@@ -289,30 +289,31 @@ class _FusedLinearLoRA(torch.autograd.Function):
          b_eff) = ctx.saved_tensors
         needs = ctx.needs_input_grad
         dy = grad_y.contiguous()
-        acc = accum_dtype(x.dtype)
-        total_rank = h_m.shape[1]
         s_row = _row_scales(scales, row_lang)
-        # U = (dy (B * M)) * onehot, fp32: B*M's rank column n, feature f at b_eff[f, n].
-        u_m = torch.empty((x.shape[0], total_rank), dtype=torch.float32, device=x.device)
-        _gemm("dgrad_shrink", dy, (b_eff.stride(1), b_eff.stride(0)), b_eff, u_m, row_lang=row_lang,
-              col_lang=col_lang)
-        g = u_m * s_row  # gradient of x A^T, zero outside each row's language
         grad_x = grad_w = grad_bias = grad_a = grad_b = grad_scales = None
+        if needs[0] or needs[3] or needs[6]:
+            # U = (dy (B * M)) * onehot, fp32: B*M's rank column n, feature f at b_eff[f, n].
+            u_m = torch.empty(h_m.shape, dtype=torch.float32, device=x.device)
+            _gemm("dgrad_shrink", dy, (b_eff.stride(1), b_eff.stride(0)), b_eff, u_m, row_lang=row_lang,
+                  col_lang=col_lang)
+            g = (u_m * s_row).to(x.dtype)  # gradient of x A^T, zero outside each row's language
         if needs[0]:
             a_read = lora_a.to(x.dtype).contiguous()
             grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
             # grad_x = [dy | g] @ [W^T | A^T]^T: W^T's row f, feature n at weight[n, f]; A^T's row f,
             # rank j at lora_a[j, f].
-            _gemm("dgrad", dy, (weight.stride(1), weight.stride(0)), weight, grad_x, a2=g.to(x.dtype), b2=a_read,
+            _gemm("dgrad", dy, (weight.stride(1), weight.stride(0)), weight, grad_x, a2=g, b2=a_read,
                   b2_strides=(a_read.stride(1), a_read.stride(0)))
+        # The small gradients are GEMMs in x's dtype (fp32 accumulation inside, no fp32 copies of x
+        # or dy): for float32 factors with 16-bit x the same rounding as autograd through the cast.
         if needs[1]:
-            grad_w = (dy.t().to(acc) @ x.to(acc)).to(weight.dtype)
+            grad_w = dy.t() @ x
         if needs[2] and ctx.has_bias:
-            grad_bias = dy.to(acc).sum(0).to(weight.dtype)
+            grad_bias = dy.sum(0, dtype=torch.float32).to(weight.dtype)
         if needs[3]:
-            grad_a = (g.t().to(acc) @ x.to(acc)).to(lora_a.dtype)
+            grad_a = (g.t() @ x).to(lora_a.dtype)
         if needs[4]:
-            grad_b = ((dy.t().to(acc) @ (h_m * s_row).to(acc)) * prune_mask).to(lora_a.dtype)
+            grad_b = ((dy.t() @ (h_m * s_row).to(x.dtype)) * prune_mask).to(lora_a.dtype)
         if needs[6]:
             rowdot = (u_m * h_m).sum(dim=1)[sorted_token_idx]
             bounds = torch.cat([lang_offsets.new_zeros(1), lang_offsets])
