@@ -248,6 +248,7 @@ def _check(name: str, x, weight, bias, lora_a, lora_b, prune_mask, scales, rank_
 def _forward(x, weight, bias, lora_a, lora_b, prune_mask, scales, rank_offsets, sorted_token_idx, lang_offsets):
     """(y (T, d) dtype of x, h_m (T, R) fp32 masked unscaled shrink, row_lang, col_lang, b_eff (d, R))."""
     x, weight = x.contiguous(), weight.contiguous()
+    bias = bias.contiguous() if bias is not None else None  # the kernel reads it with unit stride
     a_read = lora_a.to(x.dtype).contiguous()
     b_eff = (lora_b.to(x.dtype) * prune_mask).contiguous()  # B * M as the kernels read it
     total_rank = lora_a.shape[0]

@@ -145,6 +145,26 @@ def test_mixed_factors_bf16_and_frozen_base_without_bias():
     _compare(case, frozen=("weight",))
 
 
+def test_rank_zero_language_and_strided_bias():
+    """A language of rank 0 (no rank column: its rows get the base only) and a bias read with a
+    stride (a slice of a wider tensor)."""
+    case = _problem(13, 17, 18, [2, 0, 3], seed=11)
+    case["bias"] = torch.randn(36, device=DEVICE)[::2]
+    _compare(case)
+
+
+def test_no_tokens():
+    """T = 0: an empty y and zero gradients of the factors and scales."""
+    case = _problem(1, 17, 18, [2, 3], seed=12)
+    for name in ("x", "grad_out"):
+        case[name] = case[name][:0]
+    case["routing"] = lslo_kernels.build_routing(torch.zeros(0, dtype=torch.int64, device=DEVICE), 2)
+    y, grads = _fused(case)
+    assert y.shape == (0, 18)
+    for name in ("lora_a", "lora_b", "scales", "weight", "bias"):
+        assert grads[name].shape == case[name].shape and not grads[name].any(), name
+
+
 def test_decode_entry_matches_training_forward():
     case = _problem(11, 33, 17, [2, 2, 8], seed=7)
     r = case["routing"]
