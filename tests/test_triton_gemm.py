@@ -379,3 +379,18 @@ def test_no_host_sync_on_cuda():
                 case["scales"], case["rank_offsets"], r.sorted_token_idx, r.lang_offsets, case["max_rank"], None)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_benchmark_provider_agrees_with_the_reference(monkeypatch):
+    """bench_triton_gpu.py's ``triton_gemm`` provider passes the benchmark's own correctness check
+    (y, dx, dA, dB against the reference, lang30 ranks, bf16), training and decoding, so the GPU
+    run times it instead of reporting it failed."""
+    from benchmarks import bench_triton_gpu as bench  # the benchmark module, only for this test
+
+    monkeypatch.setattr(bench, "DEVICE", str(DEVICE))
+    problem = bench.make_layer_problem(40, 24, 20, torch.bfloat16)
+    grad_out = torch.randn(20, 24, device=DEVICE).to(torch.bfloat16)
+    prov = bench.prepare("triton_gemm", problem)
+    meta = prov.prepare(problem.lang)
+    assert bench.check_provider(prov, problem, meta, bench._truth(problem, grad_out)["lora"], grad_out) == ""
+    assert bench.check_provider(prov, problem, meta, bench._truth(problem, None)["lora"], grad_out) == ""
