@@ -25,7 +25,10 @@ paths on auto: taken on eager launches, not while a CUDA graph is captured; see
 ``triton_kernels.FUSED``), ``triton_unfused`` the same layer with them forced off (the
 single-launch forward at small T, in place into the base output when decoding, and the
 two-launch backward with the scale gradient inside are the fused paths), so one run compares both
-on the same inputs; graph-replayed, the two are the same kernels.
+on the same inputs; graph-replayed, the two are the same kernels. ``triton_gemm`` is the base GEMM
+and the LoRA term in one Triton kernel (``lslo_kernels.triton_gemm``, off by default, forced on by
+``LSLO_TRITON_GEMM=1``): its rows against ``base`` and ``triton`` are the measurement its default
+rule waits for.
 
 ``--sweep`` instead times each Triton kernel role (forward shrink/expand, backward
 shrink/expand, dA, dB, the fused forward) under a list of block sizes, warps, stages and split-K
@@ -38,7 +41,7 @@ and what it does pick), the in-place add of decoding both ways, the backward unf
 and the base GEMM for scale: the data ``FUSED_FORWARD_MAX_REREAD_BYTES`` is set from.
 
 ``--aot`` needs no GPU: it compiles every kernel launch of the forward, the in-place add and the
-backward (fused paths off and on) for an sm_90 target with Triton's own compiler and ptxas, from
+backward (fused paths off and on), and of the fused base GEMM + LoRA, for an sm_90 target with Triton's own compiler and ptxas, from
 the launchers' real arguments at the M2M-124 shapes, and reports each kernel's shared memory,
 registers and spills: compile errors the CPU interpreter cannot show (``tl.dot`` shapes, constexpr
 paths) and resource limits, before any GPU time is spent.
@@ -82,10 +85,12 @@ CSV_FIELDS = ["op", "provider", "mode", "metric", "x", "shape", "dtype", "p20", 
 SHAPES = [(1024, 1024), (1024, 4096), (4096, 1024)]
 TRAIN_TOKENS = 8192
 DECODE_TOKENS = 160
-TRAIN_PROVIDERS = ("base", "naive", "padded_bmm", "padded_lang", "grouped_mm", "triton", "triton_unfused")
-DECODE_PROVIDERS = ("base", "naive", "peft", "padded_bmm", "padded_lang", "grouped_mm", "triton", "triton_unfused")
+TRAIN_PROVIDERS = ("base", "naive", "padded_bmm", "padded_lang", "grouped_mm", "triton", "triton_unfused",
+                   "triton_gemm")
+DECODE_PROVIDERS = ("base", "naive", "peft", "padded_bmm", "padded_lang", "grouped_mm", "triton", "triton_unfused",
+                    "triton_gemm")
 # Providers whose layer call has no host synchronisation, so it can be captured in a CUDA graph.
-GRAPHABLE = ("base", "padded_bmm", "padded_lang", "grouped_mm", "triton")
+GRAPHABLE = ("base", "padded_bmm", "padded_lang", "grouped_mm", "triton", "triton_gemm")
 # Most telling first (T=160 is the decoding target): a time cap cuts the far ends of the range.
 CROSSOVER_TOKENS = (160, 320, 64, 640, 16, 1280, 2560)
 # Relative Frobenius error bound against the float32 reference: bf16 operands and outputs give
@@ -140,9 +145,33 @@ def _padded_lang_provider(problem: P.LayerProblem) -> P.PreparedProvider:
     return P.PreparedProvider("padded_lang", [a, b], prepare=prepare, run=run)
 
 
+def _triton_gemm_provider(problem: P.LayerProblem) -> P.PreparedProvider:
+    """lslo's fused base GEMM + LoRA (``lslo_kernels.triton_gemm``, what ``LSLO_TRITON_GEMM=1``
+    selects) called directly: y = x W^T + bias + LoRA term in one GEMM, grad_x's LoRA part inside the
+    dgrad GEMM; the base weight frozen, as lslo's layers keep it."""
+    # only here: triton may be missing on a machine that runs the other providers
+    from lslo_kernels import triton_gemm
+
+    p = problem
+    a, b = p.lora_a.clone(), p.lora_b.clone()
+    weight, bias = p.base.weight.detach(), p.base.bias.detach()
+
+    def run(x, routing):
+        args = (x, weight, bias, a, b, p.prune_mask, p.scales, p.rank_offsets, routing.sorted_token_idx,
+                routing.lang_offsets, p.max_rank)
+        if torch.is_grad_enabled():
+            return triton_gemm.linear_lora_triton(*args)
+        return triton_gemm.linear_decode_triton(*args, None)
+
+    return P.PreparedProvider("triton_gemm", [a, b], prepare=lambda lang: lslo_kernels.build_routing(
+        lang, p.num_languages), run=run)
+
+
 def prepare(name: str, problem: P.LayerProblem) -> P.PreparedProvider:
     if name == "padded_lang":
         return _padded_lang_provider(problem)
+    if name == "triton_gemm":
+        return _triton_gemm_provider(problem)
     if name == "triton_unfused":  # the same lslo layer; kernel_mode() switches the fused paths off
         return P.prepare_provider("triton", problem)
     return P.prepare_provider(name, problem)
@@ -613,15 +642,15 @@ AOT_QUICK_CASES = [(torch.bfloat16, 160, "lang30"), (torch.bfloat16, 8192, "lang
                    (torch.bfloat16, 160, "mixed64")]
 
 
-def _load_compiled_kernels():
-    """A private copy of ``lslo_kernels.triton_kernels`` built for a GPU (not the interpreter),
+def _load_compiled_kernels(module_name: str = "triton_kernels"):
+    """A private copy of ``lslo_kernels.<module_name>`` built for a GPU (not the interpreter),
     whose kernels record their launches instead of running them. Run it in a process where no
     kernel ran under the interpreter: that patches ``triton.language`` for good."""
     import importlib.util
     import os
 
     spec = importlib.util.spec_from_file_location(
-        "lslo_kernels._triton_kernels_aot", REPO_ROOT / "lslo_kernels" / "triton_kernels.py")
+        f"lslo_kernels._{module_name}_aot", REPO_ROOT / "lslo_kernels" / f"{module_name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     saved = os.environ.pop("TRITON_INTERPRET", None)
@@ -686,9 +715,20 @@ def _resource_usage(compiled) -> tuple[int, int]:
     return (int(regs.group(1)) if regs else -1), sum(int(v) for v in spill)
 
 
+def _record_gemm(gemm, x, shape, factors) -> None:
+    """Run ``triton_gemm``'s training entry (forward and backward) and its decoding entry once on CPU
+    tensors, so that its recording kernels see every launch."""
+    weight = torch.zeros(shape[1], shape[0], dtype=x.dtype)
+    bias = torch.zeros(shape[1], dtype=x.dtype)
+    leaf = x.clone().requires_grad_(True)
+    gemm.linear_lora_triton(leaf, weight, bias, *factors).sum().backward()
+    with torch.no_grad():
+        gemm.linear_decode_triton(x, weight, bias, *factors, None)
+
+
 def aot_check(shapes, rows, cases=AOT_CASES, only: str = "") -> int:
-    """Compile every distinct launch of the forward, add_ and backward (fused off and on) for
-    sm_90; one CSV row per kernel variant.
+    """Compile every distinct launch of the forward, add_ and backward (fused off and on) and of the
+    fused base GEMM + LoRA (``triton_gemm``) for sm_90; one CSV row per kernel variant.
 
     Args:
         shapes: (in, out) features; the odd (123, 777) is added (the only shape where mixed ranks
@@ -703,6 +743,7 @@ def aot_check(shapes, rows, cases=AOT_CASES, only: str = "") -> int:
     import triton
 
     module, launches = _load_compiled_kernels()
+    gemm, gemm_launches = _load_compiled_kernels("triton_gemm")
     seen, failures = set(), 0
     shapes = list(dict.fromkeys([*shapes, (123, 777)]))
     for dtype, num_tokens, ranks_name in cases:
@@ -716,13 +757,17 @@ def aot_check(shapes, rows, cases=AOT_CASES, only: str = "") -> int:
             x = problem.x.detach()
             base_out = torch.zeros(num_tokens, shape[1], dtype=dtype)
             h = torch.zeros(num_tokens, problem.max_rank)
-            for fused in (False, True):
+            for fused in (False, True, "gemm"):
                 launches.clear()
-                with module.fused_kernels(fused):
-                    module.lora_forward_triton(x, base_out, *args)
-                    module.lora_add_triton(base_out, x, *args)
-                    module.lora_backward_triton(base_out, x, h, *args)
-                for kernel, _grid, kargs, kwargs in launches:
+                gemm_launches.clear()
+                if fused == "gemm":  # the fused base GEMM + LoRA (LSLO_TRITON_GEMM): training step, decoding
+                    _record_gemm(gemm, x, shape, args)
+                else:
+                    with module.fused_kernels(fused):
+                        module.lora_forward_triton(x, base_out, *args)
+                        module.lora_add_triton(base_out, x, *args)
+                        module.lora_backward_triton(base_out, x, h, *args)
+                for kernel, _grid, kargs, kwargs in launches + gemm_launches:
                     if only not in kernel.__name__:
                         continue
                     kwargs = {**kwargs, "BF16_AS_FP32": False}

@@ -18,6 +18,7 @@ from .backends import Backend, mark_unavailable, register_backend
 __all__ = ["register"]
 
 _KERNELS_MODULE = f"{__package__}.triton_kernels"
+_GEMM_MODULE = f"{__package__}.triton_gemm"
 
 
 def _interpret_requested() -> bool:
@@ -41,6 +42,9 @@ def register() -> bool:
         # the interpreter was requested after the module was first imported.
         if kernels.INTERPRETED != _interpret_requested():
             kernels = importlib.reload(sys.modules[_KERNELS_MODULE])
+        gemm = importlib.import_module(_GEMM_MODULE)
+        if gemm.INTERPRETED != _interpret_requested():
+            gemm = importlib.reload(sys.modules[_GEMM_MODULE])
     # Not only ImportError: a broken triton install fails at import with whatever its driver
     # probing raises, and the package must still import on the reference backend.
     except Exception as exc:  # noqa: BLE001
@@ -48,6 +52,9 @@ def register() -> bool:
         return False
 
     interpreted = kernels.INTERPRETED
+    # The base GEMM and the LoRA term in one kernel where LSLO_TRITON_GEMM (or, unset, its measured
+    # rule: off for now) says so; read here, so a test that changes it calls register() again.
+    fused_gemm = gemm.enabled()
 
     def supports_device(device: torch.device) -> bool:
         return device.type == "cuda" or (device.type == "cpu" and interpreted)
@@ -62,6 +69,8 @@ def register() -> bool:
             # In place with LSLO_TRITON_FUSED; otherwise forward + copy, as ops.lora_add_call would.
             add_=kernels.lora_add_triton,
             mixed_factors=True,
+            linear=gemm.linear_lora_triton if fused_gemm else None,
+            linear_decode=gemm.linear_decode_triton if fused_gemm else None,
             checks_arguments=True,  # triton_kernels._check_common
             auto_priority=(("cuda", 10),),  # on the CPU (interpreter) only when asked for by name
         )

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check of the Triton backend, in one call, for a machine with a CUDA GPU (issue 12):
 # versions and the card, the CUDA tests, the benchmark against cuBLAS and the peers (lslo's
-# kernels twice: `triton` = the default, fused paths on auto, `triton_unfused` = off), the unfused-vs-fused crossover over
+# kernels twice: `triton` = the default, fused paths on auto, `triton_unfused` = off; and
+# `triton_gemm`, the base GEMM and the LoRA term in one kernel), the unfused-vs-fused crossover over
 # T, each stage under its own time cap, everything written to $OUT. Stages run in the order
 # env, tests, fastpath, bench, crossover, profile, sweep, train, whatever order STAGES names them in.
 #
@@ -68,6 +69,11 @@ try:
           "| single-launch forward bound:", triton_kernels.FUSED_FORWARD_MAX_REREAD_BYTES, "bytes")
 except Exception as exc:  # noqa: BLE001
     print("triton_kernels: not importable:", exc)
+try:
+    from lslo_kernels import triton_gemm
+    print("fused base GEMM + LoRA (LSLO_TRITON_GEMM) on:", triton_gemm.enabled())
+except Exception as exc:  # noqa: BLE001
+    print("triton_gemm: not importable:", exc)
 for mod in ("peft", "transformers", "xdist", "pytest_timeout"):
     try:
         m = __import__(mod)
@@ -85,10 +91,10 @@ if want tests; then
   extra=()
   "$PY" -c "import xdist" 2>/dev/null && extra+=(-n "$TEST_WORKERS")
   "$PY" -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout 120)
-  # Every test of the file runs on the GPU there (the interpreter-only one skips); -x is off so one
-  # failure does not hide the others.
+  # Every test of the files runs on the GPU there (the interpreter-only ones skip), the fused base
+  # GEMM + LoRA (LSLO_TRITON_GEMM) included; -x is off so one failure does not hide the others.
   run timeout -k 10 "$TEST_CAP" "$PY" -m pytest -q -rfEs -p no:cacheprovider "${extra[@]}" \
-      tests/test_triton_backend.py --junitxml="${JUNIT_XML:-$OUT/junit.xml}" > "$OUT/tests.log" 2>&1
+      tests/test_triton_backend.py tests/test_triton_gemm.py --junitxml="${JUNIT_XML:-$OUT/junit.xml}" > "$OUT/tests.log" 2>&1
   rc=$?; [ $rc -ne 0 ] && { stamp "tests exit $rc"; status=$rc; }
   grep -E "^(FAILED|ERROR)|passed|failed|error" "$OUT/tests.log" | tail -30
 fi

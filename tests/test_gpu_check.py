@@ -19,7 +19,7 @@ def test_dry_run_prints_every_stage_and_runs_nothing(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     dry = [line for line in done.stdout.splitlines() if line.startswith("[dry] ")]
     text = "\n".join(dry)
-    for expected in ("nvidia-smi", "tests/test_triton_backend.py", "tests/test_graph_safe.py",
+    for expected in ("nvidia-smi", "tests/test_triton_backend.py", "tests/test_triton_gemm.py", "tests/test_graph_safe.py",
                      "benchmarks/bench_fastpath.py --device cuda --compile", "bench_triton_gpu.py --time-cap",
                      "--crossover", "--profile", "--sweep", "benchmarks/bench_train_step.py --device cuda"):
         assert expected in text, expected
