@@ -7,7 +7,7 @@ stage starts):
 
 1. **Data stage** (one epoch at 101 languages, FLORES-101 dev, 10,100 directions x 997 lines):
    ``flores_corpus`` (tokenize) + ``make_batches(max_tokens=4096)``, against the same tokenization
-   followed by a copy of the per-example loop ``make_batches`` used before (``_old_make_batches``,
+   followed by a copy of the per-example loop ``make_batches`` used before (``old_make_batches``,
    kept here as the baseline: same batches, the old cost).
 2. **Evaluation tokenization**: evaluate's once-per-(language, sentence) encoding against a copy of
    the old per-request encoding (``_old_encode_by_source``: each sentence once per target language,
@@ -45,18 +45,26 @@ def _old_epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
-def _old_make_batches(corpus, *, max_tokens, epoch, seed, temperature=5.0, max_sentences=None):
-    """``lslo.data.make_batches`` before issue 23 (argument checks left out): a Python loop per example."""
+def old_make_batches(corpus, *, max_tokens, epoch, seed, temperature=5.0, max_sentences=None, epoch_size=None,
+                     oversize="error"):
+    """lslo.data.make_batches as it was before issue 23 (a per-example Python loop): the baseline of
+    this benchmark and the reference tests/test_scale.py holds the vectorised cut to. Argument checks
+    left out."""
     from lslo.data import direction_sample_counts
 
     cost = torch.maximum(corpus.src_lengths, corpus.tgt_lengths).long()
-    eligible = torch.arange(len(corpus))[cost <= max_tokens]
+    too_long = cost > max_tokens
+    eligible = torch.arange(len(corpus))
+    if too_long.any():
+        assert oversize == "skip"
+        eligible = eligible[~too_long]
     generator = _old_epoch_generator(seed, epoch)
     directions = corpus.direction[eligible].long()
-    grouped = eligible[torch.argsort(directions, stable=True)]
+    order = torch.argsort(directions, stable=True)
+    grouped = eligible[order]
     sizes = torch.bincount(directions, minlength=len(corpus.directions))
     starts = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)])
-    counts = direction_sample_counts(sizes, temperature=temperature, generator=generator)
+    counts = direction_sample_counts(sizes, temperature=temperature, total=epoch_size, generator=generator)
     picked = []
     for d in sizes.nonzero().flatten().tolist():
         members = grouped[starts[d] : starts[d + 1]]
@@ -70,7 +78,11 @@ def _old_make_batches(corpus, *, max_tokens, epoch, seed, temperature=5.0, max_s
     selected = selected[torch.randperm(selected.numel(), generator=generator)]
     src_len, tgt_len, longer = corpus.src_lengths[selected].long(), corpus.tgt_lengths[selected].long(), cost[selected]
     base = int(longer.max()) + 1
-    selected = selected[torch.argsort((longer * base + src_len) * base + tgt_len, stable=True)]
+    if base**3 < 2**62:
+        selected = selected[torch.argsort((longer * base + src_len) * base + tgt_len, stable=True)]
+    else:
+        for key in (corpus.tgt_lengths, corpus.src_lengths, cost):
+            selected = selected[torch.argsort(key[selected].long(), stable=True)]
     batches, current, current_max = [], [], 0
     limit = max_sentences if max_sentences is not None else max_tokens
     for index, length in zip(selected.tolist(), cost[selected].tolist()):
@@ -164,7 +176,7 @@ def data_stage(paths: dict, variant: str, max_tokens: int) -> dict:
     start = time.perf_counter()
     corpus = flores_corpus(tokenizer, paths["flores"], list(FLORES101_CODES), "dev", max_length=256)
     tokenized = time.perf_counter()
-    batcher = make_batches if variant == "new" else _old_make_batches
+    batcher = make_batches if variant == "new" else old_make_batches
     batches = batcher(corpus, max_tokens=max_tokens, epoch=1, seed=1)
     done = time.perf_counter()
     return {"variant": variant, "examples": len(corpus), "batches": len(batches), "tokenize_s": tokenized - start,

@@ -9,6 +9,7 @@ import torch
 import lslo
 import lslo.evaluate as ev
 import lslo.inference
+from benchmarks.bench_scale import old_make_batches
 from lslo.cli import main
 from lslo.config import FLORES101_RESOURCE_GROUPS, GROUP_ORDER, LANGUAGE_SETS, RESOURCE_GROUPS, LSLoConfig
 from lslo.data import (
@@ -16,9 +17,7 @@ from lslo.data import (
     M2M124_CODES,
     Batches,
     EncodedCorpus,
-    _epoch_generator,
     all_directions,
-    direction_sample_counts,
     encode_examples,
     make_batches,
     multiway_examples,
@@ -131,55 +130,6 @@ def test_decoding_strips_vocabulary_language_tokens(tokenizer124):
 
 
 # ------------------------------------------------------------------------------ batches
-def _old_make_batches(corpus, *, max_tokens, epoch, seed, temperature=5.0, max_sentences=None, epoch_size=None,
-                      oversize="error"):
-    """lslo.data.make_batches as it was before issue 23 (a per-example Python loop), the reference
-    the vectorised cut must reproduce exactly. Argument checks left out."""
-    cost = torch.maximum(corpus.src_lengths, corpus.tgt_lengths).long()
-    too_long = cost > max_tokens
-    eligible = torch.arange(len(corpus))
-    if too_long.any():
-        assert oversize == "skip"
-        eligible = eligible[~too_long]
-    generator = _epoch_generator(seed, epoch)
-    directions = corpus.direction[eligible].long()
-    order = torch.argsort(directions, stable=True)
-    grouped = eligible[order]
-    sizes = torch.bincount(directions, minlength=len(corpus.directions))
-    starts = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)])
-    counts = direction_sample_counts(sizes, temperature=temperature, total=epoch_size, generator=generator)
-    picked = []
-    for d in sizes.nonzero().flatten().tolist():
-        members = grouped[starts[d] : starts[d + 1]]
-        size, count = int(sizes[d]), int(counts[d])
-        repeats, rest = divmod(count, size)
-        if repeats:
-            picked.append(members.repeat(repeats))
-        if rest:
-            picked.append(members[torch.randperm(size, generator=generator)[:rest]])
-    selected = torch.cat(picked)
-    selected = selected[torch.randperm(selected.numel(), generator=generator)]
-    src_len, tgt_len, longer = corpus.src_lengths[selected].long(), corpus.tgt_lengths[selected].long(), cost[selected]
-    base = int(longer.max()) + 1
-    if base**3 < 2**62:
-        selected = selected[torch.argsort((longer * base + src_len) * base + tgt_len, stable=True)]
-    else:
-        for key in (corpus.tgt_lengths, corpus.src_lengths, cost):
-            selected = selected[torch.argsort(key[selected].long(), stable=True)]
-    batches, current, current_max = [], [], 0
-    limit = max_sentences if max_sentences is not None else max_tokens
-    for index, length in zip(selected.tolist(), cost[selected].tolist()):
-        longest = max(current_max, length)
-        if current and (longest * (len(current) + 1) > max_tokens or len(current) >= limit):
-            batches.append(current)
-            current, longest = [], length
-        current.append(index)
-        current_max = longest
-    if current:
-        batches.append(current)
-    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-
-
 def _multiway_corpus(tokenizer, codes, lines, seed=0):
     base = make_sentences(lines, seed=seed, max_words=14)
     texts = {code: [" ".join(w[::-1] if k % 2 else w for w in s.split()) + f" {code}" * (k % 3) for s in base]
@@ -194,7 +144,7 @@ def test_batches_identical_to_the_old_loop_on_lang12(tokenizer124):
                 {"max_tokens": 40, "epoch": 1, "seed": 2, "temperature": 2.0, "oversize": "skip"}]
     for kwargs in settings:
         new = make_batches(corpus, **kwargs)
-        old = _old_make_batches(corpus, **kwargs)
+        old = old_make_batches(corpus, **kwargs)
         assert isinstance(new, Batches) and new == old and new.tolist() == old, kwargs
         assert new[1:3] == old[1:3] and new[-1] == old[-1]
     assert make_batches(corpus, **settings[0]) == make_batches(corpus, **settings[0])
@@ -204,7 +154,7 @@ def test_batches_identical_to_the_old_loop_on_lang12(tokenizer124):
     small = EncodedCorpus(languages=corpus.languages, directions=corpus.directions, tokens=corpus.tokens,
                           segment_offsets=corpus.segment_offsets, src_segment=corpus.src_segment[keep],
                           tgt_segment=corpus.tgt_segment[keep], direction=corpus.direction[keep])
-    assert make_batches(small, max_tokens=300, epoch=4, seed=7) == _old_make_batches(small, max_tokens=300, epoch=4,
+    assert make_batches(small, max_tokens=300, epoch=4, seed=7) == old_make_batches(small, max_tokens=300, epoch=4,
                                                                                        seed=7)
 
 
@@ -212,7 +162,7 @@ def test_batches_respect_the_budget_at_101_languages(tokenizer124):
     corpus = _multiway_corpus(tokenizer124, FLORES101_CODES, 12, seed=4)
     assert len(corpus.directions) == 101 * 100
     batches = make_batches(corpus, max_tokens=512, epoch=1, seed=0)
-    assert batches == _old_make_batches(corpus, max_tokens=512, epoch=1, seed=0)
+    assert batches == old_make_batches(corpus, max_tokens=512, epoch=1, seed=0)
     assert sorted(batches.flat().tolist()) == list(range(len(corpus)))  # equal sizes: one pass over every example
     batch_of = torch.repeat_interleave(torch.arange(len(batches)), batches.sizes)
     for lengths in (corpus.src_lengths, corpus.tgt_lengths):
