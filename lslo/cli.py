@@ -58,6 +58,7 @@ from lslo.analysis import (
     make_plan,
 )
 from lslo.checkpoints import format_checkpoint_table
+from lslo.data import FLORES101_CODES
 from lslo.io import atomic_write_file
 from lslo.model import read_adapter_config, resolve_adapter_base
 from lslo.serve_config import ServeConfig
@@ -193,8 +194,6 @@ def _cmd_params(args) -> int:
     else:  # M2M-124 615M (flores101_mm100_615M): d_model 1024, 12 + 12 layers, FFN 4096
         model_config = M2M100Config(d_model=1024, encoder_layers=12, decoder_layers=12, encoder_ffn_dim=4096,
                                     decoder_ffn_dim=4096, vocab_size=args.vocab_size)
-    from lslo.data import FLORES101_CODES
-
     extra = {} if args.ranks is None else {"ranks": int(args.ranks) if args.ranks.isdigit() else args.ranks}
     # "all" = the 101 FLORES-101 languages, all of which M2M-124 (the default shape) has a token for.
     spec = args.languages.strip()
@@ -379,7 +378,8 @@ def _add_serve_command(commands) -> None:
 
 
 def _cmd_serve(args) -> int:
-    try:  # imported here: the serving stack is an optional extra and slow to import
+    try:
+        # imported here: the serving stack is an optional extra and slow to import
         from lslo.serve import default_model, serve
     except ModuleNotFoundError as exc:
         if exc.name in ("lslo", "lslo.serve"):

@@ -45,6 +45,7 @@ from ..evaluate import (
 )
 from ..io import atomic_write_file
 from ..model import format_parameter_report, get_lslo_config, load_adapters, load_base_model, parameter_report
+from ..recipe import RECIPE
 from ..train import METRICS_NAME, RecipeWarning, TrainArguments, train
 from .base_model import PretrainConfig, pretrain_base_model
 from .synthetic import CorpusSpec, write_corpus
@@ -596,9 +597,6 @@ PAPER_SHARE = 15.3 / 615
 
 def _fairness_section(settings: DemoSettings, rows, params: Mapping[str, int | None], metric: str = "bleu") -> list[str]:
     """report.md's rules (one learning-rate rule, GPS shape), paired differences and the parameter share."""
-    from ..evaluate import METRIC_LABELS
-    from ..recipe import RECIPE
-
     references = [name for name in ("Ft-all", "LSLo 8;8;8") if name in rows]
     verdicts = {(v["system"], v["against"]): v for v in paired_differences(rows, references, metric=metric)}
     gps = next((s.train for s in settings.systems if s.train and "prune_start" in s.train), None)
