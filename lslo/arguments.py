@@ -21,10 +21,8 @@ __all__ = ["DEFAULT_BASE_MODEL", "TrainArguments", "load_config_file"]
 DEFAULT_BASE_MODEL = "facebook/flores101_mm100_615M"
 
 
-
 def _help(text: str, **more) -> dict[str, Any]:
     return {"help": text, **more}
-
 
 
 @dataclass
@@ -190,7 +188,6 @@ class TrainArguments:
         GPU is used; default: whether one is available)."""
         return {**self.to_dict(), "lr": self.peak_lr(),
                 "mixed_precision": resolve_mixed_precision(self.mixed_precision, self.cpu, cuda)[0]}
-
 
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:

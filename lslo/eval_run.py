@@ -23,7 +23,6 @@ def _group_of_for(languages: Sequence[str], groups_text: str | None):
     return config.group_of
 
 
-
 @dataclass
 class EvalArguments:
     """Everything ``lslo eval`` takes."""
@@ -48,7 +47,6 @@ class EvalArguments:
     max_length: int | None = field(default=None, metadata=_help(
         "truncate source sentences to this many tokens, with one warning counting them (default: the model's "
         "max_position_embeddings)"))
-
 
 
 def evaluate_run(args: EvalArguments) -> dict[str, Any]:

@@ -845,8 +845,6 @@ def evaluate(
         One row per direction, in ``directions`` order: ``{"src", "tgt", "direction", "group",
         "n", "spbleu" (None without the SentencePiece model), "chrf++", "bleu"}`` (+ ``"hypotheses"``).
     """
-    from tqdm.auto import tqdm
-
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     directions, sources, targets = _test_set(references, directions, max_sentences)
@@ -857,8 +855,7 @@ def evaluate(
     group = _group_function(group_of)
     for src, tgt in directions:  # fail before translating anything
         group(src), group(tgt)
-    world = int(getattr(accelerator, "num_processes", 1)) if accelerator is not None else 1
-    rank = int(getattr(accelerator, "process_index", 0)) if accelerator is not None else 0
+    world, rank = _world_and_rank(accelerator)
     is_main = rank == 0
     if scorer is None:
         scorer = Scorer(warn=is_main)
@@ -868,38 +865,65 @@ def evaluate(
     mine = directions[rank::world]
     show = progress and is_main
     encoded = _encode_sources(tokenizer, mine, sources, progress=show)
+    options = {"num_beams": num_beams, "batch_size": batch_size, "max_new_tokens": max_new_tokens, **generate_kwargs}
+    rows = _translate_and_score(model, tokenizer, mine, sources, targets, encoded, options, scorer=scorer, group=group,
+                                chunk_size=chunk_size, keep_hypotheses=keep_hypotheses, show=show)
+    return _gathered(rows, directions) if world > 1 else rows
+
+
+def _world_and_rank(accelerator) -> tuple[int, int]:
+    """(number of processes, this process's index); (1, 0) without an accelerator."""
+    world = int(getattr(accelerator, "num_processes", 1)) if accelerator is not None else 1
+    rank = int(getattr(accelerator, "process_index", 0)) if accelerator is not None else 0
+    return world, rank
+
+
+def _gathered(rows: list[dict[str, Any]], directions: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
+    """Every process's rows, in ``directions`` order (each process scored every num_processes-th direction)."""
+    rows = _gather_object(rows)
+    if len(rows) != len(directions):
+        raise RuntimeError(f"gathered {len(rows)} scored directions for {len(directions)}")
+    position = {direction: i for i, direction in enumerate(directions)}
+    return sorted(rows, key=lambda row: position[(row["src"], row["tgt"])])
+
+
+def _translate_and_score(model, tokenizer, mine: list[tuple[str, str]], sources: Mapping, targets: Mapping,
+                         encoded: Mapping, options: Mapping[str, Any], *, scorer: Scorer, group, chunk_size: int,
+                         keep_hypotheses: bool, show: bool) -> list[dict[str, Any]]:
+    """Stages 2 and 3 of :func:`evaluate` on this process's directions ``mine``, one chunk at a time."""
+    from tqdm.auto import tqdm
+
     rows: list[dict[str, Any]] = []
     total = sum(len(sources[d]) for d in mine)
     with tqdm(total=total, unit="sent", desc="translate", disable=not show) as translated, \
             tqdm(total=len(mine), unit="dir", desc="score", disable=not show) as scored:
         for chunk in _direction_chunks(mine, sources, chunk_size):
-            texts, src_langs, tgt_langs, input_ids = [], [], [], []
-            for direction in chunk:
-                lines = sources[direction]
-                texts.extend(lines)
-                src_langs.extend([direction[0]] * len(lines))
-                tgt_langs.extend([direction[1]] * len(lines))
-                input_ids.extend(encoded[_source_key(direction, sources)])
-            hypotheses_flat = translate(
-                model, tokenizer, texts, src_langs, tgt_langs, num_beams=num_beams, batch_size=batch_size,
-                max_new_tokens=max_new_tokens, progress=False, input_ids=input_ids, **generate_kwargs,
-            )
-            translated.update(len(texts))
-            hypotheses, position = {}, 0
-            for direction in chunk:
-                count = len(sources[direction])
-                hypotheses[direction] = hypotheses_flat[position : position + count]
-                position += count
+            hypotheses = _translate_chunk(model, tokenizer, chunk, sources, encoded, options)
+            translated.update(sum(len(sources[direction]) for direction in chunk))
             rows.extend(score_directions(hypotheses, {d: targets[d] for d in chunk}, scorer=scorer, group_of=group,
                                          keep_hypotheses=keep_hypotheses))
             scored.update(len(chunk))
-    if world > 1:
-        rows = _gather_object(rows)
-        if len(rows) != len(directions):
-            raise RuntimeError(f"gathered {len(rows)} scored directions for {len(directions)}")
-        position = {direction: i for i, direction in enumerate(directions)}
-        rows = sorted(rows, key=lambda row: position[(row["src"], row["tgt"])])
     return rows
+
+
+def _translate_chunk(model, tokenizer, chunk: Sequence[tuple[str, str]], sources: Mapping, encoded: Mapping,
+                     options: Mapping[str, Any]) -> dict[tuple[str, str], list[str]]:
+    """{direction: hypotheses} of the directions of ``chunk``, from one :func:`lslo.translate` call."""
+    texts, src_langs, tgt_langs, input_ids = [], [], [], []
+    for direction in chunk:
+        lines = sources[direction]
+        texts.extend(lines)
+        src_langs.extend([direction[0]] * len(lines))
+        tgt_langs.extend([direction[1]] * len(lines))
+        input_ids.extend(encoded[_source_key(direction, sources)])
+    hypotheses_flat = translate(model, tokenizer, texts, src_langs, tgt_langs, progress=False, input_ids=input_ids,
+                                **options)
+    hypotheses, position = {}, 0
+    for direction in chunk:
+        count = len(sources[direction])
+        hypotheses[direction] = hypotheses_flat[position : position + count]
+        position += count
+    return hypotheses
 
 
 def _source_key(direction: tuple[str, str], sources: Mapping) -> tuple[str, int]:

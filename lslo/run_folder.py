@@ -23,21 +23,16 @@ __all__ = ["describe_checkpoints", "list_checkpoints", "plot_run_curves", "plot_
 RUN_CONFIG_NAME = "run_config.json"
 
 
-
 METRICS_NAME = "metrics.jsonl"
-
 
 
 CURVES_NAME = "curves.png"
 
 
-
 CHECKPOINTS_DIR = "checkpoints"
 
 
-
 FINAL_DIR = "final"
-
 
 
 _CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
@@ -50,7 +45,6 @@ _PLAN_KEYS = ("processes", "mixed_precision_source", "trainable_parameters", "ba
               "tokens_per_optimizer_step", "model_config_overrides")
 
 
-
 _RESUMABLE_FIELDS = frozenset({
     "resume", "overwrite", "max_steps", "save_every", "keep_last", "log_every", "epochs", "preset",
     "eval_every_epoch", "eval_sentences", "num_beams", "spm_model", "progress", "config",
@@ -61,7 +55,6 @@ _RESUMABLE_FIELDS = frozenset({
 # Where things are, not what they are: a run folder, its model and its data may move. The model and
 # the data are compared by their fingerprints (run_config["fingerprints"]) instead.
 _LOCATION_FIELDS = frozenset({"output_dir", "model", "flores_dir", "train_tsv"})
-
 
 
 def _prepare_output_dir(args: TrainArguments, run_config: dict[str, Any], accelerator,
@@ -105,7 +98,6 @@ def _prepare_output_dir(args: TrainArguments, run_config: dict[str, Any], accele
     return out
 
 
-
 def _take_lock(lock: RunLock | None, accelerator) -> None:
     """The main process takes ``lock``; every process raises when it could not."""
     error = None
@@ -122,7 +114,6 @@ def _take_lock(lock: RunLock | None, accelerator) -> None:
         raise ValueError(error)
 
 
-
 def _shared(accelerator, value):
     """The main process's ``value`` on every process (a save or lock outcome all must act on)."""
     if accelerator.num_processes == 1:
@@ -132,7 +123,6 @@ def _shared(accelerator, value):
     box = [value]
     broadcast_object_list(box, from_process=0)
     return box[0]
-
 
 
 def _resume_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> tuple[list[str], list[str]]:
@@ -157,7 +147,6 @@ def _resume_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> tup
     return differing, data
 
 
-
 def _check_resumable(saved: Mapping[str, Any], now: Mapping[str, Any], args: TrainArguments, where: str) -> list[str]:
     """Refuse to resume ``where`` (a run folder or a checkpoint) under another configuration, or on
     changed data unless --allow-data-change. Returns the data files that changed (allowed)."""
@@ -170,7 +159,6 @@ def _check_resumable(saved: Mapping[str, Any], now: Mapping[str, Any], args: Tra
                          "pass --allow-data-change to continue on the new data (the run is then not an exact "
                          "continuation)")
     return data
-
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
@@ -190,7 +178,6 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
             recover_directory(child)  # cheap; a reader may meet a swap interrupted by a kill
             found.append((int(match.group(1)), child))  # damaged ones too: resume verifies and says so
     return [path for _, path in sorted(found)]
-
 
 
 def describe_checkpoints(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -213,7 +200,6 @@ def describe_checkpoints(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
         rows.append({"name": path.name, "path": str(path), "step": step, "epoch": epoch, "status": status,
                      "size": tree_size(path), "problem": problem})
     return rows
-
 
 
 class _MetricsLog:
@@ -256,7 +242,6 @@ class _MetricsLog:
             self.writer.close()
 
 
-
 def _parsed_step(line: str) -> int | None:
     # A kill -9 can leave a torn last line: it is not a record, and the resumed run rewrites it.
     try:
@@ -264,7 +249,6 @@ def _parsed_step(line: str) -> int | None:
     except json.JSONDecodeError:
         return None
     return record.get("step", 0) if isinstance(record, dict) else None
-
 
 
 def _epoch_scores(metrics_path: Path, metric: str | None = None) -> tuple[str, dict[int, dict[str, float]]]:
@@ -277,7 +261,6 @@ def _epoch_scores(metrics_path: Path, metric: str | None = None) -> tuple[str, d
         metric = "spbleu" if any(k.startswith("spbleu/") for r in epochs.values() for k in r) else "chrf++"
     scores = {e: {k.split("/", 1)[1]: v for k, v in r.items() if k.startswith(metric + "/")} for e, r in epochs.items()}
     return metric, {e: s for e, s in scores.items() if s}
-
 
 
 def plot_training_curves(metrics_path: str | os.PathLike, out_png: str | os.PathLike, *, system: str | None = None,
@@ -300,7 +283,6 @@ def plot_training_curves(metrics_path: str | os.PathLike, out_png: str | os.Path
     name = system or Path(metrics_path).resolve().parent.name
     return plot_epoch_curves({name: trained}, out_png, groups=panels, metric=metric, pretrained=scores.get(0) or None,
                              title=f"{name}: devtest score per epoch")
-
 
 
 def plot_run_curves(run_dirs: Sequence[str | os.PathLike], out_png: str | os.PathLike, *,
@@ -351,7 +333,6 @@ def plot_run_curves(run_dirs: Sequence[str | os.PathLike], out_png: str | os.Pat
         history[label] = trained
     return plot_epoch_curves(history, out_png, groups=list(groups), metric=metric, pretrained=pretrained,
                              title="devtest score per epoch")
-
 
 
 def _run_label(run_dir: Path) -> str:

@@ -59,7 +59,7 @@ from .checkpoints import (
 )
 from .context import route
 from .data import ShapeBuckets, collate, make_batches, pad_to_bucket
-from .distributed import Heartbeat, distributed_setup, is_collective_timeout
+from .distributed import Heartbeat, _any_process, _SignalFlag, distributed_setup, is_collective_timeout
 from .eval_run import EvalArguments, _group_of_for, evaluate_run
 from .fast_step import compile_loss, smoothed_losses
 from .io import atomic_directory
@@ -177,33 +177,6 @@ def _label_smoothed_loss(logits: torch.Tensor, labels: torch.Tensor, epsilon: fl
     """
     loss, nll = smoothed_losses(logits, labels, epsilon)
     return loss, nll, int((labels != -100).sum())
-
-
-class _SignalFlag:
-    """SIGINT/SIGTERM set a flag; the loop checkpoints at the next step boundary and stops. A second
-    signal restores the default behaviour (a second Ctrl-C kills at once)."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: no handlers, signals behave as usual
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:
-            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 # --------------------------------------------------------------- the engine
@@ -723,31 +696,12 @@ def _train(run: _Run) -> TrainResult:
         return _pretrain_only(run)
     run.build_optimizer()
     accelerator = run.accelerator
-
-    # The whole position of a run; saved in every checkpoint. epoch_sums: the running epoch's totals,
-    # so that an epoch resumed mid-way logs the same epoch loss as an uninterrupted one.
-    state = {"epoch": 1, "step_in_epoch": 0, "global_step": 0, "pruning": {}, "pruned_epoch": 0,
-             "epoch_sums": _zero_sums()}
-    resume_step = None
-    last_checkpoint = None
-    if args.resume or args.resume_or_start:
-        last_checkpoint, loaded = run.resume()
-        if loaded is not None:
-            state = {k: loaded[k] for k in state}
-            resume_step = state["global_step"]
-            if run.is_main:
-                print(f"[lslo] resuming from {last_checkpoint} (epoch {state['epoch']}, step {state['global_step']})")
+    state, resume_step, last_checkpoint = _start_state(run)
     log = _MetricsLog(run.output_dir / METRICS_NAME, run.is_main, resume_step)
     for note in run.resume_notes:  # what makes this resumed run inexact, on record
         log.write({**note, "step": state["global_step"], "epoch": state["epoch"]})
     group_of = _group_of_for(run.languages, args.groups)
-    eval_refs = None
-    if args.eval_every_epoch:
-        if args.flores_dir is None:
-            raise ValueError("--eval-every-epoch evaluates FLORES devtest: give --flores-dir")
-        eval_refs = run.devtest
-        if not resume_step:  # Figure 3's dashed line: the model before fine-tuning
-            log.write({"type": "epoch", "epoch": 0, "step": 0, **_epoch_eval(run, eval_refs, group_of, 0)})
+    eval_refs = _start_evaluation(run, log, group_of, resume_step)
 
     if getattr(run, "_resume_rng", None) is not None:
         _set_rng_state(run._resume_rng)
@@ -763,12 +717,7 @@ def _train(run: _Run) -> TrainResult:
             if steps_in_epoch == 0:
                 raise ValueError(f"epoch {epoch} has {len(batches)} batches, fewer than processes x update_freq = "
                                  f"{run.world * args.update_freq}: lower --max-tokens or --update-freq")
-            if state["pruned_epoch"] < epoch:
-                state["pruning"] = run.apply_pruning(epoch)
-                state["pruned_epoch"] = epoch
-                if state["pruning"]:
-                    log.write({"type": "pruning", "epoch": epoch, "step": state["global_step"], **{
-                        f"ratio/{k}": v for k, v in state["pruning"].items()}})
+            _prune_for_epoch(run, state, epoch, log)
             bar = tqdm(total=steps_in_epoch, initial=state["step_in_epoch"], desc=f"epoch {epoch}/{args.epochs}",
                        unit="step", disable=not (run.is_main and args.progress), dynamic_ncols=True)
             epoch_start = time.perf_counter()
@@ -805,21 +754,77 @@ def _train(run: _Run) -> TrainResult:
             bar.close()
             if stopped_early:
                 break
-            elapsed = time.perf_counter() - epoch_start
-            sums = state["epoch_sums"]
-            record = {"type": "epoch", "epoch": epoch, "step": state["global_step"],
-                      "loss": sums["loss"] / max(sums["steps"], 1), "tokens": sums["tokens"],
-                      "seconds": elapsed, "tokens_per_s": sums["tokens"] / elapsed if elapsed > 0 else None,
-                      **{f"pruned/{k}": v for k, v in _pruned(run).items()}}
-            if eval_refs is not None:
-                record.update(_epoch_eval(run, eval_refs, group_of, epoch))
-            log.write(record)
-            if eval_refs is not None and run.is_main:
-                plot_training_curves(run.output_dir / METRICS_NAME, run.output_dir / CURVES_NAME)
+            _end_epoch(run, state, epoch, time.perf_counter() - epoch_start, log, eval_refs, group_of)
             epoch += 1
             state = {**state, "epoch": epoch, "step_in_epoch": 0, "epoch_sums": _zero_sums()}
             last_checkpoint = run.save_checkpoint(state)
 
+    final_dir = _save_final(run)
+    log.close()
+    return TrainResult(run.output_dir, final_dir, state["global_step"], state["epoch"] - 1,
+                       run.output_dir / METRICS_NAME, stopped_early)
+
+
+def _start_state(run: _Run) -> tuple[dict[str, Any], int | None, Path | None]:
+    """(state, resume step or None, last checkpoint or None): a fresh run's position, or the checkpoint's."""
+    args = run.args
+    # The whole position of a run; saved in every checkpoint. epoch_sums: the running epoch's totals,
+    # so that an epoch resumed mid-way logs the same epoch loss as an uninterrupted one.
+    state = {"epoch": 1, "step_in_epoch": 0, "global_step": 0, "pruning": {}, "pruned_epoch": 0,
+             "epoch_sums": _zero_sums()}
+    resume_step = None
+    last_checkpoint = None
+    if args.resume or args.resume_or_start:
+        last_checkpoint, loaded = run.resume()
+        if loaded is not None:
+            state = {k: loaded[k] for k in state}
+            resume_step = state["global_step"]
+            if run.is_main:
+                print(f"[lslo] resuming from {last_checkpoint} (epoch {state['epoch']}, step {state['global_step']})")
+    return state, resume_step, last_checkpoint
+
+
+def _start_evaluation(run: _Run, log: _MetricsLog, group_of, resume_step: int | None):
+    """The devtest references of --eval-every-epoch (None without it); a fresh run logs epoch 0 first."""
+    args = run.args
+    eval_refs = None
+    if args.eval_every_epoch:
+        if args.flores_dir is None:
+            raise ValueError("--eval-every-epoch evaluates FLORES devtest: give --flores-dir")
+        eval_refs = run.devtest
+        if not resume_step:  # Figure 3's dashed line: the model before fine-tuning
+            log.write({"type": "epoch", "epoch": 0, "step": 0, **_epoch_eval(run, eval_refs, group_of, 0)})
+    return eval_refs
+
+
+def _prune_for_epoch(run: _Run, state: dict[str, Any], epoch: int, log: _MetricsLog) -> None:
+    """Apply the epoch's pruning ratios once (a resumed epoch has them already) and log them."""
+    if state["pruned_epoch"] < epoch:
+        state["pruning"] = run.apply_pruning(epoch)
+        state["pruned_epoch"] = epoch
+        if state["pruning"]:
+            log.write({"type": "pruning", "epoch": epoch, "step": state["global_step"], **{
+                f"ratio/{k}": v for k, v in state["pruning"].items()}})
+
+
+def _end_epoch(run: _Run, state: Mapping[str, Any], epoch: int, elapsed: float, log: _MetricsLog, eval_refs,
+               group_of) -> None:
+    """Log the finished epoch (loss, speed, pruned share, devtest scores) and redraw the curves."""
+    sums = state["epoch_sums"]
+    record = {"type": "epoch", "epoch": epoch, "step": state["global_step"],
+              "loss": sums["loss"] / max(sums["steps"], 1), "tokens": sums["tokens"],
+              "seconds": elapsed, "tokens_per_s": sums["tokens"] / elapsed if elapsed > 0 else None,
+              **{f"pruned/{k}": v for k, v in _pruned(run).items()}}
+    if eval_refs is not None:
+        record.update(_epoch_eval(run, eval_refs, group_of, epoch))
+    log.write(record)
+    if eval_refs is not None and run.is_main:
+        plot_training_curves(run.output_dir / METRICS_NAME, run.output_dir / CURVES_NAME)
+
+
+def _save_final(run: _Run) -> Path:
+    """Write the trained weights to ``<output-dir>/final`` (main process); every process raises when that failed."""
+    accelerator = run.accelerator
     final_dir = run.output_dir / FINAL_DIR
     error = None
     if run.is_main:
@@ -833,9 +838,7 @@ def _train(run: _Run) -> TrainResult:
     if error:
         raise TrainingError(error)
     accelerator.wait_for_everyone()
-    log.close()
-    return TrainResult(run.output_dir, final_dir, state["global_step"], state["epoch"] - 1,
-                       run.output_dir / METRICS_NAME, stopped_early)
+    return final_dir
 
 
 def _epoch_eval(run: _Run, references, group_of, epoch: int) -> dict[str, float]:
@@ -853,13 +856,6 @@ def _epoch_eval(run: _Run, references, group_of, epoch: int) -> dict[str, float]
 
 def _pruned(run: _Run) -> dict[str, float]:
     return run.method.pruned(run.accelerator.unwrap_model(run.model))
-
-
-def _any_process(accelerator, flag: bool) -> bool:
-    if accelerator.num_processes == 1:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(value, reduction="sum").item() > 0)
 
 
 def _evaluate_model(run: _Run, references, max_sentences, group_of):

@@ -9,6 +9,7 @@ import torch
 import lslo
 import lslo.evaluate as ev
 import lslo.inference
+from lslo.batching import _epoch_generator
 from lslo.cli import main
 from lslo.config import FLORES101_RESOURCE_GROUPS, GROUP_ORDER, LANGUAGE_SETS, RESOURCE_GROUPS, LSLoConfig
 from lslo.data import (
@@ -16,7 +17,6 @@ from lslo.data import (
     M2M124_CODES,
     Batches,
     EncodedCorpus,
-    _epoch_generator,
     all_directions,
     direction_sample_counts,
     encode_examples,
