@@ -14,6 +14,7 @@ from .card import write_model_card
 from .config import LSLoConfig
 from .methods import _parse_mapping
 from .model import load_adapters, load_base_model, parameter_report, read_adapter_config, resolve_adapter_base
+from .tables import format_table, write_scores
 
 __all__ = ["EvalArguments", "evaluate_run"]
 
@@ -59,7 +60,7 @@ def evaluate_run(args: EvalArguments) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     # lslo.evaluate loads transformers and sacrebleu: deferred so that the CLI starts fast
-    from .evaluate import Scorer, evaluate, format_table, write_scores
+    from .evaluate import Scorer, evaluate
 
     if args.flores_dir is None:
         raise ValueError("--flores-dir is required")

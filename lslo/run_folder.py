@@ -17,6 +17,7 @@ from typing import Any
 from .arguments import TrainArguments
 from .checkpoints import LOCK_NAME, RunLock, fingerprint_differences, tree_size, verify_checkpoint
 from .io import atomic_write_file, recover_directory
+from .tables import plot_epoch_curves
 
 __all__ = ["describe_checkpoints", "list_checkpoints", "plot_run_curves", "plot_training_curves"]
 
@@ -271,9 +272,6 @@ def plot_training_curves(metrics_path: str | os.PathLike, out_png: str | os.Path
     Returns:
         The figure, or None when the log holds no evaluated epoch.
     """
-    # lslo.evaluate loads transformers and sacrebleu: deferred so that the CLI starts fast
-    from .evaluate import plot_epoch_curves
-
     metric, scores = _epoch_scores(Path(metrics_path))
     trained = {e: s for e, s in scores.items() if e >= 1}
     if not trained:
@@ -303,9 +301,6 @@ def plot_run_curves(run_dirs: Sequence[str | os.PathLike], out_png: str | os.Pat
         ValueError: a folder that is not a run or has no per-epoch evaluation (both named), labels
             that do not match the runs.
     """
-    # lslo.evaluate loads transformers and sacrebleu: deferred so that the CLI starts fast
-    from .evaluate import plot_epoch_curves
-
     run_dirs = [Path(d) for d in run_dirs]
     if not run_dirs:
         raise ValueError("give at least one run folder")

@@ -106,6 +106,7 @@ from .run_folder import (  # noqa: F401 (the run folder's plumbing lived here: l
     plot_run_curves,
     plot_training_curves,
 )
+from .tables import group_table, write_scores
 
 __all__ = [
     "PRESETS",
@@ -633,9 +634,6 @@ def _run_fingerprints(args: TrainArguments, languages: Sequence[str]) -> dict[st
 
 
 def _group_means(rows: Sequence[Mapping[str, Any]], config_group_of) -> dict[str, float]:
-    # lslo.evaluate loads transformers and sacrebleu: deferred so that the CLI starts fast
-    from .evaluate import group_table
-
     out = {}
     for metric in ("spbleu", "chrf++", "bleu"):
         if rows and all(r.get(metric) is not None for r in rows):
@@ -843,9 +841,6 @@ def _save_final(run: _Run) -> Path:
 
 def _epoch_eval(run: _Run, references, group_of, epoch: int) -> dict[str, float]:
     """Evaluate devtest (the --eval-sentences subset) now; per-direction scores to eval/epoch-NNN.*."""
-    # lslo.evaluate loads transformers and sacrebleu: deferred so that the CLI starts fast
-    from .evaluate import write_scores
-
     rows = _evaluate_model(run, references, run.args.eval_sentences, group_of)
     if run.is_main:
         write_scores(rows, run.output_dir / "eval", name=f"epoch-{epoch:03d}", group_of=group_of,

@@ -27,11 +27,11 @@ PACKAGES = ("lslo", "lslo_kernels")
 # <= 6 functions over 80 lines, no module over ~900 lines. What is left: train.py's 14 and data.py's 2 uncommented
 # local imports, the 9 long functions the report lists (none in the modules issue 22 split), 4 modules over 900 lines.
 MAX_CYCLIC_MODULES = 0
-MAX_LOCAL_IMPORTS = 9
+MAX_LOCAL_IMPORTS = 4
 MAX_UNCOMMENTED_LOCAL_IMPORTS = 0
-MAX_LONG_FUNCTIONS = 11
+MAX_LONG_FUNCTIONS = 5
 LONG_FUNCTION_LINES = 80
-MAX_MODULE_LINES = 1499
+MAX_MODULE_LINES = 896
 
 
 @dataclass(frozen=True)
