@@ -22,37 +22,21 @@ from .tables import plot_epoch_curves
 __all__ = ["describe_checkpoints", "list_checkpoints", "plot_run_curves", "plot_training_curves"]
 
 RUN_CONFIG_NAME = "run_config.json"
-
-
 METRICS_NAME = "metrics.jsonl"
-
-
 CURVES_NAME = "curves.png"
-
-
 CHECKPOINTS_DIR = "checkpoints"
-
-
 FINAL_DIR = "final"
-
-
 _CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
-
-
 # Fields that may change between a run and its resumption (how long, how often, where to report).
 # What run_config.json holds besides the TrainArguments fields: derived from them (and the data), so a
 # resume does not compare them on their own (optimizer_steps follows epochs and max_steps).
 _PLAN_KEYS = ("processes", "mixed_precision_source", "trainable_parameters", "batches_per_epoch", "optimizer_steps",
               "tokens_per_optimizer_step", "model_config_overrides")
-
-
 _RESUMABLE_FIELDS = frozenset({
     "resume", "overwrite", "max_steps", "save_every", "keep_last", "log_every", "epochs", "preset",
     "eval_every_epoch", "eval_sentences", "num_beams", "spm_model", "progress", "config",
     "resume_or_start", "allow_data_change", "reshard", "ddp_timeout",
 }) | frozenset(_PLAN_KEYS)
-
-
 # Where things are, not what they are: a run folder, its model and its data may move. The model and
 # the data are compared by their fingerprints (run_config["fingerprints"]) instead.
 _LOCATION_FIELDS = frozenset({"output_dir", "model", "flores_dir", "train_tsv"})
