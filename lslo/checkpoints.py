@@ -469,3 +469,18 @@ def save_error_message(exc: BaseException, *, what: str, folder: str | os.PathLi
                 f"(needs ~{max(needed, 1) / 1e6:.1f} MB); {where}; free space and run again with --resume")
     reason = " ".join(str(exc).split()) or type(exc).__name__
     return f"could not write {what} in {folder} ({reason}); {where}; fix that and run again with --resume"
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -58,9 +58,11 @@ from lslo.analysis import (
     make_plan,
 )
 from lslo.checkpoints import format_checkpoint_table
+from lslo.data import FLORES101_CODES
 from lslo.io import atomic_write_file
 from lslo.model import read_adapter_config, resolve_adapter_base
 from lslo.serve_config import ServeConfig
+from lslo.tables import format_table
 from lslo.train import (
     PRESETS,
     EvalArguments,
@@ -193,8 +195,6 @@ def _cmd_params(args) -> int:
     else:  # M2M-124 615M (flores101_mm100_615M): d_model 1024, 12 + 12 layers, FFN 4096
         model_config = M2M100Config(d_model=1024, encoder_layers=12, decoder_layers=12, encoder_ffn_dim=4096,
                                     decoder_ffn_dim=4096, vocab_size=args.vocab_size)
-    from lslo.data import FLORES101_CODES
-
     extra = {} if args.ranks is None else {"ranks": int(args.ranks) if args.ranks.isdigit() else args.ranks}
     # "all" = the 101 FLORES-101 languages, all of which M2M-124 (the default shape) has a token for.
     spec = args.languages.strip()
@@ -257,6 +257,46 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lslo", description="Language-specific LoRA for multilingual NMT.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _add_model_commands(commands)
+    commands.add_parser("bench", help="run the benchmark suite of a source checkout (arguments go to benchmarks.__main__)",
+                        add_help=False)
+
+    train = commands.add_parser("train", help="fine-tune many-to-many with LSLo (or ft-all) and gradual pruning",
+                                description="Many-to-many fine-tuning on FLORES-101 dev (or a TSV) with LSLo and the "
+                                            "Gradual Pruning Schedule. Runs on CPU, one GPU, or many under "
+                                            "`accelerate launch -m lslo train ...` / `torchrun -m lslo train ...`.")
+    _add_dataclass_arguments(train, TrainArguments)
+    train.add_argument("--list-presets", action="store_true", help="list the paper rows --preset reproduces, and exit")
+    train.add_argument("--list-checkpoints", action="store_true",
+                       help="list the checkpoints in --output-dir (as `lslo checkpoints`), and exit")
+    train.add_argument("--dry-run", action="store_true",
+                       help="resolve everything (preset < --config < flags, accelerate's settings), read the data and "
+                            "the model's config (no weights), print the run as JSON (what run_config.json will hold) "
+                            "and exit without writing anything")
+    train.set_defaults(handler=_cmd_train)
+
+    evaluate = commands.add_parser("eval", help="translate a FLORES split and score it by direction group",
+                                   description="Beam search over every direction at once (mixed-direction batches), "
+                                               "spBLEU (with the FLORES-101 SentencePiece model), chrF++ and BLEU per "
+                                               "direction, and the paper's direction-group table.")
+    _add_dataclass_arguments(evaluate, EvalArguments)
+    evaluate.set_defaults(handler=_cmd_eval)
+
+    checkpoints = commands.add_parser("checkpoints", help="list a training run's checkpoints: step, epoch, status, size",
+                                      description="Verify every checkpoint of an `lslo train` run folder against its "
+                                                  "manifest (sizes and SHA-256 of its files) and list them.")
+    checkpoints.add_argument("run_dir", metavar="DIR", help="the run folder (lslo train's --output-dir)")
+    checkpoints.set_defaults(handler=_cmd_checkpoints)
+
+    _add_demo_command(commands)
+    _add_analysis_commands(commands)
+    _add_plot_command(commands)
+    _add_serve_command(commands)
+    return parser
+
+
+def _add_model_commands(commands) -> None:
+    """``lslo translate``, ``lslo merge`` and ``lslo params``."""
     translate = commands.add_parser("translate", help="translate TSV lines 'src<TAB>tgt<TAB>sentence'",
                                     description="Translate mixed-direction input, one generate call per batch.")
     _add_model_args(translate)
@@ -295,36 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="reference (default) reproduces the paper's counts")
     params.set_defaults(handler=_cmd_params)
 
-    commands.add_parser("bench", help="run the benchmark suite of a source checkout (arguments go to benchmarks.__main__)",
-                        add_help=False)
 
-    train = commands.add_parser("train", help="fine-tune many-to-many with LSLo (or ft-all) and gradual pruning",
-                                description="Many-to-many fine-tuning on FLORES-101 dev (or a TSV) with LSLo and the "
-                                            "Gradual Pruning Schedule. Runs on CPU, one GPU, or many under "
-                                            "`accelerate launch -m lslo train ...` / `torchrun -m lslo train ...`.")
-    _add_dataclass_arguments(train, TrainArguments)
-    train.add_argument("--list-presets", action="store_true", help="list the paper rows --preset reproduces, and exit")
-    train.add_argument("--list-checkpoints", action="store_true",
-                       help="list the checkpoints in --output-dir (as `lslo checkpoints`), and exit")
-    train.add_argument("--dry-run", action="store_true",
-                       help="resolve everything (preset < --config < flags, accelerate's settings), read the data and "
-                            "the model's config (no weights), print the run as JSON (what run_config.json will hold) "
-                            "and exit without writing anything")
-    train.set_defaults(handler=_cmd_train)
-
-    evaluate = commands.add_parser("eval", help="translate a FLORES split and score it by direction group",
-                                   description="Beam search over every direction at once (mixed-direction batches), "
-                                               "spBLEU (with the FLORES-101 SentencePiece model), chrF++ and BLEU per "
-                                               "direction, and the paper's direction-group table.")
-    _add_dataclass_arguments(evaluate, EvalArguments)
-    evaluate.set_defaults(handler=_cmd_eval)
-
-    checkpoints = commands.add_parser("checkpoints", help="list a training run's checkpoints: step, epoch, status, size",
-                                      description="Verify every checkpoint of an `lslo train` run folder against its "
-                                                  "manifest (sizes and SHA-256 of its files) and list them.")
-    checkpoints.add_argument("run_dir", metavar="DIR", help="the run folder (lslo train's --output-dir)")
-    checkpoints.set_defaults(handler=_cmd_checkpoints)
-
+def _add_demo_command(commands) -> None:
+    """``lslo demo``."""
     demo = commands.add_parser("demo", help="the paper's experiment on synthetic languages, on a CPU, no downloads",
                                description="Synthetic languages, a tiny pretrained M2M-100, then Pretrain / Ft-all / "
                                            "LSLo (equal ranks, 2;2;8, 2;2;8+GPS) fine-tuned with `lslo train` and "
@@ -344,7 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=int, help="systems trained at once, one process each (default: 2)")
     demo.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     demo.set_defaults(handler=_cmd_demo)
-    _add_analysis_commands(commands)
+
+
+def _add_plot_command(commands) -> None:
+    """``lslo plot curves``."""
     plot = commands.add_parser("plot", help="figures from saved runs", description="Figures drawn from saved runs.")
     figures = plot.add_subparsers(dest="figure", required=True, metavar="FIGURE")
     curves = figures.add_parser("curves", help="Figure 3: per-epoch H2H and V2V curves of several runs",
@@ -355,8 +371,6 @@ def build_parser() -> argparse.ArgumentParser:
     curves.add_argument("--labels", help="comma-separated legend labels, one per run (default: presets or folder names)")
     curves.add_argument("--groups", default="H2H,V2V", help="direction groups, one panel each (default: H2H,V2V)")
     curves.set_defaults(handler=_cmd_plot_curves)
-    _add_serve_command(commands)
-    return parser
 
 
 def _add_serve_command(commands) -> None:
@@ -379,7 +393,8 @@ def _add_serve_command(commands) -> None:
 
 
 def _cmd_serve(args) -> int:
-    try:  # imported here: the serving stack is an optional extra and slow to import
+    try:
+        # imported here: the serving stack is an optional extra and slow to import
         from lslo.serve import default_model, serve
     except ModuleNotFoundError as exc:
         if exc.name in ("lslo", "lslo.serve"):
@@ -532,9 +547,6 @@ def _cmd_train(args) -> int:
         print(f"[lslo] {result.global_step} steps over {result.epochs_done} epochs; final weights in {result.final_dir}; "
               f"metrics in {result.metrics_path}")
     if result.scores:
-        # lslo.evaluate imports transformers (through lslo.inference): only when a run ends with scores
-        from lslo.evaluate import format_table
-
         print(format_table({values.get("method", "pretrain"): result.scores}, style="plain"))
     return 0
 

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from datetime import timedelta
 
 import torch
@@ -84,3 +85,37 @@ def is_collective_timeout(exc: BaseException) -> bool:
     """Whether a RuntimeError of torch.distributed (gloo, NCCL) reports a collective that timed out."""
     text = str(exc).lower()
     return "timed out" in text or "timeout" in text or "connection closed by peer" in text
+
+
+class _SignalFlag:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints at the next step boundary and stops. A second
+    signal restores the default behaviour (a second Ctrl-C kills at once)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handlers, signals behave as usual
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _any_process(accelerator, flag: bool) -> bool:
+    if accelerator.num_processes == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(value, reduction="sum").item() > 0)

@@ -152,8 +152,34 @@ def translate(
     Returns:
         N translations (or id lists), in input order.
     """
-    from tqdm.auto import tqdm
+    sentences, src_langs, tgt_langs = _checked_requests(sentences, src_langs, tgt_langs)
+    n = len(sentences)
+    for name, value in (("num_beams", num_beams), ("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if generate_kwargs.get("num_return_sequences", 1) != 1:
+        raise ValueError("translate returns one translation per sentence: num_return_sequences must be 1")
+    if config is None:
+        config = get_lslo_config(model)
+    # Every check before any compute: a bad code in line 10,000 must not cost the first 9,999.
+    lang_tokens = {code: lang_token_id(tokenizer, code) for code in dict.fromkeys(src_langs + tgt_langs)}
+    routes = (config.lang_ids(src_langs), config.lang_ids(tgt_langs)) if config is not None else None
+    if input_ids is not None and len(input_ids) != n:
+        raise ValueError(f"input_ids has {len(input_ids)} rows for {n} sentences")
+    if n == 0:
+        return []
 
+    encoded = _encode_by_source(tokenizer, sentences, src_langs) if input_ids is None else list(input_ids)
+    encoded = _truncate_inputs(encoded, model, max_input_length)
+    forced = [lang_tokens[code] for code in tgt_langs]
+    return _generate_all(model, tokenizer, encoded, forced, routes, batch_size=batch_size, num_beams=num_beams,
+                         max_new_tokens=max_new_tokens, progress=progress, return_token_ids=return_token_ids,
+                         language_ids=all_language_token_ids(tokenizer) | set(lang_tokens.values()),
+                         generate_kwargs=generate_kwargs)
+
+
+def _checked_requests(sentences, src_langs, tgt_langs) -> tuple[list[str], list[str], list[str]]:
+    """(sentences, src_langs, tgt_langs) as N-long lists, each sentence checked to be a str."""
     if isinstance(sentences, str):
         raise TypeError("sentences must be a list of strings, not one string")
     sentences = list(sentences)
@@ -166,26 +192,18 @@ def translate(
     if not len(src_langs) == len(tgt_langs) == n:
         raise ValueError(f"sentences ({n}), src_langs ({len(src_langs)}) and tgt_langs ({len(tgt_langs)}) "
                          "must have the same length")
-    for name, value in (("num_beams", num_beams), ("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if generate_kwargs.get("num_return_sequences", 1) != 1:
-        raise ValueError("translate returns one translation per sentence: num_return_sequences must be 1")
-    if config is None:
-        config = get_lslo_config(model)
-    # Every check before any compute: a bad code in line 10,000 must not cost the first 9,999.
-    lang_tokens = {code: lang_token_id(tokenizer, code) for code in dict.fromkeys(src_langs + tgt_langs)}
-    if config is not None:
-        src_ids = config.lang_ids(src_langs)
-        tgt_ids = config.lang_ids(tgt_langs)
-    if input_ids is not None and len(input_ids) != n:
-        raise ValueError(f"input_ids has {len(input_ids)} rows for {n} sentences")
-    if n == 0:
-        return []
+    return sentences, src_langs, tgt_langs
 
-    language_ids = all_language_token_ids(tokenizer) | set(lang_tokens.values())
-    encoded = _encode_by_source(tokenizer, sentences, src_langs) if input_ids is None else list(input_ids)
-    encoded = _truncate_inputs(encoded, model, max_input_length)
+
+def _generate_all(model: nn.Module, tokenizer, encoded: list[list[int]], forced_ids: list[int], routes, *,
+                  batch_size: int, num_beams: int, max_new_tokens: int, progress: bool, return_token_ids: bool,
+                  language_ids: set[int], generate_kwargs) -> list:
+    """The body of :func:`translate` once everything is checked: ``encoded`` (N source id lists) in
+    batches of similar length, ``forced_ids`` the N target language tokens, ``routes`` the N source and
+    target language ids of the LSLo config (None: no routing)."""
+    from tqdm.auto import tqdm
+
+    n = len(encoded)
     order = sorted(range(n), key=lambda i: -len(encoded[i]))  # longest first, stable
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
@@ -197,10 +215,10 @@ def translate(
             for start in range(0, n, batch_size):
                 chunk = order[start : start + batch_size]
                 inputs = tokenizer.pad({"input_ids": [encoded[i] for i in chunk]}, return_tensors="pt").to(device)
-                forced = torch.tensor([lang_tokens[tgt_langs[i]] for i in chunk], dtype=torch.int64)
+                forced = torch.tensor([forced_ids[i] for i in chunk], dtype=torch.int64)
                 routing = (
-                    route(src=src_ids[chunk].to(device), tgt=tgt_ids[chunk].to(device))
-                    if config is not None else contextlib.nullcontext()
+                    route(src=routes[0][chunk].to(device), tgt=routes[1][chunk].to(device))
+                    if routes is not None else contextlib.nullcontext()
                 )
                 with routing:
                     generated = model.generate(

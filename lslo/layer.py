@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +31,9 @@ from lslo_kernels import Routing, resolve_backend, route_tokens
 from lslo_kernels.ops import lora_add_call, lora_call
 from lslo_kernels.spec import mixed_factors
 
+from .base_layer import _base_forward, _global_hooks, _inference, _plain_linear, _unit_rows
 from .context import current_route, expand_lang_ids
+from .layer_args import _check_ranks, _check_scales, _check_width, _summarise_ranks
 
 __all__ = ["LSLoDualLinear", "LSLoFactors", "LSLoLinear", "LSLoMix"]
 
@@ -53,40 +54,6 @@ _CALL_CACHES = {"_backend_key": None, "_backend_name": None, "_backend_add": Non
                 "_decode_plan": None, "_backend_checks": False}
 # LSLoLinear decodes with staged factors (Backend.stage_factors) from this many entries of B up.
 _STAGED_MIN_ENTRIES = 1 << 14
-
-
-def _unit_rows(t: torch.Tensor) -> torch.Tensor:
-    # The in-place kernels take rows with a stride (a column slice) but not other layouts.
-    if t.is_contiguous() or (t.stride(-1) == 1 and (t.shape[0] <= 1 or t.stride(0) >= t.shape[1])):
-        return t
-    return t.contiguous()
-
-
-def _plain_linear(base: nn.Module) -> bool:
-    """Whether ``base`` is an ``nn.Linear`` that no hook watches, so ``F.linear`` may stand for its call."""
-    return type(base) is nn.Linear and not (base._forward_hooks or base._forward_pre_hooks or _global_hooks())
-
-
-def _base_forward(base: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``base(x)``; a plain ``nn.Linear`` without hooks is called as ``F.linear`` (saves the ~2-3 us
-    of ``Module.__call__`` per call, measured on the project's 2-core EPYC at 32->32, T=1)."""
-    if _plain_linear(base):
-        params = base._parameters  # base.weight is a Module.__getattr__: ~0.3 us each
-        return F.linear(x, params["weight"], params["bias"])
-    return base(x)
-
-
-def _global_hooks() -> bool:
-    m = nn.modules.module
-    return bool(m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
-                or m._global_backward_pre_hooks or m._global_forward_hooks_always_called)
-
-
-def _inference(*tensors: torch.Tensor) -> bool:
-    """Whether no autograd graph is needed (so the LoRA term may go into the base output in place)."""
-    if torch.compiler.is_compiling():
-        return False  # the custom op (with a fake implementation) is what traces
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
 class _LanguageFactors:
@@ -926,60 +893,3 @@ class LSLoDualLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, mix={where}"
 
 
-def _check_width(width, full: int, name: str) -> int:
-    if width is None:
-        return full
-    if isinstance(width, bool) or not isinstance(width, int):
-        raise TypeError(f"{name} must be an int or None, got {width!r}")
-    if not 1 <= width <= full:
-        raise ValueError(f"{name} = {width} must be in [1, {full}] (the base layer's width)")
-    return width
-
-
-def _check_scales(scale, num_languages: int) -> list[float]:
-    """One finite float per language from ``scale`` (one number, or one per language)."""
-    if isinstance(scale, torch.Tensor):
-        scale = scale.tolist()
-    if isinstance(scale, numbers.Real) and not isinstance(scale, bool):
-        values, names = [scale] * num_languages, ["scale"] * num_languages
-    elif isinstance(scale, (str, bytes, bool)) or not isinstance(scale, Iterable):
-        raise TypeError(f"scale must be a number or one number per language, got {type(scale).__name__} {scale!r}")
-    else:
-        values = list(scale)
-        if len(values) != num_languages:
-            raise ValueError(f"scale has {len(values)} entries for {num_languages} languages")
-        names = [f"scale[{i}]" for i in range(num_languages)]
-        for name, value in zip(names, values):
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    for name, value in zip(names, values):
-        if not math.isfinite(value):
-            raise ValueError(f"{name} = {value}: the scale must be finite")
-    return [float(v) for v in values]
-
-
-def _check_ranks(ranks) -> list[int]:
-    if isinstance(ranks, (str, bytes)) or not hasattr(ranks, "__len__"):
-        raise TypeError(f"ranks must be a sequence of ints, got {type(ranks).__name__}")
-    ranks = list(ranks)
-    if not ranks:
-        raise ValueError("ranks must name at least one language")
-    for i, r in enumerate(ranks):
-        if isinstance(r, bool) or not isinstance(r, int):
-            raise TypeError(f"ranks[{i}] must be an int, got {r!r}")
-        if r <= 0:
-            raise ValueError(f"ranks[{i}] = {r}: every rank must be >= 1")
-    return ranks
-
-
-def _summarise_ranks(ranks: Sequence[int]) -> str:
-    # "[2, 2, 2, 8]" for a few languages, "2x16 8x14" style for many.
-    if len(ranks) <= 8:
-        return str(list(ranks))
-    runs: list[list[int]] = []
-    for r in ranks:
-        if runs and runs[-1][0] == r:
-            runs[-1][1] += 1
-        else:
-            runs.append([r, 1])
-    return " ".join(f"{r}x{n}" for r, n in runs)

@@ -22,7 +22,8 @@ import torch
 from lslo_kernels import get_backend
 from lslo_kernels.shared import LoRAFactors, shared_input_lora
 
-from .layer import LSLoLinear, _plain_linear
+from .base_layer import _plain_linear
+from .layer import LSLoLinear
 
 __all__ = ["SharedInputGroup", "group_shared_inputs", "shared_groups", "ungroup_shared_inputs"]
 

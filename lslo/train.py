@@ -25,32 +25,29 @@ uninterrupted one.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
-import os
-import random
-import re
 import shutil
 import signal
 import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .card import write_model_card
+from . import data
+from .arguments import DEFAULT_BASE_MODEL, TrainArguments, _help, load_config_file  # noqa: F401 (re-exported)
 from .checkpoints import (
-    LOCK_NAME,
     CheckpointError,
     RunLock,
+    _rng_state,
+    _set_rng_state,
     base_model_fingerprint,
     data_fingerprint,
-    fingerprint_differences,
     loading,
     read_trainer_state,
     rng_of_rank,
@@ -60,31 +57,56 @@ from .checkpoints import (
     verify_checkpoint,
     write_manifest,
 )
-from .config import LSLoConfig
 from .context import route
-from .data import ShapeBuckets, pad_to_bucket
-from .distributed import Heartbeat, distributed_setup, is_collective_timeout
+from .data import ShapeBuckets, collate, make_batches, pad_to_bucket
+from .distributed import Heartbeat, _any_process, _SignalFlag, distributed_setup, is_collective_timeout
+from .eval_run import EvalArguments, _group_of_for, evaluate_run
 from .fast_step import compile_loss, smoothed_losses
-from .io import atomic_directory, atomic_write_file, recover_directory
+from .io import atomic_directory
 from .methods import (
     TrainingMethod,
     _load_index_plan,  # noqa: F401 (lslo.train._load_index_plan: read by the analyses' tests)
-    _parse_mapping,
     _parse_ranks,  # noqa: F401 (as above)
     get_method,
     language_prune_targets,
     parse_prune_spec,
 )
-from .model import load_adapters, load_base_model, model_fingerprint, resolve_adapter_base
+from .model import (
+    load_base_model,
+    model_fingerprint,
+)
 from .recipe import (
-    MIXED_PRECISION_CHOICES,
     PRESETS,
-    RECIPE,
     apply_model_overrides,
     format_presets,
     resolve_mixed_precision,
     tokens_per_step_warning,
 )
+from .run_folder import (  # noqa: F401 (the run folder's plumbing lived here: lslo.train.* keeps working)
+    _CHECKPOINT_PATTERN,
+    _LOCATION_FIELDS,
+    _PLAN_KEYS,
+    _RESUMABLE_FIELDS,
+    CHECKPOINTS_DIR,
+    CURVES_NAME,
+    FINAL_DIR,
+    METRICS_NAME,
+    RUN_CONFIG_NAME,
+    _check_resumable,
+    _epoch_scores,
+    _MetricsLog,
+    _parsed_step,
+    _prepare_output_dir,
+    _resume_differences,
+    _run_label,
+    _shared,
+    _take_lock,
+    describe_checkpoints,
+    list_checkpoints,
+    plot_run_curves,
+    plot_training_curves,
+)
+from .tables import group_table, write_scores
 
 __all__ = [
     "PRESETS",
@@ -106,27 +128,6 @@ __all__ = [
     "train_step",
 ]
 
-DEFAULT_BASE_MODEL = "facebook/flores101_mm100_615M"
-RUN_CONFIG_NAME = "run_config.json"
-METRICS_NAME = "metrics.jsonl"
-CURVES_NAME = "curves.png"
-CHECKPOINTS_DIR = "checkpoints"
-FINAL_DIR = "final"
-_CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
-# Fields that may change between a run and its resumption (how long, how often, where to report).
-# What run_config.json holds besides the TrainArguments fields: derived from them (and the data), so a
-# resume does not compare them on their own (optimizer_steps follows epochs and max_steps).
-_PLAN_KEYS = ("processes", "mixed_precision_source", "trainable_parameters", "batches_per_epoch", "optimizer_steps",
-              "tokens_per_optimizer_step", "model_config_overrides")
-_RESUMABLE_FIELDS = frozenset({
-    "resume", "overwrite", "max_steps", "save_every", "keep_last", "log_every", "epochs", "preset",
-    "eval_every_epoch", "eval_sentences", "num_beams", "spm_model", "progress", "config",
-    "resume_or_start", "allow_data_change", "reshard", "ddp_timeout",
-}) | frozenset(_PLAN_KEYS)
-# Where things are, not what they are: a run folder, its model and its data may move. The model and
-# the data are compared by their fingerprints (run_config["fingerprints"]) instead.
-_LOCATION_FIELDS = frozenset({"output_dir", "model", "flores_dir", "train_tsv"})
-
 
 class RecipeWarning(UserWarning):
     """A setting takes the run away from the authors' recipe in a way that is easy to miss."""
@@ -143,176 +144,6 @@ class Interrupted(Exception):
         self.signum = signum
         self.checkpoint = checkpoint
         super().__init__(f"interrupted by {signal.Signals(signum).name}; checkpoint: {checkpoint}")
-
-
-# ------------------------------------------------------------------- arguments
-def _help(text: str, **more) -> dict[str, Any]:
-    return {"help": text, **more}
-
-
-@dataclass
-class TrainArguments:
-    """Everything ``lslo train`` takes; each field is also the flag ``--field-name``.
-
-    ``preset`` records a paper row's name; build such arguments with :meth:`from_preset`, which
-    puts the row's settings under the ones given (the CLI does the same with --preset).
-    """
-
-    model: str = field(default="facebook/flores101_mm100_615M",
-                       metadata=_help("base model: hub id or local folder (M2M-100 architecture)"))
-    output_dir: str | None = field(default=None, metadata=_help("run folder: checkpoints, metrics, final adapters"))
-    flores_dir: str | None = field(default=None, metadata=_help("FLORES-101/200 folder (dev/ trains, devtest/ evaluates)"))
-    train_tsv: str | None = field(default=None, metadata=_help(
-        "training pairs 'src_lang<TAB>tgt_lang<TAB>source<TAB>target' instead of FLORES dev"))
-    languages: str | None = field(default=None, metadata=_help(
-        "lang12, lang30, all, or comma-separated codes (default: lang12 on FLORES, the TSV's languages)"))
-    method: str = field(default="lslo", metadata=_help(
-        "lslo, ft-all (full fine-tuning), pretrain (evaluation only) or weight-learning (both routings mixed per "
-        "layer, Eq. 5; see lslo learn-index)"))
-    preset: str | None = field(default=None, metadata=_help("a paper row by name (see --list-presets)"))
-    ranks: str | None = field(default=None, metadata=_help(
-        "ranks per resource group present, H;M;L;V order ('2;2;8'), one int, or 'en=2,oc=8,H=2'"))
-    groups: str | None = field(default=None, metadata=_help("resource groups of extra languages: 'xx=V,yy=H'"))
-    prune: str | None = field(default=None, metadata=_help(
-        "final pruning ratio per resource group or language: 'H=0.9,M=0.9' (Gradual Pruning Schedule)"))
-    prune_pool: str = field(default="language", metadata=_help(
-        "language (GPS: one L1 pool per language) or layer (one pool per encoder/decoder layer across languages: "
-        "Intrinsic Subspace Estimation)"))
-    prune_start: int = field(default=RECIPE["prune_start"], metadata=_help(
-        "E: last epoch without pruning (the paper's Appendix B, Table 7: E=2)"))
-    prune_duration: int = field(default=RECIPE["prune_duration"], metadata=_help(
-        "k: epochs over which pruning reaches its ratio (the paper's Appendix B, Table 7: k=8; the authors' README "
-        "command uses k=10)"))
-    target_modules: str = field(default="all", metadata=_help("all, attn, fc, names or a regex"))
-    index_plan: str = field(default="paper", metadata=_help("paper, src, tgt, or a JSON plan file"))
-    init: str = field(default="lora", metadata=_help("lora or reference (the authors' A initialisation)"))
-    ffn: str = field(default="full", metadata=_help("full or reference (adapt only d_model units of fc1/fc2)"))
-    epochs: int = field(default=RECIPE["epochs"], metadata=_help("training epochs (the paper's Section 6.2; the "
-                                                                 "authors' --max-epoch 15)"))
-    max_steps: int | None = field(default=None, metadata=_help("stop after this many optimizer steps"))
-    save_every: int | None = field(default=None, metadata=_help("also checkpoint every N optimizer steps"))
-    keep_last: int = field(default=2, metadata=_help("checkpoints kept"))
-    seed: int = field(default=RECIPE["seed"], metadata=_help("random seed (the authors' --seed 2)"))
-    lr: float | None = field(default=None, metadata=_help(
-        "peak learning rate (default: the method's, the paper's Section 6.2: 3e-3 lslo and weight-learning, "
-        "1e-4 ft-all)"))
-    warmup_updates: int = field(default=RECIPE["warmup_updates"], metadata=_help(
-        "inverse-sqrt warm-up steps (the authors' --warmup-updates 1: lr / sqrt(step) from the first step)"))
-    adam_betas: str = field(default=RECIPE["adam_betas"], metadata=_help("Adam betas (the recipe's (0.9, 0.98))"))
-    adam_eps: float = field(default=RECIPE["adam_eps"], metadata=_help("Adam epsilon (fairseq's default 1e-8)"))
-    weight_decay: float = field(default=RECIPE["weight_decay"], metadata=_help(
-        "weight decay (the authors set none: fairseq's default 0)"))
-    clip_norm: float = field(default=RECIPE["clip_norm"], metadata=_help(
-        "gradient norm clipping, 0 = off (the authors set none: fairseq's default 0)"))
-    label_smoothing: float = field(default=RECIPE["label_smoothing"], metadata=_help(
-        "label smoothing of the cross-entropy (the authors' --label-smoothing 0.2)"))
-    dropout: float = field(default=RECIPE["dropout"], metadata=_help(
-        "dropout of the base model's layers (the authors' --dropout 0.1)"))
-    attention_dropout: float = field(default=RECIPE["attention_dropout"], metadata=_help(
-        "dropout of the attention weights (the recipe's 0.1: M2M-100's config default)"))
-    activation_dropout: float = field(default=RECIPE["activation_dropout"], metadata=_help(
-        "dropout after the FFN activation (the recipe's 0.0: M2M-100's config default)"))
-    layerdrop: float = field(default=RECIPE["layerdrop"], metadata=_help(
-        "layer drop of the encoder and the decoder (the authors' fairseq default 0; M2M-100 configs carry 0.05)"))
-    max_tokens: int = field(default=RECIPE["max_tokens"], metadata=_help(
-        "token budget of a batch per process (the authors' --max-tokens 4000)"))
-    max_sentences: int | None = field(default=None, metadata=_help("sentences per batch at most"))
-    pad_to_multiple: int | None = field(default=None, metadata=_help(
-        "static batch shapes: pad both sides of a batch to a multiple of N tokens (with --compile: few shapes)"))
-    length_buckets: str | None = field(default=None, metadata=_help(
-        "static batch shapes: pad both sides to the first of these lengths that fits, e.g. '16,32,64,128'"))
-    compile: bool = field(default=False, metadata=_help(
-        "torch.compile the forward, loss and backward (CUDA graphs on CUDA); see --pad-to-multiple"))
-    max_length: int | None = field(default=256, metadata=_help("truncate sentences to this many tokens"))
-    update_freq: int = field(default=RECIPE["update_freq"], metadata=_help(
-        "batches per optimizer step on each process (the authors' --update-freq 4). An optimizer step takes "
-        "processes x update_freq batches: on P processes pass 4/P to keep the recipe's 16k tokens a step"))
-    sampling_temperature: float = field(default=RECIPE["sampling_temperature"], metadata=_help(
-        "temperature of direction sampling (lslo's default: the authors' command does not state one)"))
-    mixed_precision: str | None = field(default=None, metadata=_help(
-        "no, bf16 or fp16; unset: accelerate's ACCELERATE_MIXED_PRECISION or config file, else the authors' --amp "
-        "(bf16 on a GPU that supports it, fp16 on another GPU, fp32 on the CPU)"))
-    cpu: bool = field(default=False, metadata=_help("train on the CPU even when a GPU is present"))
-    log_every: int = field(default=10, metadata=_help("steps between logged metrics"))
-    eval_every_epoch: bool = field(default=False, metadata=_help("evaluate devtest after every epoch (Figure 3)"))
-    eval_sentences: int | None = field(default=None, metadata=_help("sentences per direction in per-epoch evaluation"))
-    num_beams: int = field(default=5, metadata=_help("beam size of evaluation"))
-    spm_model: str | None = field(default=None, metadata=_help("FLORES-101 SentencePiece model for spBLEU"))
-    resume: bool = field(default=False, metadata=_help("continue from the newest checkpoint in --output-dir"))
-    overwrite: bool = field(default=False, metadata=_help("replace another run in --output-dir"))
-    progress: bool = field(default=True, metadata=_help("progress bars"))
-    config: str | None = field(default=None, metadata=_help("a toml/json/yaml file holding any of these fields"))
-    resume_or_start: bool = field(default=False, metadata=_help(
-        "continue from the newest checkpoint when there is one, else start fresh (--resume alone refuses a folder "
-        "without a checkpoint)"))
-    allow_data_change: bool = field(default=False, metadata=_help(
-        "--resume on training data that changed since the run started (the run is then no longer an exact "
-        "continuation)"))
-    reshard: bool = field(default=False, metadata=_help(
-        "--resume on another number of processes: --update-freq is adjusted to keep the global batch; the run is "
-        "then no longer bit-exact (recorded in metrics.jsonl)"))
-    ddp_timeout: int = field(default=1800, metadata=_help(
-        "seconds a collective of a multi-process run may wait for a stalled process before the job stops"))
-
-    def __post_init__(self) -> None:
-        if self.preset is not None and self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; see `lslo train --list-presets`")
-        method = get_method(self.method)  # ValueError naming the registered methods
-        if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION_CHOICES:
-            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION_CHOICES} or None (resolved), got "
-                             f"{self.mixed_precision!r}")
-        for name in ("epochs", "keep_last", "max_tokens", "update_freq", "log_every", "num_beams", "warmup_updates"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "warmup_updates" else 1):
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("max_steps", "save_every", "max_sentences", "max_length", "eval_sentences"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("label_smoothing", "dropout", "attention_dropout", "activation_dropout", "layerdrop"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-        if self.lr is not None and not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
-        if not (isinstance(self.sampling_temperature, (int, float)) and self.sampling_temperature > 0):
-            raise ValueError(f"sampling_temperature must be > 0, got {self.sampling_temperature!r}")
-        self.betas()  # parse now: a bad value must fail before the model loads
-        method.check(self)
-        ShapeBuckets.parse(self.pad_to_multiple, self.length_buckets)  # likewise
-        if self.prune_pool not in ("language", "layer"):
-            raise ValueError(f"prune_pool must be 'language' or 'layer', got {self.prune_pool!r}")
-        if isinstance(self.ddp_timeout, bool) or not isinstance(self.ddp_timeout, int) or self.ddp_timeout < 1:
-            raise ValueError(f"ddp_timeout must be a positive int (seconds), got {self.ddp_timeout!r}")
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> TrainArguments:
-        """Arguments of a paper row, with ``overrides`` on top."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[name].values, "preset": name, **overrides})
-
-    def betas(self) -> tuple[float, float]:
-        try:
-            b1, b2 = (float(v) for v in str(self.adam_betas).strip("()[] ").split(","))
-        except ValueError:
-            raise ValueError(f"adam_betas must be two numbers 'b1,b2', got {self.adam_betas!r}") from None
-        return b1, b2
-
-    def peak_lr(self) -> float:
-        if self.lr is not None:
-            return float(self.lr)
-        return get_method(self.method).default_lr
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def resolved(self, *, cuda: bool | None = None) -> dict[str, Any]:
-        """Every field with the value a run uses: ``lr`` the method's peak rate when unset,
-        ``mixed_precision`` as :func:`lslo.recipe.resolve_mixed_precision` decides (``cuda``: whether a
-        GPU is used; default: whether one is available)."""
-        return {**self.to_dict(), "lr": self.peak_lr(),
-                "mixed_precision": resolve_mixed_precision(self.mixed_precision, self.cpu, cuda)[0]}
 
 
 # ----------------------------------------------------------------- schedule
@@ -339,166 +170,6 @@ class TrainResult:
 
 
 # ------------------------------------------------------------- small helpers
-def _prepare_output_dir(args: TrainArguments, run_config: dict[str, Any], accelerator,
-                        lock: RunLock | None = None) -> Path:
-    """Take the folder's lock; refuse a folder holding another run (or, with --resume, a run of another
-    configuration, or no checkpoint), then record this run's configuration. Every process checks
-    before the main one writes anything; the main process holds ``lock`` (taken before anything is
-    deleted, so --overwrite cannot wipe a run that is still training)."""
-    out = Path(args.output_dir)
-    config_path = out / RUN_CONFIG_NAME
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--output-dir {out} exists and is not a directory")
-    holds_run = out.is_dir() and any(child.name != LOCK_NAME for child in out.iterdir())
-    _take_lock(lock, accelerator)
-    resuming = args.resume or args.resume_or_start
-    if holds_run and not (resuming or args.overwrite):
-        raise ValueError(f"--output-dir {out} already holds another run; pass --resume to continue it or "
-                         "--overwrite to replace it")
-    if args.resume and not args.resume_or_start and not list_checkpoints(out):
-        raise ValueError(f"--resume: no checkpoint in {out / CHECKPOINTS_DIR}; drop --resume to start fresh "
-                         "(or pass --resume-or-start)")
-    if resuming and holds_run:
-        if not config_path.is_file():
-            raise ValueError(f"--resume: {out} holds no {RUN_CONFIG_NAME}; it is not an lslo training run")
-        try:
-            saved = json.loads(config_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise ValueError(f"--resume: {config_path} is damaged ({exc})") from None
-        if not isinstance(saved, dict):
-            raise ValueError(f"--resume: {config_path} is damaged (a JSON {type(saved).__name__}, not a table)")
-        _check_resumable(saved, run_config, args, str(out))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if args.overwrite and holds_run and not resuming:
-            for child in out.iterdir():
-                if child.name != LOCK_NAME:
-                    shutil.rmtree(child) if child.is_dir() else child.unlink()
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_file(str(config_path), lambda tmp: Path(tmp).write_text(json.dumps(run_config, indent=2)))
-    accelerator.wait_for_everyone()
-    return out
-
-
-def _take_lock(lock: RunLock | None, accelerator) -> None:
-    """The main process takes ``lock``; every process raises when it could not."""
-    error = None
-    if lock is not None and accelerator.is_main_process:
-        try:
-            warning = lock.acquire()
-        except ValueError as exc:
-            error = str(exc)
-        else:
-            if warning:
-                print(f"[lslo] warning: {warning}", file=sys.stderr)
-    error = _shared(accelerator, error)
-    if error:
-        raise ValueError(error)
-
-
-def _shared(accelerator, value):
-    """The main process's ``value`` on every process (a save or lock outcome all must act on)."""
-    if accelerator.num_processes == 1:
-        return value
-    from accelerate.utils import broadcast_object_list
-
-    box = [value]
-    broadcast_object_list(box, from_process=0)
-    return box[0]
-
-
-def _resume_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> tuple[list[str], list[str]]:
-    """(differing settings, differing data files) between a saved run configuration and this run's.
-
-    Paths are not compared when both sides carry fingerprints: the model by its fingerprint, the
-    data by its files' hashes, the output folder not at all. A setting missing from an older save
-    compares as its default.
-    """
-    saved_prints, now_prints = saved.get("fingerprints"), now.get("fingerprints")
-    by_content = isinstance(saved_prints, dict) and isinstance(now_prints, dict)
-    skip = _RESUMABLE_FIELDS | {"fingerprints", "output_dir"} | (_LOCATION_FIELDS if by_content else frozenset())
-    defaults = {f.name: f.default for f in fields(TrainArguments) if f.default is not dataclasses.MISSING}
-    differing = [f"{k}: checkpoint {saved.get(k, defaults.get(k))!r}, now {v!r}" for k, v in now.items()
-                 if k not in skip and saved.get(k, defaults.get(k)) != v]
-    data = []
-    if by_content:
-        model = fingerprint_differences(saved_prints.get("model") or {}, now_prints.get("model") or {})
-        if model:
-            differing.append(f"model {now.get('model')!r} is not the model of the run: {', '.join(model[:6])}")
-        data = fingerprint_differences(saved_prints.get("data") or {}, now_prints.get("data") or {})
-    return differing, data
-
-
-def _check_resumable(saved: Mapping[str, Any], now: Mapping[str, Any], args: TrainArguments, where: str) -> list[str]:
-    """Refuse to resume ``where`` (a run folder or a checkpoint) under another configuration, or on
-    changed data unless --allow-data-change. Returns the data files that changed (allowed)."""
-    differing, data = _resume_differences(saved, now)
-    if differing:
-        raise ValueError(f"--resume: {where} was trained with a different configuration ({'; '.join(differing)})")
-    if data and not args.allow_data_change:
-        shown = "; ".join(data[:8]) + ("; ..." if len(data) > 8 else "")
-        raise ValueError(f"--resume: the training data changed since {where} was written ({shown}); restore it, or "
-                         "pass --allow-data-change to continue on the new data (the run is then not an exact "
-                         "continuation)")
-    return data
-
-
-def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """The checkpoint folders of a run (``checkpoints/step-N``), oldest first; an interrupted save is
-    finished or undone first. Whether each is intact is :func:`lslo.checkpoints.verify_checkpoint`'s job."""
-    root = Path(output_dir) / CHECKPOINTS_DIR
-    if not root.is_dir():
-        return []
-    found = []
-    for child in list(root.iterdir()):
-        if child.name.startswith(".") and ".lslo-" in child.name:
-            # Debris of a save killed before its swap: finish it or delete it (lslo.io decides).
-            recover_directory(root / child.name[1:].split(".lslo-", 1)[0])
-    for child in root.iterdir():
-        match = _CHECKPOINT_PATTERN.match(child.name)
-        if match and child.is_dir():
-            recover_directory(child)  # cheap; a reader may meet a swap interrupted by a kill
-            found.append((int(match.group(1)), child))  # damaged ones too: resume verifies and says so
-    return [path for _, path in sorted(found)]
-
-
-def describe_checkpoints(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every checkpoint of a run, oldest first, verified against its manifest.
-
-    Returns:
-        One dict per checkpoint: ``name``, ``path``, ``step``, ``epoch`` (None when its trainer state
-        is unreadable), ``status`` ("intact", "damaged" or "unverified"), ``size`` (bytes), ``problem``.
-    """
-    rows = []
-    for path in list_checkpoints(output_dir):
-        status, problem = verify_checkpoint(path)
-        step = epoch = None
-        try:
-            record = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-            step, epoch = int(record["global_step"]), int(record["epoch"])
-        except (OSError, ValueError, KeyError, TypeError):
-            if status != "damaged":
-                status, problem = "damaged", f"{path / 'trainer_state.json'}: unreadable"
-        rows.append({"name": path.name, "path": str(path), "step": step, "epoch": epoch, "status": status,
-                     "size": tree_size(path), "problem": problem})
-    return rows
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    python = state["python"]
-    random.setstate((python[0], tuple(python[1]), python[2]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _label_smoothed_loss(logits: torch.Tensor, labels: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(loss, nll, tokens): :func:`lslo.fast_step.smoothed_losses` and the number of target tokens.
 
@@ -507,82 +178,6 @@ def _label_smoothed_loss(logits: torch.Tensor, labels: torch.Tensor, epsilon: fl
     """
     loss, nll = smoothed_losses(logits, labels, epsilon)
     return loss, nll, int((labels != -100).sum())
-
-
-class _MetricsLog:
-    """``metrics.jsonl`` (main process) and, when installed, TensorBoard."""
-
-    def __init__(self, path: Path, enabled: bool, resume_step: int | None):
-        self.path = path
-        self.enabled = enabled
-        self.writer = None
-        if not enabled:
-            return
-        if resume_step is not None and path.is_file():
-            # Drop what was logged after the checkpoint: the resumed run logs those steps again.
-            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                    if _parsed_step(line) is not None and _parsed_step(line) <= resume_step]
-            atomic_write_file(str(path), lambda tmp: Path(tmp).write_text("".join(f"{k}\n" for k in kept)))
-        elif resume_step is None and path.exists():
-            path.unlink()
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(path.parent / "tensorboard"))
-        except Exception:  # noqa: BLE001 (tensorboard is optional; any import problem means "not installed")
-            self.writer = None
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            prefix = record.get("type", "train")
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
-                    self.writer.add_scalar(f"{prefix}/{key}", value, record.get("step", 0))
-            self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-def _parsed_step(line: str) -> int | None:
-    # A kill -9 can leave a torn last line: it is not a record, and the resumed run rewrites it.
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    return record.get("step", 0) if isinstance(record, dict) else None
-
-
-class _SignalFlag:
-    """SIGINT/SIGTERM set a flag; the loop checkpoints at the next step boundary and stops. A second
-    signal restores the default behaviour (a second Ctrl-C kills at once)."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: no handlers, signals behave as usual
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:
-            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 # --------------------------------------------------------------- the engine
@@ -623,8 +218,6 @@ class _Run:
         """Read the data, resolve the run (:meth:`plan`), then (unless ``dry_run``) claim the output
         folder and load the model. A dry run reads the model's config only, nothing is written."""
         from transformers import AutoTokenizer
-
-        from . import data
 
         args = self.args
         if args.flores_dir is None and args.train_tsv is None:
@@ -683,8 +276,6 @@ class _Run:
         TrainArguments field as used, the languages, the trainable parameters (counted on the meta
         device from the model's config), the batches and steps, the model-config overrides."""
         from transformers import AutoConfig, AutoModelForSeq2SeqLM
-
-        from .data import make_batches
 
         args = self.args
         config = AutoConfig.from_pretrained(args.model)
@@ -903,8 +494,6 @@ class _Run:
         return [step_batches[u * self.world + rank] for u in range(self.args.update_freq)]
 
     def _batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        from .data import collate
-
         batch = collate(self.corpus, indices, pad_token_id=self.tokenizer.pad_token_id, languages=self.languages)
         if self.buckets is not None:  # --pad-to-multiple / --length-buckets
             batch = pad_to_bucket(batch, self.buckets, self.tokenizer.pad_token_id)
@@ -1035,8 +624,6 @@ def _zero_sums() -> dict[str, float]:
 
 def _run_fingerprints(args: TrainArguments, languages: Sequence[str]) -> dict[str, Any]:
     """What the run trains: the base model and the training files, by content (see lslo.checkpoints)."""
-    from . import data
-
     if args.train_tsv is not None:
         files = [Path(args.train_tsv)]
     elif args.flores_dir is not None and args.method != "pretrain":
@@ -1047,8 +634,6 @@ def _run_fingerprints(args: TrainArguments, languages: Sequence[str]) -> dict[st
 
 
 def _group_means(rows: Sequence[Mapping[str, Any]], config_group_of) -> dict[str, float]:
-    from .evaluate import group_table
-
     out = {}
     for metric in ("spbleu", "chrf++", "bleu"):
         if rows and all(r.get(metric) is not None for r in rows):
@@ -1056,11 +641,6 @@ def _group_means(rows: Sequence[Mapping[str, Any]], config_group_of) -> dict[str
             for column, value in table["scores"].items():
                 out[f"{metric}/{column}"] = value
     return out
-
-
-def _group_of_for(languages: Sequence[str], groups_text: str | None):
-    config = LSLoConfig(languages=list(languages), groups=_parse_mapping(groups_text, "--groups") or None, ranks=1)
-    return config.group_of
 
 
 def dry_run(args: TrainArguments) -> dict[str, Any]:
@@ -1108,39 +688,18 @@ def _train(run: _Run) -> TrainResult:
     """The body of :func:`train`; the caller releases the run folder's lock."""
     from tqdm.auto import tqdm
 
-    from .data import make_batches
-
     args = run.args
     run.load()
     if not run.method.trains:
         return _pretrain_only(run)
     run.build_optimizer()
     accelerator = run.accelerator
-
-    # The whole position of a run; saved in every checkpoint. epoch_sums: the running epoch's totals,
-    # so that an epoch resumed mid-way logs the same epoch loss as an uninterrupted one.
-    state = {"epoch": 1, "step_in_epoch": 0, "global_step": 0, "pruning": {}, "pruned_epoch": 0,
-             "epoch_sums": _zero_sums()}
-    resume_step = None
-    last_checkpoint = None
-    if args.resume or args.resume_or_start:
-        last_checkpoint, loaded = run.resume()
-        if loaded is not None:
-            state = {k: loaded[k] for k in state}
-            resume_step = state["global_step"]
-            if run.is_main:
-                print(f"[lslo] resuming from {last_checkpoint} (epoch {state['epoch']}, step {state['global_step']})")
+    state, resume_step, last_checkpoint = _start_state(run)
     log = _MetricsLog(run.output_dir / METRICS_NAME, run.is_main, resume_step)
     for note in run.resume_notes:  # what makes this resumed run inexact, on record
         log.write({**note, "step": state["global_step"], "epoch": state["epoch"]})
     group_of = _group_of_for(run.languages, args.groups)
-    eval_refs = None
-    if args.eval_every_epoch:
-        if args.flores_dir is None:
-            raise ValueError("--eval-every-epoch evaluates FLORES devtest: give --flores-dir")
-        eval_refs = run.devtest
-        if not resume_step:  # Figure 3's dashed line: the model before fine-tuning
-            log.write({"type": "epoch", "epoch": 0, "step": 0, **_epoch_eval(run, eval_refs, group_of, 0)})
+    eval_refs = _start_evaluation(run, log, group_of, resume_step)
 
     if getattr(run, "_resume_rng", None) is not None:
         _set_rng_state(run._resume_rng)
@@ -1156,12 +715,7 @@ def _train(run: _Run) -> TrainResult:
             if steps_in_epoch == 0:
                 raise ValueError(f"epoch {epoch} has {len(batches)} batches, fewer than processes x update_freq = "
                                  f"{run.world * args.update_freq}: lower --max-tokens or --update-freq")
-            if state["pruned_epoch"] < epoch:
-                state["pruning"] = run.apply_pruning(epoch)
-                state["pruned_epoch"] = epoch
-                if state["pruning"]:
-                    log.write({"type": "pruning", "epoch": epoch, "step": state["global_step"], **{
-                        f"ratio/{k}": v for k, v in state["pruning"].items()}})
+            _prune_for_epoch(run, state, epoch, log)
             bar = tqdm(total=steps_in_epoch, initial=state["step_in_epoch"], desc=f"epoch {epoch}/{args.epochs}",
                        unit="step", disable=not (run.is_main and args.progress), dynamic_ncols=True)
             epoch_start = time.perf_counter()
@@ -1198,21 +752,77 @@ def _train(run: _Run) -> TrainResult:
             bar.close()
             if stopped_early:
                 break
-            elapsed = time.perf_counter() - epoch_start
-            sums = state["epoch_sums"]
-            record = {"type": "epoch", "epoch": epoch, "step": state["global_step"],
-                      "loss": sums["loss"] / max(sums["steps"], 1), "tokens": sums["tokens"],
-                      "seconds": elapsed, "tokens_per_s": sums["tokens"] / elapsed if elapsed > 0 else None,
-                      **{f"pruned/{k}": v for k, v in _pruned(run).items()}}
-            if eval_refs is not None:
-                record.update(_epoch_eval(run, eval_refs, group_of, epoch))
-            log.write(record)
-            if eval_refs is not None and run.is_main:
-                plot_training_curves(run.output_dir / METRICS_NAME, run.output_dir / CURVES_NAME)
+            _end_epoch(run, state, epoch, time.perf_counter() - epoch_start, log, eval_refs, group_of)
             epoch += 1
             state = {**state, "epoch": epoch, "step_in_epoch": 0, "epoch_sums": _zero_sums()}
             last_checkpoint = run.save_checkpoint(state)
 
+    final_dir = _save_final(run)
+    log.close()
+    return TrainResult(run.output_dir, final_dir, state["global_step"], state["epoch"] - 1,
+                       run.output_dir / METRICS_NAME, stopped_early)
+
+
+def _start_state(run: _Run) -> tuple[dict[str, Any], int | None, Path | None]:
+    """(state, resume step or None, last checkpoint or None): a fresh run's position, or the checkpoint's."""
+    args = run.args
+    # The whole position of a run; saved in every checkpoint. epoch_sums: the running epoch's totals,
+    # so that an epoch resumed mid-way logs the same epoch loss as an uninterrupted one.
+    state = {"epoch": 1, "step_in_epoch": 0, "global_step": 0, "pruning": {}, "pruned_epoch": 0,
+             "epoch_sums": _zero_sums()}
+    resume_step = None
+    last_checkpoint = None
+    if args.resume or args.resume_or_start:
+        last_checkpoint, loaded = run.resume()
+        if loaded is not None:
+            state = {k: loaded[k] for k in state}
+            resume_step = state["global_step"]
+            if run.is_main:
+                print(f"[lslo] resuming from {last_checkpoint} (epoch {state['epoch']}, step {state['global_step']})")
+    return state, resume_step, last_checkpoint
+
+
+def _start_evaluation(run: _Run, log: _MetricsLog, group_of, resume_step: int | None):
+    """The devtest references of --eval-every-epoch (None without it); a fresh run logs epoch 0 first."""
+    args = run.args
+    eval_refs = None
+    if args.eval_every_epoch:
+        if args.flores_dir is None:
+            raise ValueError("--eval-every-epoch evaluates FLORES devtest: give --flores-dir")
+        eval_refs = run.devtest
+        if not resume_step:  # Figure 3's dashed line: the model before fine-tuning
+            log.write({"type": "epoch", "epoch": 0, "step": 0, **_epoch_eval(run, eval_refs, group_of, 0)})
+    return eval_refs
+
+
+def _prune_for_epoch(run: _Run, state: dict[str, Any], epoch: int, log: _MetricsLog) -> None:
+    """Apply the epoch's pruning ratios once (a resumed epoch has them already) and log them."""
+    if state["pruned_epoch"] < epoch:
+        state["pruning"] = run.apply_pruning(epoch)
+        state["pruned_epoch"] = epoch
+        if state["pruning"]:
+            log.write({"type": "pruning", "epoch": epoch, "step": state["global_step"], **{
+                f"ratio/{k}": v for k, v in state["pruning"].items()}})
+
+
+def _end_epoch(run: _Run, state: Mapping[str, Any], epoch: int, elapsed: float, log: _MetricsLog, eval_refs,
+               group_of) -> None:
+    """Log the finished epoch (loss, speed, pruned share, devtest scores) and redraw the curves."""
+    sums = state["epoch_sums"]
+    record = {"type": "epoch", "epoch": epoch, "step": state["global_step"],
+              "loss": sums["loss"] / max(sums["steps"], 1), "tokens": sums["tokens"],
+              "seconds": elapsed, "tokens_per_s": sums["tokens"] / elapsed if elapsed > 0 else None,
+              **{f"pruned/{k}": v for k, v in _pruned(run).items()}}
+    if eval_refs is not None:
+        record.update(_epoch_eval(run, eval_refs, group_of, epoch))
+    log.write(record)
+    if eval_refs is not None and run.is_main:
+        plot_training_curves(run.output_dir / METRICS_NAME, run.output_dir / CURVES_NAME)
+
+
+def _save_final(run: _Run) -> Path:
+    """Write the trained weights to ``<output-dir>/final`` (main process); every process raises when that failed."""
+    accelerator = run.accelerator
     final_dir = run.output_dir / FINAL_DIR
     error = None
     if run.is_main:
@@ -1226,15 +836,11 @@ def _train(run: _Run) -> TrainResult:
     if error:
         raise TrainingError(error)
     accelerator.wait_for_everyone()
-    log.close()
-    return TrainResult(run.output_dir, final_dir, state["global_step"], state["epoch"] - 1,
-                       run.output_dir / METRICS_NAME, stopped_early)
+    return final_dir
 
 
 def _epoch_eval(run: _Run, references, group_of, epoch: int) -> dict[str, float]:
     """Evaluate devtest (the --eval-sentences subset) now; per-direction scores to eval/epoch-NNN.*."""
-    from .evaluate import write_scores
-
     rows = _evaluate_model(run, references, run.args.eval_sentences, group_of)
     if run.is_main:
         write_scores(rows, run.output_dir / "eval", name=f"epoch-{epoch:03d}", group_of=group_of,
@@ -1243,108 +849,12 @@ def _epoch_eval(run: _Run, references, group_of, epoch: int) -> dict[str, float]
     return _group_means(rows, group_of)
 
 
-def _epoch_scores(metrics_path: Path, metric: str | None = None) -> tuple[str, dict[int, dict[str, float]]]:
-    """(metric, {epoch: {group column: score}}) of a run's ``metrics.jsonl``; the metric is spBLEU
-    when it was measured, else chrF++ (unless given)."""
-    records = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines()
-               if _parsed_step(line) is not None]
-    epochs = {r["epoch"]: r for r in records if r.get("type") == "epoch"}
-    if metric is None:
-        metric = "spbleu" if any(k.startswith("spbleu/") for r in epochs.values() for k in r) else "chrf++"
-    scores = {e: {k.split("/", 1)[1]: v for k, v in r.items() if k.startswith(metric + "/")} for e, r in epochs.items()}
-    return metric, {e: s for e, s in scores.items() if s}
-
-
-def plot_training_curves(metrics_path: str | os.PathLike, out_png: str | os.PathLike, *, system: str | None = None,
-                         groups: Sequence[str] = ("H2H", "V2V")):
-    """Figure 3 from a run's ``metrics.jsonl``: per-epoch group scores, epoch 0 (the model before
-    fine-tuning) as the dashed "Pretrain" line. Uses spBLEU when it was measured, else chrF++.
-
-    Returns:
-        The figure, or None when the log holds no evaluated epoch.
-    """
-    from .evaluate import plot_epoch_curves
-
-    metric, scores = _epoch_scores(Path(metrics_path))
-    trained = {e: s for e, s in scores.items() if e >= 1}
-    if not trained:
-        return None
-    available = set().union(*trained.values())
-    panels = [g for g in groups if g in available] or sorted(available)[:2]
-    name = system or Path(metrics_path).resolve().parent.name
-    return plot_epoch_curves({name: trained}, out_png, groups=panels, metric=metric, pretrained=scores.get(0) or None,
-                             title=f"{name}: devtest score per epoch")
-
-
-def plot_run_curves(run_dirs: Sequence[str | os.PathLike], out_png: str | os.PathLike, *,
-                    labels: Sequence[str] | None = None, groups: Sequence[str] = ("H2H", "V2V")):
-    """The paper's Figure 3 from several runs: each run's per-epoch group scores (``--eval-every-epoch``)
-    as one line per panel, the model before fine-tuning (epoch 0 of the first run that has it) dashed.
-
-    Args:
-        run_dirs: ``lslo train`` output folders.
-        out_png: the PNG to write.
-        labels: one legend label per run (default: the run's preset, else its folder name).
-        groups: one panel per direction group.
-
-    Returns:
-        The matplotlib ``Figure`` (one axes per group; one line per run, plus the dashed baseline).
-
-    Raises:
-        ValueError: a folder that is not a run or has no per-epoch evaluation (both named), labels
-            that do not match the runs.
-    """
-    from .evaluate import plot_epoch_curves
-
-    run_dirs = [Path(d) for d in run_dirs]
-    if not run_dirs:
-        raise ValueError("give at least one run folder")
-    if labels is not None and len(labels) != len(run_dirs):
-        raise ValueError(f"{len(labels)} labels for {len(run_dirs)} runs: give one label per run")
-    logs = []
-    for run_dir in run_dirs:
-        path = run_dir / METRICS_NAME
-        if not path.is_file() and not (run_dir / RUN_CONFIG_NAME).is_file():
-            raise ValueError(f"{run_dir} is not an lslo training run (no {METRICS_NAME}, no {RUN_CONFIG_NAME})")
-        logs.append(path)
-    spbleu_everywhere = all(p.is_file() and _epoch_scores(p)[0] == "spbleu" for p in logs)
-    metric = "spbleu" if spbleu_everywhere else "chrf++"
-    history, pretrained = {}, None
-    for k, (run_dir, path) in enumerate(zip(run_dirs, logs)):
-        scores = _epoch_scores(path, metric)[1] if path.is_file() else {}
-        trained = {e: s for e, s in scores.items() if e >= 1}
-        if not trained:
-            raise ValueError(f"{run_dir} has no per-epoch evaluation in {METRICS_NAME}: train it with "
-                             "--eval-every-epoch (and --flores-dir) to draw its curve")
-        pretrained = pretrained or scores.get(0)
-        label = labels[k] if labels is not None else _run_label(run_dir)
-        if label in history:
-            label = f"{label} ({run_dir.name})"
-        history[label] = trained
-    return plot_epoch_curves(history, out_png, groups=list(groups), metric=metric, pretrained=pretrained,
-                             title="devtest score per epoch")
-
-
-def _run_label(run_dir: Path) -> str:
-    try:
-        preset = json.loads((run_dir / RUN_CONFIG_NAME).read_text(encoding="utf-8")).get("preset")
-    except (OSError, ValueError):
-        preset = None
-    return preset or run_dir.resolve().name
-
-
 def _pruned(run: _Run) -> dict[str, float]:
     return run.method.pruned(run.accelerator.unwrap_model(run.model))
 
 
-def _any_process(accelerator, flag: bool) -> bool:
-    if accelerator.num_processes == 1:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(value, reduction="sum").item() > 0)
-
-
 def _evaluate_model(run: _Run, references, max_sentences, group_of):
+    # lslo.evaluate loads transformers and sacrebleu: deferred so that the CLI starts fast
     from .evaluate import Scorer, evaluate
 
     directions = [(s, t) for s in run.languages for t in run.languages if s != t]
@@ -1368,132 +878,3 @@ def _pretrain_only(run: _Run) -> TrainResult:
     return TrainResult(run.output_dir, None, 0, 0, run.output_dir / METRICS_NAME, scores=scores)
 
 
-# ------------------------------------------------------------------ lslo eval
-@dataclass
-class EvalArguments:
-    """Everything ``lslo eval`` takes."""
-
-    model: str | None = field(default=None, metadata=_help(
-        "base model: hub id or folder (default: the base the adapters record, else facebook/flores101_mm100_615M); "
-        "refused when it is not the adapters' base"))
-    adapters: str | None = field(default=None, metadata=_help("adapter folder (lslo train's <output-dir>/final)"))
-    flores_dir: str | None = field(default=None, metadata=_help("FLORES-101/200 folder"))
-    split: str = field(default="devtest", metadata=_help("dev or devtest"))
-    languages: str | None = field(default=None, metadata=_help("languages (default: the adapters', else lang12)"))
-    groups: str | None = field(default=None, metadata=_help("resource groups of extra languages: 'xx=V'"))
-    num_beams: int = field(default=5, metadata=_help("beam size"))
-    batch_size: int = field(default=32, metadata=_help("sentences per generate call"))
-    max_new_tokens: int = field(default=256, metadata=_help("generated tokens at most"))
-    eval_sentences: int | None = field(default=None, metadata=_help("first N sentences of each direction only"))
-    spm_model: str | None = field(default=None, metadata=_help("FLORES-101 SentencePiece model (spBLEU)"))
-    output_dir: str | None = field(default=None, metadata=_help("where scores go (default: <adapters>/eval)"))
-    name: str | None = field(default=None, metadata=_help("system name in the table"))
-    cpu: bool = field(default=False, metadata=_help("evaluate on the CPU even when a GPU is present"))
-    progress: bool = field(default=True, metadata=_help("progress bars"))
-    max_length: int | None = field(default=None, metadata=_help(
-        "truncate source sentences to this many tokens, with one warning counting them (default: the model's "
-        "max_position_embeddings)"))
-
-
-def evaluate_run(args: EvalArguments) -> dict[str, Any]:
-    """Translate a FLORES split with (or without) adapters, score every direction, write CSV/JSON.
-
-    Returns:
-        ``{"rows": per-direction rows, "table": the printed table, "files": written paths}``.
-    """
-    from accelerate import Accelerator
-    from transformers import AutoTokenizer
-
-    from . import data
-    from .evaluate import Scorer, evaluate, format_table, write_scores
-    from .model import read_adapter_config
-
-    if args.flores_dir is None:
-        raise ValueError("--flores-dir is required")
-    if args.split not in data.FLORES_SPLITS:
-        raise ValueError(f"--split must be one of {data.FLORES_SPLITS}, got {args.split!r}")
-    accelerator = Accelerator(cpu=args.cpu)
-    scorer = Scorer(args.spm_model)
-    if args.adapters:  # the recorded base, or a --model checked against it
-        base = resolve_adapter_base(args.adapters, args.model)
-        model_name, revision, tokenizer_name = base["name_or_path"], base["revision"], base["tokenizer"]
-    else:
-        model_name, revision = args.model or DEFAULT_BASE_MODEL, None
-        tokenizer_name = model_name
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
-    adapter_config = read_adapter_config(args.adapters)[0] if args.adapters else None
-    spec = args.languages or (",".join(adapter_config.languages) if adapter_config else "lang12")
-    languages = data.resolve_languages(spec, tokenizer=tokenizer, flores_dir=args.flores_dir)
-    if adapter_config is not None:
-        missing = [c for c in languages if c not in adapter_config.languages]
-        if missing:
-            raise ValueError(f"the adapters in {args.adapters} have no adapters for {missing}")
-    references = data.load_flores(args.flores_dir, languages, args.split)
-    model = load_base_model(model_name, device=accelerator.device, revision=revision)
-    if args.adapters:
-        load_adapters(model, args.adapters)
-    group_of = (adapter_config.group_of if adapter_config is not None and not args.groups
-                else _group_of_for(languages, args.groups))
-    directions = data.all_directions(languages)
-    rows = evaluate(model, tokenizer, references, directions, num_beams=args.num_beams, batch_size=args.batch_size,
-                    max_new_tokens=args.max_new_tokens, max_sentences=args.eval_sentences, scorer=scorer,
-                    accelerator=accelerator, progress=args.progress and accelerator.is_main_process, group_of=group_of,
-                    max_input_length=args.max_length)
-    name = args.name or (Path(args.adapters).resolve().parent.name if args.adapters else "pretrain")
-    out = Path(args.output_dir) if args.output_dir else (Path(args.adapters) / "eval" if args.adapters else Path("runs/eval"))
-    files = {}
-    params = None
-    if adapter_config is not None:
-        from .model import parameter_report
-
-        params = {name: parameter_report(model)["total"]}
-    table = format_table({name: rows}, params=params, group_of=group_of, style="plain")
-    if accelerator.is_main_process:
-        files = write_scores(rows, out, name=f"scores_{args.split}", scorer=scorer,
-                             metadata={"model": model_name, "adapters": args.adapters, "split": args.split,
-                                       "num_beams": args.num_beams, "eval_sentences": args.eval_sentences},
-                             group_of=group_of)
-        if args.adapters and adapter_config is not None and out.resolve() == (Path(args.adapters) / "eval").resolve():
-            files["card"] = write_model_card(args.adapters)  # the card gets the scores
-    return {"rows": rows, "table": table, "files": files, "spbleu": scorer.has_spbleu}
-
-
-def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """A run configuration from ``.toml``, ``.json`` or ``.yaml``/``.yml``: field names (``max_tokens``
-    or ``max-tokens``) -> values."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"--config file {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"--config {path} is not UTF-8 text (byte {exc.start})") from None
-    try:
-        if path.suffix == ".toml":
-            import tomllib
-
-            data = tomllib.loads(text)
-        elif path.suffix == ".json":
-            data = json.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            try:
-                import yaml
-            except ImportError:
-                raise ValueError(f"--config {path}: reading YAML needs PyYAML (pip install pyyaml)") from None
-            data = yaml.safe_load(text)
-        else:
-            raise ValueError(f"--config {path}: use a .toml, .json or .yaml file")
-    except ValueError as exc:
-        if str(exc).startswith("--config"):
-            raise
-        raise ValueError(f"--config {path} is not valid {path.suffix[1:]} ({exc})") from None
-    if not isinstance(data, dict):
-        raise TypeError(f"--config {path} must hold a table of settings, got {type(data).__name__}")
-    known = {f.name for f in fields(TrainArguments)}
-    out = {}
-    for key, value in data.items():
-        name = str(key).replace("-", "_")
-        if name not in known:
-            raise ValueError(f"--config {path}: unknown setting {key!r}")
-        out[name] = value
-    return out

@@ -24,14 +24,15 @@ PACKAGES = ("lslo", "lslo_kernels")
 
 # Reached by issue 22's layout work (before it: 7 modules in one cycle, 83 local imports none commented, 12 long
 # functions, analysis.py 1,642 lines). The issue's targets: no cycle, <= ~30 local imports each with a comment,
-# <= 6 functions over 80 lines, no module over ~900 lines. What is left: train.py's 14 and data.py's 2 uncommented
-# local imports, the 9 long functions the report lists (none in the modules issue 22 split), 4 modules over 900 lines.
+# <= 6 functions over 80 lines, no module over ~900 lines. All four are met; what is left: the 4 local imports that
+# defer lslo.evaluate (transformers, sacrebleu), lslo.serve (optional extra) and lslo.demo.run for CLI start-up,
+# the two long Triton kernels (_expand_kernel, _fused_forward_kernel), and the 3 kernel/body pairs still written twice.
 MAX_CYCLIC_MODULES = 0
-MAX_LOCAL_IMPORTS = 18
-MAX_UNCOMMENTED_LOCAL_IMPORTS = 16
-MAX_LONG_FUNCTIONS = 9
+MAX_LOCAL_IMPORTS = 4
+MAX_UNCOMMENTED_LOCAL_IMPORTS = 0
+MAX_LONG_FUNCTIONS = 2
 LONG_FUNCTION_LINES = 80
-MAX_MODULE_LINES = 1349
+MAX_MODULE_LINES = 896
 
 
 @dataclass(frozen=True)

@@ -236,8 +236,6 @@ def pretrain_base_model(
     import shutil
     import tempfile
 
-    from transformers import M2M100ForConditionalGeneration
-
     config = config or PretrainConfig()
     log = log or (lambda message: None)
     tsv = Path(corpus_dir) / "pretrain.tsv"
@@ -249,36 +247,18 @@ def pretrain_base_model(
         work = Path(work)
         tokenizer = train_demo_tokenizer(examples, work / "spm", vocab_size=config.vocab_size, seed=config.seed)
         result.seconds["tokenizer"] = time.perf_counter() - clock
-        torch.manual_seed(config.seed)
-        model = M2M100ForConditionalGeneration(demo_model_config(
-            tokenizer, d_model=config.d_model, layers=config.layers, heads=config.heads, ffn_dim=config.ffn_dim,
-            dropout=config.dropout))
-        result.num_parameters = sum(p.numel() for p in model.parameters())
-        model.save_pretrained(work / "init", safe_serialization=True)
-        tokenizer.save_pretrained(work / "init")
+        result.num_parameters = _save_initial_model(tokenizer, config, work / "init")
         log(f"tokenizer: {config.vocab_size} pieces in {result.seconds['tokenizer']:.1f} s; model: "
             f"{result.num_parameters / 1e6:.2f}M parameters; pretraining on {len(examples)} pairs")
 
-        args = TrainArguments(
-            model=str(work / "init"), train_tsv=str(tsv), method="ft-all", output_dir=str(work / "run"),
-            max_steps=config.steps, epochs=10_000, seed=config.seed, lr=config.lr, warmup_updates=config.warmup,
-            adam_betas=f"{config.betas[0]},{config.betas[1]}", weight_decay=config.weight_decay,
-            clip_norm=config.clip_norm, label_smoothing=config.label_smoothing, dropout=config.dropout,
-            max_tokens=config.max_tokens, sampling_temperature=1.0, log_every=50, cpu=True, progress=progress,
-            keep_last=1, update_freq=1, attention_dropout=0.0, compile=config.compile,
-            length_buckets=config.length_buckets,
-        )
+        args = _pretrain_arguments(config, work / "init", tsv, work / "run", progress)
         clock = time.perf_counter()
         with _threads(config.threads), warnings.catch_warnings():
             warnings.simplefilter("ignore", RecipeWarning)  # pretraining is not the paper's fine-tuning recipe
             run = train(args)
         result.seconds["train"] = time.perf_counter() - clock
         result.steps = run.global_step
-        for line in run.metrics_path.read_text(encoding="utf-8").splitlines():
-            record = json.loads(line)
-            if record.get("type") == "train":
-                result.losses.append((int(record["step"]), float(record["loss"])))
-                result.target_tokens += int(record.get("tokens", 0))
+        _read_losses(run.metrics_path, result)
         log(f"pretrained {run.global_step} steps in {result.seconds['train']:.0f} s; final loss "
             f"{result.losses[-1][1] if result.losses else float('nan'):.3f}")
 
@@ -329,3 +309,39 @@ def zero_shot_scores(model, tokenizer, flores_dir: str | os.PathLike, languages:
         rows = evaluate(model, tokenizer, references, None, num_beams=num_beams, max_sentences=max_sentences,
                         scorer=Scorer(warn=False), progress=progress, group_of=group_of, max_new_tokens=64)
     return rows, group_table(rows, metric="bleu", group_of=group_of)
+
+
+def _save_initial_model(tokenizer, config: PretrainConfig, folder: Path) -> int:
+    """Save a random demo model (seeded by ``config.seed``) and ``tokenizer`` to ``folder``; its parameter count."""
+    from transformers import M2M100ForConditionalGeneration
+
+    torch.manual_seed(config.seed)
+    model = M2M100ForConditionalGeneration(demo_model_config(
+        tokenizer, d_model=config.d_model, layers=config.layers, heads=config.heads, ffn_dim=config.ffn_dim,
+        dropout=config.dropout))
+    num_parameters = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return num_parameters
+
+
+def _pretrain_arguments(config: PretrainConfig, init: Path, tsv: Path, run_dir: Path, progress: bool) -> TrainArguments:
+    """The engine's arguments of the pretraining run: ``ft-all`` from ``init`` on ``tsv`` for ``config.steps`` steps."""
+    return TrainArguments(
+        model=str(init), train_tsv=str(tsv), method="ft-all", output_dir=str(run_dir),
+        max_steps=config.steps, epochs=10_000, seed=config.seed, lr=config.lr, warmup_updates=config.warmup,
+        adam_betas=f"{config.betas[0]},{config.betas[1]}", weight_decay=config.weight_decay,
+        clip_norm=config.clip_norm, label_smoothing=config.label_smoothing, dropout=config.dropout,
+        max_tokens=config.max_tokens, sampling_temperature=1.0, log_every=50, cpu=True, progress=progress,
+        keep_last=1, update_freq=1, attention_dropout=0.0, compile=config.compile,
+        length_buckets=config.length_buckets,
+    )
+
+
+def _read_losses(metrics_path: Path, result: PretrainResult) -> None:
+    """The run's training losses and target tokens, from its ``metrics.jsonl``, into ``result``."""
+    for line in metrics_path.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if record.get("type") == "train":
+            result.losses.append((int(record["step"]), float(record["loss"])))
+            result.target_tokens += int(record.get("tokens", 0))

@@ -45,6 +45,7 @@ from ..evaluate import (
 )
 from ..io import atomic_write_file
 from ..model import format_parameter_report, get_lslo_config, load_adapters, load_base_model, parameter_report
+from ..recipe import RECIPE
 from ..train import METRICS_NAME, RecipeWarning, TrainArguments, train
 from .base_model import PretrainConfig, pretrain_base_model
 from .synthetic import CorpusSpec, write_corpus
@@ -207,6 +208,32 @@ class _State:
         return {stage: info["seconds"] for stage, info in self.data["done"].items()}
 
 
+def _demo_settings(quick: bool, epochs: int | None, workers: int | None) -> DemoSettings:
+    """:data:`QUICK` or :data:`FULL`, with ``epochs`` when given (``workers`` is only checked here)."""
+    settings = QUICK if quick else FULL
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"workers must be a positive int, got {workers!r}")
+    if epochs is not None:
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+        settings = replace(settings, epochs=epochs, systems=_with_schedule(settings.systems, epochs))
+    return settings
+
+
+def _output_folder(output_dir: str, *, overwrite: bool, resume: bool) -> Path:
+    """The demo's folder, created; refused when it holds another run unless ``overwrite`` (emptied) or ``resume``."""
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output-dir {out} is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (overwrite or resume):
+        raise ValueError(f"--output-dir {out} already holds a run; pass --resume to continue it or --overwrite to "
+                         "start again")
+    if overwrite and out.is_dir():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def run_demo(
     output_dir: str = "runs/demo",
     *,
@@ -251,22 +278,8 @@ def run_demo(
 
     if (model is None) != (flores_dir is None):
         raise ValueError("give both --model and --flores-dir (a real model on FLORES-101), or neither (the synthetic demo)")
-    settings = QUICK if quick else FULL
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-        raise ValueError(f"workers must be a positive int, got {workers!r}")
-    if epochs is not None:
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-            raise ValueError(f"epochs must be a positive int, got {epochs!r}")
-        settings = replace(settings, epochs=epochs, systems=_with_schedule(settings.systems, epochs))
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--output-dir {out} is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (overwrite or resume):
-        raise ValueError(f"--output-dir {out} already holds a run; pass --resume to continue it or --overwrite to "
-                         "start again")
-    if overwrite and out.is_dir():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    settings = _demo_settings(quick, epochs, workers)
+    out = _output_folder(output_dir, overwrite=overwrite, resume=resume)
     if flores_dir is not None:
         codes = list(resolve_languages(languages or "lang12", flores_dir=flores_dir))
         load_flores(flores_dir, codes, "dev")  # a folder not in the FLORES layout fails here, before any work
@@ -596,9 +609,6 @@ PAPER_SHARE = 15.3 / 615
 
 def _fairness_section(settings: DemoSettings, rows, params: Mapping[str, int | None], metric: str = "bleu") -> list[str]:
     """report.md's rules (one learning-rate rule, GPS shape), paired differences and the parameter share."""
-    from ..evaluate import METRIC_LABELS
-    from ..recipe import RECIPE
-
     references = [name for name in ("Ft-all", "LSLo 8;8;8") if name in rows]
     verdicts = {(v["system"], v["against"]): v for v in paired_differences(rows, references, metric=metric)}
     gps = next((s.train for s in settings.systems if s.train and "prune_start" in s.train), None)
@@ -677,16 +687,8 @@ def _summary_line(tables: Mapping[str, Mapping[str, Any]], metric_label: str) ->
     return "; ".join(parts) + "." if parts else "no comparable scores."
 
 
-def _report(out, state, settings, codes, base_dir, rows, analysis, *, synthetic: bool, log) -> DemoResult:
-    clock = time.perf_counter()
-    params = {name: state.data["done"].get(f"system:{name}", {}).get("params") for name in rows}
-    metric = "bleu"
-    tables = {name: group_table(r, metric=metric) for name, r in rows.items()}
-    table_text = format_table(rows, params=params, style="plain")
-    table_md = format_table(rows, params=params, style="markdown")
-    summary = _summary_line(tables, "BLEU")
-
-    files = {}
+def _epoch_history(out: Path, settings: DemoSettings) -> dict[str, dict[int, dict[str, float]]]:
+    """{system: {epoch: {group: BLEU}}} of the trained systems' ``metrics.jsonl`` (epochs 1 and up)."""
     history = {}
     for system in settings.systems:
         metrics = out / "systems" / system.slug / "run" / METRICS_NAME
@@ -699,6 +701,43 @@ def _report(out, state, settings, codes, base_dir, rows, analysis, *, synthetic:
                 epochs[record["epoch"]] = {k.split("/", 1)[1]: v for k, v in record.items() if k.startswith("bleu/")}
         if epochs:
             history[system.name] = epochs
+    return history
+
+
+def _analysis_section(analysis: Mapping[str, Any], rows, params, metric: str) -> tuple[list[str], str]:
+    """(report.md lines of the analyses and of the ISE plans' comparison, the comparison's text or "")."""
+    comparison_text = ""
+    lines = ["", "## Analyses (Weight Learning, Intrinsic Subspace Estimation, plan)", "",
+             "```", str(analysis.get("summary", ""))[:6000], "```"]
+    if analysis.get("comparison"):
+        comparison = analysis["comparison"]
+        compared = {name: rows[name] for name in comparison["systems"] if name in rows}
+        comparison_text = comparison["text"]
+        lines += ["", f"### ISE plans against the resource-group ranks at the budget of {comparison['budget']}", "",
+                  (f"Same recipe (learning rate, epochs, GPS schedule, index plan) as {comparison['reference']}; "
+                   f"only the per-language ranks and pruning ratios differ. {comparison['metric']} on the first "
+                   f"{comparison['eval_sentences']} devtest sentences per direction (the table above). A difference "
+                   "within about two paired standard errors is not a result."), "",
+                  format_table(compared, metric=metric, params=params, style="markdown"), "",
+                  *[f"- {line}" for line in comparison_text.splitlines()], "",
+                  "Plans (rank / pruning ratio per language):", "",
+                  *[f"- {name}: " + ", ".join(f"{c} {r}/{entry['prune'].get(c, 0.0):.2f}"
+                                              for c, r in entry["ranks"].items())
+                    for name, entry in comparison["systems"].items() if "ranks" in entry]]
+    return lines, comparison_text
+
+
+def _report(out, state, settings, codes, base_dir, rows, analysis, *, synthetic: bool, log) -> DemoResult:
+    clock = time.perf_counter()
+    params = {name: state.data["done"].get(f"system:{name}", {}).get("params") for name in rows}
+    metric = "bleu"
+    tables = {name: group_table(r, metric=metric) for name, r in rows.items()}
+    table_text = format_table(rows, params=params, style="plain")
+    table_md = format_table(rows, params=params, style="markdown")
+    summary = _summary_line(tables, "BLEU")
+
+    files = {}
+    history = _epoch_history(out, settings)
     pretrain_table = tables.get("Pretrain")
     if history:
         files["curves"] = out / "curves.png"
@@ -738,23 +777,8 @@ def _report(out, state, settings, codes, base_dir, rows, analysis, *, synthetic:
     ]
     comparison_text = ""
     if analysis is not None:
-        lines += ["", "## Analyses (Weight Learning, Intrinsic Subspace Estimation, plan)", "",
-                  "```", str(analysis.get("summary", ""))[:6000], "```"]
-        if analysis.get("comparison"):
-            comparison = analysis["comparison"]
-            compared = {name: rows[name] for name in comparison["systems"] if name in rows}
-            comparison_text = comparison["text"]
-            lines += ["", f"### ISE plans against the resource-group ranks at the budget of {comparison['budget']}", "",
-                      (f"Same recipe (learning rate, epochs, GPS schedule, index plan) as {comparison['reference']}; "
-                       f"only the per-language ranks and pruning ratios differ. {comparison['metric']} on the first "
-                       f"{comparison['eval_sentences']} devtest sentences per direction (the table above). A difference "
-                       "within about two paired standard errors is not a result."), "",
-                      format_table(compared, metric=metric, params=params, style="markdown"), "",
-                      *[f"- {line}" for line in comparison_text.splitlines()], "",
-                      "Plans (rank / pruning ratio per language):", "",
-                      *[f"- {name}: " + ", ".join(f"{c} {r}/{entry['prune'].get(c, 0.0):.2f}"
-                                                  for c, r in entry["ranks"].items())
-                        for name, entry in comparison["systems"].items() if "ranks" in entry]]
+        analysis_lines, comparison_text = _analysis_section(analysis, rows, params, metric)
+        lines += analysis_lines
     report = "\n".join(lines) + "\n"
     files["report"] = out / "report.md"
     atomic_write_file(files["report"], lambda tmp: Path(tmp).write_text(report, encoding="utf-8"))
