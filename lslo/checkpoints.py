@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from .io import process_alive
+
 __all__ = [
     "MANIFEST_NAME",
     "CheckpointError",
@@ -239,20 +241,6 @@ def _host() -> str:
     return socket.gethostname()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: it exists under another user
-        return True
-    try:  # an unreaped child is a zombie: it answers kill(pid, 0) but runs no more
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            return f.read().rpartition(")")[2].split()[:1] not in (["Z"], ["X"])
-    except OSError:
-        return True
-
-
 class RunLock:
     """An exclusive ``fcntl.flock`` on ``<folder>/.lslo-train.lock``, held for a run's life.
 
@@ -294,7 +282,7 @@ class RunLock:
         warning = None
         pid, host = previous.get("pid"), previous.get("host")
         if isinstance(pid, int) and pid != os.getpid():
-            if host == _host() and not _pid_alive(pid):
+            if host == _host() and not process_alive(pid):
                 warning = f"took over the stale lock of {self.path.parent} left by pid {pid} (no longer running)"
             elif host != _host():
                 warning = f"took over the lock of {self.path.parent} last held by pid {pid} on host {host}"

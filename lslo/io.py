@@ -36,7 +36,7 @@ import stat
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
-__all__ = ["atomic_directory", "atomic_write_file", "read_directory_files", "recover_directory"]
+__all__ = ["atomic_directory", "atomic_write_file", "process_alive", "read_directory_files", "recover_directory"]
 
 _STAGES = ("file", "new", "ready", "old")
 # What follows ".<name>.lslo-" in a temporary name: stage, host, pid, random tag.
@@ -68,10 +68,11 @@ def _resolve(path: str | os.PathLike) -> tuple[str, str, str]:
     return target, parent, name
 
 
-def _writer_alive(host: str, pid: int) -> bool:
-    """Whether the process that owns a temporary name may still be running (when unsure: yes)."""
-    if host != _HOST or pid == os.getpid():
-        return True  # another machine's process cannot be checked from here
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host may still be running (when unsure: yes).
+
+    Used by the temporary-name recovery here and by the run lock (:mod:`lslo.checkpoints`).
+    """
     if os.name == "nt":
         return True  # os.kill(pid, 0) would terminate the process on Windows
     try:
@@ -87,6 +88,13 @@ def _writer_alive(host: str, pid: int) -> bool:
     except OSError:
         return True
     return state not in (["Z"], ["X"])
+
+
+def _writer_alive(host: str, pid: int) -> bool:
+    """Whether the process that owns a temporary name may still be running (when unsure: yes)."""
+    if host != _HOST or pid == os.getpid():
+        return True  # another machine's process cannot be checked from here
+    return process_alive(pid)
 
 
 def _dead_entries(parent: str, name: str, stages: Sequence[str] = _STAGES) -> list[tuple[str, str]]:
