@@ -45,6 +45,7 @@ import litserve
 from .inference import translate
 from .model import load_adapters, load_base_model, read_adapter_config
 from .serve_config import ServeConfig
+from .tokenization import all_language_token_ids, decode_ids
 
 __all__ = [
     "BATCHING", "LSLoTranslateAPI", "MixedDirections", "PerDirection", "RequestError", "ServeConfig", "SharedState",
@@ -523,6 +524,7 @@ class LSLoTranslateAPI(litserve.LitAPI):
         dtype = None if self.config.dtype is None else getattr(torch, self.config.dtype)
         self.model = load_base_model(self.config.model, dtype=dtype, device=device)
         self.tokenizer = AutoTokenizer.from_pretrained(self.config.tokenizer or self.config.model)
+        self.language_ids = all_language_token_ids(self.tokenizer)
         if self.config.adapters:
             load_adapters(self.model, self.config.adapters)
         languages = served_languages(self.tokenizer, self.config.adapters)
@@ -612,8 +614,9 @@ class LSLoTranslateAPI(litserve.LitAPI):
         texts = [[""] * len(request["q"]) for request in requests]
         tokens = 0
         for (index, position), row in zip(owners, ids):
-            # As lslo.translate: row[0] is the forced language token.
-            texts[index][position] = self.tokenizer.decode(row[1:], skip_special_tokens=True)
+            # As lslo.translate: row[0] is the forced language token, and every language token is
+            # dropped (a vocabulary-only __xx__ token is not special to skip_special_tokens).
+            texts[index][position] = decode_ids(self.tokenizer, row[1:], self.language_ids)
             tokens += max(len(row) - 1, 0)
         return [{"translatedText": text} for text in texts], tokens
 

@@ -24,15 +24,18 @@ PACKAGES = ("lslo", "lslo_kernels")
 
 # Reached by issue 22's layout work (before it: 7 modules in one cycle, 83 local imports none commented, 12 long
 # functions, analysis.py 1,642 lines). The issue's targets: no cycle, <= ~30 local imports each with a comment,
-# <= 6 functions over 80 lines, no module over ~900 lines. All four are met; what is left: the 4 local imports that
+# <= 6 functions over 80 lines, no module over ~900 lines. Three are met; what is left: the 4 local imports that
 # defer lslo.evaluate (transformers, sacrebleu), lslo.serve (optional extra) and lslo.demo.run for CLI start-up,
-# the two long Triton kernels (_expand_kernel, _fused_forward_kernel), and the 3 kernel/body pairs still written twice.
+# the two long Triton kernels (_expand_kernel, _fused_forward_kernel), the 3 kernel/body pairs still written twice,
+# and lslo_kernels/triton_kernels.py (1,349 lines): its split into a kernels module reloaded by the launchers' module
+# left kernels and their @triton.jit helpers built in different modes after a mode switch (interpreted kernels
+# calling compiled helpers), so it was undone until the split reloads them as one.
 MAX_CYCLIC_MODULES = 0
 MAX_LOCAL_IMPORTS = 4
 MAX_UNCOMMENTED_LOCAL_IMPORTS = 0
 MAX_LONG_FUNCTIONS = 2
 LONG_FUNCTION_LINES = 80
-MAX_MODULE_LINES = 896
+MAX_MODULE_LINES = 1349
 
 
 @dataclass(frozen=True)
